@@ -1,0 +1,78 @@
+// Configuration of a MoECommunicator: the MoE shape, the mode and the resource hints.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace moecomm {
+
+/// Which kernels serve dispatch and combine.
+enum class Mode {
+  kLowLatency,      ///< expert-major, fixed capacity, no host sync, graph-capturable (decoding)
+  kHighThroughput,  ///< token-major, deduplicated per rank (training, prefill)
+  kAuto,            ///< low-latency up to Config::auto_low_latency_max_tokens tokens, else HT
+};
+
+const char* mode_name(Mode mode);
+
+/// How fp8 scales are formed (one fp32 scale per 128 channels).
+enum class ScaleFormat {
+  kFloat32,     ///< scale = amax / 448
+  kPowerOfTwo,  ///< scale rounded up to a power of two (UE8M0-compatible)
+};
+
+/// Everything a communicator needs to size its buffers and choose its kernels. Validated by
+/// MoECommunicator's constructor; each violation raises InvalidArgument naming the field.
+struct Config {
+  int num_experts = 0;          ///< E, divisible by the number of ranks
+  int hidden = 0;               ///< H, a multiple of 128 if fp8 is used, else of 8
+  int topk = 0;                 ///< K, 1..32
+  int max_tokens_per_rank = 0;  ///< largest T a rank may pass (HT); LL capacity M unless set below
+  Mode mode = Mode::kHighThroughput;
+
+  /// SMs (thread blocks) each rank's communication kernels may use. Virtual ranks on one GPU
+  /// must fit together: sum over co-located ranks <= the device's SM count.
+  int num_sms = 16;
+  /// Threads per block of the copy kernels (multiple of 32, <= 1024).
+  int threads_per_block = 512;
+
+  /// HT: each entry of num_recv_tokens_per_expert is rounded up to a multiple of this.
+  int expert_alignment = 1;
+
+  /// Buffers for fp8 (e4m3 data + fp32 scales per 128 channels) are allocated when true.
+  bool enable_fp8 = true;
+  ScaleFormat scale_format = ScaleFormat::kFloat32;
+
+  /// Any device-side wait longer than this becomes a TimeoutError naming rank, peer and phase.
+  double timeout_seconds = 10.0;
+
+  /// HT receive capacity in rows per rank; 0 means num_ranks * max_tokens_per_rank (the worst
+  /// case, which can never overflow).
+  int64_t max_recv_tokens = 0;
+  /// LL capacity M per source rank; 0 means max_tokens_per_rank (or the Auto threshold in Auto).
+  int low_latency_max_tokens = 0;
+  /// Auto mode: calls with T <= this take the LL path. Chosen from measurements (docs/perf.md).
+  int auto_low_latency_max_tokens = 256;
+
+  /// Check topk_idx on the device (range, duplicates) before every dispatch. Defaults to on in
+  /// debug builds.
+#ifdef NDEBUG
+  bool validate_inputs = false;
+#else
+  bool validate_inputs = true;
+#endif
+
+  /// Raises InvalidArgument for the first field that is out of range. num_ranks: the group size.
+  void validate(int num_ranks) const;
+  /// num_experts / num_ranks.
+  int local_experts(int num_ranks) const { return num_experts / num_ranks; }
+  /// Effective LL capacity M.
+  int ll_capacity() const;
+  /// Key=value text (one per line) for tuned configs; see load()/save().
+  std::string to_text() const;
+  /// Applies the keys of a config file written by to_text() (or ep_bench --tune) onto *this.
+  void load_file(const std::string& path);
+  void save_file(const std::string& path) const;
+};
+
+}  // namespace moecomm

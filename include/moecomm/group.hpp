@@ -1,0 +1,50 @@
+// Groups: who the ranks are. A VirtualGroup runs R ranks in one process, on one GPU or spread
+// over several, each with its own stream and SM budget; every kernel runs for real.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "moecomm/communicator.hpp"
+#include "moecomm/config.hpp"
+
+namespace moecomm {
+
+namespace detail {
+class GroupState;
+}
+
+/// R ranks in this process. Rank r lives on devices[r % devices.size()]. Ranks on one device
+/// spin on each other, so their kernels must be resident together: the constructor raises
+/// InvalidArgument unless the sum of num_sms over the ranks of each device fits its SM count.
+class VirtualGroup {
+ public:
+  VirtualGroup(const Config& config, int num_ranks, std::vector<int> devices = {0});
+  ~VirtualGroup();
+  VirtualGroup(const VirtualGroup&) = delete;
+  VirtualGroup& operator=(const VirtualGroup&) = delete;
+
+  int size() const;
+  MoECommunicator& operator[](int rank);
+
+  /// Runs fn(rank) for every rank, each on its own host thread, and waits for all; rethrows the
+  /// first exception. Needed for calls that wait on the host (exact HT sizing); calls that do not
+  /// may also be issued rank after rank from one thread.
+  void parallel_for(const std::function<void(int rank)>& fn);
+  /// Waits for every rank's stream; raises the first device error.
+  void synchronize();
+
+ private:
+  std::shared_ptr<detail::GroupState> state_;
+  std::vector<std::unique_ptr<MoECommunicator>> comms_;
+  struct Pool;
+  std::unique_ptr<Pool> pool_;
+};
+
+/// Number of SMs of a CUDA device (raises CudaError/Unsupported without one).
+int device_sm_count(int device);
+/// Number of visible CUDA devices; 0 where there is none (never raises).
+int cuda_device_count();
+
+}  // namespace moecomm

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On a GPU machine: build with every core, run the GPU tests and the benchmark, keep the logs
+# under $OUT (or ./gpu_logs), and print a short summary last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_logs}
+mkdir -p "$out"
+export PATH=/usr/local/cuda/bin:$PATH
+summary=()
+start=$(date +%s)
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
+if ! scripts/setup.sh build >"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  echo "SUMMARY: build FAILED"
+  exit 1
+fi
+summary+=("build ok ($(( $(date +%s) - start )) s)")
+
+for t in ${GPU_TESTS:-test_gpu_numerics test_layout test_ht test_ll test_api}; do
+  if [ -x build/tests/$t ]; then
+    timeout ${TEST_TIMEOUT:-300} build/tests/$t ${TEST_ARGS:-} >"$out/$t.log" 2>&1
+    rc=$?
+    summary+=("$t: $(tail -1 "$out/$t.log") (rc $rc)")
+    [ $rc -ne 0 ] && grep -E "FAIL|error|Error" "$out/$t.log" | head -15
+  fi
+done
+
+if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/ep_bench ]; then
+  timeout ${BENCH_TIMEOUT:-240} build/bench/ep_bench --json "$out/bench.json" ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
+  rc=$?
+  tail -30 "$out/bench.log"
+  summary+=("ep_bench rc $rc")
+fi
+
+echo "== SUMMARY ($(cat "$out/gpu.txt"); $(git rev-parse --short HEAD 2>/dev/null))"
+for s in "${summary[@]}"; do echo "  $s"; done

@@ -1,0 +1,618 @@
+#include "core/comm_impl.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "core/event_state.hpp"
+#include "core/validate.hpp"
+#include "ht/intranode.hpp"
+#include "layout/layout.hpp"
+#include "ll/ll.hpp"
+#include "moecomm/error.hpp"
+#include "runtime/cuda_check.hpp"
+
+namespace moecomm::detail {
+
+// ---------------------------------------------------------------------------------------------
+// Handle storage: fixed-size slots of device memory, allocated in chunks up front so that no
+// allocation (which may synchronise the device) happens while co-located ranks spin.
+class SlotPool {
+ public:
+  static constexpr int kSlotsPerChunk = 32;
+
+  SlotPool(int device, size_t slot_ints) : device_(device), slot_ints_(slot_ints) { grow(); }
+  ~SlotPool() {
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device_);
+    for (int32_t* c : chunks_) cudaFree(c);
+    cudaSetDevice(prev);
+  }
+
+  int acquire() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) grow();
+    const int s = free_.back();
+    free_.pop_back();
+    return s;
+  }
+  void release(int slot) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(slot);
+  }
+  int32_t* base(int slot) const {
+    return chunks_[slot / kSlotsPerChunk] + (slot % kSlotsPerChunk) * slot_ints_;
+  }
+
+ private:
+  void grow() {
+    DeviceGuard guard(device_);
+    int32_t* chunk = nullptr;
+    MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&chunk), sizeof(int32_t) * slot_ints_ * kSlotsPerChunk));
+    const int first = static_cast<int>(chunks_.size()) * kSlotsPerChunk;
+    chunks_.push_back(chunk);
+    for (int i = kSlotsPerChunk - 1; i >= 0; --i) free_.push_back(first + i);
+  }
+
+  int device_;
+  size_t slot_ints_;
+  std::mutex mutex_;
+  std::vector<int32_t*> chunks_;
+  std::vector<int> free_;
+};
+
+HandleState::~HandleState() {
+  if (pool && slot >= 0) pool->release(slot);
+}
+
+namespace {
+
+const char* phase_name(int phase) {
+  switch (static_cast<Phase>(phase)) {
+    case Phase::kLayoutCounts: return "count exchange";
+    case Phase::kArrive: return "arrival (peer entering the same call)";
+    case Phase::kDispatchDone: return "HT dispatch: rows written";
+    case Phase::kCombineReady: return "combine: outputs published";
+    case Phase::kCombineDone: return "combine: outputs read";
+    case Phase::kLlCounts: return "LL dispatch: per-expert counts";
+    case Phase::kNone: break;
+  }
+  return "?";
+}
+
+// Carves consecutive, 256-byte aligned pieces out of one allocation.
+class Carver {
+ public:
+  template <typename T>
+  T* take(size_t count) {
+    const size_t at = offset_;
+    offset_ += (sizeof(T) * count + 255) / 256 * 256;
+    return reinterpret_cast<T*>(static_cast<uint8_t*>(base_) + at);
+  }
+  size_t size() const { return offset_; }
+  void set_base(void* base) {
+    base_ = base;
+    offset_ = 0;
+  }
+
+ private:
+  void* base_ = nullptr;
+  size_t offset_ = 0;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
+    : group_(std::move(group)), rank_(rank), device_(group_->device_of[rank]) {
+  DeviceGuard guard(device_);
+  const Config& c = group_->config;
+  const int R = group_->num_ranks, E = c.num_experts, L = c.local_experts(R), K = c.topk,
+            H = c.hidden;
+  const BufferSizes& sz = group_->sizes;
+  const int Tmax = sz.max_tokens;
+  const int W = (Tmax + 31) / 32;
+
+  MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
+  MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
+  MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&counts_event_, cudaEventDisableTiming));
+  group_->claim_stream(rank_, own_stream_);
+  group_->claim_stream(rank_, async_stream_);
+  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError), cudaHostAllocMapped));
+  std::memset(error_host_, 0, sizeof(DeviceError));
+  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_summary_), sizeof(int32_t) * (2 + L + R), cudaHostAllocDefault));
+
+  // Private scratch: measure, allocate once, carve.
+  Carver carve;
+  auto layout_all = [&](Carver& cv) {
+    LocalState s{};
+    s.epoch = cv.take<uint64_t>(1);
+    s.ticket = cv.take<uint32_t>(1);
+    s.ll_seq = cv.take<uint64_t>(2);
+    s.combine_seq = cv.take<uint64_t>(2);
+    s.aborted = cv.take<int32_t>(1);
+    s.ll_sent = cv.take<uint32_t>(E);
+    s.expert_bitmap = cv.take<uint32_t>(static_cast<size_t>(E) * W);
+    s.expert_word_prefix = cv.take<int32_t>(static_cast<size_t>(E) * W);
+    s.rank_bitmap = cv.take<uint32_t>(static_cast<size_t>(R) * W);
+    s.rank_word_prefix = cv.take<int32_t>(static_cast<size_t>(R) * W);
+    s.token_rank_mask = cv.take<uint64_t>(Tmax);
+    s.num_tokens_per_rank = cv.take<int32_t>(R);
+    s.num_tokens_per_expert = cv.take<int32_t>(E);
+    s.is_token_in_rank = cv.take<uint8_t>(static_cast<size_t>(Tmax) * R);
+    s.num_recv_per_rank = cv.take<int32_t>(R);
+    s.num_recv_per_expert = cv.take<int32_t>(L);
+    s.send_base = cv.take<int32_t>(R);
+    combine_out_ = cv.take<uint16_t>(static_cast<size_t>(Tmax) * H);
+    combine_weights_ = cv.take<float>(static_cast<size_t>(Tmax) * K);
+    ll_recv_count_ = cv.take<int32_t>(2 * L);
+    ll_recv_layout_ = cv.take<int32_t>(2 * static_cast<size_t>(L) * R * 2);
+    return s;
+  };
+  layout_all(carve);
+  MOECOMM_CUDA_CHECK(cudaMalloc(&local_mem_, carve.size()));
+  MOECOMM_CUDA_CHECK(cudaMemset(local_mem_, 0, carve.size()));
+  carve.set_base(local_mem_);
+  ctx_.local = layout_all(carve);
+
+  ctx_.rank = rank_;
+  ctx_.num_ranks = R;
+  ctx_.num_experts = E;
+  ctx_.local_experts = L;
+  ctx_.topk = K;
+  ctx_.hidden = H;
+  ctx_.max_tokens = Tmax;
+  ctx_.words = W;
+  ctx_.ht_capacity = sz.ht_capacity;
+  ctx_.ll_capacity = sz.ll_capacity;
+  ctx_.timeout_ns = static_cast<uint64_t>(c.timeout_seconds * 1e9);
+  for (int r = 0; r < R; ++r) ctx_.peers[r] = group_->sym_base[r];
+  ctx_.sym = group_->layout;
+  MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));
+
+  const size_t slot_ints = static_cast<size_t>(c.max_tokens_per_rank) * R +
+                           static_cast<size_t>(std::max(sz.ll_capacity, 1)) * K + 2 + L + R;
+  pool_ = std::make_shared<SlotPool>(device_, slot_ints);
+  MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+CommImpl::~CommImpl() {
+  int prev = 0;
+  cudaGetDevice(&prev);
+  cudaSetDevice(device_);
+  cudaStreamSynchronize(own_stream_);
+  cudaStreamSynchronize(async_stream_);
+  cudaStreamDestroy(own_stream_);
+  cudaStreamDestroy(async_stream_);
+  cudaEventDestroy(counts_event_);
+  cudaFree(local_mem_);
+  cudaFreeHost(error_host_);
+  cudaFreeHost(host_summary_);
+  cudaSetDevice(prev);
+}
+
+// ---------------------------------------------------------------------------------------------
+void CommImpl::check_errors() {
+  if (failed_)
+    throw TimeoutError("rank " + std::to_string(rank_) +
+                       ": the group stalled earlier and is unusable; create a new group");
+  volatile DeviceError* e = error_host_;
+  const int kind = e->kind;
+  if (kind <= 0) return;
+  const DeviceError copy{e->kind, e->rank,     e->peer, e->phase, e->channel,
+                         e->pad,  e->seq,      e->observed, e->a, e->b};
+  switch (static_cast<DeviceErrorKind>(kind)) {
+    case DeviceErrorKind::kStall:
+      failed_ = true;
+      throw TimeoutError("rank " + std::to_string(copy.rank) + " waited more than " +
+                         std::to_string(config().timeout_seconds) + " s for peer " +
+                         std::to_string(copy.peer) + " in phase '" + phase_name(copy.phase) +
+                         "' (channel " + std::to_string(copy.channel) + ", call " +
+                         std::to_string(copy.seq) + ", flag at " + std::to_string(copy.observed) +
+                         "); did every rank make the same calls? The group is now unusable");
+    case DeviceErrorKind::kExpertOutOfRange:
+      e->kind = 0;
+      throw InvalidArgument("topk_idx: rank " + std::to_string(rank_) + ", token " +
+                            std::to_string(copy.a) + ", k " + std::to_string(copy.b) +
+                            " names expert " + std::to_string(copy.observed) + "; expected -1 <= id < " +
+                            std::to_string(config().num_experts));
+    case DeviceErrorKind::kDuplicateExpert:
+      e->kind = 0;
+      throw InvalidArgument("topk_idx: rank " + std::to_string(rank_) + ", token " +
+                            std::to_string(copy.a) + " names expert " +
+                            std::to_string(copy.observed) + " twice (again at k " +
+                            std::to_string(copy.b) + "); expected distinct experts per row");
+    case DeviceErrorKind::kRecvOverflow:
+      e->kind = 0;
+      throw InvalidArgument("Config.max_recv_tokens: rank " + std::to_string(rank_) +
+                            " must receive " + std::to_string(copy.a) + " rows but holds " +
+                            std::to_string(copy.b) + "; raise it (0 = the worst case)");
+    case DeviceErrorKind::kNone: break;
+  }
+}
+
+void CommImpl::synchronize() {
+  DeviceGuard guard(device_);
+  MOECOMM_CUDA_CHECK(cudaStreamSynchronize(own_stream_));
+  MOECOMM_CUDA_CHECK(cudaStreamSynchronize(async_stream_));
+  check_errors();
+}
+
+CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
+  check_errors();
+  Streams s;
+  s.caller = requested ? requested : own_stream_;
+  group_->claim_stream(rank_, s.caller);
+  s.exec = s.caller;
+  if (async) {
+    cudaEvent_t ev;
+    MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    MOECOMM_CUDA_CHECK(cudaEventRecord(ev, s.caller));
+    MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(async_stream_, ev, 0));
+    MOECOMM_CUDA_CHECK(cudaEventDestroy(ev));
+    s.exec = async_stream_;
+  }
+  return s;
+}
+
+Event CommImpl::end_call(const Streams& s, bool async) {
+  if (!async) return {};
+  auto state = std::make_shared<EventState>();
+  state->device = device_;
+  MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&state->event, cudaEventDisableTiming));
+  MOECOMM_CUDA_CHECK(cudaEventRecord(state->event, s.exec));
+  return Event(state);
+}
+
+std::shared_ptr<HandleState> CommImpl::new_handle(Mode mode, int64_t num_tokens) {
+  auto h = std::make_shared<HandleState>();
+  const int R = num_ranks(), K = config().topk, L = config().local_experts(R);
+  h->owner = this;
+  h->mode = mode;
+  h->num_tokens = num_tokens;
+  h->pool = pool_;
+  h->slot = pool_->acquire();
+  int32_t* base = pool_->base(h->slot);
+  h->send_row = base;
+  base += static_cast<size_t>(config().max_tokens_per_rank) * R;
+  h->ll_slot = base;
+  base += static_cast<size_t>(std::max(group_->sizes.ll_capacity, 1)) * K;
+  h->num_recv_dev = base;  // summary: [N][per expert L][rank prefix R+1], copied in one piece
+  h->recv_per_expert = base + 1;
+  h->recv_rank_prefix = base + 1 + L;
+  return h;
+}
+
+HandleState& CommImpl::handle_state(const Handle& handle, Mode expected, const char* call) {
+  if (!handle.valid())
+    throw InvalidArgument(std::string(call) + ": handle: expected the handle of a dispatch, got an empty one");
+  HandleState* s = handle.state();
+  if (s->owner != this)
+    throw InvalidArgument(std::string(call) + ": handle: it was made by another communicator (rank " +
+                          "mismatch or another group); pass this rank's own dispatch handle");
+  if (s->mode != expected)
+    throw InvalidArgument(std::string(call) + ": handle: expected a " + mode_name(expected) +
+                          " handle, got a " + mode_name(s->mode) + " one");
+  return *s;
+}
+
+TensorView CommImpl::local_view(void* data, DType dtype, std::initializer_list<int64_t> shape) const {
+  return TensorView::contiguous(data, dtype, shape, device_);
+}
+
+TensorView CommImpl::sym_view(size_t offset, DType dtype, std::initializer_list<int64_t> shape) const {
+  return TensorView::contiguous(group_->sym_base[rank_] + offset, dtype, shape, device_);
+}
+
+Mode CommImpl::resolve_mode(int64_t num_tokens) const {
+  const Config& c = config();
+  if (c.mode != Mode::kAuto) return c.mode;
+  return num_tokens <= c.auto_low_latency_max_tokens ? Mode::kLowLatency : Mode::kHighThroughput;
+}
+
+void CommImpl::check_topk(const DispatchArgs& args, int64_t T) const {
+  const int K = config().topk;
+  const std::string k = std::to_string(K);
+  check_tensor(args.topk_idx, {"topk_idx", {DType::kI64, DType::kI32}, {T, K}, "[T=" + std::to_string(T) + ", " + k + "]"}, device_);
+  if (args.topk_weights.present())
+    check_tensor(args.topk_weights, {"topk_weights", {DType::kF32}, {T, K}, "[T=" + std::to_string(T) + ", " + k + "]"}, device_);
+}
+
+void CommImpl::run_layout(const TensorView& topk_idx, bool exchange, bool close,
+                          cudaStream_t stream, HandleState* state) {
+  layout::TopkInput topk;
+  topk.data = topk_idx.data;
+  topk.is_i64 = topk_idx.dtype == DType::kI64;
+  topk.num_tokens = topk_idx.shape[0];
+  layout::launch_build_bitmaps(ctx_, topk, config().validate_inputs, stream);
+  layout::ScanOptions opt;
+  opt.exchange_counts = exchange;
+  opt.close_call = close;
+  opt.expert_alignment = config().expert_alignment;
+  if (state) {
+    opt.recv_rank_prefix = state->recv_rank_prefix;
+    opt.recv_per_expert_padded = state->recv_per_expert;
+    opt.num_recv = state->num_recv_dev;
+  }
+  layout::launch_scan(ctx_, topk.num_tokens, opt, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
+Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
+  DeviceGuard guard(device_);
+  if (!topk_idx.present() || topk_idx.ndim != 2)
+    throw InvalidArgument("topk_idx: expected [T, " + std::to_string(config().topk) + "] i64 or i32, got " + topk_idx.describe());
+  const int64_t T = topk_idx.shape[0];
+  if (T > config().max_tokens_per_rank)
+    throw InvalidArgument("topk_idx: " + std::to_string(T) + " tokens, expected at most Config.max_tokens_per_rank = " + std::to_string(config().max_tokens_per_rank));
+  DispatchArgs a;
+  a.topk_idx = topk_idx;
+  check_topk(a, T);
+  const Streams s = begin_call(stream, false);
+  run_layout(topk_idx, /*exchange=*/true, /*close=*/true, s.exec, nullptr);
+  const int R = num_ranks(), E = config().num_experts, L = config().local_experts(R);
+  Layout out;
+  out.num_tokens_per_rank = local_view(ctx_.local.num_tokens_per_rank, DType::kI32, {R});
+  out.num_tokens_per_expert = local_view(ctx_.local.num_tokens_per_expert, DType::kI32, {E});
+  out.is_token_in_rank = local_view(ctx_.local.is_token_in_rank, DType::kU8, {T, R});
+  out.num_recv_tokens_per_rank = local_view(ctx_.local.num_recv_per_rank, DType::kI32, {R});
+  out.num_recv_tokens_per_expert = local_view(ctx_.local.num_recv_per_expert, DType::kI32, {L});
+  return out;
+}
+
+DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOptions& options) {
+  DeviceGuard guard(device_);
+  if (!args.x.present() || args.x.ndim != 2)
+    throw InvalidArgument("x: expected [T, " + std::to_string(config().hidden) + "] bf16 or fp8_e4m3, got " + args.x.describe());
+  const int64_t T = args.x.shape[0];
+  if (T > config().max_tokens_per_rank)
+    throw InvalidArgument("x: " + std::to_string(T) + " tokens, expected at most Config.max_tokens_per_rank = " + std::to_string(config().max_tokens_per_rank));
+  if (options.previous_handle) {
+    const Mode m = options.previous_handle->valid() ? options.previous_handle->mode() : Mode::kHighThroughput;
+    if (m != Mode::kHighThroughput)
+      throw InvalidArgument("previous_handle: expected a high_throughput handle (cached dispatch is an HT feature), got a " + std::string(mode_name(m)) + " one");
+    return dispatch_ht(args, options);
+  }
+  return resolve_mode(T) == Mode::kLowLatency ? dispatch_ll(args, options) : dispatch_ht(args, options);
+}
+
+DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOptions& o) {
+  const Config& c = config();
+  if (c.mode == Mode::kLowLatency)
+    throw InvalidArgument("Config.mode: the communicator was built for low_latency; HT dispatch needs high_throughput or auto");
+  const int R = num_ranks(), L = c.local_experts(R), K = c.topk, H = c.hidden, G = H / kFp8Group;
+  const int64_t T = args.x.shape[0];
+  const std::string t_h = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
+  const bool fp8_in = args.x.dtype == DType::kFP8E4M3;
+  check_tensor(args.x, {"x", {DType::kBF16, DType::kFP8E4M3}, {T, H}, t_h}, device_);
+  if (fp8_in || o.quantize_fp8) {
+    if (!c.enable_fp8) throw InvalidArgument("x: fp8 needs Config.enable_fp8 = true");
+  }
+  if (fp8_in) {
+    if (o.quantize_fp8) throw InvalidArgument("quantize_fp8: expected false for fp8 x (already quantised)");
+    check_tensor(args.x_scales, {"x_scales", {DType::kF32}, {T, G}, "[T=" + std::to_string(T) + ", H/128=" + std::to_string(G) + "]"}, device_);
+  } else {
+    check_absent(args.x_scales, "x_scales", "for bf16 x");
+  }
+  check_topk(args, T);
+
+  const bool cached = o.previous_handle != nullptr;
+  if (cached) {
+    HandleState& prev = handle_state(*o.previous_handle, Mode::kHighThroughput, "dispatch");
+    if (prev.num_tokens != T)
+      throw InvalidArgument("previous_handle: it routed " + std::to_string(prev.num_tokens) + " tokens, x has " + std::to_string(T) + "; expected the same routing");
+  }
+
+  const Streams s = begin_call(o.stream, o.async);
+  Handle handle;
+  if (cached) {
+    handle = *o.previous_handle;
+  } else {
+    handle = Handle(new_handle(Mode::kHighThroughput, T));
+  }
+  HandleState& h = *handle.state();
+  const bool exact = o.sizing == Sizing::kExact;
+  if (!cached) {
+    run_layout(args.topk_idx, /*exchange=*/true, /*close=*/false, s.exec, &h);
+    if (exact) {
+      MOECOMM_CUDA_CHECK(cudaMemcpyAsync(host_summary_, h.num_recv_dev, sizeof(int32_t) * (2 + L + R), cudaMemcpyDeviceToHost, s.exec));
+      MOECOMM_CUDA_CHECK(cudaEventRecord(counts_event_, s.exec));
+    }
+  }
+
+  ht::DispatchParams p;
+  p.x = args.x.data;
+  p.num_tokens = T;
+  p.in_row_bytes = static_cast<int>(fp8_in ? H : 2 * H);
+  p.out_row_bytes = static_cast<int>(fp8_in || o.quantize_fp8 ? H : 2 * H);
+  p.x_scales = fp8_in ? static_cast<const float*>(args.x_scales.data) : nullptr;
+  p.quantize = o.quantize_fp8;
+  p.pow2_scales = c.scale_format == ScaleFormat::kPowerOfTwo;
+  p.topk_idx = args.topk_idx.data;
+  p.idx_i64 = args.topk_idx.dtype == DType::kI64;
+  p.topk_weights = args.topk_weights.present() ? static_cast<const float*>(args.topk_weights.data) : nullptr;
+  p.send_row = h.send_row;
+  p.cached = cached;
+  ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+
+  if (!cached && exact) {
+    MOECOMM_CUDA_CHECK(cudaEventSynchronize(counts_event_));
+    check_errors();
+    h.num_recv = host_summary_[0];
+    h.recv_per_expert_host.assign(host_summary_ + 1, host_summary_ + 1 + L);
+  }
+
+  DispatchOutput out;
+  out.mode = Mode::kHighThroughput;
+  const int64_t rows = h.num_recv >= 0 ? h.num_recv : group_->sizes.ht_capacity;
+  const bool fp8_out = fp8_in || o.quantize_fp8;
+  const auto& lay = group_->layout;
+  out.recv_x = sym_view(lay.ht_x, fp8_out ? DType::kFP8E4M3 : DType::kBF16, {rows, H});
+  if (fp8_out) out.recv_x_scales = sym_view(lay.ht_scales, DType::kF32, {rows, G});
+  out.recv_topk_idx = sym_view(lay.ht_topk_idx, DType::kI64, {rows, K});
+  if (p.topk_weights) out.recv_topk_weights = sym_view(lay.ht_topk_weights, DType::kF32, {rows, K});
+  out.recv_src_token = sym_view(lay.ht_src_token, DType::kI32, {rows});
+  out.recv_rank_prefix = local_view(h.recv_rank_prefix, DType::kI32, {R + 1});
+  out.num_recv_tokens_per_expert = local_view(h.recv_per_expert, DType::kI32, {L});
+  out.num_recv_tokens_device = local_view(h.num_recv_dev, DType::kI32, {1});
+  out.num_recv_tokens = h.num_recv;
+  out.num_recv_tokens_per_expert_host = h.recv_per_expert_host;
+  out.handle = handle;
+  out.event = end_call(s, o.async);
+  return out;
+}
+
+DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOptions& o) {
+  const Config& c = config();
+  const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, G = H / kFp8Group;
+  const int M = group_->sizes.ll_capacity;
+  const int64_t T = args.x.shape[0];
+  if (T > M)
+    throw InvalidArgument("x: " + std::to_string(T) + " tokens, expected at most the low-latency capacity M = " + std::to_string(M));
+  check_tensor(args.x, {"x", {DType::kBF16}, {T, H}, "[T=" + std::to_string(T) + ", " + std::to_string(H) + "] (LL takes bf16 and quantises on the fly)"}, device_);
+  check_absent(args.x_scales, "x_scales", "in low-latency dispatch (x is bf16)");
+  if (o.quantize_fp8 && !c.enable_fp8) throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
+  check_topk(args, T);
+
+  const Streams s = begin_call(o.stream, o.async);
+  auto state = new_handle(Mode::kLowLatency, T);
+  const int b = static_cast<int>(ll_calls_++ % 2);
+  state->buffer = b;
+  run_layout(args.topk_idx, /*exchange=*/false, /*close=*/false, s.exec, nullptr);
+
+  ll::DispatchSendParams p;
+  p.x = static_cast<const uint16_t*>(args.x.data);
+  p.num_tokens = T;
+  p.topk_idx = args.topk_idx.data;
+  p.idx_i64 = args.topk_idx.dtype == DType::kI64;
+  p.fp8 = o.quantize_fp8;
+  p.pow2_scales = c.scale_format == ScaleFormat::kPowerOfTwo;
+  p.buffer = b;
+  p.slot_of = state->ll_slot;
+  ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+
+  ll::DispatchRecvParams rp;
+  rp.buffer = b;
+  rp.recv_count = ll_recv_count_ + b * L;
+  rp.recv_layout = ll_recv_layout_ + static_cast<size_t>(b) * L * R * 2;
+  DispatchOutput out;
+  if (o.return_recv_hook) {
+    const DeviceContext ctx = ctx_;
+    const cudaStream_t default_stream = s.exec;
+    out.hook = RecvHook([ctx, rp, default_stream](cudaStream_t st) {
+      ll::launch_dispatch_recv(ctx, rp, st ? st : default_stream);
+    });
+  } else {
+    ll::launch_dispatch_recv(ctx_, rp, s.exec);
+  }
+
+  const auto& lay = group_->layout;
+  const int64_t slots = static_cast<int64_t>(R) * M;
+  out.mode = Mode::kLowLatency;
+  out.recv_x = sym_view(lay.ll_x[b], o.quantize_fp8 ? DType::kFP8E4M3 : DType::kBF16, {L, slots, H});
+  if (o.quantize_fp8) out.recv_x_scales = sym_view(lay.ll_scales[b], DType::kF32, {L, slots, G});
+  out.recv_src_info = sym_view(lay.ll_src_token[b], DType::kI32, {L, slots});
+  out.recv_count = local_view(rp.recv_count, DType::kI32, {L});
+  out.recv_layout = local_view(rp.recv_layout, DType::kI32, {L, R, 2});
+  out.handle = Handle(state);
+  out.event = end_call(s, o.async);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle, const CombineOptions& options) {
+  DeviceGuard guard(device_);
+  if (!handle.valid()) throw InvalidArgument("combine: handle: expected the handle of a dispatch, got an empty one");
+  const Mode m = handle.state()->mode;
+  HandleState& h = handle_state(handle, m, "combine");
+  return m == Mode::kLowLatency ? combine_ll(args, h, options) : combine_ht(args, h, options);
+}
+
+CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h, const CombineOptions& o) {
+  const Config& c = config();
+  const int H = c.hidden, K = c.topk;
+  const int64_t T = h.num_tokens;
+  const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
+  if (h.num_recv >= 0) {
+    check_tensor(args.y, {"y", {DType::kBF16}, {h.num_recv, H}, "[N=" + std::to_string(h.num_recv) + ", " + std::to_string(H) + "]"}, device_);
+  } else {
+    check_tensor(args.y, {"y", {DType::kBF16}, {kAnyDim, H}, "[N, " + std::to_string(H) + "]"}, device_);
+    if (args.y.shape[0] > group_->sizes.ht_capacity)
+      throw InvalidArgument("y: " + std::to_string(args.y.shape[0]) + " rows, expected at most the receive capacity " + std::to_string(group_->sizes.ht_capacity));
+  }
+  const int64_t N = args.y.shape[0];
+  if (args.recv_topk_weights.present())
+    check_tensor(args.recv_topk_weights, {"recv_topk_weights", {DType::kF32}, {N, K}, "[N=" + std::to_string(N) + ", " + std::to_string(K) + "]"}, device_);
+  if (args.bias.present()) check_tensor(args.bias, {"bias", {DType::kBF16}, {T, H}, tag}, device_);
+  check_absent(args.topk_weights, "topk_weights", "in HT combine (pass recv_topk_weights)");
+  if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
+  if (o.return_recv_hook) throw InvalidArgument("return_recv_hook: expected false for HT combine (hooks are a low-latency feature)");
+
+  const Streams s = begin_call(o.stream, o.async);
+  ht::CombineParams p;
+  p.y = static_cast<const uint16_t*>(args.y.data);
+  p.recv_weights = args.recv_topk_weights.present() ? static_cast<const float*>(args.recv_topk_weights.data) : nullptr;
+  p.bias = args.bias.present() ? static_cast<const uint16_t*>(args.bias.data) : nullptr;
+  p.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
+  p.combined_weights = p.recv_weights ? combine_weights_ : nullptr;
+  p.send_row = h.send_row;
+  p.num_tokens = T;
+  ht::launch_combine(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+
+  CombineOutput out;
+  out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
+  if (p.combined_weights) out.combined_topk_weights = local_view(combine_weights_, DType::kF32, {T, K});
+  out.event = end_call(s, o.async);
+  return out;
+}
+
+CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, const CombineOptions& o) {
+  const Config& c = config();
+  const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, K = c.topk;
+  const int M = group_->sizes.ll_capacity;
+  const int64_t T = h.num_tokens;
+  const int64_t slots = static_cast<int64_t>(R) * M;
+  check_tensor(args.y, {"y", {DType::kBF16}, {L, slots, H}, "[L=" + std::to_string(L) + ", R*M=" + std::to_string(slots) + ", " + std::to_string(H) + "]"}, device_);
+  check_tensor(args.topk_weights, {"topk_weights", {DType::kF32}, {T, K}, "[T=" + std::to_string(T) + ", " + std::to_string(K) + "]"}, device_);
+  check_absent(args.recv_topk_weights, "recv_topk_weights", "in LL combine (weights are applied on the token's rank)");
+  check_absent(args.bias, "bias", "in LL combine");
+  const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
+  if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
+
+  const Streams s = begin_call(o.stream, o.async);
+  ll::CombineSendParams sp;
+  sp.y = static_cast<const uint16_t*>(args.y.data);
+  sp.buffer = h.buffer;
+  ll::launch_combine_send(ctx_, sp, s.exec);
+
+  ll::CombineRecvParams rp;
+  rp.buffer = h.buffer;
+  rp.slot_of = h.ll_slot;
+  rp.topk_weights = static_cast<const float*>(args.topk_weights.data);
+  rp.num_tokens = T;
+  rp.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
+  CombineOutput out;
+  const int blocks = c.num_sms, threads = c.threads_per_block;
+  if (o.return_recv_hook) {
+    const DeviceContext ctx = ctx_;
+    const cudaStream_t default_stream = s.exec;
+    out.hook = RecvHook([ctx, rp, blocks, threads, default_stream](cudaStream_t st) {
+      ll::launch_combine_recv(ctx, rp, blocks, threads, st ? st : default_stream);
+    });
+  } else {
+    ll::launch_combine_recv(ctx_, rp, blocks, threads, s.exec);
+  }
+  out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
+  out.event = end_call(s, o.async);
+  return out;
+}
+
+TensorView CommImpl::combine_buffer(const Handle& handle) {
+  HandleState& h = handle_state(handle, Mode::kLowLatency, "combine_buffer");
+  const int R = num_ranks(), L = config().local_experts(R), H = config().hidden;
+  const int64_t slots = static_cast<int64_t>(R) * group_->sizes.ll_capacity;
+  return sym_view(group_->layout.ll_combine[h.buffer], DType::kBF16, {L, slots, H});
+}
+
+}  // namespace moecomm::detail

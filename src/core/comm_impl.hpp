@@ -1,0 +1,100 @@
+// The implementation behind MoECommunicator: owns one rank's streams, private device scratch,
+// handle storage and error record, and turns calls into kernel launches.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "moecomm/communicator.hpp"
+#include "runtime/device_context.hpp"
+#include "runtime/group_state.hpp"
+
+namespace moecomm::detail {
+
+class SlotPool;
+
+/// Device metadata of one dispatch (a slot of the communicator's pool) and what the host knows.
+struct HandleState {
+  const void* owner = nullptr;  // the CommImpl that made it
+  Mode mode = Mode::kHighThroughput;
+  int64_t num_tokens = 0;
+  int64_t num_recv = -1;  // HT, host-known N
+  int buffer = 0;         // LL buffer
+  std::vector<int> recv_per_expert_host;
+  // Device arrays inside the slot.
+  int32_t* send_row = nullptr;          // HT [T, R]
+  int32_t* ll_slot = nullptr;           // LL [T, K]
+  int32_t* num_recv_dev = nullptr;      // [1]
+  int32_t* recv_per_expert = nullptr;   // [L] padded
+  int32_t* recv_rank_prefix = nullptr;  // [R + 1]
+  std::shared_ptr<SlotPool> pool;
+  int slot = -1;
+  ~HandleState();
+};
+
+class CommImpl {
+ public:
+  CommImpl(std::shared_ptr<GroupState> group, int rank);
+  ~CommImpl();
+
+  int rank() const { return rank_; }
+  int num_ranks() const { return group_->num_ranks; }
+  int device() const { return device_; }
+  const Config& config() const { return group_->config; }
+  cudaStream_t stream() const { return own_stream_; }
+
+  Layout get_layout(const TensorView& topk_idx, cudaStream_t stream);
+  DispatchOutput dispatch(const DispatchArgs& args, const DispatchOptions& options);
+  CombineOutput combine(const CombineArgs& args, const Handle& handle,
+                        const CombineOptions& options);
+  TensorView combine_buffer(const Handle& handle);
+  void synchronize();
+  /// Raises the first recorded device error (TimeoutError for a stall; InvalidArgument for bad
+  /// topk_idx or an overflowing receive capacity).
+  void check_errors();
+
+ private:
+  struct Streams {
+    cudaStream_t caller;  // where the caller ordered the call
+    cudaStream_t exec;    // where the kernels run
+  };
+  Streams begin_call(cudaStream_t requested, bool async);
+  Event end_call(const Streams& s, bool async);
+  std::shared_ptr<HandleState> new_handle(Mode mode, int64_t num_tokens);
+  HandleState& handle_state(const Handle& handle, Mode expected, const char* call);
+  void run_layout(const TensorView& topk_idx, bool exchange, bool close, cudaStream_t stream,
+                  HandleState* state);
+  Mode resolve_mode(int64_t num_tokens) const;
+  void check_topk(const DispatchArgs& args, int64_t T) const;
+
+  DispatchOutput dispatch_ht(const DispatchArgs& args, const DispatchOptions& options);
+  DispatchOutput dispatch_ll(const DispatchArgs& args, const DispatchOptions& options);
+  CombineOutput combine_ht(const CombineArgs& args, HandleState& h, const CombineOptions& o);
+  CombineOutput combine_ll(const CombineArgs& args, HandleState& h, const CombineOptions& o);
+
+  TensorView local_view(void* data, DType dtype, std::initializer_list<int64_t> shape) const;
+  TensorView sym_view(size_t offset, DType dtype, std::initializer_list<int64_t> shape) const;
+
+  std::shared_ptr<GroupState> group_;
+  int rank_;
+  int device_;
+  cudaStream_t own_stream_ = nullptr;
+  cudaStream_t async_stream_ = nullptr;
+  DeviceContext ctx_{};
+  DeviceError* error_host_ = nullptr;  // mapped
+  void* local_mem_ = nullptr;          // all private scratch, one allocation
+  uint16_t* combine_out_ = nullptr;    // [Tmax, H]
+  float* combine_weights_ = nullptr;   // [Tmax, K]
+  int32_t* ll_recv_count_ = nullptr;   // [2][L]
+  int32_t* ll_recv_layout_ = nullptr;  // [2][L*R*2]
+  int32_t* host_summary_ = nullptr;    // pinned: [1 + L + R + 1]
+  cudaEvent_t counts_event_ = nullptr;
+  std::shared_ptr<SlotPool> pool_;
+  int64_t ll_calls_ = 0;
+  bool failed_ = false;
+};
+
+}  // namespace moecomm::detail

@@ -1,0 +1,140 @@
+#include "moecomm/group.hpp"
+
+#include <condition_variable>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "core/comm_impl.hpp"
+#include "moecomm/error.hpp"
+#include "runtime/cuda_check.hpp"
+#include "runtime/group_state.hpp"
+
+namespace moecomm {
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+int device_sm_count(int device) {
+  const int n = cuda_device_count();
+  if (n == 0) throw Unsupported("no CUDA device is visible (a GPU and its driver are needed)");
+  if (device < 0 || device >= n)
+    throw InvalidArgument("device: expected 0.." + std::to_string(n - 1) + ", got " +
+                          std::to_string(device));
+  int sms = 0;
+  MOECOMM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+/// One persistent host thread per rank, so that parallel_for costs a wake-up, not a spawn.
+struct VirtualGroup::Pool {
+  explicit Pool(int n) : errors(n) {
+    for (int r = 0; r < n; ++r) threads.emplace_back([this, r] { loop(r); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stop = true;
+      ++generation;
+    }
+    wake.notify_all();
+    for (auto& t : threads) t.join();
+  }
+  void run(const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> lock(mutex);
+    job = &fn;
+    pending = static_cast<int>(threads.size());
+    for (auto& e : errors) e = nullptr;
+    ++generation;
+    wake.notify_all();
+    done.wait(lock, [this] { return pending == 0; });
+    job = nullptr;
+    for (auto& e : errors)
+      if (e) std::rethrow_exception(e);
+  }
+  void loop(int rank) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* fn;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        wake.wait(lock, [&] { return generation != seen; });
+        seen = generation;
+        if (stop) return;
+        fn = job;
+      }
+      try {
+        (*fn)(rank);
+      } catch (...) {
+        errors[rank] = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        --pending;
+      }
+      done.notify_all();
+    }
+  }
+
+  std::mutex mutex;
+  std::condition_variable wake, done;
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors;
+  const std::function<void(int)>* job = nullptr;
+  uint64_t generation = 0;
+  int pending = 0;
+  bool stop = false;
+};
+
+VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int> devices) {
+  config.validate(num_ranks);
+  if (devices.empty()) throw InvalidArgument("devices: expected at least one CUDA device ordinal");
+  const int visible = cuda_device_count();
+  if (visible == 0)
+    throw Unsupported("VirtualGroup: no CUDA device is visible (a GPU and its driver are needed)");
+  std::map<int, int> ranks_on;
+  for (int r = 0; r < num_ranks; ++r) ++ranks_on[devices[r % devices.size()]];
+  for (const auto& [device, ranks] : ranks_on) {
+    const int sms = device_sm_count(device);
+    if (static_cast<long long>(ranks) * config.num_sms > sms)
+      throw InvalidArgument(
+          "Config.num_sms: " + std::to_string(ranks) + " ranks on cuda:" +
+          std::to_string(device) + " need " + std::to_string(ranks) + " x " +
+          std::to_string(config.num_sms) + " = " + std::to_string(ranks * config.num_sms) +
+          " SMs resident together, the device has " + std::to_string(sms) +
+          "; expected num_sms <= " + std::to_string(sms / ranks));
+  }
+  state_ = std::make_shared<detail::GroupState>(config, num_ranks, devices);
+  for (int r = 0; r < num_ranks; ++r)
+    comms_.push_back(std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, r)));
+  pool_ = std::make_unique<Pool>(num_ranks);
+}
+
+VirtualGroup::~VirtualGroup() {
+  pool_.reset();
+  comms_.clear();
+}
+
+int VirtualGroup::size() const { return static_cast<int>(comms_.size()); }
+
+MoECommunicator& VirtualGroup::operator[](int rank) {
+  if (rank < 0 || rank >= size())
+    throw InvalidArgument("rank: expected 0.." + std::to_string(size() - 1) + ", got " +
+                          std::to_string(rank));
+  return *comms_[rank];
+}
+
+void VirtualGroup::parallel_for(const std::function<void(int)>& fn) { pool_->run(fn); }
+
+void VirtualGroup::synchronize() {
+  for (auto& c : comms_) c->synchronize();
+}
+
+}  // namespace moecomm

@@ -1,0 +1,51 @@
+#include "core/validate.hpp"
+
+#include <sstream>
+
+#include "moecomm/error.hpp"
+
+namespace moecomm::detail {
+
+namespace {
+
+std::string expected_text(const TensorSpec& spec, int device) {
+  std::ostringstream os;
+  os << spec.shape_text << " ";
+  bool first = true;
+  for (DType d : spec.dtypes) {
+    os << (first ? "" : " or ") << dtype_name(d);
+    first = false;
+  }
+  os << ", contiguous, on cuda:" << device;
+  return os.str();
+}
+
+}  // namespace
+
+void check_tensor(const TensorView& v, const TensorSpec& spec, int device) {
+  auto fail = [&]() {
+    throw InvalidArgument(std::string(spec.name) + ": expected " + expected_text(spec, device) +
+                          ", got " + v.describe());
+  };
+  if (!v.present()) fail();
+  bool dtype_ok = false;
+  for (DType d : spec.dtypes) dtype_ok |= d == v.dtype;
+  if (!dtype_ok) fail();
+  if (v.ndim != static_cast<int>(spec.shape.size())) fail();
+  int i = 0;
+  for (int64_t s : spec.shape) {
+    if (s != kAnyDim && v.shape[i] != s) fail();
+    if (v.shape[i] < 0) fail();
+    ++i;
+  }
+  if (!v.is_contiguous()) fail();
+  if (v.device != device) fail();
+  if (v.data == nullptr && v.numel() > 0) fail();
+}
+
+void check_absent(const TensorView& v, const char* name, const std::string& why) {
+  if (v.present())
+    throw InvalidArgument(std::string(name) + ": expected absent " + why + ", got " + v.describe());
+}
+
+}  // namespace moecomm::detail

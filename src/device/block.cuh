@@ -1,0 +1,44 @@
+// Block-level building blocks shared by the kernels: the call's sequence number and the
+// election of the last block (which publishes completion and closes the call).
+#pragma once
+
+#include <cstdint>
+
+#include "device/memory_model.cuh"
+#include "runtime/device_context.hpp"
+
+namespace moecomm::device {
+
+/// Sequence number of the running call, read once per block at kernel start (into shared
+/// memory). The call's last kernel advances the epoch (close_call) after every block read it.
+__device__ __forceinline__ uint64_t read_call_seq(const detail::DeviceContext& ctx) {
+  __shared__ uint64_t seq;
+  if (threadIdx.x == 0) seq = *reinterpret_cast<volatile uint64_t*>(ctx.local.epoch) + 1;
+  __syncthreads();
+  return seq;
+}
+
+/// Every thread calls this after its block's work. Returns true in every thread of the last
+/// block to arrive; by then all other blocks' writes are visible (fence before the ticket).
+__device__ __forceinline__ bool is_last_block(const detail::DeviceContext& ctx) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_acq_rel_sys();
+    const uint32_t ticket = atomicAdd(ctx.local.ticket, 1u);
+    last = ticket == gridDim.x - 1;
+    if (last) {
+      *ctx.local.ticket = 0;  // every other block has taken its ticket: ready for the next kernel
+      fence_acq_rel_sys();
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
+/// Run by one thread of the last block of the call's last kernel: the next call gets seq + 1.
+__device__ __forceinline__ void close_call(const detail::DeviceContext& ctx) {
+  *ctx.local.epoch += 1;
+}
+
+}  // namespace moecomm::device

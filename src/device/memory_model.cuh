@@ -1,0 +1,76 @@
+// The memory-model primitives every kernel uses: acquire/release loads and stores, fences, and
+// the 16-byte vector moves. Nothing else in moecomm writes inline PTX for ordering.
+#pragma once
+
+#include <cstdint>
+
+namespace moecomm::device {
+
+/// Release store at system scope: every write of this thread (and, through a preceding CTA
+/// barrier and fence, of its block) is visible to a peer that acquires this value.
+__device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+/// Acquire load at system scope: pairs with st_release_sys.
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+/// Relaxed (volatile-strength) load at system scope, for polling before an acquire fence.
+__device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+/// Orders all prior memory operations of this thread before all later ones, for every observer
+/// in the system (peers on other GPUs included).
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+/// The same at GPU scope (co-located ranks only).
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+/// Nanoseconds from the GPU's global timer (coarse, but monotonic and shared by all SMs).
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+/// 16-byte global load that bypasses L1 allocation (data read once).
+__device__ __forceinline__ int4 ld_stream_16(const void* ptr) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+/// 16-byte load of data another rank wrote during this kernel's lifetime (no non-coherent path).
+__device__ __forceinline__ int4 ld_peer_16(const void* ptr) {
+  int4 v;
+  asm volatile("ld.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr)
+               : "memory");
+  return v;
+}
+
+/// 16-byte store that does not linger in L1.
+__device__ __forceinline__ void st_stream_16(void* ptr, int4 v) {
+  asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+/// Mask of the lanes below this one.
+__device__ __forceinline__ uint32_t lanemask_lt() {
+  uint32_t mask;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(mask));
+  return mask;
+}
+
+}  // namespace moecomm::device

@@ -1,0 +1,278 @@
+#include "ht/intranode.hpp"
+
+#include "device/block.cuh"
+#include "device/memory_model.cuh"
+#include "device/numerics.cuh"
+#include "layout/layout.hpp"
+#include "runtime/cuda_check.hpp"
+#include "transport/signal.cuh"
+
+namespace moecomm::ht {
+
+using detail::DeviceContext;
+using detail::FlagKind;
+using detail::kFp8Group;
+using detail::Phase;
+
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kCopyUnroll = 4;  // 16-byte vectors in flight per lane while copying a row
+
+/// Destinations of one token, as seen by every lane of the warp: rows at ranks d < 32 live in
+/// lane d's `lo`, rows at ranks 32..63 in lane d-32's `hi`.
+struct TokenRoute {
+  int32_t lo = -1;
+  int32_t hi = -1;
+  uint64_t mask = 0;
+
+  __device__ int32_t row(int d) const {
+    return __shfl_sync(kFullMask, d < 32 ? lo : hi, d & 31);
+  }
+};
+
+/// Where token t goes: from the layout (fresh) or from the handle (cached). Fresh routes are
+/// recorded in the handle.
+__device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams& p, int64_t t,
+                                  int lane) {
+  const int R = ctx.num_ranks;
+  TokenRoute r;
+  int32_t* record = p.send_row + t * R;
+  if (p.cached) {
+    if (lane < R) r.lo = record[lane];
+    if (lane + 32 < R) r.hi = record[lane + 32];
+  } else {
+    const uint64_t mask = ctx.local.token_rank_mask[t];
+    const int W = ctx.words;
+    auto row_at = [&](int d) -> int32_t {
+      if (!((mask >> d) & 1ull)) return -1;
+      return ctx.local.send_base[d] +
+             layout::bitmap_position(ctx.local.rank_bitmap + static_cast<int64_t>(d) * W,
+                                     ctx.local.rank_word_prefix + static_cast<int64_t>(d) * W, t);
+    };
+    if (lane < R) record[lane] = r.lo = row_at(lane);
+    if (lane + 32 < R) record[lane + 32] = r.hi = row_at(lane + 32);
+  }
+  // Rows past the capacity were reported by the layout; they are dropped, never written.
+  if (r.lo >= ctx.ht_capacity) r.lo = -1;
+  if (r.hi >= ctx.ht_capacity) r.hi = -1;
+  r.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, r.lo >= 0)) |
+           (static_cast<uint64_t>(__ballot_sync(kFullMask, r.hi >= 0)) << 32);
+  return r;
+}
+
+__device__ __forceinline__ int pop_lowest(uint64_t& m) {
+  const int d = __ffsll(static_cast<long long>(m)) - 1;
+  m &= m - 1;
+  return d;
+}
+
+/// Copies one row of `bytes` (a multiple of 16) to every destination of the route.
+__device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
+                         int bytes, int lane) {
+  const int n16 = bytes / 16;
+  const int4* s = reinterpret_cast<const int4*>(src);
+  for (int base = 0; base < n16; base += 32 * kCopyUnroll) {
+    int4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < n16) v[u] = device::ld_stream_16(s + i);
+    }
+    for (uint64_t m = route.mask; m;) {
+      const int d = pop_lowest(m);
+      int4* dst = reinterpret_cast<int4*>(ctx.peers[d] + ctx.sym.ht_x +
+                                          static_cast<int64_t>(route.row(d)) * bytes);
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < n16) device::st_stream_16(dst + i, v[u]);
+      }
+    }
+  }
+}
+
+/// Quantises one bf16 row to e4m3 (one scale per 128 channels) and writes data and scales to
+/// every destination. Each half-warp handles one group at a time.
+__device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
+                             bool pow2, int lane) {
+  const int H = ctx.hidden, groups = H / kFp8Group;
+  const int half = lane >> 4, sub = lane & 15;
+  const int4* s = reinterpret_cast<const int4*>(src);
+  for (int g0 = 0; g0 < groups; g0 += 2) {
+    const int g = g0 + half;
+    float f[8] = {};
+    if (g < groups) device::unpack_bf16x8(device::ld_stream_16(s + g * 16 + sub), f);
+    const float amax = device::half_warp_max(device::abs_max8(f));
+    float scale, inv;
+    device::fp8_scale(amax, pow2, scale, inv);
+    const uint2 q = device::quantize_fp8x8(f, inv);
+    for (uint64_t m = route.mask; m;) {
+      const int d = pop_lowest(m);
+      const int64_t row = route.row(d);
+      if (g < groups) {
+        uint8_t* dst = ctx.peers[d] + ctx.sym.ht_x + row * H;
+        *reinterpret_cast<uint2*>(dst + g * kFp8Group + sub * 8) = q;
+        if (sub == 0)
+          reinterpret_cast<float*>(ctx.peers[d] + ctx.sym.ht_scales)[row * groups + g] = scale;
+      }
+    }
+  }
+}
+
+__global__ void dispatch_kernel(DeviceContext ctx, DispatchParams p) {
+  const uint64_t seq = device::read_call_seq(ctx);
+  const int R = ctx.num_ranks, K = ctx.topk, L = ctx.local_experts;
+  const int lane = threadIdx.x & 31;
+
+  if (p.cached) {
+    // No count exchange ran: make sure every destination has entered this call (its previous
+    // results are no longer in use) before writing into it.
+    if (blockIdx.x == 0 && threadIdx.x < R) transport::signal(ctx, threadIdx.x, FlagKind::kArrive, seq);
+    if (threadIdx.x < R)
+      transport::wait_signal(ctx, FlagKind::kArrive, threadIdx.x, seq, Phase::kArrive, blockIdx.x);
+    __syncthreads();
+  }
+
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int groups = ctx.hidden / kFp8Group;
+  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < p.num_tokens; t += warps) {
+    const TokenRoute route = route_token(ctx, p, t, lane);
+    if (route.mask == 0) continue;
+
+    // Metadata: local expert ids (-1 elsewhere), weights, source token.
+    int64_t e = -1;
+    float w = 0.0f;
+    if (lane < K) {
+      e = p.idx_i64 ? static_cast<const int64_t*>(p.topk_idx)[t * K + lane]
+                    : static_cast<const int32_t*>(p.topk_idx)[t * K + lane];
+      if (p.topk_weights) w = p.topk_weights[t * K + lane];
+    }
+    for (uint64_t m = route.mask; m;) {
+      const int d = pop_lowest(m);
+      const int64_t row = route.row(d);
+      if (lane < K) {
+        const bool here = e >= 0 && e < ctx.num_experts && e / L == d;
+        transport::peer_region<int64_t>(ctx, d, ctx.sym.ht_topk_idx)[row * K + lane] =
+            here ? e - static_cast<int64_t>(d) * L : -1;
+        if (p.topk_weights)
+          transport::peer_region<float>(ctx, d, ctx.sym.ht_topk_weights)[row * K + lane] =
+              here ? w : 0.0f;
+      }
+      if (lane == 0)
+        transport::peer_region<int32_t>(ctx, d, ctx.sym.ht_src_token)[row] = static_cast<int32_t>(t);
+      if (p.x_scales) {
+        for (int g = lane; g < groups; g += 32)
+          transport::peer_region<float>(ctx, d, ctx.sym.ht_scales)[row * groups + g] =
+              p.x_scales[t * groups + g];
+      }
+    }
+
+    const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
+    if (p.quantize)
+      quantize_row(ctx, route, src, p.pow2_scales, lane);
+    else
+      copy_row(ctx, route, src, p.in_row_bytes, lane);
+  }
+
+  if (device::is_last_block(ctx)) {
+    if (threadIdx.x < R) {
+      transport::signal(ctx, threadIdx.x, FlagKind::kDispatchDone, seq);
+      transport::wait_signal(ctx, FlagKind::kDispatchDone, threadIdx.x, seq, Phase::kDispatchDone,
+                             0);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) device::close_call(ctx);
+  }
+}
+
+__global__ void combine_kernel(DeviceContext ctx, CombineParams p) {
+  const uint64_t seq = device::read_call_seq(ctx);
+  const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank;
+  const int lane = threadIdx.x & 31;
+  const int parity = static_cast<int>(seq & 1);
+  __shared__ const uint16_t* y_of[detail::kMaxRanks];
+  __shared__ const float* w_of[detail::kMaxRanks];
+
+  // Publish where this rank's expert outputs are, then learn where every peer's are.
+  if (blockIdx.x == 0 && threadIdx.x < R) {
+    uint64_t* slot = transport::peer_region<uint64_t>(ctx, threadIdx.x, ctx.sym.peer_ptrs) +
+                     (parity * R + me) * detail::kPeerPtrs;
+    slot[0] = reinterpret_cast<uint64_t>(p.y);
+    slot[1] = reinterpret_cast<uint64_t>(p.recv_weights);
+    transport::signal(ctx, threadIdx.x, FlagKind::kCombineReady, seq);  // release covers slot
+  }
+  if (threadIdx.x < R) {
+    const int d = threadIdx.x;
+    transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady, blockIdx.x);
+    const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.sym.peer_ptrs) +
+                           (parity * R + d) * detail::kPeerPtrs;
+    y_of[d] = reinterpret_cast<const uint16_t*>(slot[0]);
+    w_of[d] = reinterpret_cast<const float*>(slot[1]);
+  }
+  __syncthreads();
+
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int n16 = H / 8;
+  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < p.num_tokens; t += warps) {
+    TokenRoute route;
+    if (lane < R) route.lo = p.send_row[t * R + lane];
+    if (lane + 32 < R) route.hi = p.send_row[t * R + lane + 32];
+    route.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, route.lo >= 0)) |
+                 (static_cast<uint64_t>(__ballot_sync(kFullMask, route.hi >= 0)) << 32);
+    for (int i = lane; i < n16; i += 32) {
+      float acc[8] = {};
+      for (uint64_t m = route.mask; m;) {
+        const int d = pop_lowest(m);
+        const int64_t row = route.row(d);
+        float f[8];
+        device::unpack_bf16x8(device::ld_peer_16(y_of[d] + row * H + i * 8), f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
+      }
+      if (p.bias) {
+        float b[8];
+        device::unpack_bf16x8(*reinterpret_cast<const int4*>(p.bias + t * H + i * 8), b);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], b[j]);
+      }
+      *reinterpret_cast<int4*>(p.out + t * H + i * 8) = device::pack_bf16x8(acc);
+    }
+    if (p.combined_weights) {
+      float sum = 0.0f;
+      for (uint64_t m = route.mask; m;) {
+        const int d = pop_lowest(m);
+        const int64_t row = route.row(d);  // every lane takes part in the shuffle
+        if (lane < K && w_of[d]) sum = __fadd_rn(sum, w_of[d][row * K + lane]);
+      }
+      if (lane < K) p.combined_weights[t * K + lane] = sum;
+    }
+  }
+
+  if (device::is_last_block(ctx)) {
+    // Tell every owner its outputs have been read; wait until every reader is done with ours
+    // (the caller may overwrite y as soon as combine returns on its stream).
+    if (threadIdx.x < R) {
+      transport::signal(ctx, threadIdx.x, FlagKind::kCombineDone, seq);
+      transport::wait_signal(ctx, FlagKind::kCombineDone, threadIdx.x, seq, Phase::kCombineDone, 0);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) device::close_call(ctx);
+  }
+}
+
+}  // namespace
+
+void launch_dispatch(const DeviceContext& ctx, const DispatchParams& params, int blocks,
+                     int threads, cudaStream_t stream) {
+  dispatch_kernel<<<blocks, threads, 0, stream>>>(ctx, params);
+  MOECOMM_LAUNCH_CHECK("ht::dispatch_kernel");
+}
+
+void launch_combine(const DeviceContext& ctx, const CombineParams& params, int blocks, int threads,
+                    cudaStream_t stream) {
+  combine_kernel<<<blocks, threads, 0, stream>>>(ctx, params);
+  MOECOMM_LAUNCH_CHECK("ht::combine_kernel");
+}
+
+}  // namespace moecomm::ht

@@ -1,0 +1,49 @@
+// High-throughput dispatch and combine for ranks that share a load/store domain (NVLink, PCIe
+// peer access, or virtual ranks of one GPU). Senders write every row straight to its final place
+// in the receiver's registered buffer (zero-copy); combine pulls the experts' outputs from their
+// owners and reduces them in f32 in ascending rank order (deterministic).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "runtime/device_context.hpp"
+
+namespace moecomm::ht {
+
+struct DispatchParams {
+  const void* x = nullptr;  // [T, H] bf16, or fp8 bytes
+  int64_t num_tokens = 0;
+  int in_row_bytes = 0;     // bytes of one x row
+  int out_row_bytes = 0;    // bytes of one received row
+  const float* x_scales = nullptr;  // fp8 passthrough: [T, H/128]
+  bool quantize = false;            // bf16 in, fp8 + scales out
+  bool pow2_scales = false;
+  const void* topk_idx = nullptr;
+  bool idx_i64 = true;
+  const float* topk_weights = nullptr;  // [T, K] or null
+  int32_t* send_row = nullptr;  // [T, R]: row at each destination (-1: none). Read when cached.
+  bool cached = false;          // routing from send_row; no layout ran in this call
+};
+
+/// The copy kernel; closes the call. The layout kernels ran before it in the same call (unless
+/// cached), so the count exchange already told every sender where its rows go.
+void launch_dispatch(const detail::DeviceContext& ctx, const DispatchParams& params, int blocks,
+                     int threads, cudaStream_t stream);
+
+struct CombineParams {
+  const uint16_t* y = nullptr;             // [N, H] bf16 of this rank (read by its peers)
+  const float* recv_weights = nullptr;     // [N, K] of this rank, or null
+  const uint16_t* bias = nullptr;          // [T, H] or null
+  uint16_t* out = nullptr;                 // [T, H]
+  float* combined_weights = nullptr;       // [T, K] or null (needs recv_weights on every rank)
+  const int32_t* send_row = nullptr;       // [T, R] from the dispatch handle
+  int64_t num_tokens = 0;
+};
+
+/// Combine kernel; closes the call.
+void launch_combine(const detail::DeviceContext& ctx, const CombineParams& params, int blocks,
+                    int threads, cudaStream_t stream);
+
+}  // namespace moecomm::ht

@@ -1,0 +1,65 @@
+// Low-latency dispatch and combine (expert-major layout, fixed capacity M per source rank).
+// One message per (token, selected expert), written straight into its slot of the receiver's
+// registered buffer; per-(expert, source) counts are signalled after the data. Two buffers
+// alternate between consecutive calls. No host synchronisation: every kernel is graph-capturable.
+// Each call is split into a send phase and a receive phase (the receive hook).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "runtime/device_context.hpp"
+
+namespace moecomm::ll {
+
+struct DispatchSendParams {
+  const uint16_t* x = nullptr;  // [T, H] bf16
+  int64_t num_tokens = 0;       // T <= M
+  const void* topk_idx = nullptr;
+  bool idx_i64 = true;
+  bool fp8 = false;             // quantise to e4m3 + f32 scales per 128 channels
+  bool pow2_scales = false;
+  int buffer = 0;               // 0 or 1
+  int32_t* slot_of = nullptr;   // [T, K] out (the handle): d*(L*R*M) + le*(R*M) + s*M + p, or -1
+};
+
+/// Send phase. The layout kernels (bitmaps + scan, no exchange) ran before it in this call.
+/// Closes the call; stores the call's seq in ctx.local.ll_seq[buffer] for the receive phase.
+void launch_dispatch_send(const detail::DeviceContext& ctx, const DispatchSendParams& params,
+                          int blocks, int threads, cudaStream_t stream);
+
+struct DispatchRecvParams {
+  int buffer = 0;
+  int32_t* recv_count = nullptr;   // [L] out
+  int32_t* recv_layout = nullptr;  // [L, R, 2] out: (s*M, count)
+};
+
+/// Receive phase: waits for every (local expert, source) count of ll_seq[buffer].
+void launch_dispatch_recv(const detail::DeviceContext& ctx, const DispatchRecvParams& params,
+                          cudaStream_t stream);
+
+struct CombineSendParams {
+  const uint16_t* y = nullptr;  // [L, R*M, H] bf16 of this rank, read by the token owners
+  int buffer = 0;               // the dispatch buffer of the handle
+};
+
+/// Send phase of combine: publishes y to every peer. Closes the call; stores its seq in
+/// ctx.local.combine_seq[buffer].
+void launch_combine_send(const detail::DeviceContext& ctx, const CombineSendParams& params,
+                         cudaStream_t stream);
+
+struct CombineRecvParams {
+  int buffer = 0;
+  const int32_t* slot_of = nullptr;     // [T, K] from the dispatch handle
+  const float* topk_weights = nullptr;  // [T, K]
+  int64_t num_tokens = 0;
+  uint16_t* out = nullptr;              // [T, H] bf16
+};
+
+/// Receive phase of combine: out[t] = bf16(sum_k fmaf(w, y[slot], acc)), then tells every owner
+/// its y has been read and waits until every reader is done with this rank's y.
+void launch_combine_recv(const detail::DeviceContext& ctx, const CombineRecvParams& params,
+                         int blocks, int threads, cudaStream_t stream);
+
+}  // namespace moecomm::ll

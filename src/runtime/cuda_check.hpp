@@ -1,0 +1,34 @@
+// Every CUDA return code is checked; a failure becomes moecomm::CudaError naming the call.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "moecomm/error.hpp"
+
+namespace moecomm::detail {
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* what, const char* file,
+                                          int line) {
+  throw CudaError(std::string(what) + " failed: " + cudaGetErrorName(err) + " (" +
+                  cudaGetErrorString(err) + ") at " + file + ":" + std::to_string(line));
+}
+
+}  // namespace moecomm::detail
+
+/// Checks a CUDA runtime call.
+#define MOECOMM_CUDA_CHECK(expr)                                                   \
+  do {                                                                             \
+    cudaError_t mc_err_ = (expr);                                                  \
+    if (mc_err_ != cudaSuccess)                                                    \
+      ::moecomm::detail::throw_cuda_error(mc_err_, #expr, __FILE__, __LINE__);     \
+  } while (0)
+
+/// Checks the launch just made (configuration errors surface here).
+#define MOECOMM_LAUNCH_CHECK(kernel_name)                                          \
+  do {                                                                             \
+    cudaError_t mc_err_ = cudaGetLastError();                                      \
+    if (mc_err_ != cudaSuccess)                                                    \
+      ::moecomm::detail::throw_cuda_error(mc_err_, "launch of " kernel_name, __FILE__, __LINE__); \
+  } while (0)

@@ -1,0 +1,84 @@
+#include "runtime/group_state.hpp"
+
+#include <string>
+
+#include "moecomm/error.hpp"
+#include "runtime/cuda_check.hpp"
+
+namespace moecomm::detail {
+
+DeviceGuard::DeviceGuard(int device) : device_(device) {
+  MOECOMM_CUDA_CHECK(cudaGetDevice(&previous_));
+  if (previous_ != device_) MOECOMM_CUDA_CHECK(cudaSetDevice(device_));
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ != device_) cudaSetDevice(previous_);
+}
+
+GroupState::GroupState(const Config& cfg, int ranks, std::vector<int> devices)
+    : config(cfg), num_ranks(ranks) {
+  sizes = buffer_sizes(config, num_ranks);
+  layout = symmetric_layout(config, num_ranks, sizes);
+  for (int r = 0; r < num_ranks; ++r) device_of.push_back(devices[r % devices.size()]);
+
+  // Peer access between every pair of distinct devices in use.
+  for (int a : devices)
+    for (int b : devices) {
+      if (a == b) continue;
+      int can = 0;
+      MOECOMM_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, a, b));
+      if (!can)
+        throw Unsupported("devices: cuda:" + std::to_string(a) + " cannot access cuda:" +
+                          std::to_string(b) + " directly (no NVLink/PCIe peer access)");
+      DeviceGuard guard(a);
+      const cudaError_t err = cudaDeviceEnablePeerAccess(b, 0);
+      if (err == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+      else MOECOMM_CUDA_CHECK(err);
+    }
+
+  sym_base.assign(num_ranks, nullptr);
+  try {
+    for (int r = 0; r < num_ranks; ++r) {
+      DeviceGuard guard(device_of[r]);
+      MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sym_base[r]), layout.total));
+      // Flags start at 0 (the first call's seq is 1); data regions need no initial value.
+      MOECOMM_CUDA_CHECK(cudaMemset(sym_base[r], 0, layout.ht_x));
+    }
+    for (int r = 0; r < num_ranks; ++r) {
+      DeviceGuard guard(device_of[r]);
+      MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+  } catch (...) {
+    for (int r = 0; r < num_ranks; ++r)
+      if (sym_base[r]) cudaFree(sym_base[r]);
+    throw;
+  }
+}
+
+GroupState::~GroupState() {
+  for (int r = 0; r < num_ranks; ++r) {
+    if (!sym_base[r]) continue;
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device_of[r]);
+    cudaFree(sym_base[r]);
+    cudaSetDevice(prev);
+  }
+}
+
+void GroupState::claim_stream(int rank, cudaStream_t stream) {
+  if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread)
+    if (num_ranks > 1)
+      throw InvalidArgument("stream: rank " + std::to_string(rank) +
+                            " passed the default stream; co-located ranks need streams of their "
+                            "own (pass nullptr in the options to use the rank's stream())");
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto [it, inserted] = stream_owner_.emplace(stream, rank);
+  if (!inserted && it->second != rank && device_of[it->second] == device_of[rank])
+    throw InvalidArgument("stream: rank " + std::to_string(rank) +
+                          " passed a stream that rank " + std::to_string(it->second) +
+                          " already uses; co-located ranks must use distinct streams");
+}
+
+}  // namespace moecomm::detail

@@ -1,0 +1,94 @@
+// Device-side "put + signal + wait" over load/store (NVLink, PCIe peer access, or one GPU's own
+// memory for co-located virtual ranks). Data is put with ordinary stores into a peer's symmetric
+// buffer; a signal is a release store of the call's sequence number into the peer's flag slot;
+// a wait is a bounded acquire loop that turns a stall into a recorded error.
+#pragma once
+
+#include <cstdint>
+
+#include "device/memory_model.cuh"
+#include "runtime/device_context.hpp"
+
+namespace moecomm::transport {
+
+using detail::DeviceContext;
+using detail::DeviceErrorKind;
+using detail::FlagKind;
+using detail::Phase;
+
+/// Address of a region `offset` bytes into rank `owner`'s symmetric buffer.
+template <typename T>
+__device__ __forceinline__ T* peer_region(const DeviceContext& ctx, int owner, size_t offset) {
+  return reinterpret_cast<T*>(ctx.peers[owner] + offset);
+}
+
+/// Flag slot that `src` writes in `owner`'s buffer.
+__device__ __forceinline__ uint64_t* flag_slot(const DeviceContext& ctx, int owner, FlagKind kind,
+                                               int src) {
+  return peer_region<uint64_t>(ctx, owner, ctx.sym.flags) +
+         static_cast<int>(kind) * detail::kMaxRanks + src;
+}
+
+/// Records the first error of this rank (later ones are dropped). A stall also marks the rank
+/// aborted so that its other waits give up at once; bad input does not (the call completes, with
+/// the bad entries treated as -1, and the host raises).
+__device__ inline void record_error(const DeviceContext& ctx, DeviceErrorKind kind, int peer,
+                                    Phase phase, int channel, uint64_t seq, int64_t observed,
+                                    int64_t a = 0, int64_t b = 0) {
+  detail::DeviceError* e = ctx.error;
+  if (atomicCAS(reinterpret_cast<int*>(&e->kind), 0, -1) == 0) {
+    e->rank = ctx.rank;
+    e->peer = peer;
+    e->phase = static_cast<int32_t>(phase);
+    e->channel = channel;
+    e->seq = static_cast<int64_t>(seq);
+    e->observed = observed;
+    e->a = a;
+    e->b = b;
+    __threadfence_system();
+    atomicExch(reinterpret_cast<int*>(&e->kind), static_cast<int>(kind));
+  }
+  if (kind == DeviceErrorKind::kStall) atomicExch(ctx.local.aborted, 1);
+}
+
+/// True once any wait of this rank has failed: later waits give up immediately.
+__device__ __forceinline__ bool aborted(const DeviceContext& ctx) {
+  return *reinterpret_cast<volatile int*>(ctx.local.aborted) != 0;
+}
+
+/// Signals `dst` that this rank reached `seq` of `kind`. Call after a release fence that covers
+/// the data the signal publishes (fence_acq_rel_sys, or a CTA barrier then that fence).
+__device__ __forceinline__ void signal(const DeviceContext& ctx, int dst, FlagKind kind,
+                                       uint64_t seq) {
+  device::st_release_sys(flag_slot(ctx, dst, kind, ctx.rank), seq);
+}
+
+/// Waits until `word` >= `target` (acquire). Gives up after ctx.timeout_ns, recording a stall
+/// that names this rank, `peer`, `phase` and `channel`. Returns false on failure.
+__device__ inline bool wait_geq(const DeviceContext& ctx, const uint64_t* word, uint64_t target,
+                                int peer, Phase phase, int channel) {
+  uint64_t v = device::ld_acquire_sys(word);
+  if (v >= target) return true;
+  if (aborted(ctx)) return false;
+  const uint64_t start = device::global_timer_ns();
+  for (uint32_t spin = 0;; ++spin) {
+    v = device::ld_acquire_sys(word);
+    if (v >= target) return true;
+    if ((spin & 255u) == 255u) {
+      if (aborted(ctx)) return false;
+      if (device::global_timer_ns() - start > ctx.timeout_ns) {
+        record_error(ctx, DeviceErrorKind::kStall, peer, phase, channel, target,
+                     static_cast<int64_t>(v));
+        return false;
+      }
+    }
+  }
+}
+
+/// Waits for `src`'s signal of `kind` to reach `seq`.
+__device__ __forceinline__ bool wait_signal(const DeviceContext& ctx, FlagKind kind, int src,
+                                            uint64_t seq, Phase phase, int channel) {
+  return wait_geq(ctx, flag_slot(ctx, ctx.rank, kind, src), seq, src, phase, channel);
+}
+
+}  // namespace moecomm::transport
