@@ -10,12 +10,14 @@ summary=()
 start=$(date +%s)
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
-if ! scripts/setup.sh build >"$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"
-  echo "SUMMARY: build FAILED"
-  exit 1
+# Keep going past a target that fails so that the others still run; the summary says so.
+if scripts/setup.sh build >"$out/build.log" 2>&1; then
+  summary+=("build ok ($(( $(date +%s) - start )) s)")
+else
+  cmake --build build -j "$(nproc)" -- -k 0 >>"$out/build.log" 2>&1
+  grep -E "error|FAILED" "$out/build.log" | head -20
+  summary+=("build FAILED for some targets (see build.log)")
 fi
-summary+=("build ok ($(( $(date +%s) - start )) s)")
 
 for t in ${GPU_TESTS:-test_gpu_numerics test_layout test_ht test_ll test_api}; do
   if [ -x build/tests/$t ]; then

@@ -81,6 +81,16 @@ const char* phase_name(int phase) {
   return "?";
 }
 
+/// A hook run on another stream than its send phase: that stream waits for the send phase.
+void follow(cudaStream_t send_stream, cudaStream_t hook_stream) {
+  if (!hook_stream || hook_stream == send_stream) return;
+  cudaEvent_t ev;
+  MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  MOECOMM_CUDA_CHECK(cudaEventRecord(ev, send_stream));
+  MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(hook_stream, ev, 0));
+  MOECOMM_CUDA_CHECK(cudaEventDestroy(ev));
+}
+
 // Carves consecutive, 256-byte aligned pieces out of one allocation.
 class Carver {
  public:
@@ -115,10 +125,8 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   const int W = (Tmax + 31) / 32;
 
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
-  MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
   MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&counts_event_, cudaEventDisableTiming));
   group_->claim_stream(rank_, own_stream_);
-  group_->claim_stream(rank_, async_stream_);
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError), cudaHostAllocMapped));
   std::memset(error_host_, 0, sizeof(DeviceError));
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_summary_), sizeof(int32_t) * (2 + L + R), cudaHostAllocDefault));
@@ -182,9 +190,11 @@ CommImpl::~CommImpl() {
   cudaGetDevice(&prev);
   cudaSetDevice(device_);
   cudaStreamSynchronize(own_stream_);
-  cudaStreamSynchronize(async_stream_);
   cudaStreamDestroy(own_stream_);
-  cudaStreamDestroy(async_stream_);
+  if (async_stream_) {
+    cudaStreamSynchronize(async_stream_);
+    cudaStreamDestroy(async_stream_);
+  }
   cudaEventDestroy(counts_event_);
   cudaFree(local_mem_);
   cudaFreeHost(error_host_);
@@ -235,7 +245,7 @@ void CommImpl::check_errors() {
 void CommImpl::synchronize() {
   DeviceGuard guard(device_);
   MOECOMM_CUDA_CHECK(cudaStreamSynchronize(own_stream_));
-  MOECOMM_CUDA_CHECK(cudaStreamSynchronize(async_stream_));
+  if (async_stream_) MOECOMM_CUDA_CHECK(cudaStreamSynchronize(async_stream_));
   check_errors();
 }
 
@@ -246,6 +256,10 @@ CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
   group_->claim_stream(rank_, s.caller);
   s.exec = s.caller;
   if (async) {
+    if (!async_stream_) {  // created on first use: fewer streams, fewer shared hardware queues
+      MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
+      group_->claim_stream(rank_, async_stream_);
+    }
     cudaEvent_t ev;
     MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
     MOECOMM_CUDA_CHECK(cudaEventRecord(ev, s.caller));
@@ -451,7 +465,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   out.recv_x = sym_view(lay.ht_x, fp8_out ? DType::kFP8E4M3 : DType::kBF16, {rows, H});
   if (fp8_out) out.recv_x_scales = sym_view(lay.ht_scales, DType::kF32, {rows, G});
   out.recv_topk_idx = sym_view(lay.ht_topk_idx, DType::kI64, {rows, K});
-  if (p.topk_weights) out.recv_topk_weights = sym_view(lay.ht_topk_weights, DType::kF32, {rows, K});
+  if (args.topk_weights.present())  // (a null pointer is fine when T = 0)
+    out.recv_topk_weights = sym_view(lay.ht_topk_weights, DType::kF32, {rows, K});
   out.recv_src_token = sym_view(lay.ht_src_token, DType::kI32, {rows});
   out.recv_rank_prefix = local_view(h.recv_rank_prefix, DType::kI32, {R + 1});
   out.num_recv_tokens_per_expert = local_view(h.recv_per_expert, DType::kI32, {L});
@@ -501,6 +516,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
     const DeviceContext ctx = ctx_;
     const cudaStream_t default_stream = s.exec;
     out.hook = RecvHook([ctx, rp, default_stream](cudaStream_t st) {
+      follow(default_stream, st);
       ll::launch_dispatch_recv(ctx, rp, st ? st : default_stream);
     });
   } else {
@@ -555,14 +571,15 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h, cons
   p.recv_weights = args.recv_topk_weights.present() ? static_cast<const float*>(args.recv_topk_weights.data) : nullptr;
   p.bias = args.bias.present() ? static_cast<const uint16_t*>(args.bias.data) : nullptr;
   p.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
-  p.combined_weights = p.recv_weights ? combine_weights_ : nullptr;
+  const bool want_weights = args.recv_topk_weights.present();
+  p.combined_weights = want_weights ? combine_weights_ : nullptr;
   p.send_row = h.send_row;
   p.num_tokens = T;
   ht::launch_combine(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
 
   CombineOutput out;
   out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
-  if (p.combined_weights) out.combined_topk_weights = local_view(combine_weights_, DType::kF32, {T, K});
+  if (want_weights) out.combined_topk_weights = local_view(combine_weights_, DType::kF32, {T, K});
   out.event = end_call(s, o.async);
   return out;
 }
@@ -598,6 +615,7 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
     const DeviceContext ctx = ctx_;
     const cudaStream_t default_stream = s.exec;
     out.hook = RecvHook([ctx, rp, blocks, threads, default_stream](cudaStream_t st) {
+      follow(default_stream, st);
       ll::launch_combine_recv(ctx, rp, blocks, threads, st ? st : default_stream);
     });
   } else {

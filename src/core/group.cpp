@@ -1,6 +1,8 @@
 #include "moecomm/group.hpp"
 
+#include <algorithm>
 #include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <map>
 #include <mutex>
@@ -12,6 +14,26 @@
 #include "runtime/group_state.hpp"
 
 namespace moecomm {
+
+namespace {
+
+// CUDA maps streams onto a fixed number of hardware queues (8 by default). When two co-located
+// ranks' streams share a queue, work queued behind one rank's spinning kernel (its next kernel,
+// a copy) blocks the other rank's kernels, which that spinning kernel waits for: a deadlock.
+// Ask for the maximum number of queues before the CUDA context exists, unless the process chose.
+constexpr int kHardwareQueues = 32;
+[[maybe_unused]] const bool queues_requested = [] {
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", std::to_string(kHardwareQueues).c_str(), /*overwrite=*/0);
+  return true;
+}();
+
+/// Hardware queues the process asked for (CUDA's default is 8).
+int hardware_queues() {
+  const char* v = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+  return v ? std::atoi(v) : 8;
+}
+
+}  // namespace
 
 int cuda_device_count() {
   int n = 0;
@@ -111,6 +133,14 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
           " SMs resident together, the device has " + std::to_string(sms) +
           "; expected num_sms <= " + std::to_string(sms / ranks));
   }
+  int most_on_one_device = 0;
+  for (const auto& [device, ranks] : ranks_on) most_on_one_device = std::max(most_on_one_device, ranks);
+  if (most_on_one_device > 1 && hardware_queues() < 2 * most_on_one_device)
+    throw InvalidArgument(
+        "CUDA_DEVICE_MAX_CONNECTIONS=" + std::to_string(hardware_queues()) + ": " +
+        std::to_string(most_on_one_device) + " co-located virtual ranks need their streams on "
+        "distinct hardware queues (at least " + std::to_string(2 * most_on_one_device) +
+        "); unset it or set it to 32 before CUDA starts");
   state_ = std::make_shared<detail::GroupState>(config, num_ranks, devices);
   for (int r = 0; r < num_ranks; ++r)
     comms_.push_back(std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, r)));

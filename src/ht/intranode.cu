@@ -220,16 +220,21 @@ __global__ void combine_kernel(DeviceContext ctx, CombineParams p) {
     if (lane + 32 < R) route.hi = p.send_row[t * R + lane + 32];
     route.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, route.lo >= 0)) |
                  (static_cast<uint64_t>(__ballot_sync(kFullMask, route.hi >= 0)) << 32);
-    for (int i = lane; i < n16; i += 32) {
+    // The loop bound is warp-uniform: every lane takes part in route.row()'s shuffle.
+    for (int base = 0; base < n16; base += 32) {
+      const int i = base + lane;
+      const bool active = i < n16;
       float acc[8] = {};
       for (uint64_t m = route.mask; m;) {
         const int d = pop_lowest(m);
         const int64_t row = route.row(d);
+        if (!active) continue;
         float f[8];
         device::unpack_bf16x8(device::ld_peer_16(y_of[d] + row * H + i * 8), f);
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
       }
+      if (!active) continue;
       if (p.bias) {
         float b[8];
         device::unpack_bf16x8(*reinterpret_cast<const int4*>(p.bias + t * H + i * 8), b);

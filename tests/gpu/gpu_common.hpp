@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -16,8 +17,10 @@
 #define TEST_CUDA(expr)                                                                  \
   do {                                                                                   \
     cudaError_t tc_err_ = (expr);                                                        \
-    if (tc_err_ != cudaSuccess)                                                          \
+    if (tc_err_ != cudaSuccess) {                                                        \
+      cudaGetLastError(); /* do not let later checks report this one again */            \
       throw std::runtime_error(std::string(#expr) + ": " + cudaGetErrorString(tc_err_)); \
+    }                                                                                    \
   } while (0)
 
 /// Skips the current test case where there is no CUDA device.
@@ -66,6 +69,7 @@ class DeviceBuffer {
   void upload(const std::vector<T>& host) {
     if (host.size() != n_) throw std::runtime_error("DeviceBuffer::upload: size mismatch");
     if (n_) TEST_CUDA(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+    TEST_CUDA(cudaDeviceSynchronize());  // pageable copies may still be in flight
   }
   std::vector<T> download() const {
     std::vector<T> host(n_);
@@ -74,6 +78,7 @@ class DeviceBuffer {
   }
   void poison(uint8_t byte = kPoison) {
     if (n_) TEST_CUDA(cudaMemset(ptr_, byte, n_ * sizeof(T)));
+    TEST_CUDA(cudaDeviceSynchronize());  // rank streams do not wait for the legacy stream
   }
   /// A contiguous view with the given dtype and shape.
   TensorView view(DType dtype, std::initializer_list<int64_t> shape) const {
@@ -92,7 +97,14 @@ template <typename T>
 std::vector<T> download(const TensorView& v, int64_t count = -1) {
   const int64_t n = count < 0 ? v.numel() : count;
   std::vector<T> host(static_cast<size_t>(n));
-  if (n > 0) TEST_CUDA(cudaMemcpy(host.data(), v.data, n * sizeof(T), cudaMemcpyDeviceToHost));
+  if (n <= 0) return host;
+  const cudaError_t err = cudaMemcpy(host.data(), v.data, n * sizeof(T), cudaMemcpyDeviceToHost);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("download of " + std::to_string(n) + " elements from " +
+                             v.describe() + " at " + std::to_string(reinterpret_cast<uintptr_t>(v.data)) +
+                             ": " + cudaGetErrorString(err));
+  }
   return host;
 }
 
@@ -100,6 +112,7 @@ std::vector<T> download(const TensorView& v, int64_t count = -1) {
 inline void poison(const TensorView& v, int64_t bytes = -1) {
   const int64_t n = bytes < 0 ? static_cast<int64_t>(v.nbytes()) : bytes;
   if (n > 0 && v.data) TEST_CUDA(cudaMemset(v.data, kPoison, n));
+  TEST_CUDA(cudaDeviceSynchronize());  // rank streams do not wait for the legacy stream
 }
 
 /// Number of elements that differ, and a description of the first few.
