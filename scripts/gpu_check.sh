@@ -28,6 +28,21 @@ for t in ${GPU_TESTS:-test_gpu_numerics test_layout test_ht test_ll test_api}; d
   fi
 done
 
+# Separate processes on one GPU: under MPS their kernels are resident together (without it they
+# time-slice and every cross-process wait costs milliseconds). Started here, stopped right after.
+if [ -x build/tests/test_process_group ] && [ -z "${SKIP_PROCESS_TEST:-}" ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/moecomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/moecomm-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  mps=""
+  nvidia-cuda-mps-control -d 2>/dev/null && mps=" under MPS"
+  timeout 120 build/tests/test_process_group >"$out/test_process_group.log" 2>&1
+  rc=$?
+  [ -n "$mps" ] && echo quit | nvidia-cuda-mps-control
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  summary+=("test_process_group$mps: $(tail -1 "$out/test_process_group.log") (rc $rc)")
+  [ $rc -ne 0 ] && tail -15 "$out/test_process_group.log"
+fi
+
 if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/ep_bench ]; then
   timeout ${BENCH_TIMEOUT:-240} build/bench/ep_bench --json "$out/bench.json" ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
   rc=$?

@@ -42,6 +42,36 @@ class VirtualGroup {
   std::unique_ptr<Pool> pool_;
 };
 
+/// One rank of a group whose ranks are separate processes (one GPU each, or several processes
+/// on one GPU under MPS). Peers' buffers are mapped with CUDA IPC. Two steps, so that any
+/// launcher can carry the exchange (MPI, torch.distributed, a file):
+///
+///   ProcessGroupBuilder builder(config, rank, size, device);
+///   std::vector<uint8_t> mine = builder.local_handle();
+///   std::vector<uint8_t> all = allgather(mine);          // size * handle_size() bytes, rank order
+///   std::unique_ptr<MoECommunicator> comm = builder.connect(all);
+///
+/// In such a group, combine reads its inputs from registered memory: dispatch outputs and
+/// MoECommunicator::combine_buffer are registered; other tensors are first copied in.
+class ProcessGroupBuilder {
+ public:
+  ProcessGroupBuilder(const Config& config, int rank, int size, int device);
+  ~ProcessGroupBuilder();
+  ProcessGroupBuilder(const ProcessGroupBuilder&) = delete;
+  ProcessGroupBuilder& operator=(const ProcessGroupBuilder&) = delete;
+
+  /// This rank's CUDA IPC handle (handle_size() bytes).
+  std::vector<uint8_t> local_handle() const;
+  static size_t handle_size();
+  /// Maps every peer and returns this rank's communicator. Call once.
+  std::unique_ptr<MoECommunicator> connect(const std::vector<uint8_t>& all_handles);
+
+ private:
+  std::shared_ptr<detail::GroupState> state_;
+  int rank_;
+  bool connected_ = false;
+};
+
 /// Number of SMs of a CUDA device (raises CudaError/Unsupported without one).
 int device_sm_count(int device);
 /// Number of visible CUDA devices; 0 where there is none (never raises).

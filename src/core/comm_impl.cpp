@@ -311,6 +311,23 @@ HandleState& CommImpl::handle_state(const Handle& handle, Mode expected, const c
   return *s;
 }
 
+uint64_t CommImpl::publish(const void* ptr, size_t bytes, size_t stage_offset, size_t stage_bytes,
+                           const char* name, cudaStream_t stream) {
+  constexpr uint64_t kOffsetTag = 1ull << 63;  // transport::kSymmetricOffsetTag
+  const uint8_t* base = group_->sym_base[rank_];
+  const uint8_t* p = static_cast<const uint8_t*>(ptr);
+  if (p >= base && p + bytes <= base + group_->layout.total)
+    return static_cast<uint64_t>(p - base) | kOffsetTag;
+  if (group_->single_address_space || bytes == 0) return reinterpret_cast<uint64_t>(ptr);
+  if (bytes > stage_bytes)
+    throw InvalidArgument(std::string(name) + ": " + std::to_string(bytes) +
+                          " bytes do not fit the registered staging area (" +
+                          std::to_string(stage_bytes) + " bytes)");
+  MOECOMM_CUDA_CHECK(cudaMemcpyAsync(group_->sym_base[rank_] + stage_offset, ptr, bytes,
+                                     cudaMemcpyDeviceToDevice, stream));
+  return static_cast<uint64_t>(stage_offset) | kOffsetTag;
+}
+
 TensorView CommImpl::local_view(void* data, DType dtype, std::initializer_list<int64_t> shape) const {
   return TensorView::contiguous(data, dtype, shape, device_);
 }
@@ -567,8 +584,14 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h, cons
 
   const Streams s = begin_call(o.stream, o.async);
   ht::CombineParams p;
-  p.y = static_cast<const uint16_t*>(args.y.data);
-  p.recv_weights = args.recv_topk_weights.present() ? static_cast<const float*>(args.recv_topk_weights.data) : nullptr;
+  const auto& lay = group_->layout;
+  const size_t cap = static_cast<size_t>(group_->sizes.ht_capacity);
+  const bool staged = group_->sizes.stage_combine;
+  p.y = publish(args.y.data, args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0, "y", s.exec);
+  if (args.recv_topk_weights.present())
+    p.recv_weights = publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(),
+                             lay.ht_stage_weights, staged ? cap * K * sizeof(float) : 0,
+                             "recv_topk_weights", s.exec);
   p.bias = args.bias.present() ? static_cast<const uint16_t*>(args.bias.data) : nullptr;
   p.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
   const bool want_weights = args.recv_topk_weights.present();
@@ -599,7 +622,9 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
 
   const Streams s = begin_call(o.stream, o.async);
   ll::CombineSendParams sp;
-  sp.y = static_cast<const uint16_t*>(args.y.data);
+  const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
+  sp.y = publish(args.y.data, args.y.nbytes(), group_->layout.ll_combine[h.buffer], combine_bytes,
+                 "y", s.exec);
   sp.buffer = h.buffer;
   ll::launch_combine_send(ctx_, sp, s.exec);
 

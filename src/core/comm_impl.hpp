@@ -75,6 +75,11 @@ class CommImpl {
   CombineOutput combine_ht(const CombineArgs& args, HandleState& h, const CombineOptions& o);
   CombineOutput combine_ll(const CombineArgs& args, HandleState& h, const CombineOptions& o);
 
+  /// How peers find a combine input: its offset in this rank's symmetric buffer if it lies
+  /// there; else the pointer itself where every rank shares this address space; else (process
+  /// groups) a copy into the staging region at `stage_offset`.
+  uint64_t publish(const void* ptr, size_t bytes, size_t stage_offset, size_t stage_bytes,
+                   const char* name, cudaStream_t stream);
   TensorView local_view(void* data, DType dtype, std::initializer_list<int64_t> shape) const;
   TensorView sym_view(size_t offset, DType dtype, std::initializer_list<int64_t> shape) const;
 

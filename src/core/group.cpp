@@ -167,4 +167,30 @@ void VirtualGroup::synchronize() {
   for (auto& c : comms_) c->synchronize();
 }
 
+ProcessGroupBuilder::ProcessGroupBuilder(const Config& config, int rank, int size, int device)
+    : rank_(rank) {
+  config.validate(size);
+  if (rank < 0 || rank >= size)
+    throw InvalidArgument("rank: expected 0.." + std::to_string(size - 1) + ", got " +
+                          std::to_string(rank));
+  const int sms = device_sm_count(device);  // raises without a device
+  if (config.num_sms > sms)
+    throw InvalidArgument("Config.num_sms: expected <= " + std::to_string(sms) + " (the SMs of cuda:" +
+                          std::to_string(device) + "), got " + std::to_string(config.num_sms));
+  state_ = std::make_shared<detail::GroupState>(config, size, rank, device);
+}
+
+ProcessGroupBuilder::~ProcessGroupBuilder() = default;
+
+std::vector<uint8_t> ProcessGroupBuilder::local_handle() const { return state_->export_handle(rank_); }
+
+size_t ProcessGroupBuilder::handle_size() { return detail::GroupState::handle_size(); }
+
+std::unique_ptr<MoECommunicator> ProcessGroupBuilder::connect(const std::vector<uint8_t>& all_handles) {
+  if (connected_) throw InvalidArgument("connect: called twice; a builder makes one communicator");
+  state_->map_peers(rank_, all_handles);
+  connected_ = true;
+  return std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, rank_));
+}
+
 }  // namespace moecomm

@@ -198,8 +198,8 @@ __global__ void combine_kernel(DeviceContext ctx, CombineParams p) {
   if (blockIdx.x == 0 && threadIdx.x < R) {
     uint64_t* slot = transport::peer_region<uint64_t>(ctx, threadIdx.x, ctx.sym.peer_ptrs) +
                      (parity * R + me) * detail::kPeerPtrs;
-    slot[0] = reinterpret_cast<uint64_t>(p.y);
-    slot[1] = reinterpret_cast<uint64_t>(p.recv_weights);
+    slot[0] = p.y;
+    slot[1] = p.recv_weights;
     transport::signal(ctx, threadIdx.x, FlagKind::kCombineReady, seq);  // release covers slot
   }
   if (threadIdx.x < R) {
@@ -207,8 +207,9 @@ __global__ void combine_kernel(DeviceContext ctx, CombineParams p) {
     transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady, blockIdx.x);
     const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.sym.peer_ptrs) +
                            (parity * R + d) * detail::kPeerPtrs;
-    y_of[d] = reinterpret_cast<const uint16_t*>(slot[0]);
-    w_of[d] = reinterpret_cast<const float*>(slot[1]);
+    y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
+    w_of[d] = slot[1] ? static_cast<const float*>(transport::resolve_address(ctx, d, slot[1]))
+                      : nullptr;
   }
   __syncthreads();
 

@@ -33,8 +33,8 @@ void launch_dispatch(const detail::DeviceContext& ctx, const DispatchParams& par
                      int threads, cudaStream_t stream);
 
 struct CombineParams {
-  const uint16_t* y = nullptr;             // [N, H] bf16 of this rank (read by its peers)
-  const float* recv_weights = nullptr;     // [N, K] of this rank, or null
+  uint64_t y = 0;             // [N, H] bf16 of this rank, read by its peers (published address)
+  uint64_t recv_weights = 0;  // [N, K] f32 of this rank, or 0 (published address)
   const uint16_t* bias = nullptr;          // [T, H] or null
   uint16_t* out = nullptr;                 // [T, H]
   float* combined_weights = nullptr;       // [T, K] or null (needs recv_weights on every rank)

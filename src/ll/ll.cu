@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kCombineSendThreads)
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.sym.peer_ptrs) +
                      ((kLlPeerPtrBase + p.buffer) * R + me) * detail::kPeerPtrs;
-    slot[0] = reinterpret_cast<uint64_t>(p.y);
+    slot[0] = p.y;
     device::fence_acq_rel_sys();  // y (written by earlier kernels) and its address
     transport::signal(ctx, d, FlagKind::kCombineReady, seq);
   }
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.sym.peer_ptrs) +
                            ((kLlPeerPtrBase + b) * R + d) * detail::kPeerPtrs;
-    y_of[d] = reinterpret_cast<const uint16_t*>(slot[0]);
+    y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
   }
   ok = __syncthreads_and(ok) != 0;
 

@@ -40,7 +40,7 @@ void launch_dispatch_recv(const detail::DeviceContext& ctx, const DispatchRecvPa
                           cudaStream_t stream);
 
 struct CombineSendParams {
-  const uint16_t* y = nullptr;  // [L, R*M, H] bf16 of this rank, read by the token owners
+  uint64_t y = 0;  // [L, R*M, H] bf16 of this rank, read by the token owners (published address)
   int buffer = 0;               // the dispatch buffer of the handle
 };
 

@@ -66,6 +66,8 @@ struct SymmetricLayout {
   size_t ll_count_sig;   // u64 [2][L][R]: (seq << 32) | count, per LL buffer
   // HT receive region (capacity rows)
   size_t ht_x, ht_scales, ht_topk_idx, ht_topk_weights, ht_src_token;
+  // HT combine inputs copied here when they are not registered memory (process groups only)
+  size_t ht_stage_y, ht_stage_weights;
   // LL regions, two buffers each: [L][R*M] slots
   size_t ll_x[2], ll_scales[2], ll_src_token[2], ll_combine[2];
   size_t total;

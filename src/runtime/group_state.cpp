@@ -1,5 +1,6 @@
 #include "runtime/group_state.hpp"
 
+#include <cstring>
 #include <string>
 
 #include "moecomm/error.hpp"
@@ -16,9 +17,59 @@ DeviceGuard::~DeviceGuard() {
   if (previous_ != device_) cudaSetDevice(previous_);
 }
 
+void GroupState::allocate(int r) {
+  DeviceGuard guard(device_of[r]);
+  MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sym_base[r]), layout.total));
+  owned_[r] = true;
+  // Flags start at 0 (the first call's seq is 1); data regions need no initial value.
+  MOECOMM_CUDA_CHECK(cudaMemset(sym_base[r], 0, layout.ht_x));
+  MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+GroupState::GroupState(const Config& cfg, int ranks, int rank, int device)
+    : config(cfg), num_ranks(ranks) {
+  sizes = buffer_sizes(config, num_ranks, /*separate_processes=*/num_ranks > 1);
+  layout = symmetric_layout(config, num_ranks, sizes);
+  single_address_space = num_ranks == 1;
+  local_ranks = 1;
+  device_of.assign(num_ranks, device);
+  sym_base.assign(num_ranks, nullptr);
+  owned_.assign(num_ranks, false);
+  allocate(rank);
+}
+
+size_t GroupState::handle_size() { return sizeof(cudaIpcMemHandle_t); }
+
+std::vector<uint8_t> GroupState::export_handle(int rank) const {
+  DeviceGuard guard(device_of[rank]);
+  cudaIpcMemHandle_t h;
+  MOECOMM_CUDA_CHECK(cudaIpcGetMemHandle(&h, sym_base[rank]));
+  std::vector<uint8_t> bytes(sizeof(h));
+  std::memcpy(bytes.data(), &h, sizeof(h));
+  return bytes;
+}
+
+void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
+  if (handles.size() != handle_size() * static_cast<size_t>(num_ranks))
+    throw InvalidArgument("all_handles: expected " + std::to_string(num_ranks) + " x " +
+                          std::to_string(handle_size()) + " bytes (one handle per rank, rank "
+                          "order), got " + std::to_string(handles.size()));
+  DeviceGuard guard(device_of[rank]);
+  for (int r = 0; r < num_ranks; ++r) {
+    if (r == rank) continue;
+    cudaIpcMemHandle_t h;
+    std::memcpy(&h, handles.data() + r * handle_size(), sizeof(h));
+    void* ptr = nullptr;
+    MOECOMM_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess));
+    sym_base[r] = static_cast<uint8_t*>(ptr);
+  }
+}
+
 GroupState::GroupState(const Config& cfg, int ranks, std::vector<int> devices)
     : config(cfg), num_ranks(ranks) {
-  sizes = buffer_sizes(config, num_ranks);
+  sizes = buffer_sizes(config, num_ranks, /*separate_processes=*/false);
+  local_ranks = ranks;
+  owned_.assign(num_ranks, false);
   layout = symmetric_layout(config, num_ranks, sizes);
   for (int r = 0; r < num_ranks; ++r) device_of.push_back(devices[r % devices.size()]);
 
@@ -39,16 +90,7 @@ GroupState::GroupState(const Config& cfg, int ranks, std::vector<int> devices)
 
   sym_base.assign(num_ranks, nullptr);
   try {
-    for (int r = 0; r < num_ranks; ++r) {
-      DeviceGuard guard(device_of[r]);
-      MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sym_base[r]), layout.total));
-      // Flags start at 0 (the first call's seq is 1); data regions need no initial value.
-      MOECOMM_CUDA_CHECK(cudaMemset(sym_base[r], 0, layout.ht_x));
-    }
-    for (int r = 0; r < num_ranks; ++r) {
-      DeviceGuard guard(device_of[r]);
-      MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
-    }
+    for (int r = 0; r < num_ranks; ++r) allocate(r);
   } catch (...) {
     for (int r = 0; r < num_ranks; ++r)
       if (sym_base[r]) cudaFree(sym_base[r]);
@@ -62,14 +104,15 @@ GroupState::~GroupState() {
     int prev = 0;
     cudaGetDevice(&prev);
     cudaSetDevice(device_of[r]);
-    cudaFree(sym_base[r]);
+    if (owned_[r]) cudaFree(sym_base[r]);
+    else cudaIpcCloseMemHandle(sym_base[r]);
     cudaSetDevice(prev);
   }
 }
 
 void GroupState::claim_stream(int rank, cudaStream_t stream) {
   if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread)
-    if (num_ranks > 1)
+    if (local_ranks > 1)
       throw InvalidArgument("stream: rank " + std::to_string(rank) +
                             " passed the default stream; co-located ranks need streams of their "
                             "own (pass nullptr in the options to use the rank's stream())");

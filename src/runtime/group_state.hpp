@@ -24,11 +24,15 @@ class DeviceGuard {
   int device_ = -1;
 };
 
-/// The ranks of a virtual group: all in this process, so a symmetric buffer is a plain device
-/// allocation whose pointer every rank can use (peer access is enabled between the devices).
+/// The ranks of a group. Virtual group: all ranks in this process, each symmetric buffer a plain
+/// device allocation whose pointer every rank can use (peer access enabled between devices).
+/// Process group: this process holds one rank; its buffer is exported with CUDA IPC and the
+/// peers' buffers are mapped into this address space (map_peers).
 class GroupState {
  public:
   GroupState(const Config& config, int num_ranks, std::vector<int> devices);
+  /// One rank of a process group: allocates this rank's buffer only.
+  GroupState(const Config& config, int num_ranks, int rank, int device);
   ~GroupState();
   GroupState(const GroupState&) = delete;
   GroupState& operator=(const GroupState&) = delete;
@@ -39,12 +43,25 @@ class GroupState {
   BufferSizes sizes;
   SymmetricLayout layout;
   std::vector<uint8_t*> sym_base;  // symmetric buffer of each rank
+  /// True when every rank lives in this process (pointers may be published as they are).
+  bool single_address_space = true;
+  /// Ranks of this group driven from this process.
+  int local_ranks = 0;
+
+  /// CUDA IPC handle of `rank`'s buffer (process groups).
+  std::vector<uint8_t> export_handle(int rank) const;
+  /// Maps every other rank's buffer from its IPC handle (handle_size() bytes each, rank order).
+  void map_peers(int rank, const std::vector<uint8_t>& handles);
+  static size_t handle_size();
 
   /// Records that `rank` issues work on `stream`; raises InvalidArgument if a co-located rank
   /// already did (their spinning kernels would serialise on it and never finish).
   void claim_stream(int rank, cudaStream_t stream);
 
  private:
+  void allocate(int rank);
+
+  std::vector<bool> owned_;  // allocated here (else mapped from a peer)
   std::mutex mutex_;
   std::map<cudaStream_t, int> stream_owner_;
 };

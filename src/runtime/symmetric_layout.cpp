@@ -22,7 +22,7 @@ class Arena {
 
 }  // namespace
 
-BufferSizes buffer_sizes(const Config& config, int num_ranks) {
+BufferSizes buffer_sizes(const Config& config, int num_ranks, bool separate_processes) {
   BufferSizes s;
   const bool ht = config.mode != Mode::kLowLatency;
   const bool ll = config.mode != Mode::kHighThroughput;
@@ -33,6 +33,7 @@ BufferSizes buffer_sizes(const Config& config, int num_ranks) {
   s.ll_capacity = ll ? config.ll_capacity() : 0;
   s.max_tokens = std::max(config.max_tokens_per_rank, s.ll_capacity);
   s.fp8 = config.enable_fp8;
+  s.stage_combine = separate_processes;
   return s;
 }
 
@@ -56,6 +57,9 @@ SymmetricLayout symmetric_layout(const Config& config, int num_ranks, const Buff
   lay.ht_topk_idx = arena.take(cap * K * sizeof(int64_t));
   lay.ht_topk_weights = arena.take(cap * K * sizeof(float));
   lay.ht_src_token = arena.take(cap * sizeof(int32_t));
+  const size_t staged = sizes.stage_combine ? cap : 0;
+  lay.ht_stage_y = arena.take(staged * H * 2);
+  lay.ht_stage_weights = arena.take(staged * K * sizeof(float));
 
   const size_t slots = L * R * static_cast<size_t>(sizes.ll_capacity);
   for (int b = 0; b < 2; ++b) {

@@ -29,6 +29,18 @@ __device__ __forceinline__ uint64_t* flag_slot(const DeviceContext& ctx, int own
          static_cast<int>(kind) * detail::kMaxRanks + src;
 }
 
+/// Addresses published to peers: an offset into the publisher's symmetric buffer (tagged), which
+/// every peer resolves through its own mapping of that buffer, or a plain pointer, valid only
+/// where all ranks share one address space (virtual groups).
+inline constexpr uint64_t kSymmetricOffsetTag = 1ull << 63;
+
+__device__ __forceinline__ const void* resolve_address(const DeviceContext& ctx, int owner,
+                                                       uint64_t published) {
+  if (published & kSymmetricOffsetTag)
+    return ctx.peers[owner] + (published & ~kSymmetricOffsetTag);
+  return reinterpret_cast<const void*>(published);
+}
+
 /// Records the first error of this rank (later ones are dropped). A stall also marks the rank
 /// aborted so that its other waits give up at once; bad input does not (the call completes, with
 /// the bad entries treated as -1, and the host raises).

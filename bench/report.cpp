@@ -1,0 +1,355 @@
+#include "report.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <ctime>
+#include <fstream>
+#include <sstream>
+#include <utility>
+
+#include "bench_common.hpp"
+#include "moecomm/version.hpp"
+
+namespace epb {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr double kGB = 1e9;
+constexpr double kUs = 1e-6;
+
+/// "12.8" from 12080.
+std::string cuda_version_string(int v) {
+  return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal JSON value (objects keep insertion order).
+class Json {
+ public:
+  Json() = default;  // null
+  Json(double v) : kind_(Kind::kNumber), number_(v) {}
+  Json(int v) : Json(static_cast<double>(v)) {}
+  Json(int64_t v) : Json(static_cast<double>(v)) {}
+  Json(uint64_t v) : Json(static_cast<double>(v)) {}
+  Json(bool v) : kind_(Kind::kBool), number_(v ? 1 : 0) {}
+  Json(std::string v) : kind_(Kind::kString), text_(std::move(v)) {}
+  Json(const char* v) : Json(std::string(v)) {}
+
+  static Json object() { return Json(Kind::kObject); }
+  static Json array() { return Json(Kind::kArray); }
+
+  Json& set(const std::string& key, Json value) {
+    members_.emplace_back(key, std::move(value));
+    return *this;
+  }
+  Json& push(Json value) {
+    items_.push_back(std::move(value));
+    return *this;
+  }
+
+  void dump(std::ostream& os, int indent = 0) const {
+    const std::string pad(indent + 2, ' '), end_pad(indent, ' ');
+    switch (kind_) {
+      case Kind::kNull:
+        os << "null";
+        break;
+      case Kind::kBool:
+        os << (number_ != 0 ? "true" : "false");
+        break;
+      case Kind::kNumber:
+        dump_number(os);
+        break;
+      case Kind::kString:
+        dump_string(os, text_);
+        break;
+      case Kind::kArray:
+        os << "[";
+        for (size_t i = 0; i < items_.size(); ++i) {
+          os << (i ? ",\n" : "\n") << pad;
+          items_[i].dump(os, indent + 2);
+        }
+        os << (items_.empty() ? "]" : "\n" + end_pad + "]");
+        break;
+      case Kind::kObject:
+        os << "{";
+        for (size_t i = 0; i < members_.size(); ++i) {
+          os << (i ? ",\n" : "\n") << pad;
+          dump_string(os, members_[i].first);
+          os << ": ";
+          members_[i].second.dump(os, indent + 2);
+        }
+        os << (members_.empty() ? "}" : "\n" + end_pad + "}");
+        break;
+    }
+  }
+
+ private:
+  enum class Kind { kNull, kBool, kNumber, kString, kArray, kObject };
+  explicit Json(Kind kind) : kind_(kind) {}
+
+  void dump_number(std::ostream& os) const {
+    constexpr double kExactInteger = 9007199254740992.0;  // 2^53
+    if (!std::isfinite(number_)) {
+      os << "null";
+      return;
+    }
+    char buf[32];
+    if (number_ == std::floor(number_) && std::fabs(number_) < kExactInteger)
+      std::snprintf(buf, sizeof buf, "%.0f", number_);
+    else
+      std::snprintf(buf, sizeof buf, "%.9g", number_);
+    os << buf;
+  }
+  static void dump_string(std::ostream& os, const std::string& s) {
+    os << '"';
+    for (const char c : s) {
+      if (c == '"' || c == '\\')
+        os << '\\' << c;
+      else if (c == '\n')
+        os << "\\n";
+      else if (static_cast<unsigned char>(c) < 0x20) {
+        char buf[8];
+        std::snprintf(buf, sizeof buf, "\\u%04x", c);
+        os << buf;
+      } else
+        os << c;
+    }
+    os << '"';
+  }
+
+  Kind kind_ = Kind::kNull;
+  double number_ = 0;
+  std::string text_;
+  std::vector<std::pair<std::string, Json>> members_;
+  std::vector<Json> items_;
+};
+
+/// The Config's key = value lines as a JSON object (numbers where they parse as numbers).
+Json config_json(const moecomm::Config& config) {
+  Json out = Json::object();
+  std::istringstream in(config.to_text());
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto eq = line.find(" = ");
+    if (eq == std::string::npos) continue;
+    const std::string key = line.substr(0, eq), value = line.substr(eq + 3);
+    char* end = nullptr;
+    const double number = std::strtod(value.c_str(), &end);
+    if (!value.empty() && *end == '\0')
+      out.set(key, number);
+    else
+      out.set(key, value);
+  }
+  return out;
+}
+
+Json& add_stats(Json& j, const Stats& s) {
+  return j.set("median_us", s.median)
+      .set("p10_us", s.p10)
+      .set("p90_us", s.p90)
+      .set("min_us", s.min)
+      .set("max_us", s.max)
+      .set("mean_us", s.mean)
+      .set("samples", s.samples);
+}
+
+Json op_json(const OpResult& op, double copy_rate) {
+  Json j = Json::object().set("op", op_key(op.op));
+  add_stats(j, op.time);
+  j.set("gbps_per_rank", gbps_per_rank(op.traffic, op.time));
+  j.set("bytes_per_rank", op.traffic.convention_bytes_per_rank);
+  j.set("hbm_bytes", op.traffic.hbm_bytes);
+  j.set("copy_rate_fraction", copy_rate_fraction(op.traffic, op.time, copy_rate));
+  // What the time and the bandwidth would be at the copy rate: the floor and the ceiling.
+  const double floor_us = op.traffic.hbm_bytes / copy_rate / kUs;
+  j.set("floor_us", floor_us);
+  j.set("ceiling_gbps_per_rank", op.traffic.convention_bytes_per_rank / (floor_us * kUs) / kGB);
+  if (op.naive.samples > 0) {
+    Json naive = Json::object();
+    add_stats(naive, op.naive);
+    naive.set("gbps_per_rank", gbps_per_rank(op.traffic, op.naive));
+    j.set("naive", std::move(naive));
+    j.set("speedup", op.naive.median / op.time.median);
+  }
+  return j;
+}
+
+Json machine_json(const Machine& m) {
+  return Json::object()
+      .set("gpu", m.gpu)
+      .set("device", m.device)
+      .set("sm_count", m.sm_count)
+      .set("compute_capability", std::to_string(m.cc_major) + "." + std::to_string(m.cc_minor))
+      .set("memory_gib", m.memory_gib)
+      .set("driver_version", m.driver_version)
+      .set("runtime_version", m.runtime_version)
+      .set("cuda_version", m.cuda_version);
+}
+
+const char* mode_key(const Shape& shape) {
+  return shape.ht() ? "ht" : "ll";
+}
+
+Json options_json(const Options& o) {
+  Json modes = Json::array();
+  if (o.run_ht) modes.push("ht");
+  if (o.run_ll) modes.push("ll");
+  return Json::object()
+      .set("modes", std::move(modes))
+      .set("ranks", o.ranks)
+      .set("ht_tokens", o.ht_tokens)
+      .set("ll_tokens", o.ll_tokens)
+      .set("hidden", o.hidden)
+      .set("topk", o.topk)
+      .set("experts", o.experts)
+      .set("dtype", o.fp8 ? "fp8" : "bf16")
+      .set("num_sms", o.num_sms)
+      .set("threads_per_block", o.threads)
+      .set("warmup", o.warmup)
+      .set("iters", o.iters)
+      .set("routing", routing_name(o.routing))
+      .set("zipf_s", o.zipf_s)
+      .set("topk_groups", o.topk_groups)
+      .set("cached", o.cached)
+      .set("graph", o.graph)
+      .set("config_file", o.config_path);
+}
+
+Json point_json(const PointResult& p, double copy_rate) {
+  Json ops = Json::array();
+  for (const OpResult& op : p.ops) ops.push(op_json(op, copy_rate));
+  return Json::object()
+      .set("mode", mode_key(p.shape))
+      .set("axis_value", p.axis_value)
+      .set("ranks", p.shape.ranks)
+      .set("tokens", p.shape.tokens)
+      .set("hidden", p.shape.hidden)
+      .set("topk", p.shape.topk)
+      .set("experts", p.shape.experts)
+      .set("num_sms", p.config.num_sms)
+      .set("threads_per_block", p.config.threads_per_block)
+      .set("config", config_json(p.config))
+      .set("ops", std::move(ops));
+}
+
+Json tune_json(const RunRecord& run, const Options& o) {
+  Json trials = Json::array();
+  for (const TuneTrial& t : run.tune_trials)
+    trials.push(Json::object()
+                    .set("num_sms", t.num_sms)
+                    .set("threads_per_block", t.threads)
+                    .set("score_us", t.score_us));
+  return Json::object()
+      .set("out", o.tune_out)
+      .set("best", config_json(run.tuned_config))
+      .set("trials", std::move(trials));
+}
+
+std::string format(const char* fmt, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, fmt, v);
+  return buf;
+}
+
+}  // namespace
+
+double gbps_per_rank(const Traffic& traffic, const Stats& time) {
+  return time.median > 0 ? traffic.convention_bytes_per_rank / (time.median * kUs) / kGB : 0.0;
+}
+
+double copy_rate_fraction(const Traffic& traffic, const Stats& time, double copy_rate) {
+  return time.median > 0 && copy_rate > 0 ? traffic.hbm_bytes / (time.median * kUs) / copy_rate
+                                          : 0.0;
+}
+
+Machine query_machine(int device) {
+  cudaDeviceProp prop{};
+  EPB_CUDA(cudaGetDeviceProperties(&prop, device));
+  int driver = 0, runtime = 0;
+  EPB_CUDA(cudaDriverGetVersion(&driver));
+  EPB_CUDA(cudaRuntimeGetVersion(&runtime));
+  Machine m;
+  m.gpu = prop.name;
+  m.device = device;
+  m.sm_count = prop.multiProcessorCount;
+  m.cc_major = prop.major;
+  m.cc_minor = prop.minor;
+  m.memory_gib = static_cast<double>(prop.totalGlobalMem) / kGiB;
+  m.driver_version = cuda_version_string(driver);
+  m.runtime_version = cuda_version_string(runtime);
+  m.cuda_version = cuda_version_string(CUDART_VERSION);
+  return m;
+}
+
+std::string utc_now() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+void print_table(const RunRecord& run, const Options& o, std::FILE* out) {
+  const Machine& m = run.machine;
+  std::fprintf(out, "\nep_bench (moecomm %s) on %s: %d SMs, driver CUDA %s, runtime %s, %s\n",
+               moecomm::version(), m.gpu.c_str(), m.sm_count, m.driver_version.c_str(),
+               m.runtime_version.c_str(), run.date.c_str());
+  std::fprintf(out,
+               "%d virtual ranks, top-%d of %d experts, %s dispatch / bf16 combine, %s routing, "
+               "seed %llu, %d iterations; device copy rate %.0f GB/s (read + written)\n",
+               o.ranks, o.topk, o.experts, o.fp8 ? "fp8" : "bf16", routing_name(o.routing),
+               static_cast<unsigned long long>(o.seed), o.iters, run.copy_rate / kGB);
+  for (const std::string& note : run.notes) std::fprintf(out, "note: %s\n", note.c_str());
+  std::fprintf(out, "\n%-4s %6s %6s %4s %5s  %-24s %10s %17s %9s %7s %10s %8s\n", "mode", "tokens",
+               "hidden", "sms", "thr", "op", "median us", "p10-p90 us", "GB/s/rank", "% copy",
+               "naive us", "speed-up");
+  for (const PointResult& p : run.points)
+    for (const OpResult& op : p.ops) {
+      const std::string spread = format("%.1f", op.time.p10) + "-" + format("%.1f", op.time.p90);
+      const bool naive = op.naive.samples > 0;
+      std::fprintf(out, "%-4s %6d %6d %4d %5d  %-24s %10.1f %17s %9.1f %6.1f%% %10s %8s\n",
+                   mode_key(p.shape), p.shape.tokens, p.shape.hidden, p.config.num_sms,
+                   p.config.threads_per_block, op_name(op.op), op.time.median, spread.c_str(),
+                   gbps_per_rank(op.traffic, op.time),
+                   100.0 * copy_rate_fraction(op.traffic, op.time, run.copy_rate),
+                   naive ? format("%.1f", op.naive.median).c_str() : "-",
+                   naive ? format("%.2fx", op.naive.median / op.time.median).c_str() : "-");
+    }
+  std::fprintf(out,
+               "\nGB/s/rank: HT = rows received per rank x (row + scale bytes) / time (DeepEP); "
+               "LL = valid (token, expert) selections x hidden x bytes per element / time (NCCL "
+               "EP).\n%% copy: (source rows read once + destination rows written once, all "
+               "ranks) / time, over the copy rate. naive: permute -> per-peer cudaMemcpyAsync -> "
+               "unpermute, same run.\n");
+  if (run.tuned)
+    std::fprintf(out, "tuned: num_sms = %d, threads_per_block = %d, written to %s\n",
+                 run.tuned_config.num_sms, run.tuned_config.threads_per_block, o.tune_out.c_str());
+}
+
+void write_json(const RunRecord& run, const Options& o, const std::string& path) {
+  Json points = Json::array();
+  for (const PointResult& p : run.points) points.push(point_json(p, run.copy_rate));
+  Json notes = Json::array();
+  for (const std::string& n : run.notes) notes.push(n);
+  Json root = Json::object()
+                  .set("schema", "moecomm.ep_bench.v1")
+                  .set("date", run.date)
+                  .set("seed", o.seed)
+                  .set("moecomm_version", moecomm::version())
+                  .set("machine", machine_json(run.machine))
+                  .set("options", options_json(o))
+                  .set("copy_rate_gbps", run.copy_rate / kGB)
+                  .set("sweep_axis", axis_name(o.sweep))
+                  .set("notes", std::move(notes))
+                  .set("points", std::move(points));
+  if (run.tuned) root.set("tune", tune_json(run, o));
+  std::ofstream file(path);
+  if (!file) throw std::runtime_error("--json: cannot write '" + path + "'");
+  root.dump(file);
+  file << "\n";
+  if (!file) throw std::runtime_error("--json: error writing '" + path + "'");
+}
+
+}  // namespace epb

@@ -1,0 +1,473 @@
+#include "runner.hpp"
+
+#include <algorithm>
+#include <memory>
+#include <string>
+
+#include "moecomm/moecomm.hpp"
+#include "naive.hpp"
+
+namespace epb {
+
+using moecomm::CombineArgs;
+using moecomm::CombineOutput;
+using moecomm::DispatchArgs;
+using moecomm::DispatchOptions;
+using moecomm::DispatchOutput;
+using moecomm::Sizing;
+using moecomm::TensorView;
+using moecomm::VirtualGroup;
+
+const char* op_key(Op op) {
+  switch (op) {
+    case Op::kDispatch:
+      return "dispatch";
+    case Op::kCombine:
+      return "combine";
+    case Op::kCachedDispatch:
+      return "cached_dispatch";
+    case Op::kExactDispatch:
+      return "exact_dispatch";
+    case Op::kRoundTrip:
+      return "round_trip";
+    case Op::kGraphRoundTrip:
+      return "graph_round_trip";
+  }
+  return "?";
+}
+
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::kDispatch:
+      return "dispatch";
+    case Op::kCombine:
+      return "combine";
+    case Op::kCachedDispatch:
+      return "dispatch (cached)";
+    case Op::kExactDispatch:
+      return "dispatch (exact)";
+    case Op::kRoundTrip:
+      return "dispatch+combine";
+    case Op::kGraphRoundTrip:
+      return "dispatch+combine (graph)";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr uint8_t kPoison = 0xAB;  // no correct output is all 0xAB bytes
+constexpr int kExactMaxWarmup = 3;
+constexpr int kExactMaxIters = 20;  // exact sizing waits on the host: fewer samples suffice
+
+// ---------------------------------------------------------------------------------------------
+// Correctness gate
+
+void poison(const TensorView& v) {
+  if (v.present() && v.data) EPB_CUDA(cudaMemset(v.data, kPoison, v.nbytes()));
+}
+
+/// The output buffers of a dispatch; not the handle's metadata (a cached dispatch reads it).
+void poison(const DispatchOutput& d) {
+  for (const TensorView* v : {&d.recv_x, &d.recv_x_scales, &d.recv_topk_idx, &d.recv_topk_weights,
+                              &d.recv_src_token, &d.recv_src_info, &d.recv_count, &d.recv_layout})
+    poison(*v);
+}
+
+/// The first n elements of a contiguous device view.
+template <typename T>
+std::vector<T> fetch(const TensorView& v, size_t n, const std::string& what) {
+  if (!v.present() || !v.is_contiguous() || v.nbytes() < n * sizeof(T))
+    throw VerificationError(what + ": expected a contiguous view of at least " + std::to_string(n) +
+                            " elements, got " + v.describe());
+  return download<T>(v.data, n);
+}
+
+std::string where(const char* form, int rank) {
+  return std::string(form) + ", rank " + std::to_string(rank) + ": ";
+}
+
+void check_ht_dispatch(const Workload& wl, int r, const DispatchOutput& d, const char* form) {
+  const auto& want = wl.expected.ht[r];
+  const Shape& sh = wl.shape;
+  const std::string at = where(form, r);
+  const size_t N = want.num_recv, K = sh.topk, G = sh.scale_groups();
+  const int64_t n_device =
+      fetch<int32_t>(d.num_recv_tokens_device, 1, at + "num_recv_tokens_device")[0];
+  if (n_device != want.num_recv || (d.num_recv_tokens >= 0 && d.num_recv_tokens != want.num_recv))
+    throw VerificationError(at + "received " + std::to_string(n_device) + " rows (host " +
+                            std::to_string(d.num_recv_tokens) + "), want " +
+                            std::to_string(want.num_recv));
+  expect_equal(at + "recv_x", fetch<uint8_t>(d.recv_x, N * sh.data_row_bytes(), at + "recv_x"),
+               want.x);
+  if (G > 0)
+    expect_equal(at + "recv_x_scales", fetch<float>(d.recv_x_scales, N * G, at + "recv_x_scales"),
+                 want.x_scales);
+  expect_equal(at + "recv_topk_idx", fetch<int64_t>(d.recv_topk_idx, N * K, at + "recv_topk_idx"),
+               want.topk_idx);
+  expect_equal(at + "recv_topk_weights",
+               fetch<float>(d.recv_topk_weights, N * K, at + "recv_topk_weights"),
+               want.topk_weights);
+  expect_equal(at + "recv_src_token", fetch<int32_t>(d.recv_src_token, N, at + "recv_src_token"),
+               want.src_token);
+  expect_equal(at + "recv_rank_prefix",
+               fetch<int32_t>(d.recv_rank_prefix, sh.ranks + 1, at + "recv_rank_prefix"),
+               want.rank_prefix);
+  const size_t L = sh.local_experts();
+  expect_equal(at + "num_recv_tokens_per_expert",
+               fetch<int32_t>(d.num_recv_tokens_per_expert, L, at + "num_recv_tokens_per_expert"),
+               want.num_recv_tokens_per_expert);
+  if (d.num_recv_tokens >= 0)
+    expect_equal(at + "num_recv_tokens_per_expert_host", d.num_recv_tokens_per_expert_host,
+                 std::vector<int>(want.num_recv_tokens_per_expert.begin(),
+                                  want.num_recv_tokens_per_expert.end()));
+}
+
+/// Rows of `all` (row_len elements each) whose slot is valid.
+template <typename T>
+std::vector<T> valid_rows(const std::vector<T>& all, const std::vector<uint8_t>& valid,
+                          size_t row_len) {
+  std::vector<T> out;
+  for (size_t s = 0; s < valid.size(); ++s)
+    if (valid[s]) out.insert(out.end(), all.begin() + s * row_len, all.begin() + (s + 1) * row_len);
+  return out;
+}
+
+void check_ll_dispatch(const Workload& wl, int r, const DispatchOutput& d, const char* form) {
+  const auto& want = wl.expected.ll[r];
+  const Shape& sh = wl.shape;
+  const std::string at = where(form, r);
+  const size_t L = sh.local_experts(), R = sh.ranks, G = sh.scale_groups();
+  const size_t slots = L * R * sh.tokens, rb = sh.data_row_bytes();
+  expect_equal(at + "recv_count", fetch<int32_t>(d.recv_count, L, at + "recv_count"), want.count);
+  expect_equal(at + "recv_layout", fetch<int32_t>(d.recv_layout, L * R * 2, at + "recv_layout"),
+               want.layout);
+  const auto& valid = want.slot_valid;
+  expect_equal(at + "recv_x (valid slots)",
+               valid_rows(fetch<uint8_t>(d.recv_x, slots * rb, at + "recv_x"), valid, rb),
+               valid_rows(want.x, valid, rb));
+  if (G > 0)
+    expect_equal(
+        at + "recv_x_scales (valid slots)",
+        valid_rows(fetch<float>(d.recv_x_scales, slots * G, at + "recv_x_scales"), valid, G),
+        valid_rows(want.x_scales, valid, G));
+  expect_equal(at + "recv_src_info (valid slots)",
+               valid_rows(fetch<int32_t>(d.recv_src_info, slots, at + "recv_src_info"), valid, 1),
+               valid_rows(want.src_token, valid, 1));
+}
+
+void check_combine(const Workload& wl, int r, const TensorView& out, const char* form) {
+  const std::string at = where(form, r);
+  const size_t n = static_cast<size_t>(wl.shape.tokens) * wl.shape.hidden;
+  expect_equal(at + "combine out", fetch<uint16_t>(out, n, at + "out"), wl.expected.out[r]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driving the ranks
+
+/// One benchmark session: the group and the per-rank arguments.
+class Session {
+ public:
+  Session(const Workload& wl, const moecomm::Config& config)
+      : wl_(wl), group_(config, wl.shape.ranks, {wl.device}) {}
+
+  int ranks() const { return wl_.shape.ranks; }
+  VirtualGroup& group() { return group_; }
+  std::vector<cudaStream_t> streams() {
+    std::vector<cudaStream_t> s;
+    for (int r = 0; r < ranks(); ++r) s.push_back(group_[r].stream());
+    return s;
+  }
+  void sync() { group_.synchronize(); }
+
+  DispatchArgs dispatch_args(int r) const {
+    DispatchArgs a;
+    a.x = wl_.x_view(r);
+    a.topk_idx = wl_.idx_view(r);
+    a.topk_weights = wl_.weights_view(r);
+    return a;
+  }
+  DispatchOptions dispatch_options(Sizing sizing) const {
+    DispatchOptions o;
+    o.quantize_fp8 = wl_.shape.fp8;
+    o.sizing = sizing;
+    return o;
+  }
+  CombineArgs combine_args(int r) const {
+    CombineArgs a;
+    a.y = wl_.y_view(r);
+    if (!wl_.shape.ht()) a.topk_weights = wl_.weights_view(r);
+    return a;
+  }
+
+  /// Every rank dispatches, rank after rank (calls that never wait on the host).
+  void dispatch_all(std::vector<DispatchOutput>& out, const DispatchOptions& options) {
+    for (int r = 0; r < ranks(); ++r) out[r] = group_[r].dispatch(dispatch_args(r), options);
+  }
+  void combine_all(const std::vector<DispatchOutput>& d, std::vector<CombineOutput>* out) {
+    for (int r = 0; r < ranks(); ++r) {
+      CombineOutput c = group_[r].combine(combine_args(r), d[r].handle);
+      if (out) (*out)[r] = c;
+    }
+  }
+  void cached_dispatch_all(const std::vector<DispatchOutput>& prev,
+                           std::vector<DispatchOutput>* out) {
+    for (int r = 0; r < ranks(); ++r) {
+      DispatchOptions o = dispatch_options(Sizing::kWorstCase);
+      o.previous_handle = &prev[r].handle;
+      DispatchOutput d = group_[r].dispatch(dispatch_args(r), o);
+      if (out) (*out)[r] = std::move(d);
+    }
+  }
+  /// Exact sizing waits on the host for the count exchange: one host thread per rank.
+  void exact_dispatch_all(std::vector<DispatchOutput>& out) {
+    const DispatchOptions o = dispatch_options(Sizing::kExact);
+    group_.parallel_for([&](int r) { out[r] = group_[r].dispatch(dispatch_args(r), o); });
+  }
+
+ private:
+  const Workload& wl_;
+  VirtualGroup group_;
+};
+
+/// HT: every form that is timed, each after poisoning the outputs of an earlier call.
+void verify_ht(Session& s, const Workload& wl, const Extras& extras) {
+  const int R = s.ranks();
+  std::vector<DispatchOutput> d(R), again(R);
+  std::vector<CombineOutput> c(R);
+  const DispatchOptions worst = s.dispatch_options(Sizing::kWorstCase);
+  s.dispatch_all(d, worst);  // a first round reveals the output buffers
+  s.combine_all(d, &c);
+  s.sync();
+  for (int r = 0; r < R; ++r) {
+    poison(d[r]);
+    poison(c[r].out);
+  }
+
+  s.dispatch_all(d, worst);
+  s.sync();
+  for (int r = 0; r < R; ++r) check_ht_dispatch(wl, r, d[r], "HT dispatch");
+  s.combine_all(d, &c);
+  s.sync();
+  for (int r = 0; r < R; ++r) check_combine(wl, r, c[r].out, "HT combine");
+  if (extras.cached) {
+    for (int r = 0; r < R; ++r) poison(d[r]);
+    s.cached_dispatch_all(d, &again);
+    s.sync();
+    for (int r = 0; r < R; ++r) check_ht_dispatch(wl, r, again[r], "HT cached dispatch");
+  }
+  if (extras.exact) {
+    for (int r = 0; r < R; ++r) poison(d[r]);
+    s.exact_dispatch_all(again);
+    s.sync();
+    for (int r = 0; r < R; ++r) check_ht_dispatch(wl, r, again[r], "HT exact dispatch");
+  }
+}
+
+/// LL: two rounds reveal both alternating buffers; the third call is checked.
+void verify_ll(Session& s, const Workload& wl) {
+  const int R = s.ranks();
+  std::vector<DispatchOutput> d(R);
+  std::vector<CombineOutput> c(R);
+  const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
+  for (int round = 0; round < 2; ++round) {
+    s.dispatch_all(d, options);
+    s.combine_all(d, &c);
+    s.sync();
+    for (int r = 0; r < R; ++r) {
+      poison(d[r]);
+      poison(c[r].out);
+    }
+  }
+  s.dispatch_all(d, options);
+  s.sync();
+  for (int r = 0; r < R; ++r) check_ll_dispatch(wl, r, d[r], "LL dispatch");
+  s.combine_all(d, &c);
+  s.sync();
+  for (int r = 0; r < R; ++r) check_combine(wl, r, c[r].out, "LL combine");
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA graphs (LL)
+
+/// Ends a stream capture left open by an exception.
+class CaptureScope {
+ public:
+  explicit CaptureScope(cudaStream_t stream) : stream_(stream) {
+    EPB_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+  }
+  ~CaptureScope() {
+    if (!stream_) return;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+  }
+  cudaGraph_t finish() {
+    cudaGraph_t graph = nullptr;
+    cudaStream_t s = stream_;
+    stream_ = nullptr;
+    EPB_CUDA(cudaStreamEndCapture(s, &graph));
+    return graph;
+  }
+
+ private:
+  cudaStream_t stream_;
+};
+
+/// One graph per rank holding its LL dispatch and combine.
+class RankGraphs {
+ public:
+  explicit RankGraphs(Session& s) : outputs_(s.ranks()) {
+    const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
+    for (int r = 0; r < s.ranks(); ++r) {
+      const cudaStream_t stream = s.group()[r].stream();
+      CaptureScope capture(stream);
+      DispatchOutput d = s.group()[r].dispatch(s.dispatch_args(r), options);
+      outputs_[r] = s.group()[r].combine(s.combine_args(r), d.handle);
+      handles_.push_back(d.handle);  // the graph refers to the handle's device metadata
+      cudaGraph_t graph = capture.finish();
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      EPB_CUDA(err);
+      execs_.push_back(exec);
+      streams_.push_back(stream);
+    }
+  }
+  ~RankGraphs() {
+    for (cudaGraphExec_t e : execs_) cudaGraphExecDestroy(e);
+  }
+  RankGraphs(const RankGraphs&) = delete;
+  RankGraphs& operator=(const RankGraphs&) = delete;
+
+  void launch_all() const {
+    for (size_t r = 0; r < execs_.size(); ++r) EPB_CUDA(cudaGraphLaunch(execs_[r], streams_[r]));
+  }
+  const CombineOutput& output(int r) const { return outputs_[r]; }
+
+ private:
+  std::vector<CombineOutput> outputs_;
+  std::vector<moecomm::Handle> handles_;
+  std::vector<cudaGraphExec_t> execs_;
+  std::vector<cudaStream_t> streams_;
+};
+
+Stats time_graphs(Session& s, const Workload& wl, const TimingPlan& plan) {
+  RankGraphs graphs(s);
+  for (int r = 0; r < s.ranks(); ++r) poison(graphs.output(r).out);
+  graphs.launch_all();
+  s.sync();
+  for (int r = 0; r < s.ranks(); ++r) check_combine(wl, r, graphs.output(r).out, "LL graph");
+  return time_phases(s.streams(), plan, {[&] { graphs.launch_all(); }}, [&] { s.sync(); }).phase[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timings
+
+OpResult result(Op op, const Stats& time, const Traffic& traffic, const Stats& naive) {
+  return {op, time, traffic, naive};
+}
+
+Traffic sum(const Traffic& a, const Traffic& b) {
+  return {a.convention_bytes_per_rank + b.convention_bytes_per_rank, a.hbm_bytes + b.hbm_bytes};
+}
+
+std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& plan,
+                              const Extras& extras, const NaiveTimes& naive) {
+  const int R = s.ranks();
+  std::vector<DispatchOutput> d(R);
+  const DispatchOptions worst = s.dispatch_options(Sizing::kWorstCase);
+  std::vector<Phase> phases = {[&] { s.dispatch_all(d, worst); },
+                               [&] { s.combine_all(d, nullptr); }};
+  if (extras.cached) phases.push_back([&] { s.cached_dispatch_all(d, nullptr); });
+  const PhaseTimes t = time_phases(s.streams(), plan, phases, [&] { s.sync(); });
+
+  const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
+  std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch),
+                               result(Op::kCombine, t.phase[1], ct, naive.combine)};
+  if (extras.cached) out.push_back(result(Op::kCachedDispatch, t.phase[2], dt, naive.dispatch));
+  if (extras.exact) {
+    std::vector<DispatchOutput> e(R);
+    const TimingPlan exact_plan{std::min(plan.warmup, kExactMaxWarmup),
+                                std::min(plan.iters, kExactMaxIters), /*gated=*/false};
+    const PhaseTimes te =
+        time_phases(s.streams(), exact_plan, {[&] { s.exact_dispatch_all(e); }}, [&] { s.sync(); });
+    out.push_back(result(Op::kExactDispatch, te.phase[0], dt, naive.dispatch));
+  }
+  return out;
+}
+
+std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& plan,
+                              const Extras& extras, const NaiveTimes& naive) {
+  std::vector<DispatchOutput> d(s.ranks());
+  const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
+  const PhaseTimes t = time_phases(
+      s.streams(), plan, {[&] { s.dispatch_all(d, options); }, [&] { s.combine_all(d, nullptr); }},
+      [&] { s.sync(); });
+  const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
+  std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch),
+                               result(Op::kCombine, t.phase[1], ct, naive.combine)};
+  if (extras.graph) {
+    out.push_back(result(Op::kRoundTrip, t.total, sum(dt, ct), naive.round_trip));
+    out.push_back(
+        result(Op::kGraphRoundTrip, time_graphs(s, wl, plan), sum(dt, ct), naive.round_trip));
+  }
+  return out;
+}
+
+/// R streams of the naive pipeline.
+class StreamSet {
+ public:
+  explicit StreamSet(int n) : streams_(n) {
+    for (auto& s : streams_) EPB_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  }
+  ~StreamSet() {
+    for (auto s : streams_) cudaStreamDestroy(s);
+  }
+  StreamSet(const StreamSet&) = delete;
+  StreamSet& operator=(const StreamSet&) = delete;
+  const std::vector<cudaStream_t>& get() const { return streams_; }
+  void sync() const {
+    for (auto s : streams_) EPB_CUDA(cudaStreamSynchronize(s));
+  }
+
+ private:
+  std::vector<cudaStream_t> streams_;
+};
+
+}  // namespace
+
+NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan) {
+  EPB_CUDA(cudaSetDevice(wl.device));
+  const NaivePipeline& naive = *wl.naive;
+  const int R = wl.shape.ranks;
+  StreamSet streams(R);
+  const Phase dispatch = [&] {
+    for (int s = 0; s < R; ++s) naive.dispatch(s, streams.get()[s]);
+  };
+  const Phase combine = [&] {
+    for (int s = 0; s < R; ++s) naive.combine(s, streams.get()[s]);
+  };
+  dispatch();
+  combine();
+  streams.sync();
+  naive.verify(wl.shape, wl.ranks, wl.expected);
+  const PhaseTimes t =
+      time_phases(streams.get(), plan, {dispatch, combine}, [&] { streams.sync(); });
+  return {t.phase[0], t.phase[1], t.total};
+}
+
+std::vector<OpResult> run_moecomm(const Workload& wl, const moecomm::Config& config,
+                                  const TimingPlan& plan, const Extras& extras,
+                                  const NaiveTimes& naive) {
+  EPB_CUDA(cudaSetDevice(wl.device));
+  Session s(wl, config);
+  if (wl.shape.ht()) {
+    verify_ht(s, wl, extras);
+    return time_ht(s, wl, plan, extras, naive);
+  }
+  verify_ll(s, wl);
+  return time_ll(s, wl, plan, extras, naive);
+}
+
+}  // namespace epb

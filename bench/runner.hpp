@@ -1,0 +1,55 @@
+// Runs moecomm and the naive pipeline on one workload: the correctness gate, then the timings.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "moecomm/config.hpp"
+#include "options.hpp"
+#include "timing.hpp"
+#include "workload.hpp"
+
+namespace epb {
+
+/// What one figure measures.
+enum class Op {
+  kDispatch,  ///< HT worst-case sizing / LL
+  kCombine,
+  kCachedDispatch,  ///< HT, previous_handle
+  kExactDispatch,   ///< HT, exact sizing (host waits for the counts; parallel_for)
+  kRoundTrip,       ///< LL dispatch then combine, plain launches
+  kGraphRoundTrip,  ///< LL dispatch then combine, one CUDA graph per rank
+};
+
+const char* op_key(Op op);   ///< "dispatch", "cached_dispatch", ... (JSON)
+const char* op_name(Op op);  ///< "dispatch (cached)", ... (table)
+
+struct OpResult {
+  Op op = Op::kDispatch;
+  Stats time;
+  Traffic traffic;
+  Stats naive;  ///< the naive pipeline's counterpart
+};
+
+/// Which figures beyond dispatch and combine to take.
+struct Extras {
+  bool cached = false;
+  bool exact = false;
+  bool graph = false;
+};
+
+/// The naive pipeline's times on a workload.
+struct NaiveTimes {
+  Stats dispatch, combine, round_trip;
+};
+
+/// Verifies the naive pipeline's outputs, then times it.
+NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan);
+
+/// Builds a VirtualGroup with `config`, checks every output of every timed form against the host
+/// reference (throws VerificationError), then times them.
+std::vector<OpResult> run_moecomm(const Workload& wl, const moecomm::Config& config,
+                                  const TimingPlan& plan, const Extras& extras,
+                                  const NaiveTimes& naive);
+
+}  // namespace epb

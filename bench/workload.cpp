@@ -1,0 +1,213 @@
+#include "workload.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "common/random.hpp"
+#include "naive.hpp"
+#include "routing.hpp"
+
+namespace epb {
+
+using moecomm::DType;
+using moecomm::TensorView;
+namespace ref = moecomm::ref;
+
+namespace {
+
+// Keys that separate the generated streams of values.
+enum class Stream : uint64_t { kHtRouting = 1, kLlRouting, kX, kY };
+
+uint64_t stream_key(uint64_t seed, Stream stream, int rank) {
+  return mix64(mix64(seed) ^ (static_cast<uint64_t>(stream) << 32) ^ static_cast<uint64_t>(rank));
+}
+
+/// The dispatched form of one rank's bf16 rows: themselves, or fp8 + scales (the reference's
+/// quantisation, bit-exact with the kernels').
+ref::Payload make_payload(const Shape& shape, const std::vector<uint16_t>& x,
+                          const std::vector<float>& weights) {
+  const int64_t T = static_cast<int64_t>(x.size()) / shape.hidden;
+  ref::Payload p;
+  p.row_bytes = static_cast<int>(shape.data_row_bytes());
+  p.x.resize(static_cast<size_t>(T * p.row_bytes));
+  if (shape.fp8) {
+    p.x_scales.resize(static_cast<size_t>(T) * shape.scale_groups());
+    ref::quantize_fp8(x.data(), T, shape.hidden, shape.scale_format, p.x.data(), p.x_scales.data());
+  } else {
+    std::memcpy(p.x.data(), x.data(), p.x.size());
+  }
+  p.topk_weights = weights;
+  return p;
+}
+
+/// Routing, weights, x and its dispatched form for every rank; uploads what the device needs.
+void make_inputs(Workload& wl, const Options& o) {
+  const Shape& sh = wl.shape;
+  const int R = sh.ranks, K = sh.topk;
+  const int64_t T = sh.tokens;
+  std::mt19937_64 rng(stream_key(o.seed, sh.ht() ? Stream::kHtRouting : Stream::kLlRouting, 0));
+  const Router router({o.routing, sh.experts, K, R, o.zipf_s, o.topk_groups}, rng);
+  wl.ranks.resize(R);
+  for (RankData& d : wl.ranks) {
+    d.routing.num_tokens = T;
+    d.routing.topk_idx = router.route(rng, T);
+    d.weights = moecomm::test::random_f32(rng, static_cast<size_t>(T) * K);
+    d.valid_selections = std::count_if(d.routing.topk_idx.begin(), d.routing.topk_idx.end(),
+                                       [](int64_t e) { return e >= 0; });
+  }
+  std::vector<std::vector<uint16_t>> x(R,
+                                       std::vector<uint16_t>(static_cast<size_t>(T) * sh.hidden));
+  for (int r = 0; r < R; ++r) fill_hashed_bf16(x[r], stream_key(o.seed, Stream::kX, r));
+  host_parallel_for(
+      R, [&](int64_t r) { wl.ranks[r].payload = make_payload(sh, x[r], wl.ranks[r].weights); });
+  for (int r = 0; r < R; ++r) {
+    RankData& d = wl.ranks[r];
+    d.x = DeviceBuffer<uint16_t>(x[r]);
+    d.topk_idx = DeviceBuffer<int64_t>(d.routing.topk_idx);
+    d.topk_weights = DeviceBuffer<float>(d.weights);
+  }
+}
+
+std::vector<ref::Routing> routings(const Workload& wl) {
+  std::vector<ref::Routing> out;
+  for (const RankData& d : wl.ranks) out.push_back(d.routing);
+  return out;
+}
+
+/// HT: reference dispatch; y = N_r hashed rows per rank; reference combine.
+void make_ht_expected(Workload& wl, const Options& o) {
+  const Shape& sh = wl.shape;
+  const auto routing = routings(wl);
+  std::vector<ref::Payload> payloads;
+  for (const RankData& d : wl.ranks) payloads.push_back(d.payload);
+  wl.expected.ht = ref::ht_dispatch(sh.ref_shape(), routing, payloads, sh.expert_alignment);
+  payloads.clear();
+
+  std::vector<std::vector<uint16_t>> y(sh.ranks);
+  for (int r = 0; r < sh.ranks; ++r) {
+    RankData& d = wl.ranks[r];
+    d.num_recv = wl.expected.ht[r].num_recv;
+    y[r].resize(static_cast<size_t>(d.num_recv) * sh.hidden);
+    fill_hashed_bf16(y[r], stream_key(o.seed, Stream::kY, r));
+    d.y = DeviceBuffer<uint16_t>(y[r]);
+  }
+  auto combined = ref::ht_combine(sh.ref_shape(), routing, y, {}, {});
+  for (auto& c : combined) wl.expected.out.push_back(std::move(c.out));
+}
+
+/// LL: reference dispatch; y = [L, R*M, H] per rank, hashed values in the valid slots (the only
+/// ones combine reads) and zeros elsewhere; reference combine.
+void make_ll_expected(Workload& wl, const Options& o) {
+  const Shape& sh = wl.shape;
+  const auto routing = routings(wl);
+  std::vector<ref::Payload> payloads;
+  for (const RankData& d : wl.ranks) payloads.push_back(d.payload);
+  wl.expected.ll = ref::ll_dispatch(sh.ref_shape(), sh.tokens, routing, payloads);
+  payloads.clear();
+
+  const int64_t H = sh.hidden;
+  std::vector<std::vector<uint16_t>> y(sh.ranks);
+  std::vector<std::vector<float>> weights;
+  for (int r = 0; r < sh.ranks; ++r) {
+    const auto& valid = wl.expected.ll[r].slot_valid;
+    const uint64_t key = stream_key(o.seed, Stream::kY, r);
+    y[r].assign(valid.size() * H, 0);
+    host_parallel_for(static_cast<int64_t>(valid.size()), [&](int64_t slot) {
+      if (!valid[slot]) return;
+      for (int64_t h = 0; h < H; ++h) y[r][slot * H + h] = hashed_bf16(key, slot * H + h);
+    });
+    wl.ranks[r].y = DeviceBuffer<uint16_t>(y[r]);
+    weights.push_back(wl.ranks[r].weights);
+  }
+  wl.expected.out = ref::ll_combine(sh.ref_shape(), sh.tokens, routing, weights, y);
+}
+
+}  // namespace
+
+Workload::Workload() = default;
+Workload::~Workload() = default;
+Workload::Workload(Workload&&) noexcept = default;
+Workload& Workload::operator=(Workload&&) noexcept = default;
+
+TensorView Workload::x_view(int r) const {
+  return TensorView::contiguous(ranks[r].x.get(), DType::kBF16, {shape.tokens, shape.hidden},
+                                device);
+}
+
+TensorView Workload::idx_view(int r) const {
+  return TensorView::contiguous(ranks[r].topk_idx.get(), DType::kI64, {shape.tokens, shape.topk},
+                                device);
+}
+
+TensorView Workload::weights_view(int r) const {
+  return TensorView::contiguous(ranks[r].topk_weights.get(), DType::kF32,
+                                {shape.tokens, shape.topk}, device);
+}
+
+TensorView Workload::y_view(int r) const {
+  if (shape.ht())
+    return TensorView::contiguous(ranks[r].y.get(), DType::kBF16, {ranks[r].num_recv, shape.hidden},
+                                  device);
+  const int64_t slots = int64_t{shape.ranks} * shape.tokens;
+  return TensorView::contiguous(ranks[r].y.get(), DType::kBF16,
+                                {shape.local_experts(), slots, shape.hidden}, device);
+}
+
+namespace {
+
+struct Totals {
+  double tokens = 0;      // sum of T over ranks
+  double moved_rows = 0;  // HT: rows received; LL: (token, expert) messages
+};
+
+Totals totals(const Workload& wl) {
+  Totals t;
+  for (const RankData& d : wl.ranks) {
+    t.tokens += static_cast<double>(d.routing.num_tokens);
+    t.moved_rows += static_cast<double>(wl.shape.ht() ? d.num_recv : d.valid_selections);
+  }
+  return t;
+}
+
+}  // namespace
+
+Traffic Workload::dispatch_traffic() const {
+  const Totals t = totals(*this);
+  const double R = shape.ranks, bf16_row = static_cast<double>(shape.bf16_row_bytes());
+  const double wire = static_cast<double>(shape.wire_row_bytes());
+  Traffic tr;
+  // DeepEP (HT): bytes received per rank, scales included. NCCL EP (LL): valid selections x H x
+  // bytes per element.
+  tr.convention_bytes_per_rank =
+      shape.ht() ? t.moved_rows * wire / R
+                 : t.moved_rows * static_cast<double>(shape.data_row_bytes()) / R;
+  tr.hbm_bytes = t.tokens * bf16_row + t.moved_rows * wire;  // bf16 x read, rows written
+  return tr;
+}
+
+Traffic Workload::combine_traffic() const {
+  const Totals t = totals(*this);
+  const double R = shape.ranks, bf16_row = static_cast<double>(shape.bf16_row_bytes());
+  Traffic tr;
+  tr.convention_bytes_per_rank = t.moved_rows * bf16_row / R;
+  tr.hbm_bytes = t.moved_rows * bf16_row + t.tokens * bf16_row;  // y rows read, out written
+  return tr;
+}
+
+Workload build_workload(const Shape& shape, const Options& options) {
+  EPB_CUDA(cudaSetDevice(options.device));
+  Workload wl;
+  wl.shape = shape;
+  wl.device = options.device;
+  make_inputs(wl, options);
+  if (shape.ht())
+    make_ht_expected(wl, options);
+  else
+    make_ll_expected(wl, options);
+  wl.naive = std::make_unique<NaivePipeline>(shape, wl.ranks, options.device);
+  return wl;
+}
+
+}  // namespace epb

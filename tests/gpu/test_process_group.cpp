@@ -1,0 +1,175 @@
+// A group of separate processes on one GPU: peers' buffers mapped with CUDA IPC, handles carried
+// over pipes by the parent (any launcher would do). Each child checks its own rank's results
+// against the host reference; the parent checks every child's exit status.
+// The parent never initialises CUDA (fork after CUDA initialisation is unsafe).
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <random>
+
+#include "gpu/ep_fixture.hpp"
+
+using namespace moecomm;
+using namespace moecomm::test;
+
+namespace {
+
+constexpr int kRanks = 2;
+constexpr int kExitNoGpu = 77;
+constexpr int E = 16, K = 4, H = 256, kMaxTokens = 64;
+
+bool write_all(int fd, const void* p, size_t n) {
+  const uint8_t* b = static_cast<const uint8_t*>(p);
+  while (n) {
+    const ssize_t w = write(fd, b, n);
+    if (w <= 0) return false;
+    b += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+bool read_all(int fd, void* p, size_t n) {
+  uint8_t* b = static_cast<uint8_t*>(p);
+  while (n) {
+    const ssize_t r = read(fd, b, n);
+    if (r <= 0) return false;
+    b += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+/// Body of rank `rank`: returns 0 when every output matched the reference.
+int run_rank(int rank, int to_parent, int from_parent, uint64_t seed) {
+  if (cuda_device_count() == 0) return kExitNoGpu;
+  Config cfg = test_config(Mode::kAuto, E, K, H, kMaxTokens);
+  cfg.auto_low_latency_max_tokens = 32;  // T <= 32 takes LL, larger T takes HT
+  ProcessGroupBuilder builder(cfg, rank, kRanks, 0);
+  const std::vector<uint8_t> mine = builder.local_handle();
+  std::vector<uint8_t> all(ProcessGroupBuilder::handle_size() * kRanks);
+  if (!write_all(to_parent, mine.data(), mine.size()) || !read_all(from_parent, all.data(), all.size()))
+    return 3;
+  auto comm = builder.connect(all);
+
+  int failures = 0;
+  for (int64_t T : {int64_t{48}, int64_t{20}}) {  // HT, then LL (Auto)
+    std::mt19937_64 rng(seed + T);  // every rank draws every rank's inputs: same reference
+    auto in = make_inputs(rng, std::vector<int64_t>(kRanks, T), E, K, H, Routing::kWithDrops);
+    ref::Shape shape{kRanks, E, K, H};
+    std::vector<ref::Payload> payload(kRanks);
+    for (int r = 0; r < kRanks; ++r) {
+      payload[r].row_bytes = H * 2;
+      payload[r].x.resize(in[r].x.size() * 2);
+      std::memcpy(payload[r].x.data(), in[r].x.data(), payload[r].x.size());
+    }
+    DispatchArgs a;
+    a.x = in[rank].x_view(H);
+    a.topk_idx = in[rank].idx_view(K);
+    a.topk_weights = in[rank].weights_view(K);
+    if (T > 32) {
+      for (auto& p : payload) p.topk_weights.clear();
+      a.topk_weights = {};
+      const auto want = ref::ht_dispatch(shape, routings(in), payload, 1);
+      DispatchOutput d = comm->dispatch(a);
+      comm->synchronize();
+      failures += d.num_recv_tokens != want[rank].num_recv;
+      if (d.num_recv_tokens == want[rank].num_recv)
+        failures += count_mismatches(download<uint8_t>(d.recv_x, d.num_recv_tokens * H * 2), want[rank].x) != 0;
+      // Combine the received rows themselves (registered memory) and an unregistered copy.
+      std::vector<std::vector<uint16_t>> y(kRanks);
+      for (int r = 0; r < kRanks; ++r) {
+        y[r].resize(want[r].x.size() / 2);
+        std::memcpy(y[r].data(), want[r].x.data(), want[r].x.size());
+      }
+      const auto want_out = ref::ht_combine(shape, routings(in), y, {}, {});
+      DeviceBuffer<uint16_t> copy(y[rank]);
+      for (const TensorView& yv : {d.recv_x, copy.view(DType::kBF16, {d.num_recv_tokens, H})}) {
+        CombineArgs c;
+        c.y = yv;
+        CombineOutput o = comm->combine(c, d.handle);
+        comm->synchronize();
+        failures += count_mismatches(download<uint16_t>(o.out), want_out[rank].out) != 0;
+      }
+    } else {
+      const int M = cfg.ll_capacity();
+      const auto want = ref::ll_dispatch(shape, M, routings(in), payload);
+      DispatchOutput d = comm->dispatch(a);
+      comm->synchronize();
+      failures += count_mismatches(download<int32_t>(d.recv_count), want[rank].count) != 0;
+      // y = the received slots (unregistered copy: the library stages it).
+      const auto got = download<uint16_t>(d.recv_x);
+      std::vector<std::vector<uint16_t>> y(kRanks);
+      for (int r = 0; r < kRanks; ++r) {
+        y[r].resize(want[r].x.size() / 2);
+        std::memcpy(y[r].data(), want[r].x.data(), want[r].x.size());
+      }
+      DeviceBuffer<uint16_t> ybuf(y[rank]);
+      std::vector<std::vector<float>> w;
+      for (auto& i : in) w.push_back(i.weights);
+      const auto want_out = ref::ll_combine(shape, M, routings(in), w, y);
+      CombineArgs c;
+      c.y = ybuf.view(DType::kBF16, {E / kRanks, int64_t{kRanks} * M, H});
+      c.topk_weights = in[rank].weights_view(K);
+      CombineOutput o = comm->combine(c, d.handle);
+      comm->synchronize();
+      failures += count_mismatches(download<uint16_t>(o.out), want_out[rank]) != 0;
+      (void)got;
+    }
+  }
+  return failures == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+TEST_CASE("a group of processes on one GPU (CUDA IPC): HT and LL against the reference") {
+  const uint64_t s = seed();
+  int up[kRanks][2], down[kRanks][2];
+  pid_t pid[kRanks];
+  for (int r = 0; r < kRanks; ++r) {
+    if (pipe(up[r]) != 0 || pipe(down[r]) != 0) throw std::runtime_error("pipe failed");
+    pid[r] = fork();
+    if (pid[r] == 0) {
+      close(up[r][0]);
+      close(down[r][1]);
+      int rc = 2;
+      try {
+        rc = run_rank(r, up[r][1], down[r][0], s);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "rank %d: %s\n", r, e.what());
+      }
+      std::fflush(stdout);
+      _exit(rc);
+    }
+    // The parent keeps only its ends, so that a child's exit ends the parent's reads.
+    close(up[r][1]);
+    close(down[r][0]);
+  }
+  // Carry the handles: gather from every child, then send all to every child.
+  std::vector<uint8_t> all;
+  bool carried = true;
+  for (int r = 0; r < kRanks && carried; ++r) {
+    std::vector<uint8_t> h(ProcessGroupBuilder::handle_size());
+    carried = read_all(up[r][0], h.data(), h.size());
+    all.insert(all.end(), h.begin(), h.end());
+  }
+  for (int r = 0; r < kRanks && carried; ++r) carried = write_all(down[r][1], all.data(), all.size());
+  for (int r = 0; r < kRanks; ++r) {
+    close(up[r][0]);
+    close(down[r][1]);
+  }
+  int no_gpu = 0;
+  for (int r = 0; r < kRanks; ++r) {
+    int status = 0;
+    waitpid(pid[r], &status, 0);
+    const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    if (rc == kExitNoGpu) {
+      ++no_gpu;
+      continue;
+    }
+    CHECK_EQ(rc, 0) << "rank " << r << " (1: outputs differ from the reference; 2: error; 3: pipe)";
+  }
+  if (no_gpu == kRanks) skip("no CUDA device");
+  else CHECK(carried) << "handles could not be carried";
+}
+
+int main(int argc, char** argv) { return moecomm::test::run_all(argc, argv); }
