@@ -1,6 +1,9 @@
 #include "core/comm_impl.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <thread>
 #include <cstring>
 #include <string>
 
@@ -124,12 +127,20 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   const int Tmax = sz.max_tokens;
   const int W = (Tmax + 31) / 32;
 
+  layout::preload_kernels();
+  ht::preload_kernels();
+  ll::preload_kernels();
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
-  MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&counts_event_, cudaEventDisableTiming));
   group_->claim_stream(rank_, own_stream_);
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError), cudaHostAllocMapped));
   std::memset(error_host_, 0, sizeof(DeviceError));
-  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_summary_), sizeof(int32_t) * (2 + L + R), cudaHostAllocDefault));
+  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_), sizeof(int32_t) * (1 + L), cudaHostAllocMapped));
+  MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_counts_dev_), host_counts_, 0));
+  uint64_t* flag = nullptr;
+  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&flag), sizeof(uint64_t), cudaHostAllocMapped));
+  *flag = 0;
+  host_flag_ = flag;
+  MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_flag_dev_), flag, 0));
 
   // Private scratch: measure, allocate once, carve.
   Carver carve;
@@ -195,10 +206,10 @@ CommImpl::~CommImpl() {
     cudaStreamSynchronize(async_stream_);
     cudaStreamDestroy(async_stream_);
   }
-  cudaEventDestroy(counts_event_);
   cudaFree(local_mem_);
   cudaFreeHost(error_host_);
-  cudaFreeHost(host_summary_);
+  cudaFreeHost(host_counts_);
+  cudaFreeHost(const_cast<uint64_t*>(host_flag_));
   cudaSetDevice(prev);
 }
 
@@ -240,6 +251,26 @@ void CommImpl::check_errors() {
                             std::to_string(copy.b) + "; raise it (0 = the worst case)");
     case DeviceErrorKind::kNone: break;
   }
+}
+
+void CommImpl::wait_host_counts(uint64_t token) {
+  // Twice the device time-out: a stalled wait on the device gives up first and still writes.
+  const auto limit = std::chrono::steady_clock::now() +
+                     std::chrono::duration<double>(2 * config().timeout_seconds + 1);
+  for (uint32_t spin = 0; *host_flag_ != token; ++spin) {
+    if ((spin & 1023u) == 0) {
+      check_errors();
+      if (std::chrono::steady_clock::now() > limit) {
+        failed_ = true;
+        throw TimeoutError("rank " + std::to_string(rank_) + ": the count exchange of an exact "
+                           "dispatch did not finish within " + std::to_string(2 * config().timeout_seconds + 1) +
+                           " s and no device wait reported a stall; is every rank's dispatch launched?");
+      }
+      std::this_thread::yield();
+    }
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  check_errors();
 }
 
 void CommImpl::synchronize() {
@@ -351,7 +382,7 @@ void CommImpl::check_topk(const DispatchArgs& args, int64_t T) const {
 }
 
 void CommImpl::run_layout(const TensorView& topk_idx, bool exchange, bool close,
-                          cudaStream_t stream, HandleState* state) {
+                          cudaStream_t stream, HandleState* state, uint64_t host_token) {
   layout::TopkInput topk;
   topk.data = topk_idx.data;
   topk.is_i64 = topk_idx.dtype == DType::kI64;
@@ -365,6 +396,11 @@ void CommImpl::run_layout(const TensorView& topk_idx, bool exchange, bool close,
     opt.recv_rank_prefix = state->recv_rank_prefix;
     opt.recv_per_expert_padded = state->recv_per_expert;
     opt.num_recv = state->num_recv_dev;
+  }
+  if (host_token) {
+    opt.host_counts = host_counts_dev_;
+    opt.host_flag = host_flag_dev_;
+    opt.token = host_token;
   }
   layout::launch_scan(ctx_, topk.num_tokens, opt, stream);
 }
@@ -444,13 +480,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   }
   HandleState& h = *handle.state();
   const bool exact = o.sizing == Sizing::kExact;
-  if (!cached) {
-    run_layout(args.topk_idx, /*exchange=*/true, /*close=*/false, s.exec, &h);
-    if (exact) {
-      MOECOMM_CUDA_CHECK(cudaMemcpyAsync(host_summary_, h.num_recv_dev, sizeof(int32_t) * (2 + L + R), cudaMemcpyDeviceToHost, s.exec));
-      MOECOMM_CUDA_CHECK(cudaEventRecord(counts_event_, s.exec));
-    }
-  }
+  const uint64_t token = ++host_token_;
+  if (!cached) run_layout(args.topk_idx, /*exchange=*/true, /*close=*/false, s.exec, &h, exact ? token : 0);
 
   ht::DispatchParams p;
   p.x = args.x.data;
@@ -468,10 +499,9 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
 
   if (!cached && exact) {
-    MOECOMM_CUDA_CHECK(cudaEventSynchronize(counts_event_));
-    check_errors();
-    h.num_recv = host_summary_[0];
-    h.recv_per_expert_host.assign(host_summary_ + 1, host_summary_ + 1 + L);
+    wait_host_counts(token);
+    h.num_recv = host_counts_[0];
+    h.recv_per_expert_host.assign(host_counts_ + 1, host_counts_ + 1 + L);
   }
 
   DispatchOutput out;

@@ -66,7 +66,7 @@ class CommImpl {
   std::shared_ptr<HandleState> new_handle(Mode mode, int64_t num_tokens);
   HandleState& handle_state(const Handle& handle, Mode expected, const char* call);
   void run_layout(const TensorView& topk_idx, bool exchange, bool close, cudaStream_t stream,
-                  HandleState* state);
+                  HandleState* state, uint64_t host_token = 0);
   Mode resolve_mode(int64_t num_tokens) const;
   void check_topk(const DispatchArgs& args, int64_t T) const;
 
@@ -95,8 +95,13 @@ class CommImpl {
   float* combine_weights_ = nullptr;   // [Tmax, K]
   int32_t* ll_recv_count_ = nullptr;   // [2][L]
   int32_t* ll_recv_layout_ = nullptr;  // [2][L*R*2]
-  int32_t* host_summary_ = nullptr;    // pinned: [1 + L + R + 1]
-  cudaEvent_t counts_event_ = nullptr;
+  int32_t* host_counts_ = nullptr;             // mapped: [1 + L], written by the layout kernel
+  volatile uint64_t* host_flag_ = nullptr;     // mapped: the token of the last exact dispatch
+  int32_t* host_counts_dev_ = nullptr;         // device aliases of the two
+  uint64_t* host_flag_dev_ = nullptr;
+  uint64_t host_token_ = 0;
+  /// Polls host_flag_ until `token` (exact sizing); raises a device error or a time-out.
+  void wait_host_counts(uint64_t token);
   std::shared_ptr<SlotPool> pool_;
   int64_t ll_calls_ = 0;
   bool failed_ = false;

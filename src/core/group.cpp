@@ -57,8 +57,13 @@ int device_sm_count(int device) {
 
 /// One persistent host thread per rank, so that parallel_for costs a wake-up, not a spawn.
 struct VirtualGroup::Pool {
-  explicit Pool(int n) : errors(n) {
-    for (int r = 0; r < n; ++r) threads.emplace_back([this, r] { loop(r); });
+  // Each thread binds its rank's device before the first job: a thread's first CUDA call sets up
+  // per-thread state, which should not happen while co-located ranks already spin.
+  explicit Pool(const std::vector<int>& device_of) : errors(device_of.size()) {
+    for (size_t r = 0; r < device_of.size(); ++r)
+      threads.emplace_back([this, r, d = device_of[r]] { loop(static_cast<int>(r), d); });
+    std::unique_lock<std::mutex> lock(mutex);
+    done.wait(lock, [this] { return ready == static_cast<int>(threads.size()); });
   }
   ~Pool() {
     {
@@ -81,7 +86,14 @@ struct VirtualGroup::Pool {
     for (auto& e : errors)
       if (e) std::rethrow_exception(e);
   }
-  void loop(int rank) {
+  void loop(int rank, int device) {
+    cudaSetDevice(device);
+    cudaGetLastError();
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      ++ready;
+    }
+    done.notify_all();
     uint64_t seen = 0;
     for (;;) {
       const std::function<void(int)>* fn;
@@ -112,6 +124,7 @@ struct VirtualGroup::Pool {
   const std::function<void(int)>* job = nullptr;
   uint64_t generation = 0;
   int pending = 0;
+  int ready = 0;
   bool stop = false;
 };
 
@@ -144,7 +157,7 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
   state_ = std::make_shared<detail::GroupState>(config, num_ranks, devices);
   for (int r = 0; r < num_ranks; ++r)
     comms_.push_back(std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, r)));
-  pool_ = std::make_unique<Pool>(num_ranks);
+  pool_ = std::make_unique<Pool>(state_->device_of);
 }
 
 VirtualGroup::~VirtualGroup() {

@@ -281,4 +281,10 @@ void launch_combine(const DeviceContext& ctx, const CombineParams& params, int b
   MOECOMM_LAUNCH_CHECK("ht::combine_kernel");
 }
 
+void preload_kernels() {
+  cudaFuncAttributes attr;
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel));
+}
+
 }  // namespace moecomm::ht

@@ -162,6 +162,16 @@ __global__ void __launch_bounds__(kScanThreads)
         transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, -1, Phase::kNone, 0, seq, 0,
                                 total, ctx.ht_capacity);
     }
+    if (opt.host_flag) {
+      __syncthreads();  // the padded counts above are written
+      if (threadIdx.x == 0) {
+        opt.host_counts[0] = opt.num_recv ? *opt.num_recv : 0;
+        for (int le = 0; le < L; ++le)
+          opt.host_counts[1 + le] = opt.recv_per_expert_padded ? opt.recv_per_expert_padded[le] : 0;
+        __threadfence_system();
+        *opt.host_flag = opt.token;
+      }
+    }
   }
   if (opt.close_call) {
     __syncthreads();
@@ -185,6 +195,12 @@ void launch_scan(const DeviceContext& ctx, int64_t num_tokens, const ScanOptions
                  cudaStream_t stream) {
   scan_kernel<<<1, kScanThreads, 0, stream>>>(ctx, num_tokens, options);
   MOECOMM_LAUNCH_CHECK("scan_kernel");
+}
+
+void preload_kernels() {
+  cudaFuncAttributes attr;
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, build_bitmaps_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, scan_kernel));
 }
 
 }  // namespace moecomm::layout

@@ -30,6 +30,12 @@ struct ScanOptions {
   int32_t* recv_rank_prefix = nullptr;        // [R + 1]
   int32_t* recv_per_expert_padded = nullptr;  // [L]
   int32_t* num_recv = nullptr;                // [1]
+  // Exact sizing: the counts are also written straight into mapped host memory, then `token` into
+  // host_flag, so that the host learns N by polling memory (no CUDA call, no lock held while it
+  // waits). Written even after a failed wait, so that the host always wakes up.
+  int32_t* host_counts = nullptr;  // [1 + L]: N, padded per-expert counts
+  volatile uint64_t* host_flag = nullptr;
+  uint64_t token = 0;
 };
 
 /// Kernel 2 (one block): prefix counts over the bitmaps, per-rank / per-expert totals and, if
@@ -47,5 +53,10 @@ __device__ __forceinline__ int32_t bitmap_position(const uint32_t* bitmap, const
   return prefix[w] + __popc(bitmap[w] & below);
 }
 #endif
+
+/// Loads this file's kernels now. CUDA loads a kernel lazily at its first launch, and that load
+/// may wait for the device to go idle, which never happens while co-located ranks spin on each
+/// other: so every kernel is loaded when a communicator is built.
+void preload_kernels();
 
 }  // namespace moecomm::layout

@@ -346,4 +346,12 @@ void launch_combine_recv(const DeviceContext& ctx, const CombineRecvParams& para
   MOECOMM_LAUNCH_CHECK("ll::combine_recv_kernel");
 }
 
+void preload_kernels() {
+  cudaFuncAttributes attr;
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_send_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_send_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel));
+}
+
 }  // namespace moecomm::ll

@@ -62,4 +62,9 @@ struct CombineRecvParams {
 void launch_combine_recv(const detail::DeviceContext& ctx, const CombineRecvParams& params,
                          int blocks, int threads, cudaStream_t stream);
 
+/// Loads this file's kernels now. CUDA loads a kernel lazily at its first launch, and that load
+/// may wait for the device to go idle, which never happens while co-located ranks spin on each
+/// other: so every kernel is loaded when a communicator is built.
+void preload_kernels();
+
 }  // namespace moecomm::ll
