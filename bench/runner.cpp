@@ -65,6 +65,8 @@ constexpr int kExactMaxIters = 20;  // exact sizing waits on the host: fewer sam
 
 void poison(const TensorView& v) {
   if (v.present() && v.data) EPB_CUDA(cudaMemset(v.data, kPoison, v.nbytes()));
+  // The ranks' streams do not wait for the legacy stream: finish the poison first.
+  EPB_CUDA(cudaDeviceSynchronize());
 }
 
 /// The output buffers of a dispatch; not the handle's metadata (a cached dispatch reads it).

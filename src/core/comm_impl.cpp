@@ -14,6 +14,7 @@
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
+#include "runtime/stream_warmup.hpp"
 
 namespace moecomm::detail {
 
@@ -131,7 +132,11 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   ht::preload_kernels();
   ll::preload_kernels();
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
+  MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
+  warm_up_stream(own_stream_);
+  warm_up_stream(async_stream_);
   group_->claim_stream(rank_, own_stream_);
+  group_->claim_stream(rank_, async_stream_);
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError), cudaHostAllocMapped));
   std::memset(error_host_, 0, sizeof(DeviceError));
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_), sizeof(int32_t) * (1 + L), cudaHostAllocMapped));
@@ -287,10 +292,6 @@ CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
   group_->claim_stream(rank_, s.caller);
   s.exec = s.caller;
   if (async) {
-    if (!async_stream_) {  // created on first use: fewer streams, fewer shared hardware queues
-      MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
-      group_->claim_stream(rank_, async_stream_);
-    }
     cudaEvent_t ev;
     MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
     MOECOMM_CUDA_CHECK(cudaEventRecord(ev, s.caller));

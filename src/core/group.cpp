@@ -83,8 +83,48 @@ struct VirtualGroup::Pool {
     wake.notify_all();
     done.wait(lock, [this] { return pending == 0; });
     job = nullptr;
-    for (auto& e : errors)
-      if (e) std::rethrow_exception(e);
+    rethrow_errors();
+  }
+
+  // A stall on one rank usually follows an error on another: raise the first error that is not
+  // a time-out, and name every rank's error in the message.
+  void rethrow_errors() {
+    std::exception_ptr primary;
+    std::string all;
+    bool primary_is_timeout = true;
+    for (size_t r = 0; r < errors.size(); ++r) {
+      if (!errors[r]) continue;
+      bool timeout = false;
+      std::string what;
+      try {
+        std::rethrow_exception(errors[r]);
+      } catch (const TimeoutError& e) {
+        timeout = true;
+        what = e.what();
+      } catch (const std::exception& e) {
+        what = e.what();
+      } catch (...) {
+        what = "unknown exception";
+      }
+      all += "\n  rank " + std::to_string(r) + ": " + what;
+      if (!primary || (primary_is_timeout && !timeout)) {
+        primary = errors[r];
+        primary_is_timeout = timeout;
+      }
+    }
+    if (!primary) return;
+    int count = 0;
+    for (auto& e : errors) count += e != nullptr;
+    if (count == 1) std::rethrow_exception(primary);
+    try {
+      std::rethrow_exception(primary);
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(std::string(e.what()) + "\nerrors on every rank:" + all);
+    } catch (const TimeoutError& e) {
+      throw TimeoutError(std::string(e.what()) + "\nerrors on every rank:" + all);
+    } catch (const Error& e) {
+      throw Error(std::string(e.what()) + "\nerrors on every rank:" + all);
+    }
   }
   void loop(int rank, int device) {
     cudaSetDevice(device);
