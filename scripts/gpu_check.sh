@@ -50,5 +50,19 @@ if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/ep_bench ]; then
   summary+=("ep_bench rc $rc")
 fi
 
+# Python package: build it (no network there: no build isolation) and run its tests.
+if [ -n "${RUN_PYTHON:-}" ]; then
+  if CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -q --no-build-isolation --no-deps \
+      --target /tmp/moecomm-py . >"$out/python_build.log" 2>&1; then
+    PYTHONPATH=/tmp/moecomm-py PYTHONUNBUFFERED=1 timeout ${PY_TIMEOUT:-300} \
+      python3 -m pytest -q -x tests/python ${PYTEST_ARGS:-} >"$out/pytest.log" 2>&1
+    summary+=("pytest: $(tail -1 "$out/pytest.log")")
+    grep -E "FAILED|Error" "$out/pytest.log" | head -10
+  else
+    tail -20 "$out/python_build.log"
+    summary+=("python build FAILED")
+  fi
+fi
+
 echo "== SUMMARY ($(cat "$out/gpu.txt"); $(git rev-parse --short HEAD 2>/dev/null))"
 for s in "${summary[@]}"; do echo "  $s"; done

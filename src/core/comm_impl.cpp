@@ -191,6 +191,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   ctx_.ht_capacity = sz.ht_capacity;
   ctx_.ll_capacity = sz.ll_capacity;
   ctx_.timeout_ns = static_cast<uint64_t>(c.timeout_seconds * 1e9);
+  ctx_.one_gpu = 1;  // GPU-scope ordering when every rank shares this device in this process
+  for (int r = 0; r < R; ++r)
+    if (!group_->single_address_space || group_->device_of[r] != device_) ctx_.one_gpu = 0;
   for (int r = 0; r < R; ++r) ctx_.peers[r] = group_->sym_base[r];
   ctx_.sym = group_->layout;
   MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));

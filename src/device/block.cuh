@@ -6,6 +6,7 @@
 
 #include "device/memory_model.cuh"
 #include "runtime/device_context.hpp"
+#include "transport/signal.cuh"
 
 namespace moecomm::device {
 
@@ -23,13 +24,14 @@ __device__ __forceinline__ uint64_t read_call_seq(const detail::DeviceContext& c
 __device__ __forceinline__ bool is_last_block(const detail::DeviceContext& ctx) {
   __shared__ bool last;
   __syncthreads();
+  const Scope sc = transport::scope(ctx);
   if (threadIdx.x == 0) {
-    fence_acq_rel_sys();
+    sc.fence();
     const uint32_t ticket = atomicAdd(ctx.local.ticket, 1u);
     last = ticket == gridDim.x - 1;
     if (last) {
       *ctx.local.ticket = 0;  // every other block has taken its ticket: ready for the next kernel
-      fence_acq_rel_sys();
+      sc.fence();
     }
   }
   __syncthreads();

@@ -33,6 +33,36 @@ __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_re
 /// The same at GPU scope (co-located ranks only).
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
+/// Release store at GPU scope: enough when every observer runs on this GPU.
+__device__ __forceinline__ void st_release_gpu(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+/// Acquire load at GPU scope: pairs with st_release_gpu.
+__device__ __forceinline__ uint64_t ld_acquire_gpu(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+/// The scope a group needs: GPU scope when every rank runs on this GPU (virtual ranks of one
+/// device), system scope when peers sit on other GPUs. System-scope fences cost more.
+struct Scope {
+  bool gpu_only;
+
+  __device__ __forceinline__ void fence() const {
+    if (gpu_only) fence_acq_rel_gpu();
+    else fence_acq_rel_sys();
+  }
+  __device__ __forceinline__ void store_release(uint64_t* ptr, uint64_t v) const {
+    if (gpu_only) st_release_gpu(ptr, v);
+    else st_release_sys(ptr, v);
+  }
+  __device__ __forceinline__ uint64_t load_acquire(const uint64_t* ptr) const {
+    return gpu_only ? ld_acquire_gpu(ptr) : ld_acquire_sys(ptr);
+  }
+};
+
 /// Nanoseconds from the GPU's global timer (coarse, but monotonic and shared by all SMs).
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;

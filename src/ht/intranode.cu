@@ -3,6 +3,7 @@
 #include "device/block.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
+#include "device/row_ops.cuh"
 #include "layout/layout.hpp"
 #include "runtime/cuda_check.hpp"
 #include "transport/signal.cuh"
@@ -17,7 +18,7 @@ using detail::Phase;
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kCopyUnroll = 4;  // 16-byte vectors in flight per lane while copying a row
+constexpr int kCombineBatch = 8;  // source rows loaded before they are summed
 
 /// Destinations of one token, as seen by every lane of the warp: rows at ranks d < 32 live in
 /// lane d's `lo`, rows at ranks 32..63 in lane d-32's `hi`.
@@ -71,53 +72,38 @@ __device__ __forceinline__ int pop_lowest(uint64_t& m) {
 __device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
                          int bytes, int lane) {
   const int n16 = bytes / 16;
-  const int4* s = reinterpret_cast<const int4*>(src);
-  for (int base = 0; base < n16; base += 32 * kCopyUnroll) {
-    int4 v[kCopyUnroll];
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int i = base + u * 32 + lane;
-      if (i < n16) v[u] = device::ld_stream_16(s + i);
-    }
+  device::copy_vectors(reinterpret_cast<const int4*>(src), n16, lane,
+                       [&](int base, const int4 (&v)[device::kRowCopyUnroll]) {
     for (uint64_t m = route.mask; m;) {
       const int d = pop_lowest(m);
       int4* dst = reinterpret_cast<int4*>(ctx.peers[d] + ctx.sym.ht_x +
                                           static_cast<int64_t>(route.row(d)) * bytes);
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int i = base + u * 32 + lane;
+      for (int u = 0; u < device::kRowCopyUnroll; ++u) {
+        const int i = base + u * device::kWarpLanes + lane;
         if (i < n16) device::st_stream_16(dst + i, v[u]);
       }
     }
-  }
+  });
 }
 
 /// Quantises one bf16 row to e4m3 (one scale per 128 channels) and writes data and scales to
-/// every destination. Each half-warp handles one group at a time.
+/// every destination.
 __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
                              bool pow2, int lane) {
   const int H = ctx.hidden, groups = H / kFp8Group;
-  const int half = lane >> 4, sub = lane & 15;
-  const int4* s = reinterpret_cast<const int4*>(src);
-  for (int g0 = 0; g0 < groups; g0 += 2) {
-    const int g = g0 + half;
-    float f[8] = {};
-    if (g < groups) device::unpack_bf16x8(device::ld_stream_16(s + g * 16 + sub), f);
-    const float amax = device::half_warp_max(device::abs_max8(f));
-    float scale, inv;
-    device::fp8_scale(amax, pow2, scale, inv);
-    const uint2 q = device::quantize_fp8x8(f, inv);
+  device::quantize_groups(reinterpret_cast<const int4*>(src), groups, pow2, lane,
+                          [&](int g, int sub, uint2 q, float scale, bool valid) {
     for (uint64_t m = route.mask; m;) {
       const int d = pop_lowest(m);
-      const int64_t row = route.row(d);
-      if (g < groups) {
-        uint8_t* dst = ctx.peers[d] + ctx.sym.ht_x + row * H;
-        *reinterpret_cast<uint2*>(dst + g * kFp8Group + sub * 8) = q;
-        if (sub == 0)
-          reinterpret_cast<float*>(ctx.peers[d] + ctx.sym.ht_scales)[row * groups + g] = scale;
-      }
+      const int64_t row = route.row(d);  // every lane takes part in the shuffle
+      if (!valid) continue;
+      uint8_t* dst = ctx.peers[d] + ctx.sym.ht_x + row * H;
+      *reinterpret_cast<uint2*>(dst + g * kFp8Group + sub * device::kBf16PerVector) = q;
+      if (sub == 0)
+        reinterpret_cast<float*>(ctx.peers[d] + ctx.sym.ht_scales)[row * groups + g] = scale;
     }
-  }
+  });
 }
 
 __global__ void dispatch_kernel(DeviceContext ctx, DispatchParams p) {
@@ -226,14 +212,26 @@ __global__ void combine_kernel(DeviceContext ctx, CombineParams p) {
       const int i = base + lane;
       const bool active = i < n16;
       float acc[8] = {};
+      // Up to kCombineBatch source rows in flight, then summed in ascending rank order.
       for (uint64_t m = route.mask; m;) {
-        const int d = pop_lowest(m);
-        const int64_t row = route.row(d);
-        if (!active) continue;
-        float f[8];
-        device::unpack_bf16x8(device::ld_peer_16(y_of[d] + row * H + i * 8), f);
+        int4 v[kCombineBatch];
+        int loaded = 0;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
+        for (int b = 0; b < kCombineBatch; ++b) {
+          if (!m) break;  // warp-uniform
+          const int d = pop_lowest(m);
+          const int64_t row = route.row(d);
+          if (active) v[b] = device::ld_peer_16(y_of[d] + row * H + i * 8);
+          loaded = b + 1;
+        }
+#pragma unroll
+        for (int b = 0; b < kCombineBatch; ++b) {
+          if (b >= loaded || !active) break;
+          float f[8];
+          device::unpack_bf16x8(v[b], f);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
+        }
       }
       if (!active) continue;
       if (p.bias) {

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kScanThreads)
     }
     __syncthreads();
     if (threadIdx.x < R) {
-      device::fence_acq_rel_sys();
+      transport::scope(ctx).fence();
       transport::signal(ctx, threadIdx.x, FlagKind::kLayoutCounts, seq);
       transport::wait_signal(ctx, FlagKind::kLayoutCounts, threadIdx.x, seq, Phase::kLayoutCounts,
                              0);

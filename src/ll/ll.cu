@@ -5,6 +5,7 @@
 #include "device/block.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
+#include "device/row_ops.cuh"
 #include "layout/layout.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
@@ -24,10 +25,6 @@ constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 1024;  // largest block of the grid kernels
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
 constexpr int kBf16PerVec = 8;                           // bf16 in one 16-byte vector
-constexpr int kLanesPerGroup = kFp8Group / kBf16PerVec;  // a half-warp per fp8 scale group
-constexpr int kGroupsPerWarp = kWarpSize / kLanesPerGroup;
-constexpr int kCopyUnroll = 4;    // 16-byte vectors in flight per lane while copying a row
-constexpr int kQuantUnroll = 4;   // group pairs in flight per warp while quantising a row
 constexpr int kCombineBatch = 8;  // slot rows loaded before they are accumulated
 constexpr int kCountShift = 32;   // ll_count_sig word: (seq << 32) | count
 constexpr uint64_t kCountMask = (1ull << kCountShift) - 1;
@@ -59,52 +56,26 @@ __device__ __forceinline__ int64_t pair_expert(const DeviceContext& ctx,
   return (e < 0 || e >= ctx.num_experts || repeat) ? -1 : e;
 }
 
-/// Copies one bf16 row of n16 16-byte vectors, kCopyUnroll vectors in flight per lane.
+/// Copies one bf16 row of n16 16-byte vectors to one destination.
 __device__ void copy_row(const int4* src, int4* dst, int n16, int lane) {
-  for (int base = 0; base < n16; base += kWarpSize * kCopyUnroll) {
-    int4 v[kCopyUnroll];
+  device::copy_vectors(src, n16, lane, [&](int base, const int4 (&v)[device::kRowCopyUnroll]) {
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int i = base + u * kWarpSize + lane;
-      if (i < n16) v[u] = device::ld_stream_16(src + i);
-    }
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
+    for (int u = 0; u < device::kRowCopyUnroll; ++u) {
       const int i = base + u * kWarpSize + lane;
       if (i < n16) device::st_stream_16(dst + i, v[u]);
     }
-  }
+  });
 }
 
-/// Quantises one bf16 row to e4m3 + one f32 scale per 128 channels (as ht::quantize_row): a
-/// half-warp per group, kQuantUnroll group pairs loaded before they are processed.
+/// Quantises one bf16 row to e4m3 + one f32 scale per 128 channels, to one destination.
 __device__ void quantize_row(const int4* src, uint8_t* dst, float* scales, int groups, bool pow2,
                              int lane) {
-  const int half = lane / kLanesPerGroup, sub = lane % kLanesPerGroup;
-  for (int g0 = 0; g0 < groups; g0 += kGroupsPerWarp * kQuantUnroll) {
-    int4 v[kQuantUnroll];
-#pragma unroll
-    for (int u = 0; u < kQuantUnroll; ++u) {
-      const int g = g0 + u * kGroupsPerWarp + half;
-      v[u] =
-          g < groups ? device::ld_stream_16(src + g * kLanesPerGroup + sub) : make_int4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kQuantUnroll; ++u) {
-      const int g = g0 + u * kGroupsPerWarp + half;
-      // Lanes beyond the last group hold zeros but still take part in the shuffle.
-      float f[kBf16PerVec];
-      device::unpack_bf16x8(v[u], f);
-      const float amax = device::half_warp_max(device::abs_max8(f));
-      float scale, inv;
-      device::fp8_scale(amax, pow2, scale, inv);
-      const uint2 q = device::quantize_fp8x8(f, inv);
-      if (g < groups) {
-        *reinterpret_cast<uint2*>(dst + g * kFp8Group + sub * kBf16PerVec) = q;
-        if (sub == 0) scales[g] = scale;
-      }
-    }
-  }
+  device::quantize_groups(src, groups, pow2, lane,
+                          [&](int g, int sub, uint2 q, float scale, bool valid) {
+    if (!valid) return;
+    *reinterpret_cast<uint2*>(dst + g * kFp8Group + sub * kBf16PerVec) = q;
+    if (sub == 0) scales[g] = scale;
+  });
 }
 
 /// Every block: waits until every peer has entered this call (block 0 signals first). True in
@@ -126,12 +97,13 @@ __device__ __forceinline__ void count_message(const DeviceContext& ctx, int64_t 
                                               uint64_t seq) {
   const int L = ctx.local_experts;
   const uint32_t count = static_cast<uint32_t>(ctx.local.num_tokens_per_expert[e]);
-  device::fence_acq_rel_sys();  // this warp's rows before its increment
+  const device::Scope sc = transport::scope(ctx);
+  sc.fence();  // this warp's rows before its increment
   const uint32_t old = atomicAdd(&ctx.local.ll_sent[e], 1u);
   if (old + 1 != count) return;
   ctx.local.ll_sent[e] = 0;     // e is complete: nobody else touches it in this call
-  device::fence_acq_rel_sys();  // the other warps' rows (seen through the counter) before the count
-  device::st_release_sys(
+  sc.fence();  // the other warps' rows (seen through the counter) before the count
+  sc.store_release(
       count_word(ctx, static_cast<int>(e / L), b, static_cast<int>(e % L), ctx.rank),
       (seq << kCountShift) | count);
 }
@@ -150,7 +122,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (ok && blockIdx.x == 0) {
     for (int e = threadIdx.x; e < E; e += blockDim.x)
       if (ctx.local.num_tokens_per_expert[e] == 0)
-        device::st_release_sys(count_word(ctx, e / L, b, e % L, me), seq << kCountShift);
+        transport::scope(ctx).store_release(count_word(ctx, e / L, b, e % L, me), seq << kCountShift);
   }
 
   const int64_t slots_per_rank = static_cast<int64_t>(L) * R * M;
@@ -207,7 +179,7 @@ __global__ void __launch_bounds__(kRecvThreads)
       break;
     }
     p.recv_layout[2 * i] = s * M;
-    p.recv_layout[2 * i + 1] = static_cast<int32_t>(device::ld_acquire_sys(words + i) & kCountMask);
+    p.recv_layout[2 * i + 1] = static_cast<int32_t>(transport::scope(ctx).load_acquire(words + i) & kCountMask);
   }
   if (!__syncthreads_and(ok)) return;
   for (int le = threadIdx.x; le < L; le += blockDim.x) {
@@ -226,7 +198,7 @@ __global__ void __launch_bounds__(kCombineSendThreads)
     uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.sym.peer_ptrs) +
                      ((kLlPeerPtrBase + p.buffer) * R + me) * detail::kPeerPtrs;
     slot[0] = p.y;
-    device::fence_acq_rel_sys();  // y (written by earlier kernels) and its address
+    transport::scope(ctx).fence();  // y (written by earlier kernels) and its address
     transport::signal(ctx, d, FlagKind::kCombineReady, seq);
   }
   if (threadIdx.x == 0) device::close_call(ctx);  // every thread read seq in read_call_seq

@@ -107,7 +107,7 @@ struct DeviceContext {
   int32_t words;          // W = ceil(Tmax / 32)
   int64_t ht_capacity;    // HT receive rows
   int32_t ll_capacity;    // M
-  int32_t pad;
+  int32_t one_gpu;        // every rank on this GPU: GPU-scope ordering suffices
   uint64_t timeout_ns;
   uint8_t* peers[kMaxRanks];  // symmetric base of every rank (this one included)
   SymmetricLayout sym;

@@ -68,23 +68,29 @@ __device__ __forceinline__ bool aborted(const DeviceContext& ctx) {
   return *reinterpret_cast<volatile int*>(ctx.local.aborted) != 0;
 }
 
+/// Memory-ordering scope for this group's signals and fences.
+__device__ __forceinline__ device::Scope scope(const DeviceContext& ctx) {
+  return device::Scope{ctx.one_gpu != 0};
+}
+
 /// Signals `dst` that this rank reached `seq` of `kind`. Call after a release fence that covers
 /// the data the signal publishes (fence_acq_rel_sys, or a CTA barrier then that fence).
 __device__ __forceinline__ void signal(const DeviceContext& ctx, int dst, FlagKind kind,
                                        uint64_t seq) {
-  device::st_release_sys(flag_slot(ctx, dst, kind, ctx.rank), seq);
+  scope(ctx).store_release(flag_slot(ctx, dst, kind, ctx.rank), seq);
 }
 
 /// Waits until `word` >= `target` (acquire). Gives up after ctx.timeout_ns, recording a stall
 /// that names this rank, `peer`, `phase` and `channel`. Returns false on failure.
 __device__ inline bool wait_geq(const DeviceContext& ctx, const uint64_t* word, uint64_t target,
                                 int peer, Phase phase, int channel) {
-  uint64_t v = device::ld_acquire_sys(word);
+  const device::Scope sc = scope(ctx);
+  uint64_t v = sc.load_acquire(word);
   if (v >= target) return true;
   if (aborted(ctx)) return false;
   const uint64_t start = device::global_timer_ns();
   for (uint32_t spin = 0;; ++spin) {
-    v = device::ld_acquire_sys(word);
+    v = sc.load_acquire(word);
     if (v >= target) return true;
     if ((spin & 255u) == 255u) {
       if (aborted(ctx)) return false;

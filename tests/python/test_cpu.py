@@ -268,3 +268,162 @@ def _torch_installed():
     import importlib.util
 
     return importlib.util.find_spec("torch") is not None
+
+
+# --- the Python layer over a fake backend (stream plans, joins, outputs, hooks, events) --------
+# The fake mirrors the extension's signatures (keyword-only arguments as the package passes them).
+class FakeHandle:
+    def __init__(self, T):
+        self.mode, self.num_tokens, self.num_recv_tokens, self.valid = "ht", T, T, True
+
+
+class FakeHook:
+    def __init__(self, log, rank):
+        self.log, self.rank = log, rank
+
+    def __call__(self, stream=0):
+        self.log.append(("hook", self.rank, stream))
+
+
+class FakeCppComm:
+    def __init__(self, rank, num_ranks, log):
+        self.rank, self.num_ranks, self.device, self.stream = rank, num_ranks, 0, 1000 + rank
+        self.config = make_config()._to_cpp()
+        self.log = log
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, *, quantize_fp8, worst_case,
+                 previous_handle, stream, async_, return_recv_hook, bf16_as_u16):
+        self.log.append(("dispatch", self.rank, stream, async_))
+        raw = {k: None for k in ("recv_x_scales", "recv_topk_weights", "recv_src_token",
+                                 "recv_rank_prefix", "num_recv_tokens_device", "recv_count",
+                                 "recv_src_info", "recv_layout", "event")}
+        raw.update(mode="ht", recv_x=_C._roundtrip(x, bf16_as_u16=True)["array"],
+                   recv_topk_idx=_C._roundtrip(topk_idx)["array"],
+                   num_recv_tokens_per_expert=_C._roundtrip(np.array([1, 2], np.int32))["array"],
+                   num_recv_tokens=x.shape[0], num_recv_tokens_per_expert_host=[1, 2],
+                   handle=previous_handle or FakeHandle(x.shape[0]),
+                   hook=FakeHook(self.log, self.rank) if return_recv_hook else None)
+        return raw
+
+    def combine(self, y, handle, topk_weights, recv_topk_weights, bias, out, *, stream, async_,
+                return_recv_hook, bf16_as_u16):
+        self.log.append(("combine", self.rank, stream, async_))
+        return dict(out=None if out is not None else _C._roundtrip(y, bf16_as_u16=True)["array"],
+                    combined_topk_weights=None, event=None, hook=None)
+
+
+class FakeEvent2:
+    log = []
+
+    def __init__(self, device):
+        self.stream = None
+
+    def record(self, stream):
+        self.stream = stream
+
+    def stream_wait(self, stream):
+        FakeEvent2.log.append(("join", stream, self.stream))
+
+    def synchronize(self):
+        FakeEvent2.log.append(("host", self.stream))
+
+
+class StreamFramework(_frameworks.Framework):
+    """A framework with a current stream (77), like torch, over numpy arrays."""
+    name, has_streams = "fake", True
+
+    def current_stream(self, device):
+        return 77
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    from moecomm.communicator import MoECommunicator, _GroupContext
+
+    log = []
+    FakeEvent2.log = log
+    monkeypatch.setattr(_C, "CudaEvent", FakeEvent2)
+    monkeypatch.setattr(_C, "stream_wait_stream",
+                        lambda waiter, signaler, device: log.append(("fork", waiter, signaler)))
+
+    def make(num_ranks, framework=None):
+        if framework is not None:
+            monkeypatch.setattr(_frameworks, "of", lambda x: framework)
+        ctx = _GroupContext(None, num_ranks, [0])
+        return [MoECommunicator(FakeCppComm(r, num_ranks, log), ctx, r) for r in range(num_ranks)]
+
+    return make, log
+
+
+def test_virtual_ranks_join_after_every_rank(fake):
+    make, log = fake
+    comms = make(2, StreamFramework())
+    x = np.arange(8, dtype=np.uint16).reshape(2, 4)
+    idx = np.zeros((2, 2), np.int64)
+    out0, h0 = comms[0].dispatch(x, idx)
+    # Rank 0 forked from the caller's stream and ran on its own; no join yet.
+    assert log == [("fork", 1000, 77), ("dispatch", 0, 1000, False)]
+    out1, h1 = comms[1].dispatch(x, idx)
+    assert log[2:] == [("fork", 1001, 77), ("dispatch", 1, 1001, False),
+                       ("join", 77, 1000), ("join", 77, 1001)]
+    np.testing.assert_array_equal(np.from_dlpack(out0.recv_x), x)
+    assert out0.num_recv_tokens_per_expert_host == [1, 2]
+    assert out0.mode == "ht" and out0.handle is h0 and h0.num_tokens == 2
+    assert repr(out0).startswith("DispatchOutput(recv_x")
+    assert out0.recv_x_scales is None
+    # combine with a caller-owned out returns that very object
+    y = np.ones((2, 4), np.uint16)
+    c = comms[0].combine(y, h0, out=y)
+    assert c.out is y
+    with pytest.raises(moecomm.InvalidArgument, match="made by another communicator"):
+        comms[1].combine(y, h0)
+    with pytest.raises(moecomm.InvalidArgument, match="expected a moecomm.Handle"):
+        comms[1].dispatch(x, idx, previous_handle=object())
+
+
+def test_single_local_rank_runs_on_the_callers_stream(fake):
+    make, log = fake
+    (comm,) = make(1, StreamFramework())
+    comm.dispatch(np.zeros((1, 4), np.uint16), np.zeros((1, 2), np.int64))
+    assert log == [("dispatch", 0, 77, False)]  # direct: no fork, no event, no join
+    out, _ = comm.dispatch(np.zeros((1, 4), np.uint16), np.zeros((1, 2), np.int64), async_=True)
+    assert log[-1] == ("dispatch", 0, 77, True)  # the library's own async mode
+
+
+def test_explicit_stream_and_async(fake):
+    make, log = fake
+    comms = make(2, StreamFramework())
+    x, idx = np.zeros((1, 4), np.uint16), np.zeros((1, 2), np.int64)
+    comms[0].dispatch(x, idx, stream=5)
+    assert log == [("dispatch", 0, 5, False)]
+    log.clear()
+    outs = [comms[r].dispatch(x, idx, async_=True) for r in range(2)]
+    # async in a virtual group: own streams, an event each, no join of the caller's stream
+    assert [e for e in log if e[0] == "join"] == []
+    for out, _ in outs:
+        assert out.event is not None
+        out.event.current_stream_wait()
+    assert [e for e in log if e[0] == "join"] == [("join", 77, 1000), ("join", 77, 1001)]
+
+
+def test_hooks_join_like_calls(fake):
+    make, log = fake
+    comms = make(2, StreamFramework())
+    x, idx = np.zeros((1, 4), np.uint16), np.zeros((1, 2), np.int64)
+    outs = [comms[r].dispatch(x, idx, return_recv_hook=True) for r in range(2)]
+    log.clear()
+    outs[0][0].hook()
+    outs[1][0].hook()
+    assert log == [("hook", 0, 0), ("hook", 1, 0), ("join", 77, 1000), ("join", 77, 1001)]
+    with pytest.raises(moecomm.InvalidArgument, match="already called"):
+        outs[0][0].hook()
+
+
+def test_streamless_framework_waits_on_the_host(fake):
+    make, log = fake
+    comms = make(2)  # numpy: no stream API
+    x, idx = np.zeros((1, 4), np.uint16), np.zeros((1, 2), np.int64)
+    comms[0].dispatch(x, idx)
+    comms[1].dispatch(x, idx)
+    assert log == [("dispatch", 0, 1000, False), ("dispatch", 1, 1001, False),
+                   ("host", 1000), ("host", 1001)]

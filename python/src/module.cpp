@@ -1,0 +1,490 @@
+// moecomm._C: the nanobind extension behind the `moecomm` Python package.
+//
+// Thin by design: tensors cross as DLPack (tensors.hpp), every call that may wait (exact HT
+// dispatch waits on the host for the counts; synchronize; event waits) releases the GIL, and
+// the Python package (python/moecomm) adds the framework conversions and the stream rules.
+// Arrays returned here are views of communicator memory whose owner is the Python communicator
+// object, which in turn keeps its group (and so the memory) alive.
+#include <cuda_runtime_api.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moecomm/moecomm.hpp"
+#include "tensors.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace moecomm::python {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Exceptions: moecomm.Error (a RuntimeError) and its subclasses, each also deriving from the
+// closest built-in exception so that `except ValueError` and `except TimeoutError` work.
+PyObject* g_error = nullptr;
+PyObject* g_invalid_argument = nullptr;
+PyObject* g_cuda_error = nullptr;
+PyObject* g_timeout_error = nullptr;
+PyObject* g_unsupported = nullptr;
+
+PyObject* new_exception(nb::module_& m, const char* name, const char* doc, PyObject* bases) {
+  const std::string qualified = std::string("moecomm.") + name;
+  PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
+  if (!type) throw nb::python_error();
+  m.attr(name) = nb::handle(type);  // the module holds a reference; `type` stays alive with it
+  return type;
+}
+
+void register_exceptions(nb::module_& m) {
+  nb::object base = nb::make_tuple(nb::handle(PyExc_RuntimeError));
+  g_error = new_exception(m, "Error", "Base class of every error moecomm raises.", base.ptr());
+  nb::object inv = nb::make_tuple(nb::handle(g_error), nb::handle(PyExc_ValueError));
+  g_invalid_argument = new_exception(
+      m, "InvalidArgument",
+      "An argument or a Config field is out of range or of the wrong shape, dtype or device. "
+      "The message starts with its name.",
+      inv.ptr());
+  nb::object err = nb::make_tuple(nb::handle(g_error));
+  g_cuda_error = new_exception(m, "CudaError", "A CUDA call failed.", err.ptr());
+  nb::object to = nb::make_tuple(nb::handle(g_error), nb::handle(PyExc_TimeoutError));
+  g_timeout_error = new_exception(
+      m, "TimeoutError",
+      "A device-side wait exceeded Config.timeout_seconds; the message names rank, peer and phase. "
+      "The group is unusable afterwards.",
+      to.ptr());
+  g_unsupported = new_exception(
+      m, "Unsupported", "The requested feature does not exist here (e.g. no CUDA device).",
+      err.ptr());
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(g_invalid_argument, e.what());
+    } catch (const TimeoutError& e) {
+      PyErr_SetString(g_timeout_error, e.what());
+    } catch (const Unsupported& e) {
+      PyErr_SetString(g_unsupported, e.what());
+    } catch (const CudaError& e) {
+      PyErr_SetString(g_cuda_error, e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(g_error, e.what());
+    }
+  });
+}
+
+void cuda_check(cudaError_t err, const char* call) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw CudaError(std::string(call) + " failed: " + cudaGetErrorString(err));
+  }
+}
+#define PY_CUDA_CHECK(call) cuda_check((call), #call)
+
+/// Makes `device` current for the scope.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    PY_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) PY_CUDA_CHECK(cudaSetDevice(device));
+    device_ = device;
+  }
+  ~DeviceScope() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = 0, device_ = 0;
+};
+
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+uintptr_t as_int(cudaStream_t s) { return reinterpret_cast<uintptr_t>(s); }
+
+// ---------------------------------------------------------------------------------------------
+// Config: mode and scale_format as strings ("ll", "ht", "auto"; "f32", "pow2").
+Mode parse_mode(const std::string& s) {
+  if (s == "ll" || s == "low_latency") return Mode::kLowLatency;
+  if (s == "ht" || s == "high_throughput") return Mode::kHighThroughput;
+  if (s == "auto") return Mode::kAuto;
+  throw InvalidArgument("Config.mode: expected 'll', 'ht' or 'auto', got '" + s + "'");
+}
+const char* mode_short(Mode m) {
+  switch (m) {
+    case Mode::kLowLatency: return "ll";
+    case Mode::kHighThroughput: return "ht";
+    case Mode::kAuto: return "auto";
+  }
+  return "?";
+}
+ScaleFormat parse_scale_format(const std::string& s) {
+  if (s == "f32" || s == "float32") return ScaleFormat::kFloat32;
+  if (s == "pow2" || s == "power_of_two") return ScaleFormat::kPowerOfTwo;
+  throw InvalidArgument("Config.scale_format: expected 'f32' or 'pow2', got '" + s + "'");
+}
+
+// ---------------------------------------------------------------------------------------------
+/// A CUDA event that Python can record and wait on (stream ordering between the caller's
+/// stream and a communicator's stream).
+class CudaEvent {
+ public:
+  explicit CudaEvent(int device) : device_(device) {
+    DeviceScope scope(device_);
+    PY_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+  }
+  ~CudaEvent() {
+    if (event_) {
+      int prev = 0;
+      cudaGetDevice(&prev);
+      cudaSetDevice(device_);
+      cudaEventDestroy(event_);
+      cudaSetDevice(prev);
+    }
+  }
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+
+  void record(uintptr_t stream) {
+    DeviceScope scope(device_);
+    PY_CUDA_CHECK(cudaEventRecord(event_, as_stream(stream)));
+  }
+  /// `stream` waits for the recorded work.
+  void stream_wait(uintptr_t stream) const {
+    DeviceScope scope(device_);
+    PY_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), event_, 0));
+  }
+  void synchronize() const { PY_CUDA_CHECK(cudaEventSynchronize(event_)); }
+  bool query() const {
+    const cudaError_t e = cudaEventQuery(event_);
+    if (e == cudaErrorNotReady) {
+      cudaGetLastError();
+      return false;
+    }
+    PY_CUDA_CHECK(e);
+    return true;
+  }
+  uintptr_t native() const { return reinterpret_cast<uintptr_t>(event_); }
+  int device() const { return device_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+  int device_;
+};
+
+/// `waiter` waits for the work queued on `signaler` so far (no host synchronisation).
+void stream_wait_stream(uintptr_t waiter, uintptr_t signaler, int device) {
+  if (waiter == signaler) return;
+  DeviceScope scope(device);
+  cudaEvent_t ev;
+  PY_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  cudaError_t err = cudaEventRecord(ev, as_stream(signaler));
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(as_stream(waiter), ev, 0);
+  cudaEventDestroy(ev);
+  PY_CUDA_CHECK(err);
+}
+
+// ---------------------------------------------------------------------------------------------
+/// One rank's communicator as Python sees it: `keep` owns what `comm` lives in (the virtual
+/// group, or the communicator itself for a process group).
+struct PyComm {
+  std::shared_ptr<void> keep;
+  MoECommunicator* comm = nullptr;
+
+  MoECommunicator& get() {
+    if (!comm) throw InvalidArgument("communicator: closed");
+    return *comm;
+  }
+};
+
+struct PyGroup {
+  std::shared_ptr<VirtualGroup> group;
+};
+
+nb::object owner_of(PyComm& self) { return nb::find(&self); }
+
+nb::dict dispatch(PyComm& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx,
+                  nb::handle topk_weights, bool quantize_fp8, bool worst_case,
+                  const Handle* previous_handle, uintptr_t stream, bool async,
+                  bool return_recv_hook, bool bf16_as_u16) {
+  MoECommunicator& comm = self.get();
+  DispatchArgs args;
+  args.x = to_view(x, "x", InputKind::kX);
+  args.x_scales = to_view(x_scales, "x_scales");
+  args.topk_idx = to_view(topk_idx, "topk_idx");
+  args.topk_weights = to_view(topk_weights, "topk_weights");
+  DispatchOptions opt;
+  opt.quantize_fp8 = quantize_fp8;
+  opt.sizing = worst_case ? Sizing::kWorstCase : Sizing::kExact;
+  opt.previous_handle = previous_handle;
+  opt.stream = as_stream(stream);
+  opt.async = async;
+  opt.return_recv_hook = return_recv_hook;
+  DispatchOutput out;
+  {
+    nb::gil_scoped_release release;  // exact HT dispatch waits on the host for the counts
+    out = comm.dispatch(args, opt);
+  }
+  nb::object owner = owner_of(self);
+  OutputOptions oo;
+  oo.bf16_as_u16 = bf16_as_u16;
+  nb::dict d;
+  d["mode"] = mode_short(out.mode);
+  d["recv_x"] = to_array(out.recv_x, owner, oo);
+  d["recv_x_scales"] = to_array(out.recv_x_scales, owner, oo);
+  d["recv_topk_idx"] = to_array(out.recv_topk_idx, owner, oo);
+  d["recv_topk_weights"] = to_array(out.recv_topk_weights, owner, oo);
+  d["recv_src_token"] = to_array(out.recv_src_token, owner, oo);
+  d["recv_rank_prefix"] = to_array(out.recv_rank_prefix, owner, oo);
+  d["num_recv_tokens_per_expert"] = to_array(out.num_recv_tokens_per_expert, owner, oo);
+  d["num_recv_tokens_device"] = to_array(out.num_recv_tokens_device, owner, oo);
+  d["num_recv_tokens"] = out.num_recv_tokens;
+  d["num_recv_tokens_per_expert_host"] = out.num_recv_tokens_per_expert_host;
+  d["recv_count"] = to_array(out.recv_count, owner, oo);
+  d["recv_src_info"] = to_array(out.recv_src_info, owner, oo);
+  d["recv_layout"] = to_array(out.recv_layout, owner, oo);
+  d["handle"] = nb::cast(out.handle);
+  d["event"] = out.event.valid() ? nb::cast(out.event) : nb::none();
+  d["hook"] = out.hook.valid() ? nb::cast(out.hook) : nb::none();
+  return d;
+}
+
+nb::dict combine(PyComm& self, nb::handle y, const Handle& handle, nb::handle topk_weights,
+                 nb::handle recv_topk_weights, nb::handle bias, nb::handle out_arg,
+                 uintptr_t stream, bool async, bool return_recv_hook, bool bf16_as_u16) {
+  MoECommunicator& comm = self.get();
+  CombineArgs args;
+  args.y = to_view(y, "y");
+  args.topk_weights = to_view(topk_weights, "topk_weights");
+  args.recv_topk_weights = to_view(recv_topk_weights, "recv_topk_weights");
+  args.bias = to_view(bias, "bias");
+  CombineOptions opt;
+  opt.out = to_view(out_arg, "out");
+  opt.stream = as_stream(stream);
+  opt.async = async;
+  opt.return_recv_hook = return_recv_hook;
+  CombineOutput out;
+  {
+    nb::gil_scoped_release release;
+    out = comm.combine(args, handle, opt);
+  }
+  nb::object owner = owner_of(self);
+  OutputOptions oo;
+  oo.bf16_as_u16 = bf16_as_u16;
+  nb::dict d;
+  // A caller-owned `out` is returned by the Python layer itself (same object).
+  d["out"] = opt.out.present() ? nb::none() : to_array(out.out, owner, oo);
+  d["combined_topk_weights"] = to_array(out.combined_topk_weights, owner, oo);
+  d["event"] = out.event.valid() ? nb::cast(out.event) : nb::none();
+  d["hook"] = out.hook.valid() ? nb::cast(out.hook) : nb::none();
+  return d;
+}
+
+nb::dict get_layout(PyComm& self, nb::handle topk_idx, uintptr_t stream) {
+  MoECommunicator& comm = self.get();
+  const TensorView idx = to_view(topk_idx, "topk_idx");
+  Layout l;
+  {
+    nb::gil_scoped_release release;
+    l = comm.get_layout(idx, as_stream(stream));
+  }
+  nb::object owner = owner_of(self);
+  OutputOptions oo;
+  nb::dict d;
+  d["num_tokens_per_rank"] = to_array(l.num_tokens_per_rank, owner, oo);
+  d["num_tokens_per_expert"] = to_array(l.num_tokens_per_expert, owner, oo);
+  d["is_token_in_rank"] = to_array(l.is_token_in_rank, owner, oo);
+  d["num_recv_tokens_per_rank"] = to_array(l.num_recv_tokens_per_rank, owner, oo);
+  d["num_recv_tokens_per_expert"] = to_array(l.num_recv_tokens_per_expert, owner, oo);
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+void bind_config(nb::module_& m) {
+  nb::class_<Config>(m, "Config", "moecomm::Config (the Python package wraps it in MoECommunicatorConfig).")
+      .def(nb::init<>())
+      .def_rw("num_experts", &Config::num_experts)
+      .def_rw("hidden", &Config::hidden)
+      .def_rw("topk", &Config::topk)
+      .def_rw("max_tokens_per_rank", &Config::max_tokens_per_rank)
+      .def_prop_rw(
+          "mode", [](const Config& c) { return std::string(mode_short(c.mode)); },
+          [](Config& c, const std::string& s) { c.mode = parse_mode(s); })
+      .def_rw("num_sms", &Config::num_sms)
+      .def_rw("threads_per_block", &Config::threads_per_block)
+      .def_rw("expert_alignment", &Config::expert_alignment)
+      .def_rw("enable_fp8", &Config::enable_fp8)
+      .def_prop_rw(
+          "scale_format",
+          [](const Config& c) {
+            return std::string(c.scale_format == ScaleFormat::kPowerOfTwo ? "pow2" : "f32");
+          },
+          [](Config& c, const std::string& s) { c.scale_format = parse_scale_format(s); })
+      .def_rw("timeout_seconds", &Config::timeout_seconds)
+      .def_rw("max_recv_tokens", &Config::max_recv_tokens)
+      .def_rw("low_latency_max_tokens", &Config::low_latency_max_tokens)
+      .def_rw("auto_low_latency_max_tokens", &Config::auto_low_latency_max_tokens)
+      .def_rw("validate_inputs", &Config::validate_inputs)
+      .def("validate", &Config::validate, "num_ranks"_a)
+      .def("local_experts", &Config::local_experts, "num_ranks"_a)
+      .def("ll_capacity", &Config::ll_capacity)
+      .def("to_text", &Config::to_text)
+      .def("load_file", &Config::load_file, "path"_a)
+      .def("save_file", &Config::save_file, "path"_a);
+}
+
+void bind_values(nb::module_& m) {
+  nb::class_<Handle>(m, "Handle", "The routing of one dispatch (moecomm::Handle).")
+      .def_prop_ro("valid", &Handle::valid)
+      .def_prop_ro("mode", [](const Handle& h) { return std::string(mode_short(h.mode())); })
+      .def_prop_ro("num_tokens", &Handle::num_tokens)
+      .def_prop_ro("num_recv_tokens", &Handle::num_recv_tokens);
+
+  nb::class_<Event>(m, "Event", "Completion of an asynchronous call (moecomm::Event).")
+      .def_prop_ro("valid", &Event::valid)
+      .def("synchronize", &Event::synchronize, nb::call_guard<nb::gil_scoped_release>())
+      .def(
+          "stream_wait", [](const Event& e, uintptr_t s) { e.stream_wait(as_stream(s)); },
+          "stream"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def_prop_ro("native", [](const Event& e) { return reinterpret_cast<uintptr_t>(e.native()); });
+
+  nb::class_<RecvHook>(m, "RecvHook", "The receive phase of a low-latency call (moecomm::RecvHook).")
+      .def_prop_ro("valid", &RecvHook::valid)
+      .def(
+          "__call__", [](const RecvHook& h, uintptr_t s) { h(as_stream(s)); }, "stream"_a = 0,
+          nb::call_guard<nb::gil_scoped_release>());
+
+  nb::class_<CudaEvent>(m, "CudaEvent", "A CUDA event (stream ordering helper).")
+      .def(nb::init<int>(), "device"_a)
+      .def("record", &CudaEvent::record, "stream"_a)
+      .def("stream_wait", &CudaEvent::stream_wait, "stream"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("synchronize", &CudaEvent::synchronize, nb::call_guard<nb::gil_scoped_release>())
+      .def("query", &CudaEvent::query)
+      .def_prop_ro("native", &CudaEvent::native)
+      .def_prop_ro("device", &CudaEvent::device);
+}
+
+void bind_comm(nb::module_& m) {
+  nb::class_<PyComm>(m, "Communicator", "One rank's moecomm::MoECommunicator.")
+      .def_prop_ro("rank", [](PyComm& s) { return s.get().rank(); })
+      .def_prop_ro("num_ranks", [](PyComm& s) { return s.get().num_ranks(); })
+      .def_prop_ro("device", [](PyComm& s) { return s.get().device(); })
+      .def_prop_ro("stream", [](PyComm& s) { return as_int(s.get().stream()); })
+      .def_prop_ro("config", [](PyComm& s) { return s.get().config(); })
+      .def("dispatch", &dispatch, "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(),
+           "topk_weights"_a.none(), "quantize_fp8"_a, "worst_case"_a,
+           "previous_handle"_a.none(), "stream"_a, "async_"_a, "return_recv_hook"_a,
+           "bf16_as_u16"_a)
+      .def("combine", &combine, "y"_a.none(), "handle"_a, "topk_weights"_a.none(),
+           "recv_topk_weights"_a.none(), "bias"_a.none(), "out"_a.none(), "stream"_a,
+           "async_"_a, "return_recv_hook"_a, "bf16_as_u16"_a)
+      .def("get_layout", &get_layout, "topk_idx"_a.none(), "stream"_a)
+      .def(
+          "combine_buffer",
+          [](PyComm& s, const Handle& h, bool bf16_as_u16) {
+            const TensorView v = s.get().combine_buffer(h);
+            OutputOptions oo;
+            oo.bf16_as_u16 = bf16_as_u16;
+            return to_array(v, owner_of(s), oo);
+          },
+          "handle"_a, "bf16_as_u16"_a = false)
+      .def("synchronize", [](PyComm& s) { s.get().synchronize(); },
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("check_errors", [](PyComm& s) { s.get().check_errors(); });
+
+  nb::class_<PyGroup>(m, "VirtualGroup", "moecomm::VirtualGroup: R ranks in this process.")
+      .def(
+          "__init__",
+          [](PyGroup* self, const Config& config, int num_ranks, std::vector<int> devices) {
+            std::shared_ptr<VirtualGroup> g;
+            {
+              nb::gil_scoped_release release;
+              g = std::make_shared<VirtualGroup>(config, num_ranks, std::move(devices));
+            }
+            new (self) PyGroup{std::move(g)};
+          },
+          "config"_a, "num_ranks"_a, "devices"_a)
+      .def_prop_ro("size", [](PyGroup& g) { return g.group->size(); })
+      .def("comm",
+           [](PyGroup& g, int rank) {
+             MoECommunicator& c = (*g.group)[rank];
+             return PyComm{g.group, &c};
+           },
+           "rank"_a)
+      .def("synchronize", [](PyGroup& g) { g.group->synchronize(); },
+           nb::call_guard<nb::gil_scoped_release>());
+
+  nb::class_<ProcessGroupBuilder>(m, "ProcessGroupBuilder",
+                                  "One rank of a group whose ranks are processes (CUDA IPC).")
+      .def(nb::init<const Config&, int, int, int>(), "config"_a, "rank"_a, "size"_a, "device"_a,
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("local_handle",
+           [](const ProcessGroupBuilder& b) {
+             const std::vector<uint8_t> h = b.local_handle();
+             return nb::bytes(reinterpret_cast<const char*>(h.data()), h.size());
+           })
+      .def_static("handle_size", &ProcessGroupBuilder::handle_size)
+      .def(
+          "connect",
+          [](ProcessGroupBuilder& b, nb::bytes all) {
+            const auto* p = static_cast<const uint8_t*>(all.data());
+            std::vector<uint8_t> handles(p, p + all.size());
+            std::unique_ptr<MoECommunicator> c;
+            {
+              nb::gil_scoped_release release;
+              c = b.connect(handles);
+            }
+            std::shared_ptr<MoECommunicator> shared(std::move(c));
+            MoECommunicator* raw = shared.get();
+            return PyComm{std::shared_ptr<void>(shared), raw};
+          },
+          "all_handles"_a);
+}
+
+}  // namespace
+}  // namespace moecomm::python
+
+NB_MODULE(_C, m) {
+  using namespace moecomm::python;
+  m.doc() = "moecomm extension (nanobind); use the `moecomm` package instead.";
+  // Views handed to frameworks may outlive the interpreter's teardown order (a torch tensor
+  // holding a communicator in a global): not a leak worth a warning at exit.
+  nb::set_leak_warnings(false);
+  register_exceptions(m);
+  bind_config(m);
+  bind_values(m);
+  bind_comm(m);
+
+  m.def("version", [] { return std::string(moecomm::version()); });
+  m.def("cuda_device_count", &moecomm::cuda_device_count);
+  m.def("device_sm_count", &moecomm::device_sm_count, "device"_a);
+  m.def("cuda_runtime_version", [] {
+    int v = 0;
+    cudaRuntimeGetVersion(&v);
+    return v;
+  });
+  m.def("stream_wait_stream", &stream_wait_stream, "waiter"_a, "signaler"_a, "device"_a,
+        nb::call_guard<nb::gil_scoped_release>());
+  m.def("stream_synchronize", [](uintptr_t s, int device) {
+        DeviceScope scope(device);
+        PY_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
+      }, "stream"_a, "device"_a, nb::call_guard<nb::gil_scoped_release>());
+  // Test hook: an array through to_view and back (dtype mapping, shapes, strides, ownership).
+  m.def("_roundtrip",
+        [](nb::handle a, bool as_x, bool bf16_as_u16) {
+          const moecomm::TensorView v = to_view(a, "a", as_x ? InputKind::kX : InputKind::kGeneric);
+          OutputOptions oo;
+          oo.bf16_as_u16 = bf16_as_u16;
+          nb::dict d;
+          d["dtype"] = std::string(moecomm::dtype_name(v.dtype));
+          d["describe"] = v.describe();
+          d["array"] = to_array(v, a, oo);
+          return d;
+        },
+        "a"_a, "as_x"_a = false, "bf16_as_u16"_a = false);
+}
