@@ -33,7 +33,8 @@ void Config::validate(int num_ranks) const {
   if (num_ranks < 1 || num_ranks > detail::kMaxRanks)
     throw InvalidArgument("num_ranks: expected 1.." + std::to_string(detail::kMaxRanks) +
                           ", got " + std::to_string(num_ranks));
-  if (num_experts < 1) bad("num_experts", ">= 1", num_experts);
+  if (num_experts < 1 || num_experts > detail::kMaxExperts)
+    bad("num_experts", "1.." + std::to_string(detail::kMaxExperts), num_experts);
   if (num_experts % num_ranks != 0)
     throw InvalidArgument("Config.num_experts: expected a multiple of the number of ranks (" +
                           std::to_string(num_ranks) + "), got " + std::to_string(num_experts));

@@ -1,6 +1,9 @@
 #include "layout/layout.hpp"
 
+#include <string>
+
 #include "device/block.cuh"
+#include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "transport/signal.cuh"
 
@@ -15,6 +18,8 @@ namespace {
 
 constexpr int kBitmapThreads = 256;
 constexpr int kScanThreads = 1024;
+constexpr int kScanPrefetch = 8;     // words per lane in flight while scanning a row
+constexpr size_t kBitmapSmemLimit = 48 * 1024;  // default dynamic shared memory per block
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ int64_t load_expert(const TopkInput& topk, int64_t i) {
@@ -23,8 +28,10 @@ __device__ __forceinline__ int64_t load_expert(const TopkInput& topk, int64_t i)
 }
 
 // One warp per word of 32 tokens: it owns column w of every bitmap row, so it needs no atomics.
+// The warp builds its column in shared memory (E words) and writes it out once.
 __global__ void __launch_bounds__(kBitmapThreads)
     build_bitmaps_kernel(DeviceContext ctx, TopkInput topk, bool validate) {
+  extern __shared__ uint32_t column_of_warp[];  // [warps][E]
   const int lane = threadIdx.x & 31;
   const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int64_t T = topk.num_tokens;
@@ -34,8 +41,9 @@ __global__ void __launch_bounds__(kBitmapThreads)
   const int W = ctx.words;
   const int64_t t = w * 32 + lane;
   const bool has_token = t < T;
+  uint32_t* column = column_of_warp + static_cast<size_t>(threadIdx.x / 32) * E;
 
-  for (int e = lane; e < E; e += 32) ctx.local.expert_bitmap[static_cast<int64_t>(e) * W + w] = 0;
+  for (int e = lane; e < E; e += 32) column[e] = 0;
   __syncwarp();
 
   uint64_t rank_mask = 0;
@@ -61,10 +69,11 @@ __global__ void __launch_bounds__(kBitmapThreads)
       rank_mask |= 1ull << (e / L);
       // The lowest lane of each group of equal experts writes the group's bits; groups of one
       // k-step name distinct experts, and steps are ordered by __syncwarp.
-      if (lane == __ffs(same) - 1) ctx.local.expert_bitmap[e * W + w] |= same;
+      if (lane == __ffs(same) - 1) column[e] |= same;
     }
     __syncwarp();
   }
+  for (int e = lane; e < E; e += 32) ctx.local.expert_bitmap[static_cast<int64_t>(e) * W + w] = column[e];
   if (has_token) ctx.local.token_rank_mask[t] = rank_mask;
   for (int r = 0; r < R; ++r) {
     const bool in_rank = (rank_mask >> r) & 1ull;
@@ -75,18 +84,29 @@ __global__ void __launch_bounds__(kBitmapThreads)
 }
 
 // Exclusive prefix over the popcounts of one bitmap row; returns the row total (all lanes).
+// Each lane loads kScanPrefetch words before the scan, so a row costs one load latency.
 __device__ int32_t scan_row(const uint32_t* bits, int32_t* prefix, int64_t used_words, int lane) {
   int32_t running = 0;
-  for (int64_t base = 0; base < used_words; base += 32) {
-    const int64_t w = base + lane;
-    const int32_t c = w < used_words ? __popc(bits[w]) : 0;
-    int32_t inclusive = c;
-    for (int off = 1; off < 32; off <<= 1) {
-      const int32_t v = __shfl_up_sync(kFullMask, inclusive, off);
-      if (lane >= off) inclusive += v;
+  for (int64_t base = 0; base < used_words; base += 32 * kScanPrefetch) {
+    uint32_t word[kScanPrefetch];
+#pragma unroll
+    for (int j = 0; j < kScanPrefetch; ++j) {
+      const int64_t w = base + j * 32 + lane;
+      word[j] = w < used_words ? bits[w] : 0u;
     }
-    if (w < used_words) prefix[w] = running + inclusive - c;
-    running += __shfl_sync(kFullMask, inclusive, 31);
+#pragma unroll
+    for (int j = 0; j < kScanPrefetch; ++j) {
+      if (base + j * 32 >= used_words) break;  // warp-uniform
+      const int64_t w = base + j * 32 + lane;
+      const int32_t c = __popc(word[j]);
+      int32_t inclusive = c;
+      for (int off = 1; off < 32; off <<= 1) {
+        const int32_t v = __shfl_up_sync(kFullMask, inclusive, off);
+        if (lane >= off) inclusive += v;
+      }
+      if (w < used_words) prefix[w] = running + inclusive - c;
+      running += __shfl_sync(kFullMask, inclusive, 31);
+    }
   }
   return running;
 }
@@ -185,9 +205,17 @@ void launch_build_bitmaps(const DeviceContext& ctx, const TopkInput& topk, bool 
                           cudaStream_t stream) {
   const int64_t words = (topk.num_tokens + 31) / 32;
   if (words == 0) return;
-  const int warps_per_block = kBitmapThreads / 32;
+  // One column of E words per warp in shared memory; fewer warps per block for very large E.
+  const size_t column_bytes = sizeof(uint32_t) * ctx.num_experts;
+  int warps_per_block = kBitmapThreads / 32;
+  while (warps_per_block > 1 && column_bytes * warps_per_block > kBitmapSmemLimit) warps_per_block /= 2;
+  if (column_bytes > kBitmapSmemLimit)
+    throw InvalidArgument("Config.num_experts: expected at most " +
+                          std::to_string(kBitmapSmemLimit / sizeof(uint32_t)) + ", got " +
+                          std::to_string(ctx.num_experts));
   const int blocks = static_cast<int>((words + warps_per_block - 1) / warps_per_block);
-  build_bitmaps_kernel<<<blocks, kBitmapThreads, 0, stream>>>(ctx, topk, validate);
+  build_bitmaps_kernel<<<blocks, warps_per_block * 32, column_bytes * warps_per_block, stream>>>(
+      ctx, topk, validate);
   MOECOMM_LAUNCH_CHECK("build_bitmaps_kernel");
 }
 

@@ -10,6 +10,7 @@ namespace moecomm::detail {
 
 inline constexpr int kMaxRanks = 64;  // token->rank masks are 64-bit
 inline constexpr int kMaxTopk = 32;
+inline constexpr int kMaxExperts = 12288;  // the layout kernel keeps a column of E words per warp
 inline constexpr int kFp8Group = 128;  // channels per fp8 scale
 
 /// What a stalled wait was waiting for; reported in TimeoutError.
