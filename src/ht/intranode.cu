@@ -19,6 +19,7 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kCombineBatch = 8;  // source rows loaded before they are summed
+constexpr int kMaxThreadsPerBlock = 1024;  // Config::threads_per_block up to 1024 must launch
 
 /// Destinations of one token, as seen by every lane of the warp: rows at ranks d < 32 live in
 /// lane d's `lo`, rows at ranks 32..63 in lane d-32's `hi`.
@@ -106,7 +107,7 @@ __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, 
   });
 }
 
-__global__ void dispatch_kernel(DeviceContext ctx, DispatchParams p) {
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_kernel(DeviceContext ctx, DispatchParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
   const int R = ctx.num_ranks, K = ctx.topk, L = ctx.local_experts;
   const int lane = threadIdx.x & 31;
@@ -172,7 +173,7 @@ __global__ void dispatch_kernel(DeviceContext ctx, DispatchParams p) {
   }
 }
 
-__global__ void combine_kernel(DeviceContext ctx, CombineParams p) {
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) combine_kernel(DeviceContext ctx, CombineParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
   const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank;
   const int lane = threadIdx.x & 31;
