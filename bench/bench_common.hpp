@@ -11,6 +11,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/device_buffer.hpp"
+
 namespace epb {
 
 /// A CUDA call failed (the message holds the call's text, the file and the line).
@@ -41,40 +43,8 @@ inline void check_cuda(cudaError_t err, const char* what, const char* file, int 
 
 namespace epb {
 
-/// Owning allocation of n elements of T on the current device.
-template <typename T>
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t n) : n_(n) {
-    if (n > 0) EPB_CUDA(cudaMalloc(reinterpret_cast<void**>(&ptr_), n * sizeof(T)));
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
-    if (n_ > 0) EPB_CUDA(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  ~DeviceBuffer() {
-    if (ptr_) cudaFree(ptr_);
-  }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), n_(o.n_) {
-    o.ptr_ = nullptr;
-    o.n_ = 0;
-  }
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
-    std::swap(ptr_, o.ptr_);
-    std::swap(n_, o.n_);
-    return *this;
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  T* get() const { return ptr_; }
-  size_t size() const { return n_; }
-  size_t bytes() const { return n_ * sizeof(T); }
-
- private:
-  T* ptr_ = nullptr;
-  size_t n_ = 0;
-};
+/// Device allocations: the one tests use too.
+using moecomm::test::DeviceBuffer;
 
 /// Runs fn(i) for i in [0, n) on all host cores (static chunks; fn must be thread-safe).
 template <typename Fn>
