@@ -50,7 +50,7 @@ the host reference first, and compares with the naive permute -> copies -> unper
   --experts E             experts in total (default 256)
   --dtype fp8|bf16        dispatched dtype (default fp8: bf16 input quantised on the way)
   --num-sms N             SMs per rank (default 16; clamped to SMs / R)
-  --threads N             threads per block of the communication kernels (default 1024)
+  --threads N             threads per block of the communication kernels (default 512)
   --warmup N              untimed iterations (default 10)
   --iters N               timed iterations (default 50)
   --routing uniform|zipf|group

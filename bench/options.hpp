@@ -35,7 +35,7 @@ struct Options {
   int experts = 256;
   bool fp8 = true;  ///< fp8 dispatch (quantised on the way); combine is always bf16
   int num_sms = 16;
-  int threads = 1024;
+  int threads = 512;
   int warmup = 10;
   int iters = 50;
   RoutingKind routing = RoutingKind::kUniform;

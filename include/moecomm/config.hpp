@@ -34,7 +34,7 @@ struct Config {
   /// must fit together: sum over co-located ranks <= the device's SM count.
   int num_sms = 16;
   /// Threads per block of the copy kernels (multiple of 32, <= 1024).
-  int threads_per_block = 1024;
+  int threads_per_block = 512;
 
   /// HT: each entry of num_recv_tokens_per_expert is rounded up to a multiple of this.
   int expert_alignment = 1;

@@ -47,7 +47,7 @@ class MoECommunicatorConfig:
     max_tokens_per_rank: int
     mode: str = "ht"
     num_sms: int = 16
-    threads_per_block: int = 1024
+    threads_per_block: int = 512
     expert_alignment: int = 1
     enable_fp8: bool = True
     scale_format: str = "f32"

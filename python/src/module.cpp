@@ -3,8 +3,12 @@
 // Thin by design: tensors cross as DLPack (tensors.hpp), every call that may wait (exact HT
 // dispatch waits on the host for the counts; synchronize; event waits) releases the GIL, and
 // the Python package (python/moecomm) adds the framework conversions and the stream rules.
-// Arrays returned here are views of communicator memory whose owner is the Python communicator
-// object, which in turn keeps its group (and so the memory) alive.
+// Lifetimes (tensors.hpp): every array returned here is a view with an owner that keeps its
+// memory valid. Views of communicator memory are owned by the Python communicator object, which
+// keeps its group (and so the memory) alive; _roundtrip's view of its input is owned by the
+// input's DLPack export. Inputs stay imported (their exports held) until the library call that
+// reads them has returned. The Handle, Event and RecvHook objects handed out keep their
+// communicator alive too (they refer to its memory, streams or in-flight work).
 #include <cuda_runtime_api.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -206,22 +210,48 @@ struct PyGroup {
   std::shared_ptr<VirtualGroup> group;
 };
 
-nb::object owner_of(PyComm& self) { return nb::find(&self); }
+/// The Python object of a communicator: the owner of the views of its memory.
+nb::object owner_of(PyComm& self) {
+  nb::object owner = nb::find(&self);
+  if (!owner.is_valid()) throw Error("internal: the communicator has no Python object");
+  return owner;
+}
+
+/// A Handle, Event or RecvHook as Python sees it, with the Python object of the communicator
+/// that made it: a handle names slots of that communicator's pool, an asynchronous event marks
+/// work still using its memory, and a receive hook launches kernels on its memory and streams,
+/// so none of them may outlive it.
+template <typename T>
+struct Held {
+  T value;
+  nb::object comm;
+};
+
+template <typename T>
+nb::object held(const T& value, const nb::object& comm) {
+  if (!value.valid()) return nb::none();
+  return nb::cast(Held<T>{value, comm});
+}
 
 nb::dict dispatch(PyComm& self, nb::handle x, nb::handle x_scales, nb::handle topk_idx,
                   nb::handle topk_weights, bool quantize_fp8, bool worst_case,
-                  const Handle* previous_handle, uintptr_t stream, bool async,
+                  const Held<Handle>* previous_handle, uintptr_t stream, bool async,
                   bool return_recv_hook, bool bf16_as_u16) {
   MoECommunicator& comm = self.get();
+  // The inputs' exports stay held until the call has returned (and are released with the GIL).
+  const Input x_in = to_input(x, "x", InputKind::kX);
+  const Input x_scales_in = to_input(x_scales, "x_scales");
+  const Input topk_idx_in = to_input(topk_idx, "topk_idx");
+  const Input topk_weights_in = to_input(topk_weights, "topk_weights");
   DispatchArgs args;
-  args.x = to_view(x, "x", InputKind::kX);
-  args.x_scales = to_view(x_scales, "x_scales");
-  args.topk_idx = to_view(topk_idx, "topk_idx");
-  args.topk_weights = to_view(topk_weights, "topk_weights");
+  args.x = x_in.view;
+  args.x_scales = x_scales_in.view;
+  args.topk_idx = topk_idx_in.view;
+  args.topk_weights = topk_weights_in.view;
   DispatchOptions opt;
   opt.quantize_fp8 = quantize_fp8;
   opt.sizing = worst_case ? Sizing::kWorstCase : Sizing::kExact;
-  opt.previous_handle = previous_handle;
+  opt.previous_handle = previous_handle ? &previous_handle->value : nullptr;
   opt.stream = as_stream(stream);
   opt.async = async;
   opt.return_recv_hook = return_recv_hook;
@@ -248,30 +278,36 @@ nb::dict dispatch(PyComm& self, nb::handle x, nb::handle x_scales, nb::handle to
   d["recv_count"] = to_array(out.recv_count, owner, oo);
   d["recv_src_info"] = to_array(out.recv_src_info, owner, oo);
   d["recv_layout"] = to_array(out.recv_layout, owner, oo);
-  d["handle"] = nb::cast(out.handle);
-  d["event"] = out.event.valid() ? nb::cast(out.event) : nb::none();
-  d["hook"] = out.hook.valid() ? nb::cast(out.hook) : nb::none();
+  d["handle"] = nb::cast(Held<Handle>{out.handle, owner});
+  d["event"] = held(out.event, owner);
+  d["hook"] = held(out.hook, owner);
   return d;
 }
 
-nb::dict combine(PyComm& self, nb::handle y, const Handle& handle, nb::handle topk_weights,
+nb::dict combine(PyComm& self, nb::handle y, const Held<Handle>& handle, nb::handle topk_weights,
                  nb::handle recv_topk_weights, nb::handle bias, nb::handle out_arg,
                  uintptr_t stream, bool async, bool return_recv_hook, bool bf16_as_u16) {
   MoECommunicator& comm = self.get();
+  // The inputs' exports stay held until the call has returned (and are released with the GIL).
+  const Input y_in = to_input(y, "y");
+  const Input topk_weights_in = to_input(topk_weights, "topk_weights");
+  const Input recv_topk_weights_in = to_input(recv_topk_weights, "recv_topk_weights");
+  const Input bias_in = to_input(bias, "bias");
+  const Input out_in = to_input(out_arg, "out");
   CombineArgs args;
-  args.y = to_view(y, "y");
-  args.topk_weights = to_view(topk_weights, "topk_weights");
-  args.recv_topk_weights = to_view(recv_topk_weights, "recv_topk_weights");
-  args.bias = to_view(bias, "bias");
+  args.y = y_in.view;
+  args.topk_weights = topk_weights_in.view;
+  args.recv_topk_weights = recv_topk_weights_in.view;
+  args.bias = bias_in.view;
   CombineOptions opt;
-  opt.out = to_view(out_arg, "out");
+  opt.out = out_in.view;
   opt.stream = as_stream(stream);
   opt.async = async;
   opt.return_recv_hook = return_recv_hook;
   CombineOutput out;
   {
     nb::gil_scoped_release release;
-    out = comm.combine(args, handle, opt);
+    out = comm.combine(args, handle.value, opt);
   }
   nb::object owner = owner_of(self);
   OutputOptions oo;
@@ -280,18 +316,18 @@ nb::dict combine(PyComm& self, nb::handle y, const Handle& handle, nb::handle to
   // A caller-owned `out` is returned by the Python layer itself (same object).
   d["out"] = opt.out.present() ? nb::none() : to_array(out.out, owner, oo);
   d["combined_topk_weights"] = to_array(out.combined_topk_weights, owner, oo);
-  d["event"] = out.event.valid() ? nb::cast(out.event) : nb::none();
-  d["hook"] = out.hook.valid() ? nb::cast(out.hook) : nb::none();
+  d["event"] = held(out.event, owner);
+  d["hook"] = held(out.hook, owner);
   return d;
 }
 
 nb::dict get_layout(PyComm& self, nb::handle topk_idx, uintptr_t stream) {
   MoECommunicator& comm = self.get();
-  const TensorView idx = to_view(topk_idx, "topk_idx");
+  const Input idx = to_input(topk_idx, "topk_idx");  // held until the call has returned
   Layout l;
   {
     nb::gil_scoped_release release;
-    l = comm.get_layout(idx, as_stream(stream));
+    l = comm.get_layout(idx.view, as_stream(stream));
   }
   nb::object owner = owner_of(self);
   OutputOptions oo;
@@ -339,25 +375,31 @@ void bind_config(nb::module_& m) {
 }
 
 void bind_values(nb::module_& m) {
-  nb::class_<Handle>(m, "Handle", "The routing of one dispatch (moecomm::Handle).")
-      .def_prop_ro("valid", &Handle::valid)
-      .def_prop_ro("mode", [](const Handle& h) { return std::string(mode_short(h.mode())); })
-      .def_prop_ro("num_tokens", &Handle::num_tokens)
-      .def_prop_ro("num_recv_tokens", &Handle::num_recv_tokens);
+  // Each keeps its communicator alive (Held). Made only by dispatch and combine.
+  using PyHandle = Held<Handle>;
+  using PyEvent = Held<Event>;
+  using PyRecvHook = Held<RecvHook>;
+  nb::class_<PyHandle>(m, "Handle", "The routing of one dispatch (moecomm::Handle).")
+      .def_prop_ro("valid", [](const PyHandle& h) { return h.value.valid(); })
+      .def_prop_ro("mode", [](const PyHandle& h) { return std::string(mode_short(h.value.mode())); })
+      .def_prop_ro("num_tokens", [](const PyHandle& h) { return h.value.num_tokens(); })
+      .def_prop_ro("num_recv_tokens", [](const PyHandle& h) { return h.value.num_recv_tokens(); });
 
-  nb::class_<Event>(m, "Event", "Completion of an asynchronous call (moecomm::Event).")
-      .def_prop_ro("valid", &Event::valid)
-      .def("synchronize", &Event::synchronize, nb::call_guard<nb::gil_scoped_release>())
+  nb::class_<PyEvent>(m, "Event", "Completion of an asynchronous call (moecomm::Event).")
+      .def_prop_ro("valid", [](const PyEvent& e) { return e.value.valid(); })
+      .def("synchronize", [](const PyEvent& e) { e.value.synchronize(); },
+           nb::call_guard<nb::gil_scoped_release>())
       .def(
-          "stream_wait", [](const Event& e, uintptr_t s) { e.stream_wait(as_stream(s)); },
+          "stream_wait", [](const PyEvent& e, uintptr_t s) { e.value.stream_wait(as_stream(s)); },
           "stream"_a, nb::call_guard<nb::gil_scoped_release>())
-      .def_prop_ro("native", [](const Event& e) { return reinterpret_cast<uintptr_t>(e.native()); });
+      .def_prop_ro("native",
+                   [](const PyEvent& e) { return reinterpret_cast<uintptr_t>(e.value.native()); });
 
-  nb::class_<RecvHook>(m, "RecvHook", "The receive phase of a low-latency call (moecomm::RecvHook).")
-      .def_prop_ro("valid", &RecvHook::valid)
+  nb::class_<PyRecvHook>(m, "RecvHook", "The receive phase of a low-latency call (moecomm::RecvHook).")
+      .def_prop_ro("valid", [](const PyRecvHook& h) { return h.value.valid(); })
       .def(
-          "__call__", [](const RecvHook& h, uintptr_t s) { h(as_stream(s)); }, "stream"_a = 0,
-          nb::call_guard<nb::gil_scoped_release>());
+          "__call__", [](const PyRecvHook& h, uintptr_t s) { h.value(as_stream(s)); },
+          "stream"_a = 0, nb::call_guard<nb::gil_scoped_release>());
 
   nb::class_<CudaEvent>(m, "CudaEvent", "A CUDA event (stream ordering helper).")
       .def(nb::init<int>(), "device"_a)
@@ -386,8 +428,8 @@ void bind_comm(nb::module_& m) {
       .def("get_layout", &get_layout, "topk_idx"_a.none(), "stream"_a)
       .def(
           "combine_buffer",
-          [](PyComm& s, const Handle& h, bool bf16_as_u16) {
-            const TensorView v = s.get().combine_buffer(h);
+          [](PyComm& s, const Held<Handle>& h, bool bf16_as_u16) {
+            const TensorView v = s.get().combine_buffer(h.value);
             OutputOptions oo;
             oo.bf16_as_u16 = bf16_as_u16;
             return to_array(v, owner_of(s), oo);
@@ -474,16 +516,19 @@ NB_MODULE(_C, m) {
         DeviceScope scope(device);
         PY_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
       }, "stream"_a, "device"_a, nb::call_guard<nb::gil_scoped_release>());
-  // Test hook: an array through to_view and back (dtype mapping, shapes, strides, ownership).
+  // Test hook: an array through to_input and back (dtype mapping, shapes, strides, ownership).
+  // The returned view is owned by the input's DLPack export, which is what keeps the memory
+  // valid (the input object alone need not: its export may own a copy).
   m.def("_roundtrip",
         [](nb::handle a, bool as_x, bool bf16_as_u16) {
-          const moecomm::TensorView v = to_view(a, "a", as_x ? InputKind::kX : InputKind::kGeneric);
+          Input in = to_input(a, "a", as_x ? InputKind::kX : InputKind::kGeneric);
+          const moecomm::TensorView v = in.view;
           OutputOptions oo;
           oo.bf16_as_u16 = bf16_as_u16;
           nb::dict d;
           d["dtype"] = std::string(moecomm::dtype_name(v.dtype));
           d["describe"] = v.describe();
-          d["array"] = to_array(v, a, oo);
+          d["array"] = to_array(v, export_owner(std::move(in)), oo);
           return d;
         },
         "a"_a, "as_x"_a = false, "bf16_as_u16"_a = false);

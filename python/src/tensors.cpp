@@ -1,6 +1,8 @@
 #include "tensors.hpp"
 
+#include <memory>
 #include <string>
+#include <utility>
 
 #include "moecomm/error.hpp"
 
@@ -61,9 +63,12 @@ DType to_dtype(const dl::dtype& dt, const char* name, InputKind kind) {
 
 }  // namespace
 
-TensorView to_view(nb::handle obj, const char* name, InputKind kind) {
-  TensorView v;
-  if (!obj.is_valid() || obj.is_none()) return v;
+Input to_input(nb::handle obj, const char* name, InputKind kind) {
+  Input in;
+  TensorView& v = in.view;
+  if (!obj.is_valid() || obj.is_none()) return in;
+  // `a` holds the DLPack export: it moves into the Input at the end, so that the memory the view
+  // points to stays valid for as long as the caller keeps the Input (not just until we return).
   nb::ndarray<> a;
   if (!nb::try_cast(obj, a, /*convert=*/false)) {
     const std::string type_name = Py_TYPE(obj.ptr())->tp_name;
@@ -91,11 +96,25 @@ TensorView to_view(nb::handle obj, const char* name, InputKind kind) {
       throw InvalidArgument(std::string(name) + ": expected a CUDA array, got one on DLPack device type " +
                             std::to_string(a.device_type()));
   }
-  return v;
+  in.array = std::move(a);
+  return in;
+}
+
+nb::object export_owner(Input&& in) {
+  if (!in.array.is_valid()) throw InvalidArgument("export_owner: the input has no DLPack export");
+  // A capsule that owns the export; its destructor runs when the last array over it goes away
+  // (with the GIL held, as the producer's deleter needs).
+  auto held = std::make_unique<nb::ndarray<>>(std::move(in.array));
+  nb::capsule owner(held.get(), [](void* p) noexcept { delete static_cast<nb::ndarray<>*>(p); });
+  held.release();  // the capsule owns it now
+  return owner;
 }
 
 nb::object to_array(const TensorView& v, nb::handle owner, const OutputOptions& options) {
   if (!v.present()) return nb::none();
+  // Never hand out an array without an owner: nothing would keep its memory alive.
+  if (!owner.is_valid() || owner.is_none())
+    throw Error("internal: an array view without an owner (its memory would not be kept alive)");
   dl::dtype dt{};
   dt.lanes = 1;
   switch (v.dtype) {
@@ -128,11 +147,14 @@ nb::object to_array(const TensorView& v, nb::handle owner, const OutputOptions& 
     strides[d] = v.strides[d];
   }
   const bool host = v.device == kHostDevice;
-  // array_api: a nanobind ndarray object with __dlpack__/__dlpack_device__ (any consumer).
+  // array_api: a nanobind ndarray object with __dlpack__/__dlpack_device__ (any consumer). It
+  // takes a reference to `owner` and drops it when the last consumer of the memory is done.
   nb::ndarray<nb::array_api> a(v.data, static_cast<size_t>(v.ndim), shape, owner, strides, dt,
                                host ? nb::device::cpu::value : nb::device::cuda::value,
                                host ? 0 : v.device);
-  return a.cast();
+  // A view, explicitly (never a copy: the array_api framework cannot copy, and the memory is
+  // meant to be shared), whatever the nanobind version's `automatic` policy would pick.
+  return a.cast(nb::rv_policy::reference);
 }
 
 }  // namespace moecomm::python

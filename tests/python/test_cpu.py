@@ -188,6 +188,45 @@ def test_dlpack_strides_and_ownership():
     assert sys.getrefcount(a) < before
 
 
+class _CopyingProducer:
+    """A DLPack producer whose export owns its memory (a fresh copy per ``__dlpack__``), as DLPack
+    allows: the exported memory lives exactly as long as the export, not as the producer."""
+
+    def __init__(self, a):
+        self.a = a
+        self.exports = []  # weak references to the copies handed out
+
+    def __dlpack__(self, **kwargs):
+        import weakref
+
+        copy = self.a.copy()
+        self.exports.append(weakref.ref(copy))
+        return copy.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+def test_dlpack_view_owns_the_export_not_just_the_producer():
+    import gc
+
+    a = np.arange(64 * 1024, dtype=np.float32).reshape(256, 256)
+    producer = _CopyingProducer(a)
+    d = _C._roundtrip(producer)
+    gc.collect()
+    [export] = producer.exports
+    # The returned view must hold the export (the copy); holding the producer is not enough.
+    assert export() is not None
+    view = np.from_dlpack(d["array"])
+    del d
+    gc.collect()
+    assert export() is not None
+    np.testing.assert_array_equal(view, a)
+    del view
+    gc.collect()
+    assert export() is None  # and lets it go with the last view
+
+
 def test_dlpack_errors_name_the_argument():
     with pytest.raises(moecomm.InvalidArgument, match=r"a: dtype float16 is not supported"):
         _C._roundtrip(np.zeros(4, np.float16))
