@@ -55,7 +55,7 @@ if [ -n "${RUN_PYTHON:-}" ]; then
   if CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -q --no-build-isolation --no-deps \
       --target /tmp/moecomm-py . >"$out/python_build.log" 2>&1; then
     PYTHONPATH=/tmp/moecomm-py PYTHONUNBUFFERED=1 timeout ${PY_TIMEOUT:-300} \
-      python3 -m pytest -q -x tests/python ${PYTEST_ARGS:-} >"$out/pytest.log" 2>&1
+      python3 -m pytest -q ${PYTEST_TARGET:-tests/python} ${PYTEST_ARGS:-} >"$out/pytest.log" 2>&1
     summary+=("pytest: $(tail -1 "$out/pytest.log")")
     grep -E "FAILED|Error" "$out/pytest.log" | head -10
   else

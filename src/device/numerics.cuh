@@ -64,13 +64,6 @@ __device__ __forceinline__ uint2 quantize_fp8x8(const float (&f)[8], float inv) 
   return make_uint2(w[0], w[1]);
 }
 
-/// Max over the 16 lanes of a half-warp (the lanes holding one 128-channel group of bf16).
-__device__ __forceinline__ float half_warp_max(float v) {
-#pragma unroll
-  for (int off = 8; off >= 1; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
 /// |max| over 8 floats.
 __device__ __forceinline__ float abs_max8(const float (&f)[8]) {
   float m = 0.0f;

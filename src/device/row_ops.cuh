@@ -12,10 +12,11 @@ namespace moecomm::device {
 
 inline constexpr int kWarpLanes = 32;
 inline constexpr int kBf16PerVector = 8;                         // bf16 in 16 bytes
-inline constexpr int kLanesPerFp8Group = 128 / kBf16PerVector;  // a half-warp per scale group
+inline constexpr int kChannelsPerLane = 16;  // two bf16 vectors in, one 16-byte e4m3 vector out
+inline constexpr int kLanesPerFp8Group = 128 / kChannelsPerLane;  // 8 lanes per scale group
 inline constexpr int kFp8GroupsPerWarp = kWarpLanes / kLanesPerFp8Group;
 inline constexpr int kRowCopyUnroll = 4;   // 16-byte loads in flight per lane while copying
-inline constexpr int kQuantizeUnroll = 4;  // group pairs loaded before they are processed
+inline constexpr int kQuantizeUnroll = 2;  // steps of 4 groups loaded before they are processed
 
 /// Copies n16 vectors from src: sink(i, v) stores vector i. Loop bounds are warp-uniform, so a
 /// sink may use warp collectives; `valid` tells whether vector i exists.
@@ -32,29 +33,43 @@ __device__ __forceinline__ void copy_vectors(const int4* src, int n16, int lane,
   }
 }
 
-/// Quantises `groups` groups of 128 bf16 channels from src. For each group g and lane:
-/// sink(g, sub, q, scale, valid) with q the lane's 8 e4m3 bytes at channel sub * 8 of the group.
-/// All lanes call the sink (valid is false past the last group), so sinks may shuffle.
+/// Max over the 8 lanes that hold one 128-channel group.
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+  for (int off = kLanesPerFp8Group / 2; off >= 1; off >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+/// Quantises `groups` groups of 128 bf16 channels from src, 8 lanes per group, 16 channels per
+/// lane. For each group g and lane: sink(g, sub, q, scale, valid) with q the lane's 16 e4m3 bytes
+/// at channel sub * 16 of the group. All lanes call the sink (valid is false past the last group),
+/// so sinks may shuffle.
 template <typename Sink>
 __device__ __forceinline__ void quantize_groups(const int4* src, int groups, bool pow2, int lane,
                                                 Sink&& sink) {
-  const int half = lane / kLanesPerFp8Group, sub = lane % kLanesPerFp8Group;
+  const int slot = lane / kLanesPerFp8Group, sub = lane % kLanesPerFp8Group;
+  constexpr int kVectorsPerGroup = 128 / kBf16PerVector;
   for (int g0 = 0; g0 < groups; g0 += kFp8GroupsPerWarp * kQuantizeUnroll) {
-    int4 v[kQuantizeUnroll];
+    int4 v[kQuantizeUnroll][2];
 #pragma unroll
     for (int u = 0; u < kQuantizeUnroll; ++u) {
-      const int g = g0 + u * kFp8GroupsPerWarp + half;
-      v[u] = g < groups ? ld_stream_16(src + g * kLanesPerFp8Group + sub) : make_int4(0, 0, 0, 0);
+      const int g = g0 + u * kFp8GroupsPerWarp + slot;
+      const int4* p = src + g * kVectorsPerGroup + sub * 2;
+      v[u][0] = g < groups ? ld_stream_16(p) : make_int4(0, 0, 0, 0);
+      v[u][1] = g < groups ? ld_stream_16(p + 1) : make_int4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kQuantizeUnroll; ++u) {
-      const int g = g0 + u * kFp8GroupsPerWarp + half;
-      float f[kBf16PerVector];
-      unpack_bf16x8(v[u], f);
-      const float amax = half_warp_max(abs_max8(f));  // zeros past the end: harmless
+      const int g = g0 + u * kFp8GroupsPerWarp + slot;
+      float lo[kBf16PerVector], hi[kBf16PerVector];
+      unpack_bf16x8(v[u][0], lo);
+      unpack_bf16x8(v[u][1], hi);
+      const float amax = group_max(fmaxf(abs_max8(lo), abs_max8(hi)));  // zeros past the end
       float scale, inv;
       fp8_scale(amax, pow2, scale, inv);
-      sink(g, sub, quantize_fp8x8(f, inv), scale, g < groups);
+      const uint2 a = quantize_fp8x8(lo, inv), b = quantize_fp8x8(hi, inv);
+      sink(g, sub, make_uint4(a.x, a.y, b.x, b.y), scale, g < groups);
     }
   }
 }

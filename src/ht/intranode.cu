@@ -94,13 +94,13 @@ __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, 
                              bool pow2, int lane) {
   const int H = ctx.hidden, groups = H / kFp8Group;
   device::quantize_groups(reinterpret_cast<const int4*>(src), groups, pow2, lane,
-                          [&](int g, int sub, uint2 q, float scale, bool valid) {
+                          [&](int g, int sub, uint4 q, float scale, bool valid) {
     for (uint64_t m = route.mask; m;) {
       const int d = pop_lowest(m);
       const int64_t row = route.row(d);  // every lane takes part in the shuffle
       if (!valid) continue;
       uint8_t* dst = ctx.peers[d] + ctx.sym.ht_x + row * H;
-      *reinterpret_cast<uint2*>(dst + g * kFp8Group + sub * device::kBf16PerVector) = q;
+      *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
       if (sub == 0)
         reinterpret_cast<float*>(ctx.peers[d] + ctx.sym.ht_scales)[row * groups + g] = scale;
     }

@@ -71,9 +71,9 @@ __device__ void copy_row(const int4* src, int4* dst, int n16, int lane) {
 __device__ void quantize_row(const int4* src, uint8_t* dst, float* scales, int groups, bool pow2,
                              int lane) {
   device::quantize_groups(src, groups, pow2, lane,
-                          [&](int g, int sub, uint2 q, float scale, bool valid) {
+                          [&](int g, int sub, uint4 q, float scale, bool valid) {
     if (!valid) return;
-    *reinterpret_cast<uint2*>(dst + g * kFp8Group + sub * kBf16PerVec) = q;
+    *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
     if (sub == 0) scales[g] = scale;
   });
 }
