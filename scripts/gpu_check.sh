@@ -52,7 +52,7 @@ fi
 
 # Python package: build it (no network there: no build isolation) and run its tests.
 if [ -n "${RUN_PYTHON:-}" ]; then
-  if CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -q --no-build-isolation --no-deps \
+  if CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -q --upgrade --no-build-isolation --no-deps \
       --target /tmp/moecomm-py . >"$out/python_build.log" 2>&1; then
     PYTHONPATH=/tmp/moecomm-py PYTHONUNBUFFERED=1 timeout ${PY_TIMEOUT:-300} \
       python3 -m pytest -q ${PYTEST_TARGET:-tests/python} ${PYTEST_ARGS:-} >"$out/pytest.log" 2>&1
