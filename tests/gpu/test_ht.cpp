@@ -286,10 +286,10 @@ TEST_CASE("HT standard hidden 7168 with online fp8, exact and worst case") {
   run_case(c, rng, &group);
 }
 
-TEST_CASE("HT hidden 7296 and 128: fp8 passthrough, pow2 scales, alignment 128") {
+TEST_CASE("HT hidden 7296, 128 and 16384: fp8 passthrough, pow2 scales, alignment 128") {
   REQUIRE_GPU();
   std::mt19937_64 rng(seed() + 2);
-  for (int H : {7296, 128}) {
+  for (int H : {7296, 128, 16384}) {
     HtCase c;
     c.R = 4; c.E = 32; c.K = 8; c.H = H; c.max_tokens = 300;
     c.tokens = random_tokens(rng, 4, 300, false);
@@ -339,6 +339,60 @@ TEST_CASE("HT 100 consecutive calls with changing routing and sizes") {
     run_case(c, rng, &group);
     if (moecomm::test::state().failures_in_case > 0) break;
   }
+}
+
+TEST_CASE("HT async dispatch and combine return events that order later work") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 5);
+  HtCase c;
+  c.R = 4; c.E = 32; c.K = 4; c.H = 256; c.max_tokens = 128;
+  c.tokens = random_tokens(rng, c.R, c.max_tokens, true);
+  c.sizing = Sizing::kWorstCase;
+  VirtualGroup group(case_config(c), c.R);
+  auto in = make_inputs(rng, c.tokens, c.E, c.K, c.H, c.routing);
+  const SendSide send = make_send_side(c, in);
+  ref::Shape shape{c.R, c.E, c.K, c.H};
+  const auto want = ref::ht_dispatch(shape, routings(in), send.payload, c.alignment);
+  poison_receive_buffers(c, run_dispatch(group, c, in, send));
+
+  std::vector<DispatchOutput> out(c.R);
+  for (int r = 0; r < c.R; ++r) {  // worst-case sizing never waits on the host
+    DispatchOptions o;
+    o.sizing = Sizing::kWorstCase;
+    o.async = true;
+    out[r] = group[r].dispatch(dispatch_args(c, in, send, r), o);
+  }
+  for (int r = 0; r < c.R; ++r) {
+    CHECK(out[r].event.valid()) << "rank " << r;
+    out[r].event.synchronize();
+  }
+  verify_dispatch(c, out, want, "async dispatch");
+
+  // Combine on the async stream, then a caller stream that waits for the event copies the result.
+  std::vector<DeviceBuffer<uint16_t>> y, copy;
+  std::vector<std::vector<uint16_t>> y_host(c.R);
+  std::vector<CombineOutput> comb(c.R);
+  for (int r = 0; r < c.R; ++r) {
+    y_host[r] = random_bf16(rng, static_cast<size_t>(want[r].num_recv) * c.H);
+    y.emplace_back(y_host[r]);
+    copy.emplace_back(static_cast<size_t>(in[r].routing.num_tokens) * c.H);
+    copy.back().poison();
+  }
+  for (int r = 0; r < c.R; ++r) {
+    CombineArgs a;
+    a.y = y[r].view(DType::kBF16, {want[r].num_recv, c.H});
+    CombineOptions o;
+    o.async = true;
+    comb[r] = group[r].combine(a, out[r].handle, o);
+  }
+  for (int r = 0; r < c.R; ++r) {
+    comb[r].event.stream_wait(group[r].stream());
+    TEST_CUDA(cudaMemcpyAsync(copy[r].get(), comb[r].out.data, copy[r].bytes(),
+                              cudaMemcpyDeviceToDevice, group[r].stream()));
+  }
+  group.synchronize();
+  const auto want_out = ref::ht_combine(shape, routings(in), y_host, {}, {});
+  for (int r = 0; r < c.R; ++r) expect_equal(copy[r].download(), want_out[r].out, "async combine rank " + std::to_string(r));
 }
 
 int main(int argc, char** argv) { return moecomm::test::run_all(argc, argv); }
