@@ -20,11 +20,11 @@ class CommImpl;
 /// The routing layout of one batch (get_layout). Device tensors owned by the communicator,
 /// valid until its next collective call.
 struct Layout {
-  TensorView num_tokens_per_rank;        ///< [R] i32: distinct tokens this rank sends to r
-  TensorView num_tokens_per_expert;      ///< [E] i32: tokens of this rank that selected e
-  TensorView is_token_in_rank;           ///< [T, R] u8: 1 if token t goes to rank r
-  TensorView num_recv_tokens_per_rank;   ///< [R] i32: rows this rank receives from each peer
-  TensorView num_recv_tokens_per_expert; ///< [L] i32: received (token, local expert) pairs
+  TensorView num_tokens_per_rank;         ///< [R] i32: distinct tokens this rank sends to r
+  TensorView num_tokens_per_expert;       ///< [E] i32: tokens of this rank that selected e
+  TensorView is_token_in_rank;            ///< [T, R] u8: 1 if token t goes to rank r
+  TensorView num_recv_tokens_per_rank;    ///< [R] i32: rows this rank receives from each peer
+  TensorView num_recv_tokens_per_expert;  ///< [L] i32: received (token, local expert) pairs
 };
 
 /// HT output sizing.
@@ -85,8 +85,8 @@ struct DispatchOutput {
   TensorView recv_layout;    ///< [L, R, 2] i32: (offset, count) per (local expert, source rank)
 
   Handle handle;
-  Event event;   ///< set when DispatchOptions::async
-  RecvHook hook; ///< set when DispatchOptions::return_recv_hook
+  Event event;    ///< set when DispatchOptions::async
+  RecvHook hook;  ///< set when DispatchOptions::return_recv_hook
 };
 
 /// Inputs of combine.

@@ -65,7 +65,9 @@ struct Config {
   /// Raises InvalidArgument for the first field that is out of range. num_ranks: the group size.
   void validate(int num_ranks) const;
   /// num_experts / num_ranks.
-  int local_experts(int num_ranks) const { return num_experts / num_ranks; }
+  int local_experts(int num_ranks) const {
+    return num_experts / num_ranks;
+  }
   /// Effective LL capacity M.
   int ll_capacity() const;
   /// Key=value text (one per line) for tuned configs; see load()/save().

@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <thread>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "core/event_state.hpp"
 #include "core/validate.hpp"
@@ -53,7 +53,8 @@ class SlotPool {
   void grow() {
     DeviceGuard guard(device_);
     int32_t* chunk = nullptr;
-    MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&chunk), sizeof(int32_t) * slot_ints_ * kSlotsPerChunk));
+    MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&chunk),
+                                  sizeof(int32_t) * slot_ints_ * kSlotsPerChunk));
     const int first = static_cast<int>(chunks_.size()) * kSlotsPerChunk;
     chunks_.push_back(chunk);
     for (int i = kSlotsPerChunk - 1; i >= 0; --i) free_.push_back(first + i);
@@ -74,13 +75,20 @@ namespace {
 
 const char* phase_name(int phase) {
   switch (static_cast<Phase>(phase)) {
-    case Phase::kLayoutCounts: return "count exchange";
-    case Phase::kArrive: return "arrival (peer entering the same call)";
-    case Phase::kDispatchDone: return "HT dispatch: rows written";
-    case Phase::kCombineReady: return "combine: outputs published";
-    case Phase::kCombineDone: return "combine: outputs read";
-    case Phase::kLlCounts: return "LL dispatch: per-expert counts";
-    case Phase::kNone: break;
+    case Phase::kLayoutCounts:
+      return "count exchange";
+    case Phase::kArrive:
+      return "arrival (peer entering the same call)";
+    case Phase::kDispatchDone:
+      return "HT dispatch: rows written";
+    case Phase::kCombineReady:
+      return "combine: outputs published";
+    case Phase::kCombineDone:
+      return "combine: outputs read";
+    case Phase::kLlCounts:
+      return "LL dispatch: per-expert counts";
+    case Phase::kNone:
+      break;
   }
   return "?";
 }
@@ -137,12 +145,16 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   warm_up_stream(async_stream_);
   group_->claim_stream(rank_, own_stream_);
   group_->claim_stream(rank_, async_stream_);
-  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError), cudaHostAllocMapped));
+  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError),
+                                   cudaHostAllocMapped));
   std::memset(error_host_, 0, sizeof(DeviceError));
-  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_), sizeof(int32_t) * (1 + L), cudaHostAllocMapped));
-  MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_counts_dev_), host_counts_, 0));
+  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_),
+                                   sizeof(int32_t) * (1 + L), cudaHostAllocMapped));
+  MOECOMM_CUDA_CHECK(
+      cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_counts_dev_), host_counts_, 0));
   uint64_t* flag = nullptr;
-  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&flag), sizeof(uint64_t), cudaHostAllocMapped));
+  MOECOMM_CUDA_CHECK(
+      cudaHostAlloc(reinterpret_cast<void**>(&flag), sizeof(uint64_t), cudaHostAllocMapped));
   *flag = 0;
   host_flag_ = flag;
   MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_flag_dev_), flag, 0));
@@ -196,7 +208,8 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
     if (!group_->single_address_space || group_->device_of[r] != device_) ctx_.one_gpu = 0;
   for (int r = 0; r < R; ++r) ctx_.peers[r] = group_->sym_base[r];
   ctx_.sym = group_->layout;
-  MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));
+  MOECOMM_CUDA_CHECK(
+      cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));
 
   const size_t slot_ints = static_cast<size_t>(c.max_tokens_per_rank) * R +
                            static_cast<size_t>(std::max(sz.ll_capacity, 1)) * K + 2 + L + R;
@@ -229,8 +242,8 @@ void CommImpl::check_errors() {
   volatile DeviceError* e = error_host_;
   const int kind = e->kind;
   if (kind <= 0) return;
-  const DeviceError copy{e->kind, e->rank,     e->peer, e->phase, e->channel,
-                         e->pad,  e->seq,      e->observed, e->a, e->b};
+  const DeviceError copy{e->kind, e->rank, e->peer,     e->phase, e->channel,
+                         e->pad,  e->seq,  e->observed, e->a,     e->b};
   switch (static_cast<DeviceErrorKind>(kind)) {
     case DeviceErrorKind::kStall:
       failed_ = true;
@@ -244,8 +257,8 @@ void CommImpl::check_errors() {
       e->kind = 0;
       throw InvalidArgument("topk_idx: rank " + std::to_string(rank_) + ", token " +
                             std::to_string(copy.a) + ", k " + std::to_string(copy.b) +
-                            " names expert " + std::to_string(copy.observed) + "; expected -1 <= id < " +
-                            std::to_string(config().num_experts));
+                            " names expert " + std::to_string(copy.observed) +
+                            "; expected -1 <= id < " + std::to_string(config().num_experts));
     case DeviceErrorKind::kDuplicateExpert:
       e->kind = 0;
       throw InvalidArgument("topk_idx: rank " + std::to_string(rank_) + ", token " +
@@ -257,7 +270,8 @@ void CommImpl::check_errors() {
       throw InvalidArgument("Config.max_recv_tokens: rank " + std::to_string(rank_) +
                             " must receive " + std::to_string(copy.a) + " rows but holds " +
                             std::to_string(copy.b) + "; raise it (0 = the worst case)");
-    case DeviceErrorKind::kNone: break;
+    case DeviceErrorKind::kNone:
+      break;
   }
 }
 
@@ -270,9 +284,12 @@ void CommImpl::wait_host_counts(uint64_t token) {
       check_errors();
       if (std::chrono::steady_clock::now() > limit) {
         failed_ = true;
-        throw TimeoutError("rank " + std::to_string(rank_) + ": the count exchange of an exact "
-                           "dispatch did not finish within " + std::to_string(2 * config().timeout_seconds + 1) +
-                           " s and no device wait reported a stall; is every rank's dispatch launched?");
+        throw TimeoutError(
+            "rank " + std::to_string(rank_) +
+            ": the count exchange of an exact "
+            "dispatch did not finish within " +
+            std::to_string(2 * config().timeout_seconds + 1) +
+            " s and no device wait reported a stall; is every rank's dispatch launched?");
       }
       std::this_thread::yield();
     }
@@ -335,10 +352,12 @@ std::shared_ptr<HandleState> CommImpl::new_handle(Mode mode, int64_t num_tokens)
 
 HandleState& CommImpl::handle_state(const Handle& handle, Mode expected, const char* call) {
   if (!handle.valid())
-    throw InvalidArgument(std::string(call) + ": handle: expected the handle of a dispatch, got an empty one");
+    throw InvalidArgument(std::string(call) +
+                          ": handle: expected the handle of a dispatch, got an empty one");
   HandleState* s = handle.state();
   if (s->owner != this)
-    throw InvalidArgument(std::string(call) + ": handle: it was made by another communicator (rank " +
+    throw InvalidArgument(std::string(call) +
+                          ": handle: it was made by another communicator (rank " +
                           "mismatch or another group); pass this rank's own dispatch handle");
   if (s->mode != expected)
     throw InvalidArgument(std::string(call) + ": handle: expected a " + mode_name(expected) +
@@ -363,11 +382,13 @@ uint64_t CommImpl::publish(const void* ptr, size_t bytes, size_t stage_offset, s
   return static_cast<uint64_t>(stage_offset) | kOffsetTag;
 }
 
-TensorView CommImpl::local_view(void* data, DType dtype, std::initializer_list<int64_t> shape) const {
+TensorView CommImpl::local_view(void* data, DType dtype,
+                                std::initializer_list<int64_t> shape) const {
   return TensorView::contiguous(data, dtype, shape, device_);
 }
 
-TensorView CommImpl::sym_view(size_t offset, DType dtype, std::initializer_list<int64_t> shape) const {
+TensorView CommImpl::sym_view(size_t offset, DType dtype,
+                              std::initializer_list<int64_t> shape) const {
   return TensorView::contiguous(group_->sym_base[rank_] + offset, dtype, shape, device_);
 }
 
@@ -380,9 +401,15 @@ Mode CommImpl::resolve_mode(int64_t num_tokens) const {
 void CommImpl::check_topk(const DispatchArgs& args, int64_t T) const {
   const int K = config().topk;
   const std::string k = std::to_string(K);
-  check_tensor(args.topk_idx, {"topk_idx", {DType::kI64, DType::kI32}, {T, K}, "[T=" + std::to_string(T) + ", " + k + "]"}, device_);
+  check_tensor(
+      args.topk_idx,
+      {"topk_idx", {DType::kI64, DType::kI32}, {T, K}, "[T=" + std::to_string(T) + ", " + k + "]"},
+      device_);
   if (args.topk_weights.present())
-    check_tensor(args.topk_weights, {"topk_weights", {DType::kF32}, {T, K}, "[T=" + std::to_string(T) + ", " + k + "]"}, device_);
+    check_tensor(
+        args.topk_weights,
+        {"topk_weights", {DType::kF32}, {T, K}, "[T=" + std::to_string(T) + ", " + k + "]"},
+        device_);
 }
 
 void CommImpl::run_layout(const TensorView& topk_idx, bool exchange, bool close,
@@ -413,10 +440,13 @@ void CommImpl::run_layout(const TensorView& topk_idx, bool exchange, bool close,
 Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   DeviceGuard guard(device_);
   if (!topk_idx.present() || topk_idx.ndim != 2)
-    throw InvalidArgument("topk_idx: expected [T, " + std::to_string(config().topk) + "] i64 or i32, got " + topk_idx.describe());
+    throw InvalidArgument("topk_idx: expected [T, " + std::to_string(config().topk) +
+                          "] i64 or i32, got " + topk_idx.describe());
   const int64_t T = topk_idx.shape[0];
   if (T > config().max_tokens_per_rank)
-    throw InvalidArgument("topk_idx: " + std::to_string(T) + " tokens, expected at most Config.max_tokens_per_rank = " + std::to_string(config().max_tokens_per_rank));
+    throw InvalidArgument("topk_idx: " + std::to_string(T) +
+                          " tokens, expected at most Config.max_tokens_per_rank = " +
+                          std::to_string(config().max_tokens_per_rank));
   DispatchArgs a;
   a.topk_idx = topk_idx;
   check_topk(a, T);
@@ -435,23 +465,33 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
 DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOptions& options) {
   DeviceGuard guard(device_);
   if (!args.x.present() || args.x.ndim != 2)
-    throw InvalidArgument("x: expected [T, " + std::to_string(config().hidden) + "] bf16 or fp8_e4m3, got " + args.x.describe());
+    throw InvalidArgument("x: expected [T, " + std::to_string(config().hidden) +
+                          "] bf16 or fp8_e4m3, got " + args.x.describe());
   const int64_t T = args.x.shape[0];
   if (T > config().max_tokens_per_rank)
-    throw InvalidArgument("x: " + std::to_string(T) + " tokens, expected at most Config.max_tokens_per_rank = " + std::to_string(config().max_tokens_per_rank));
+    throw InvalidArgument("x: " + std::to_string(T) +
+                          " tokens, expected at most Config.max_tokens_per_rank = " +
+                          std::to_string(config().max_tokens_per_rank));
   if (options.previous_handle) {
-    const Mode m = options.previous_handle->valid() ? options.previous_handle->mode() : Mode::kHighThroughput;
+    const Mode m =
+        options.previous_handle->valid() ? options.previous_handle->mode() : Mode::kHighThroughput;
     if (m != Mode::kHighThroughput)
-      throw InvalidArgument("previous_handle: expected a high_throughput handle (cached dispatch is an HT feature), got a " + std::string(mode_name(m)) + " one");
+      throw InvalidArgument(
+          "previous_handle: expected a high_throughput handle (cached dispatch is an HT feature), "
+          "got a " +
+          std::string(mode_name(m)) + " one");
     return dispatch_ht(args, options);
   }
-  return resolve_mode(T) == Mode::kLowLatency ? dispatch_ll(args, options) : dispatch_ht(args, options);
+  return resolve_mode(T) == Mode::kLowLatency ? dispatch_ll(args, options)
+                                              : dispatch_ht(args, options);
 }
 
 DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOptions& o) {
   const Config& c = config();
   if (c.mode == Mode::kLowLatency)
-    throw InvalidArgument("Config.mode: the communicator was built for low_latency; HT dispatch needs high_throughput or auto");
+    throw InvalidArgument(
+        "Config.mode: the communicator was built for low_latency; HT dispatch needs "
+        "high_throughput or auto");
   const int R = num_ranks(), L = c.local_experts(R), K = c.topk, H = c.hidden, G = H / kFp8Group;
   const int64_t T = args.x.shape[0];
   const std::string t_h = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
@@ -461,8 +501,14 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
     if (!c.enable_fp8) throw InvalidArgument("x: fp8 needs Config.enable_fp8 = true");
   }
   if (fp8_in) {
-    if (o.quantize_fp8) throw InvalidArgument("quantize_fp8: expected false for fp8 x (already quantised)");
-    check_tensor(args.x_scales, {"x_scales", {DType::kF32}, {T, G}, "[T=" + std::to_string(T) + ", H/128=" + std::to_string(G) + "]"}, device_);
+    if (o.quantize_fp8)
+      throw InvalidArgument("quantize_fp8: expected false for fp8 x (already quantised)");
+    check_tensor(args.x_scales,
+                 {"x_scales",
+                  {DType::kF32},
+                  {T, G},
+                  "[T=" + std::to_string(T) + ", H/128=" + std::to_string(G) + "]"},
+                 device_);
   } else {
     check_absent(args.x_scales, "x_scales", "for bf16 x");
   }
@@ -472,7 +518,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   if (cached) {
     HandleState& prev = handle_state(*o.previous_handle, Mode::kHighThroughput, "dispatch");
     if (prev.num_tokens != T)
-      throw InvalidArgument("previous_handle: it routed " + std::to_string(prev.num_tokens) + " tokens, x has " + std::to_string(T) + "; expected the same routing");
+      throw InvalidArgument("previous_handle: it routed " + std::to_string(prev.num_tokens) +
+                            " tokens, x has " + std::to_string(T) + "; expected the same routing");
   }
 
   const Streams s = begin_call(o.stream, o.async);
@@ -485,7 +532,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   HandleState& h = *handle.state();
   const bool exact = o.sizing == Sizing::kExact;
   const uint64_t token = ++host_token_;
-  if (!cached) run_layout(args.topk_idx, /*exchange=*/true, /*close=*/false, s.exec, &h, exact ? token : 0);
+  if (!cached)
+    run_layout(args.topk_idx, /*exchange=*/true, /*close=*/false, s.exec, &h, exact ? token : 0);
 
   ht::DispatchParams p;
   p.x = args.x.data;
@@ -497,7 +545,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   p.pow2_scales = c.scale_format == ScaleFormat::kPowerOfTwo;
   p.topk_idx = args.topk_idx.data;
   p.idx_i64 = args.topk_idx.dtype == DType::kI64;
-  p.topk_weights = args.topk_weights.present() ? static_cast<const float*>(args.topk_weights.data) : nullptr;
+  p.topk_weights =
+      args.topk_weights.present() ? static_cast<const float*>(args.topk_weights.data) : nullptr;
   p.send_row = h.send_row;
   p.cached = cached;
   ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
@@ -535,10 +584,19 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   const int M = group_->sizes.ll_capacity;
   const int64_t T = args.x.shape[0];
   if (T > M)
-    throw InvalidArgument("x: " + std::to_string(T) + " tokens, expected at most the low-latency capacity M = " + std::to_string(M));
-  check_tensor(args.x, {"x", {DType::kBF16}, {T, H}, "[T=" + std::to_string(T) + ", " + std::to_string(H) + "] (LL takes bf16 and quantises on the fly)"}, device_);
+    throw InvalidArgument(
+        "x: " + std::to_string(T) +
+        " tokens, expected at most the low-latency capacity M = " + std::to_string(M));
+  check_tensor(args.x,
+               {"x",
+                {DType::kBF16},
+                {T, H},
+                "[T=" + std::to_string(T) + ", " + std::to_string(H) +
+                    "] (LL takes bf16 and quantises on the fly)"},
+               device_);
   check_absent(args.x_scales, "x_scales", "in low-latency dispatch (x is bf16)");
-  if (o.quantize_fp8 && !c.enable_fp8) throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
+  if (o.quantize_fp8 && !c.enable_fp8)
+    throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
   check_topk(args, T);
 
   const Streams s = begin_call(o.stream, o.async);
@@ -577,7 +635,8 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   const auto& lay = group_->layout;
   const int64_t slots = static_cast<int64_t>(R) * M;
   out.mode = Mode::kLowLatency;
-  out.recv_x = sym_view(lay.ll_x[b], o.quantize_fp8 ? DType::kFP8E4M3 : DType::kBF16, {L, slots, H});
+  out.recv_x =
+      sym_view(lay.ll_x[b], o.quantize_fp8 ? DType::kFP8E4M3 : DType::kBF16, {L, slots, H});
   if (o.quantize_fp8) out.recv_x_scales = sym_view(lay.ll_scales[b], DType::kF32, {L, slots, G});
   out.recv_src_info = sym_view(lay.ll_src_token[b], DType::kI32, {L, slots});
   out.recv_count = local_view(rp.recv_count, DType::kI32, {L});
@@ -588,44 +647,63 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
 }
 
 // ---------------------------------------------------------------------------------------------
-CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle, const CombineOptions& options) {
+CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle,
+                                const CombineOptions& options) {
   DeviceGuard guard(device_);
-  if (!handle.valid()) throw InvalidArgument("combine: handle: expected the handle of a dispatch, got an empty one");
+  if (!handle.valid())
+    throw InvalidArgument("combine: handle: expected the handle of a dispatch, got an empty one");
   const Mode m = handle.state()->mode;
   HandleState& h = handle_state(handle, m, "combine");
   return m == Mode::kLowLatency ? combine_ll(args, h, options) : combine_ht(args, h, options);
 }
 
-CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h, const CombineOptions& o) {
+CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
+                                   const CombineOptions& o) {
   const Config& c = config();
   const int H = c.hidden, K = c.topk;
   const int64_t T = h.num_tokens;
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (h.num_recv >= 0) {
-    check_tensor(args.y, {"y", {DType::kBF16}, {h.num_recv, H}, "[N=" + std::to_string(h.num_recv) + ", " + std::to_string(H) + "]"}, device_);
+    check_tensor(args.y,
+                 {"y",
+                  {DType::kBF16},
+                  {h.num_recv, H},
+                  "[N=" + std::to_string(h.num_recv) + ", " + std::to_string(H) + "]"},
+                 device_);
   } else {
-    check_tensor(args.y, {"y", {DType::kBF16}, {kAnyDim, H}, "[N, " + std::to_string(H) + "]"}, device_);
+    check_tensor(args.y, {"y", {DType::kBF16}, {kAnyDim, H}, "[N, " + std::to_string(H) + "]"},
+                 device_);
     if (args.y.shape[0] > group_->sizes.ht_capacity)
-      throw InvalidArgument("y: " + std::to_string(args.y.shape[0]) + " rows, expected at most the receive capacity " + std::to_string(group_->sizes.ht_capacity));
+      throw InvalidArgument("y: " + std::to_string(args.y.shape[0]) +
+                            " rows, expected at most the receive capacity " +
+                            std::to_string(group_->sizes.ht_capacity));
   }
   const int64_t N = args.y.shape[0];
   if (args.recv_topk_weights.present())
-    check_tensor(args.recv_topk_weights, {"recv_topk_weights", {DType::kF32}, {N, K}, "[N=" + std::to_string(N) + ", " + std::to_string(K) + "]"}, device_);
+    check_tensor(args.recv_topk_weights,
+                 {"recv_topk_weights",
+                  {DType::kF32},
+                  {N, K},
+                  "[N=" + std::to_string(N) + ", " + std::to_string(K) + "]"},
+                 device_);
   if (args.bias.present()) check_tensor(args.bias, {"bias", {DType::kBF16}, {T, H}, tag}, device_);
   check_absent(args.topk_weights, "topk_weights", "in HT combine (pass recv_topk_weights)");
   if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
-  if (o.return_recv_hook) throw InvalidArgument("return_recv_hook: expected false for HT combine (hooks are a low-latency feature)");
+  if (o.return_recv_hook)
+    throw InvalidArgument(
+        "return_recv_hook: expected false for HT combine (hooks are a low-latency feature)");
 
   const Streams s = begin_call(o.stream, o.async);
   ht::CombineParams p;
   const auto& lay = group_->layout;
   const size_t cap = static_cast<size_t>(group_->sizes.ht_capacity);
   const bool staged = group_->sizes.stage_combine;
-  p.y = publish(args.y.data, args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0, "y", s.exec);
+  p.y =
+      publish(args.y.data, args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0, "y", s.exec);
   if (args.recv_topk_weights.present())
-    p.recv_weights = publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(),
-                             lay.ht_stage_weights, staged ? cap * K * sizeof(float) : 0,
-                             "recv_topk_weights", s.exec);
+    p.recv_weights =
+        publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.ht_stage_weights,
+                staged ? cap * K * sizeof(float) : 0, "recv_topk_weights", s.exec);
   p.bias = args.bias.present() ? static_cast<const uint16_t*>(args.bias.data) : nullptr;
   p.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
   const bool want_weights = args.recv_topk_weights.present();
@@ -641,15 +719,28 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h, cons
   return out;
 }
 
-CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, const CombineOptions& o) {
+CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
+                                   const CombineOptions& o) {
   const Config& c = config();
   const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, K = c.topk;
   const int M = group_->sizes.ll_capacity;
   const int64_t T = h.num_tokens;
   const int64_t slots = static_cast<int64_t>(R) * M;
-  check_tensor(args.y, {"y", {DType::kBF16}, {L, slots, H}, "[L=" + std::to_string(L) + ", R*M=" + std::to_string(slots) + ", " + std::to_string(H) + "]"}, device_);
-  check_tensor(args.topk_weights, {"topk_weights", {DType::kF32}, {T, K}, "[T=" + std::to_string(T) + ", " + std::to_string(K) + "]"}, device_);
-  check_absent(args.recv_topk_weights, "recv_topk_weights", "in LL combine (weights are applied on the token's rank)");
+  check_tensor(args.y,
+               {"y",
+                {DType::kBF16},
+                {L, slots, H},
+                "[L=" + std::to_string(L) + ", R*M=" + std::to_string(slots) + ", " +
+                    std::to_string(H) + "]"},
+               device_);
+  check_tensor(args.topk_weights,
+               {"topk_weights",
+                {DType::kF32},
+                {T, K},
+                "[T=" + std::to_string(T) + ", " + std::to_string(K) + "]"},
+               device_);
+  check_absent(args.recv_topk_weights, "recv_topk_weights",
+               "in LL combine (weights are applied on the token's rank)");
   check_absent(args.bias, "bias", "in LL combine");
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);

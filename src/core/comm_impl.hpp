@@ -89,15 +89,15 @@ class CommImpl {
   cudaStream_t own_stream_ = nullptr;
   cudaStream_t async_stream_ = nullptr;
   DeviceContext ctx_{};
-  DeviceError* error_host_ = nullptr;  // mapped
-  void* local_mem_ = nullptr;          // all private scratch, one allocation
-  uint16_t* combine_out_ = nullptr;    // [Tmax, H]
-  float* combine_weights_ = nullptr;   // [Tmax, K]
-  int32_t* ll_recv_count_ = nullptr;   // [2][L]
-  int32_t* ll_recv_layout_ = nullptr;  // [2][L*R*2]
-  int32_t* host_counts_ = nullptr;             // mapped: [1 + L], written by the layout kernel
-  volatile uint64_t* host_flag_ = nullptr;     // mapped: the token of the last exact dispatch
-  int32_t* host_counts_dev_ = nullptr;         // device aliases of the two
+  DeviceError* error_host_ = nullptr;       // mapped
+  void* local_mem_ = nullptr;               // all private scratch, one allocation
+  uint16_t* combine_out_ = nullptr;         // [Tmax, H]
+  float* combine_weights_ = nullptr;        // [Tmax, K]
+  int32_t* ll_recv_count_ = nullptr;        // [2][L]
+  int32_t* ll_recv_layout_ = nullptr;       // [2][L*R*2]
+  int32_t* host_counts_ = nullptr;          // mapped: [1 + L], written by the layout kernel
+  volatile uint64_t* host_flag_ = nullptr;  // mapped: the token of the last exact dispatch
+  int32_t* host_counts_dev_ = nullptr;      // device aliases of the two
   uint64_t* host_flag_dev_ = nullptr;
   uint64_t host_token_ = 0;
   /// Polls host_flag_ until `token` (exact sizing); raises a device error or a time-out.

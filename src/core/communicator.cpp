@@ -7,11 +7,21 @@ namespace moecomm {
 MoECommunicator::MoECommunicator(std::unique_ptr<detail::CommImpl> impl) : impl_(std::move(impl)) {}
 MoECommunicator::~MoECommunicator() = default;
 
-int MoECommunicator::rank() const { return impl_->rank(); }
-int MoECommunicator::num_ranks() const { return impl_->num_ranks(); }
-int MoECommunicator::device() const { return impl_->device(); }
-const Config& MoECommunicator::config() const { return impl_->config(); }
-cudaStream_t MoECommunicator::stream() const { return impl_->stream(); }
+int MoECommunicator::rank() const {
+  return impl_->rank();
+}
+int MoECommunicator::num_ranks() const {
+  return impl_->num_ranks();
+}
+int MoECommunicator::device() const {
+  return impl_->device();
+}
+const Config& MoECommunicator::config() const {
+  return impl_->config();
+}
+cudaStream_t MoECommunicator::stream() const {
+  return impl_->stream();
+}
 
 Layout MoECommunicator::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   return impl_->get_layout(topk_idx, stream);
@@ -30,7 +40,11 @@ TensorView MoECommunicator::combine_buffer(const Handle& handle) {
   return impl_->combine_buffer(handle);
 }
 
-void MoECommunicator::synchronize() { impl_->synchronize(); }
-void MoECommunicator::check_errors() { impl_->check_errors(); }
+void MoECommunicator::synchronize() {
+  impl_->synchronize();
+}
+void MoECommunicator::check_errors() {
+  impl_->check_errors();
+}
 
 }  // namespace moecomm

@@ -13,9 +13,12 @@ namespace moecomm {
 
 const char* mode_name(Mode mode) {
   switch (mode) {
-    case Mode::kLowLatency: return "low_latency";
-    case Mode::kHighThroughput: return "high_throughput";
-    case Mode::kAuto: return "auto";
+    case Mode::kLowLatency:
+      return "low_latency";
+    case Mode::kHighThroughput:
+      return "high_throughput";
+    case Mode::kAuto:
+      return "auto";
   }
   return "?";
 }
@@ -31,8 +34,8 @@ namespace {
 
 void Config::validate(int num_ranks) const {
   if (num_ranks < 1 || num_ranks > detail::kMaxRanks)
-    throw InvalidArgument("num_ranks: expected 1.." + std::to_string(detail::kMaxRanks) +
-                          ", got " + std::to_string(num_ranks));
+    throw InvalidArgument("num_ranks: expected 1.." + std::to_string(detail::kMaxRanks) + ", got " +
+                          std::to_string(num_ranks));
   if (num_experts < 1 || num_experts > detail::kMaxExperts)
     bad("num_experts", "1.." + std::to_string(detail::kMaxExperts), num_experts);
   if (num_experts % num_ranks != 0)
@@ -94,10 +97,15 @@ const std::vector<Field>& fields() {
       int_field("max_tokens_per_rank", &Config::max_tokens_per_rank),
       {"mode", [](const Config& c) { return std::string(mode_name(c.mode)); },
        [](Config& c, const std::string& v) {
-         if (v == "low_latency") c.mode = Mode::kLowLatency;
-         else if (v == "high_throughput") c.mode = Mode::kHighThroughput;
-         else if (v == "auto") c.mode = Mode::kAuto;
-         else throw InvalidArgument("config file: mode: expected low_latency, high_throughput or auto, got '" + v + "'");
+         if (v == "low_latency")
+           c.mode = Mode::kLowLatency;
+         else if (v == "high_throughput")
+           c.mode = Mode::kHighThroughput;
+         else if (v == "auto")
+           c.mode = Mode::kAuto;
+         else
+           throw InvalidArgument(
+               "config file: mode: expected low_latency, high_throughput or auto, got '" + v + "'");
        }},
       int_field("num_sms", &Config::num_sms),
       int_field("threads_per_block", &Config::threads_per_block),
@@ -108,16 +116,21 @@ const std::vector<Field>& fields() {
          return std::string(c.scale_format == ScaleFormat::kPowerOfTwo ? "pow2" : "f32");
        },
        [](Config& c, const std::string& v) {
-         if (v == "pow2") c.scale_format = ScaleFormat::kPowerOfTwo;
-         else if (v == "f32") c.scale_format = ScaleFormat::kFloat32;
-         else throw InvalidArgument("config file: scale_format: expected f32 or pow2, got '" + v + "'");
+         if (v == "pow2")
+           c.scale_format = ScaleFormat::kPowerOfTwo;
+         else if (v == "f32")
+           c.scale_format = ScaleFormat::kFloat32;
+         else
+           throw InvalidArgument("config file: scale_format: expected f32 or pow2, got '" + v +
+                                 "'");
        }},
       {"timeout_seconds", [](const Config& c) { return std::to_string(c.timeout_seconds); },
        [](Config& c, const std::string& v) {
          try {
            c.timeout_seconds = std::stod(v);
          } catch (const std::exception&) {
-           throw InvalidArgument("config file: timeout_seconds: expected a number, got '" + v + "'");
+           throw InvalidArgument("config file: timeout_seconds: expected a number, got '" + v +
+                                 "'");
          }
        }},
       int_field("max_recv_tokens", &Config::max_recv_tokens),

@@ -180,23 +180,25 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
     const int sms = device_sm_count(device);
     if (static_cast<long long>(ranks) * config.num_sms > sms)
       throw InvalidArgument(
-          "Config.num_sms: " + std::to_string(ranks) + " ranks on cuda:" +
-          std::to_string(device) + " need " + std::to_string(ranks) + " x " +
-          std::to_string(config.num_sms) + " = " + std::to_string(ranks * config.num_sms) +
-          " SMs resident together, the device has " + std::to_string(sms) +
-          "; expected num_sms <= " + std::to_string(sms / ranks));
+          "Config.num_sms: " + std::to_string(ranks) + " ranks on cuda:" + std::to_string(device) +
+          " need " + std::to_string(ranks) + " x " + std::to_string(config.num_sms) + " = " +
+          std::to_string(ranks * config.num_sms) + " SMs resident together, the device has " +
+          std::to_string(sms) + "; expected num_sms <= " + std::to_string(sms / ranks));
   }
   int most_on_one_device = 0;
-  for (const auto& [device, ranks] : ranks_on) most_on_one_device = std::max(most_on_one_device, ranks);
+  for (const auto& [device, ranks] : ranks_on)
+    most_on_one_device = std::max(most_on_one_device, ranks);
   if (most_on_one_device > 1 && hardware_queues() < 2 * most_on_one_device)
-    throw InvalidArgument(
-        "CUDA_DEVICE_MAX_CONNECTIONS=" + std::to_string(hardware_queues()) + ": " +
-        std::to_string(most_on_one_device) + " co-located virtual ranks need their streams on "
-        "distinct hardware queues (at least " + std::to_string(2 * most_on_one_device) +
-        "); unset it or set it to 32 before CUDA starts");
+    throw InvalidArgument("CUDA_DEVICE_MAX_CONNECTIONS=" + std::to_string(hardware_queues()) +
+                          ": " + std::to_string(most_on_one_device) +
+                          " co-located virtual ranks need their streams on "
+                          "distinct hardware queues (at least " +
+                          std::to_string(2 * most_on_one_device) +
+                          "); unset it or set it to 32 before CUDA starts");
   state_ = std::make_shared<detail::GroupState>(config, num_ranks, devices);
   for (int r = 0; r < num_ranks; ++r)
-    comms_.push_back(std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, r)));
+    comms_.push_back(
+        std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, r)));
   pool_ = std::make_unique<Pool>(state_->device_of);
 }
 
@@ -205,7 +207,9 @@ VirtualGroup::~VirtualGroup() {
   comms_.clear();
 }
 
-int VirtualGroup::size() const { return static_cast<int>(comms_.size()); }
+int VirtualGroup::size() const {
+  return static_cast<int>(comms_.size());
+}
 
 MoECommunicator& VirtualGroup::operator[](int rank) {
   if (rank < 0 || rank >= size())
@@ -214,7 +218,9 @@ MoECommunicator& VirtualGroup::operator[](int rank) {
   return *comms_[rank];
 }
 
-void VirtualGroup::parallel_for(const std::function<void(int)>& fn) { pool_->run(fn); }
+void VirtualGroup::parallel_for(const std::function<void(int)>& fn) {
+  pool_->run(fn);
+}
 
 void VirtualGroup::synchronize() {
   for (auto& c : comms_) c->synchronize();
@@ -228,18 +234,24 @@ ProcessGroupBuilder::ProcessGroupBuilder(const Config& config, int rank, int siz
                           std::to_string(rank));
   const int sms = device_sm_count(device);  // raises without a device
   if (config.num_sms > sms)
-    throw InvalidArgument("Config.num_sms: expected <= " + std::to_string(sms) + " (the SMs of cuda:" +
-                          std::to_string(device) + "), got " + std::to_string(config.num_sms));
+    throw InvalidArgument("Config.num_sms: expected <= " + std::to_string(sms) +
+                          " (the SMs of cuda:" + std::to_string(device) + "), got " +
+                          std::to_string(config.num_sms));
   state_ = std::make_shared<detail::GroupState>(config, size, rank, device);
 }
 
 ProcessGroupBuilder::~ProcessGroupBuilder() = default;
 
-std::vector<uint8_t> ProcessGroupBuilder::local_handle() const { return state_->export_handle(rank_); }
+std::vector<uint8_t> ProcessGroupBuilder::local_handle() const {
+  return state_->export_handle(rank_);
+}
 
-size_t ProcessGroupBuilder::handle_size() { return detail::GroupState::handle_size(); }
+size_t ProcessGroupBuilder::handle_size() {
+  return detail::GroupState::handle_size();
+}
 
-std::unique_ptr<MoECommunicator> ProcessGroupBuilder::connect(const std::vector<uint8_t>& all_handles) {
+std::unique_ptr<MoECommunicator> ProcessGroupBuilder::connect(
+    const std::vector<uint8_t>& all_handles) {
   if (connected_) throw InvalidArgument("connect: called twice; a builder makes one communicator");
   state_->map_peers(rank_, all_handles);
   connected_ = true;

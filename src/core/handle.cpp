@@ -40,7 +40,9 @@ void Event::stream_wait(cudaStream_t stream) const {
   MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(stream, state_->event, 0));
 }
 
-cudaEvent_t Event::native() const { return state_ ? state_->event : nullptr; }
+cudaEvent_t Event::native() const {
+  return state_ ? state_->event : nullptr;
+}
 
 void RecvHook::operator()(cudaStream_t stream) const {
   if (!fn_) throw InvalidArgument("hook: empty (the call did not ask for return_recv_hook)");

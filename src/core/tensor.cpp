@@ -6,28 +6,42 @@
 
 namespace moecomm {
 
-const char* version() { return "0.1.0"; }
+const char* version() {
+  return "0.1.0";
+}
 
 size_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::kBF16: return 2;
-    case DType::kFP8E4M3: return 1;
-    case DType::kF32: return 4;
-    case DType::kI32: return 4;
-    case DType::kI64: return 8;
-    case DType::kU8: return 1;
+    case DType::kBF16:
+      return 2;
+    case DType::kFP8E4M3:
+      return 1;
+    case DType::kF32:
+      return 4;
+    case DType::kI32:
+      return 4;
+    case DType::kI64:
+      return 8;
+    case DType::kU8:
+      return 1;
   }
   return 0;
 }
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::kBF16: return "bf16";
-    case DType::kFP8E4M3: return "fp8_e4m3";
-    case DType::kF32: return "f32";
-    case DType::kI32: return "i32";
-    case DType::kI64: return "i64";
-    case DType::kU8: return "u8";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kFP8E4M3:
+      return "fp8_e4m3";
+    case DType::kF32:
+      return "f32";
+    case DType::kI32:
+      return "i32";
+    case DType::kI64:
+      return "i64";
+    case DType::kU8:
+      return "u8";
   }
   return "?";
 }
@@ -71,8 +85,10 @@ std::string TensorView::describe() const {
   os << "[";
   for (int d = 0; d < ndim; ++d) os << (d ? ", " : "") << shape[d];
   os << "] " << dtype_name(dtype) << " on ";
-  if (device == kHostDevice) os << "host";
-  else os << "cuda:" << device;
+  if (device == kHostDevice)
+    os << "host";
+  else
+    os << "cuda:" << device;
   return os.str();
 }
 

@@ -28,10 +28,14 @@ __device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* ptr) {
 
 /// Orders all prior memory operations of this thread before all later ones, for every observer
 /// in the system (peers on other GPUs included).
-__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_acq_rel_sys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
 
 /// The same at GPU scope (co-located ranks only).
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+__device__ __forceinline__ void fence_acq_rel_gpu() {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+}
 
 /// Release store at GPU scope: enough when every observer runs on this GPU.
 __device__ __forceinline__ void st_release_gpu(uint64_t* ptr, uint64_t value) {
@@ -51,12 +55,16 @@ struct Scope {
   bool gpu_only;
 
   __device__ __forceinline__ void fence() const {
-    if (gpu_only) fence_acq_rel_gpu();
-    else fence_acq_rel_sys();
+    if (gpu_only)
+      fence_acq_rel_gpu();
+    else
+      fence_acq_rel_sys();
   }
   __device__ __forceinline__ void store_release(uint64_t* ptr, uint64_t v) const {
-    if (gpu_only) st_release_gpu(ptr, v);
-    else st_release_sys(ptr, v);
+    if (gpu_only)
+      st_release_gpu(ptr, v);
+    else
+      st_release_sys(ptr, v);
   }
   __device__ __forceinline__ uint64_t load_acquire(const uint64_t* ptr) const {
     return gpu_only ? ld_acquire_gpu(ptr) : ld_acquire_sys(ptr);

@@ -34,7 +34,8 @@ __device__ __forceinline__ uint32_t float_to_bf16_bits(float f) {
 __device__ __forceinline__ int4 pack_bf16x8(const float (&f)[8]) {
   uint32_t w[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) w[i] = float_to_bf16_bits(f[2 * i]) | (float_to_bf16_bits(f[2 * i + 1]) << 16);
+  for (int i = 0; i < 4; ++i)
+    w[i] = float_to_bf16_bits(f[2 * i]) | (float_to_bf16_bits(f[2 * i + 1]) << 16);
   return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
                    static_cast<int>(w[3]));
 }

@@ -11,7 +11,7 @@
 namespace moecomm::device {
 
 inline constexpr int kWarpLanes = 32;
-inline constexpr int kBf16PerVector = 8;                         // bf16 in 16 bytes
+inline constexpr int kBf16PerVector = 8;     // bf16 in 16 bytes
 inline constexpr int kChannelsPerLane = 16;  // two bf16 vectors in, one 16-byte e4m3 vector out
 inline constexpr int kLanesPerFp8Group = 128 / kChannelsPerLane;  // 8 lanes per scale group
 inline constexpr int kFp8GroupsPerWarp = kWarpLanes / kLanesPerFp8Group;

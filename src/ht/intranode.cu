@@ -18,7 +18,7 @@ using detail::Phase;
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kCombineBatch = 8;  // source rows loaded before they are summed
+constexpr int kCombineBatch = 8;           // source rows loaded before they are summed
 constexpr int kMaxThreadsPerBlock = 1024;  // Config::threads_per_block up to 1024 must launch
 
 /// Destinations of one token, as seen by every lane of the warp: rows at ranks d < 32 live in
@@ -28,9 +28,7 @@ struct TokenRoute {
   int32_t hi = -1;
   uint64_t mask = 0;
 
-  __device__ int32_t row(int d) const {
-    return __shfl_sync(kFullMask, d < 32 ? lo : hi, d & 31);
-  }
+  __device__ int32_t row(int d) const { return __shfl_sync(kFullMask, d < 32 ? lo : hi, d & 31); }
 };
 
 /// Where token t goes: from the layout (fresh) or from the handle (cached). Fresh routes are
@@ -74,18 +72,19 @@ __device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, cons
                          int bytes, int lane) {
   const int n16 = bytes / 16;
   device::copy_vectors(reinterpret_cast<const int4*>(src), n16, lane,
-                       [&](int base, const int4 (&v)[device::kRowCopyUnroll]) {
-    for (uint64_t m = route.mask; m;) {
-      const int d = pop_lowest(m);
-      int4* dst = reinterpret_cast<int4*>(ctx.peers[d] + ctx.sym.ht_x +
-                                          static_cast<int64_t>(route.row(d)) * bytes);
+                       [&](int base, const int4(&v)[device::kRowCopyUnroll]) {
+                         for (uint64_t m = route.mask; m;) {
+                           const int d = pop_lowest(m);
+                           int4* dst =
+                               reinterpret_cast<int4*>(ctx.peers[d] + ctx.sym.ht_x +
+                                                       static_cast<int64_t>(route.row(d)) * bytes);
 #pragma unroll
-      for (int u = 0; u < device::kRowCopyUnroll; ++u) {
-        const int i = base + u * device::kWarpLanes + lane;
-        if (i < n16) device::st_stream_16(dst + i, v[u]);
-      }
-    }
-  });
+                           for (int u = 0; u < device::kRowCopyUnroll; ++u) {
+                             const int i = base + u * device::kWarpLanes + lane;
+                             if (i < n16) device::st_stream_16(dst + i, v[u]);
+                           }
+                         }
+                       });
 }
 
 /// Quantises one bf16 row to e4m3 (one scale per 128 channels) and writes data and scales to
@@ -93,21 +92,23 @@ __device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, cons
 __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
                              bool pow2, int lane) {
   const int H = ctx.hidden, groups = H / kFp8Group;
-  device::quantize_groups(reinterpret_cast<const int4*>(src), groups, pow2, lane,
-                          [&](int g, int sub, uint4 q, float scale, bool valid) {
-    for (uint64_t m = route.mask; m;) {
-      const int d = pop_lowest(m);
-      const int64_t row = route.row(d);  // every lane takes part in the shuffle
-      if (!valid) continue;
-      uint8_t* dst = ctx.peers[d] + ctx.sym.ht_x + row * H;
-      *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
-      if (sub == 0)
-        reinterpret_cast<float*>(ctx.peers[d] + ctx.sym.ht_scales)[row * groups + g] = scale;
-    }
-  });
+  device::quantize_groups(
+      reinterpret_cast<const int4*>(src), groups, pow2, lane,
+      [&](int g, int sub, uint4 q, float scale, bool valid) {
+        for (uint64_t m = route.mask; m;) {
+          const int d = pop_lowest(m);
+          const int64_t row = route.row(d);  // every lane takes part in the shuffle
+          if (!valid) continue;
+          uint8_t* dst = ctx.peers[d] + ctx.sym.ht_x + row * H;
+          *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
+          if (sub == 0)
+            reinterpret_cast<float*>(ctx.peers[d] + ctx.sym.ht_scales)[row * groups + g] = scale;
+        }
+      });
 }
 
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_kernel(DeviceContext ctx, DispatchParams p) {
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    dispatch_kernel(DeviceContext ctx, DispatchParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
   const int R = ctx.num_ranks, K = ctx.topk, L = ctx.local_experts;
   const int lane = threadIdx.x & 31;
@@ -115,7 +116,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_kernel(DeviceCon
   if (p.cached) {
     // No count exchange ran: make sure every destination has entered this call (its previous
     // results are no longer in use) before writing into it.
-    if (blockIdx.x == 0 && threadIdx.x < R) transport::signal(ctx, threadIdx.x, FlagKind::kArrive, seq);
+    if (blockIdx.x == 0 && threadIdx.x < R)
+      transport::signal(ctx, threadIdx.x, FlagKind::kArrive, seq);
     if (threadIdx.x < R)
       transport::wait_signal(ctx, FlagKind::kArrive, threadIdx.x, seq, Phase::kArrive, blockIdx.x);
     __syncthreads();
@@ -123,7 +125,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_kernel(DeviceCon
 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const int groups = ctx.hidden / kFp8Group;
-  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < p.num_tokens; t += warps) {
+  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < p.num_tokens;
+       t += warps) {
     const TokenRoute route = route_token(ctx, p, t, lane);
     if (route.mask == 0) continue;
 
@@ -147,7 +150,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_kernel(DeviceCon
               here ? w : 0.0f;
       }
       if (lane == 0)
-        transport::peer_region<int32_t>(ctx, d, ctx.sym.ht_src_token)[row] = static_cast<int32_t>(t);
+        transport::peer_region<int32_t>(ctx, d, ctx.sym.ht_src_token)[row] =
+            static_cast<int32_t>(t);
       if (p.x_scales) {
         for (int g = lane; g < groups; g += 32)
           transport::peer_region<float>(ctx, d, ctx.sym.ht_scales)[row * groups + g] =
@@ -173,7 +177,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) dispatch_kernel(DeviceCon
   }
 }
 
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) combine_kernel(DeviceContext ctx, CombineParams p) {
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    combine_kernel(DeviceContext ctx, CombineParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
   const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank;
   const int lane = threadIdx.x & 31;
@@ -195,14 +200,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) combine_kernel(DeviceCont
     const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.sym.peer_ptrs) +
                            (parity * R + d) * detail::kPeerPtrs;
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
-    w_of[d] = slot[1] ? static_cast<const float*>(transport::resolve_address(ctx, d, slot[1]))
-                      : nullptr;
+    w_of[d] =
+        slot[1] ? static_cast<const float*>(transport::resolve_address(ctx, d, slot[1])) : nullptr;
   }
   __syncthreads();
 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const int n16 = H / 8;
-  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < p.num_tokens; t += warps) {
+  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < p.num_tokens;
+       t += warps) {
     TokenRoute route;
     if (lane < R) route.lo = p.send_row[t * R + lane];
     if (lane + 32 < R) route.hi = p.send_row[t * R + lane + 32];

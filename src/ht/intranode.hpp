@@ -15,8 +15,8 @@ namespace moecomm::ht {
 struct DispatchParams {
   const void* x = nullptr;  // [T, H] bf16, or fp8 bytes
   int64_t num_tokens = 0;
-  int in_row_bytes = 0;     // bytes of one x row
-  int out_row_bytes = 0;    // bytes of one received row
+  int in_row_bytes = 0;             // bytes of one x row
+  int out_row_bytes = 0;            // bytes of one received row
   const float* x_scales = nullptr;  // fp8 passthrough: [T, H/128]
   bool quantize = false;            // bf16 in, fp8 + scales out
   bool pow2_scales = false;
@@ -35,10 +35,10 @@ void launch_dispatch(const detail::DeviceContext& ctx, const DispatchParams& par
 struct CombineParams {
   uint64_t y = 0;             // [N, H] bf16 of this rank, read by its peers (published address)
   uint64_t recv_weights = 0;  // [N, K] f32 of this rank, or 0 (published address)
-  const uint16_t* bias = nullptr;          // [T, H] or null
-  uint16_t* out = nullptr;                 // [T, H]
-  float* combined_weights = nullptr;       // [T, K] or null (needs recv_weights on every rank)
-  const int32_t* send_row = nullptr;       // [T, R] from the dispatch handle
+  const uint16_t* bias = nullptr;     // [T, H] or null
+  uint16_t* out = nullptr;            // [T, H]
+  float* combined_weights = nullptr;  // [T, K] or null (needs recv_weights on every rank)
+  const int32_t* send_row = nullptr;  // [T, R] from the dispatch handle
   int64_t num_tokens = 0;
 };
 

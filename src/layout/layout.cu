@@ -18,7 +18,7 @@ namespace {
 
 constexpr int kBitmapThreads = 256;
 constexpr int kScanThreads = 1024;
-constexpr int kScanPrefetch = 8;     // words per lane in flight while scanning a row
+constexpr int kScanPrefetch = 8;                // words per lane in flight while scanning a row
 constexpr size_t kBitmapSmemLimit = 48 * 1024;  // default dynamic shared memory per block
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -50,15 +50,15 @@ __global__ void __launch_bounds__(kBitmapThreads)
   for (int k = 0; k < K; ++k) {
     int64_t e = has_token ? load_expert(topk, t * K + k) : -1;
     if (e < -1 || e >= E) {
-      transport::record_error(ctx, DeviceErrorKind::kExpertOutOfRange, -1, Phase::kNone, 0, 0, e,
-                              t, k);
+      transport::record_error(ctx, DeviceErrorKind::kExpertOutOfRange, -1, Phase::kNone, 0, 0, e, t,
+                              k);
       e = -1;
     }
     if (validate && e >= 0) {
       for (int j = 0; j < k; ++j) {
         if (load_expert(topk, t * K + j) == e) {
-          transport::record_error(ctx, DeviceErrorKind::kDuplicateExpert, -1, Phase::kNone, 0, 0,
-                                  e, t, k);
+          transport::record_error(ctx, DeviceErrorKind::kDuplicateExpert, -1, Phase::kNone, 0, 0, e,
+                                  t, k);
           e = -1;
           break;
         }
@@ -73,7 +73,8 @@ __global__ void __launch_bounds__(kBitmapThreads)
     }
     __syncwarp();
   }
-  for (int e = lane; e < E; e += 32) ctx.local.expert_bitmap[static_cast<int64_t>(e) * W + w] = column[e];
+  for (int e = lane; e < E; e += 32)
+    ctx.local.expert_bitmap[static_cast<int64_t>(e) * W + w] = column[e];
   if (has_token) ctx.local.token_rank_mask[t] = rank_mask;
   for (int r = 0; r < R; ++r) {
     const bool in_rank = (rank_mask >> r) & 1ull;
@@ -125,7 +126,8 @@ __global__ void __launch_bounds__(kScanThreads)
     const uint32_t* bits = (expert ? ctx.local.expert_bitmap : ctx.local.rank_bitmap) + r * W;
     int32_t* prefix = (expert ? ctx.local.expert_word_prefix : ctx.local.rank_word_prefix) + r * W;
     const int32_t total = scan_row(bits, prefix, used_words, lane);
-    if (lane == 0) (expert ? ctx.local.num_tokens_per_expert : ctx.local.num_tokens_per_rank)[r] = total;
+    if (lane == 0)
+      (expert ? ctx.local.num_tokens_per_expert : ctx.local.num_tokens_per_rank)[r] = total;
   }
   __syncthreads();
 
@@ -208,7 +210,8 @@ void launch_build_bitmaps(const DeviceContext& ctx, const TopkInput& topk, bool 
   // One column of E words per warp in shared memory; fewer warps per block for very large E.
   const size_t column_bytes = sizeof(uint32_t) * ctx.num_experts;
   int warps_per_block = kBitmapThreads / 32;
-  while (warps_per_block > 1 && column_bytes * warps_per_block > kBitmapSmemLimit) warps_per_block /= 2;
+  while (warps_per_block > 1 && column_bytes * warps_per_block > kBitmapSmemLimit)
+    warps_per_block /= 2;
   if (column_bytes > kBitmapSmemLimit)
     throw InvalidArgument("Config.num_experts: expected at most " +
                           std::to_string(kBitmapSmemLimit / sizeof(uint32_t)) + ", got " +

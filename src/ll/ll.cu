@@ -24,7 +24,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 1024;  // largest block of the grid kernels
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
-constexpr int kBf16PerVec = 8;                           // bf16 in one 16-byte vector
+constexpr int kBf16PerVec = 8;    // bf16 in one 16-byte vector
 constexpr int kCombineBatch = 8;  // slot rows loaded before they are accumulated
 constexpr int kCountShift = 32;   // ll_count_sig word: (seq << 32) | count
 constexpr uint64_t kCountMask = (1ull << kCountShift) - 1;
@@ -58,7 +58,7 @@ __device__ __forceinline__ int64_t pair_expert(const DeviceContext& ctx,
 
 /// Copies one bf16 row of n16 16-byte vectors to one destination.
 __device__ void copy_row(const int4* src, int4* dst, int n16, int lane) {
-  device::copy_vectors(src, n16, lane, [&](int base, const int4 (&v)[device::kRowCopyUnroll]) {
+  device::copy_vectors(src, n16, lane, [&](int base, const int4(&v)[device::kRowCopyUnroll]) {
 #pragma unroll
     for (int u = 0; u < device::kRowCopyUnroll; ++u) {
       const int i = base + u * kWarpSize + lane;
@@ -70,12 +70,12 @@ __device__ void copy_row(const int4* src, int4* dst, int n16, int lane) {
 /// Quantises one bf16 row to e4m3 + one f32 scale per 128 channels, to one destination.
 __device__ void quantize_row(const int4* src, uint8_t* dst, float* scales, int groups, bool pow2,
                              int lane) {
-  device::quantize_groups(src, groups, pow2, lane,
-                          [&](int g, int sub, uint4 q, float scale, bool valid) {
-    if (!valid) return;
-    *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
-    if (sub == 0) scales[g] = scale;
-  });
+  device::quantize_groups(
+      src, groups, pow2, lane, [&](int g, int sub, uint4 q, float scale, bool valid) {
+        if (!valid) return;
+        *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
+        if (sub == 0) scales[g] = scale;
+      });
 }
 
 /// Every block: waits until every peer has entered this call (block 0 signals first). True in
@@ -101,11 +101,10 @@ __device__ __forceinline__ void count_message(const DeviceContext& ctx, int64_t 
   sc.fence();  // this warp's rows before its increment
   const uint32_t old = atomicAdd(&ctx.local.ll_sent[e], 1u);
   if (old + 1 != count) return;
-  ctx.local.ll_sent[e] = 0;     // e is complete: nobody else touches it in this call
-  sc.fence();  // the other warps' rows (seen through the counter) before the count
-  sc.store_release(
-      count_word(ctx, static_cast<int>(e / L), b, static_cast<int>(e % L), ctx.rank),
-      (seq << kCountShift) | count);
+  ctx.local.ll_sent[e] = 0;  // e is complete: nobody else touches it in this call
+  sc.fence();                // the other warps' rows (seen through the counter) before the count
+  sc.store_release(count_word(ctx, static_cast<int>(e / L), b, static_cast<int>(e % L), ctx.rank),
+                   (seq << kCountShift) | count);
 }
 
 __global__ void __launch_bounds__(kMaxThreads)
@@ -122,7 +121,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (ok && blockIdx.x == 0) {
     for (int e = threadIdx.x; e < E; e += blockDim.x)
       if (ctx.local.num_tokens_per_expert[e] == 0)
-        transport::scope(ctx).store_release(count_word(ctx, e / L, b, e % L, me), seq << kCountShift);
+        transport::scope(ctx).store_release(count_word(ctx, e / L, b, e % L, me),
+                                            seq << kCountShift);
   }
 
   const int64_t slots_per_rank = static_cast<int64_t>(L) * R * M;
@@ -179,7 +179,8 @@ __global__ void __launch_bounds__(kRecvThreads)
       break;
     }
     p.recv_layout[2 * i] = s * M;
-    p.recv_layout[2 * i + 1] = static_cast<int32_t>(transport::scope(ctx).load_acquire(words + i) & kCountMask);
+    p.recv_layout[2 * i + 1] =
+        static_cast<int32_t>(transport::scope(ctx).load_acquire(words + i) & kCountMask);
   }
   if (!__syncthreads_and(ok)) return;
   for (int le = threadIdx.x; le < L; le += blockDim.x) {

@@ -18,10 +18,10 @@ struct DispatchSendParams {
   int64_t num_tokens = 0;       // T <= M
   const void* topk_idx = nullptr;
   bool idx_i64 = true;
-  bool fp8 = false;             // quantise to e4m3 + f32 scales per 128 channels
+  bool fp8 = false;  // quantise to e4m3 + f32 scales per 128 channels
   bool pow2_scales = false;
-  int buffer = 0;               // 0 or 1
-  int32_t* slot_of = nullptr;   // [T, K] out (the handle): d*(L*R*M) + le*(R*M) + s*M + p, or -1
+  int buffer = 0;              // 0 or 1
+  int32_t* slot_of = nullptr;  // [T, K] out (the handle): d*(L*R*M) + le*(R*M) + s*M + p, or -1
 };
 
 /// Send phase. The layout kernels (bitmaps + scan, no exchange) ran before it in this call.
@@ -41,7 +41,7 @@ void launch_dispatch_recv(const detail::DeviceContext& ctx, const DispatchRecvPa
 
 struct CombineSendParams {
   uint64_t y = 0;  // [L, R*M, H] bf16 of this rank, read by the token owners (published address)
-  int buffer = 0;               // the dispatch buffer of the handle
+  int buffer = 0;  // the dispatch buffer of the handle
 };
 
 /// Send phase of combine: publishes y to every peer. Closes the call; stores its seq in
@@ -54,7 +54,7 @@ struct CombineRecvParams {
   const int32_t* slot_of = nullptr;     // [T, K] from the dispatch handle
   const float* topk_weights = nullptr;  // [T, K]
   int64_t num_tokens = 0;
-  uint16_t* out = nullptr;              // [T, H] bf16
+  uint16_t* out = nullptr;  // [T, H] bf16
 };
 
 /// Receive phase of combine: out[t] = bf16(sum_k fmaf(w, y[slot], acc)), then tells every owner

@@ -41,20 +41,20 @@ std::vector<LayoutResult> layout(const Shape& shape, const std::vector<Routing>&
 /// scales [T * H/128] (fp8) and optional f32 weights [T*K].
 struct Payload {
   int row_bytes = 0;
-  std::vector<uint8_t> x;         ///< [T * row_bytes]
-  std::vector<float> x_scales;    ///< [T * H/128] or empty
+  std::vector<uint8_t> x;           ///< [T * row_bytes]
+  std::vector<float> x_scales;      ///< [T * H/128] or empty
   std::vector<float> topk_weights;  ///< [T * K] or empty
 };
 
 /// HT dispatch output of one rank.
 struct HtReceived {
-  int64_t num_recv = 0;                      ///< N
-  std::vector<uint8_t> x;                    ///< [N * row_bytes]
-  std::vector<float> x_scales;               ///< [N * H/128] (if the inputs had scales)
-  std::vector<int64_t> topk_idx;             ///< [N * K] local ids, -1 elsewhere
-  std::vector<float> topk_weights;           ///< [N * K] 0 where -1 (if inputs had weights)
-  std::vector<int32_t> src_token;            ///< [N]
-  std::vector<int32_t> rank_prefix;          ///< [R + 1]
+  int64_t num_recv = 0;                             ///< N
+  std::vector<uint8_t> x;                           ///< [N * row_bytes]
+  std::vector<float> x_scales;                      ///< [N * H/128] (if the inputs had scales)
+  std::vector<int64_t> topk_idx;                    ///< [N * K] local ids, -1 elsewhere
+  std::vector<float> topk_weights;                  ///< [N * K] 0 where -1 (if inputs had weights)
+  std::vector<int32_t> src_token;                   ///< [N]
+  std::vector<int32_t> rank_prefix;                 ///< [R + 1]
   std::vector<int32_t> num_recv_tokens_per_expert;  ///< [L] padded to expert_alignment
 };
 
@@ -65,8 +65,8 @@ std::vector<HtReceived> ht_dispatch(const Shape& shape, const std::vector<Routin
 
 /// HT combine output of one rank.
 struct HtCombined {
-  std::vector<bf16_t> out;                    ///< [T * H]
-  std::vector<float> combined_topk_weights;   ///< [T * K] (if recv weights were given)
+  std::vector<bf16_t> out;                   ///< [T * H]
+  std::vector<float> combined_topk_weights;  ///< [T * K] (if recv weights were given)
 };
 
 /// HT combine: out[t] = bf16( (sum over destination ranks r of t, ascending, of float(y_r[row]))
@@ -80,12 +80,12 @@ std::vector<HtCombined> ht_combine(const Shape& shape, const std::vector<Routing
 
 /// LL dispatch output of one rank, capacity M per source rank.
 struct LlReceived {
-  std::vector<uint8_t> x;            ///< [L * R*M * row_bytes]; only valid slots are defined
-  std::vector<float> x_scales;       ///< [L * R*M * H/128] (if scales)
-  std::vector<int32_t> count;        ///< [L]
-  std::vector<int32_t> src_token;    ///< [L * R*M]; -1 in unused slots
-  std::vector<int32_t> layout;       ///< [L * R * 2]: (offset = s*M, count) per (e, s)
-  std::vector<uint8_t> slot_valid;   ///< [L * R*M]
+  std::vector<uint8_t> x;           ///< [L * R*M * row_bytes]; only valid slots are defined
+  std::vector<float> x_scales;      ///< [L * R*M * H/128] (if scales)
+  std::vector<int32_t> count;       ///< [L]
+  std::vector<int32_t> src_token;   ///< [L * R*M]; -1 in unused slots
+  std::vector<int32_t> layout;      ///< [L * R * 2]: (offset = s*M, count) per (e, s)
+  std::vector<uint8_t> slot_valid;  ///< [L * R*M]
 };
 
 /// Position of (t, e) among rank s's tokens that selected expert e (ascending token order).

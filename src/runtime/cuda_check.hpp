@@ -18,17 +18,17 @@ namespace moecomm::detail {
 }  // namespace moecomm::detail
 
 /// Checks a CUDA runtime call.
-#define MOECOMM_CUDA_CHECK(expr)                                                   \
-  do {                                                                             \
-    cudaError_t mc_err_ = (expr);                                                  \
-    if (mc_err_ != cudaSuccess)                                                    \
-      ::moecomm::detail::throw_cuda_error(mc_err_, #expr, __FILE__, __LINE__);     \
+#define MOECOMM_CUDA_CHECK(expr)                                               \
+  do {                                                                         \
+    cudaError_t mc_err_ = (expr);                                              \
+    if (mc_err_ != cudaSuccess)                                                \
+      ::moecomm::detail::throw_cuda_error(mc_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 /// Checks the launch just made (configuration errors surface here).
-#define MOECOMM_LAUNCH_CHECK(kernel_name)                                          \
-  do {                                                                             \
-    cudaError_t mc_err_ = cudaGetLastError();                                      \
-    if (mc_err_ != cudaSuccess)                                                    \
+#define MOECOMM_LAUNCH_CHECK(kernel_name)                                                         \
+  do {                                                                                            \
+    cudaError_t mc_err_ = cudaGetLastError();                                                     \
+    if (mc_err_ != cudaSuccess)                                                                   \
       ::moecomm::detail::throw_cuda_error(mc_err_, "launch of " kernel_name, __FILE__, __LINE__); \
   } while (0)

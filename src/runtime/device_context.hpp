@@ -11,17 +11,17 @@ namespace moecomm::detail {
 inline constexpr int kMaxRanks = 64;  // token->rank masks are 64-bit
 inline constexpr int kMaxTopk = 32;
 inline constexpr int kMaxExperts = 12288;  // the layout kernel keeps a column of E words per warp
-inline constexpr int kFp8Group = 128;  // channels per fp8 scale
+inline constexpr int kFp8Group = 128;      // channels per fp8 scale
 
 /// What a stalled wait was waiting for; reported in TimeoutError.
 enum class Phase : int32_t {
   kNone = 0,
-  kLayoutCounts,    // HT/layout count exchange
-  kArrive,          // a peer entering the same call (buffer free for reuse)
-  kDispatchDone,    // HT dispatch: a source finished writing rows here
-  kCombineReady,    // combine: a peer published its expert outputs
-  kCombineDone,     // combine: a peer finished reading this rank's outputs
-  kLlCounts,        // LL dispatch receive: per-(expert, source) count
+  kLayoutCounts,  // HT/layout count exchange
+  kArrive,        // a peer entering the same call (buffer free for reuse)
+  kDispatchDone,  // HT dispatch: a source finished writing rows here
+  kCombineReady,  // combine: a peer published its expert outputs
+  kCombineDone,   // combine: a peer finished reading this rank's outputs
+  kLlCounts,      // LL dispatch receive: per-(expert, source) count
 };
 
 /// One slot per kind and source rank in each rank's symmetric buffer; values are call sequence
@@ -37,10 +37,10 @@ enum class FlagKind : int32_t {
 
 enum class DeviceErrorKind : int32_t {
   kNone = 0,
-  kStall,            // phase, peer, channel, seq, observed
-  kExpertOutOfRange, // a = token, b = k, observed = value
-  kDuplicateExpert,  // a = token, b = k, observed = value
-  kRecvOverflow,     // a = rows needed, b = capacity
+  kStall,             // phase, peer, channel, seq, observed
+  kExpertOutOfRange,  // a = token, b = k, observed = value
+  kDuplicateExpert,   // a = token, b = k, observed = value
+  kRecvOverflow,      // a = rows needed, b = capacity
 };
 
 /// First device error of a rank, in host-mapped memory (readable without synchronising).
@@ -77,16 +77,16 @@ inline constexpr int kPeerPtrs = 2;  // combine: y, recv_topk_weights
 
 /// This rank's private device memory (not visible to peers).
 struct LocalState {
-  uint64_t* epoch;   // calls completed; the running call's seq is *epoch + 1
-  uint32_t* ticket;  // last-block election within one kernel
-  uint64_t* ll_seq;  // [2] seq of the LL dispatch send that filled each buffer (for the hook)
+  uint64_t* epoch;        // calls completed; the running call's seq is *epoch + 1
+  uint32_t* ticket;       // last-block election within one kernel
+  uint64_t* ll_seq;       // [2] seq of the LL dispatch send that filled each buffer (for the hook)
   uint64_t* combine_seq;  // [2] seq of the LL combine send phase (for its hook)
   // Routing layout scratch, sized for max_tokens_per_rank (W = words of 32 tokens).
-  uint32_t* expert_bitmap;      // [E][W]
-  int32_t* expert_word_prefix;  // [E][W]
-  uint32_t* rank_bitmap;        // [R][W]
-  int32_t* rank_word_prefix;    // [R][W]
-  uint64_t* token_rank_mask;    // [Tmax]
+  uint32_t* expert_bitmap;         // [E][W]
+  int32_t* expert_word_prefix;     // [E][W]
+  uint32_t* rank_bitmap;           // [R][W]
+  int32_t* rank_word_prefix;       // [R][W]
+  uint64_t* token_rank_mask;       // [Tmax]
   int32_t* num_tokens_per_rank;    // [R]
   int32_t* num_tokens_per_expert;  // [E]
   uint8_t* is_token_in_rank;       // [Tmax * R]
@@ -104,11 +104,11 @@ struct DeviceContext {
   int32_t local_experts;
   int32_t topk;
   int32_t hidden;
-  int32_t max_tokens;     // Tmax (HT) 
-  int32_t words;          // W = ceil(Tmax / 32)
-  int64_t ht_capacity;    // HT receive rows
-  int32_t ll_capacity;    // M
-  int32_t one_gpu;        // every rank on this GPU: GPU-scope ordering suffices
+  int32_t max_tokens;   // Tmax (HT)
+  int32_t words;        // W = ceil(Tmax / 32)
+  int64_t ht_capacity;  // HT receive rows
+  int32_t ll_capacity;  // M
+  int32_t one_gpu;      // every rank on this GPU: GPU-scope ordering suffices
   uint64_t timeout_ns;
   uint8_t* peers[kMaxRanks];  // symmetric base of every rank (this one included)
   SymmetricLayout sym;

@@ -38,7 +38,9 @@ GroupState::GroupState(const Config& cfg, int ranks, int rank, int device)
   allocate(rank);
 }
 
-size_t GroupState::handle_size() { return sizeof(cudaIpcMemHandle_t); }
+size_t GroupState::handle_size() {
+  return sizeof(cudaIpcMemHandle_t);
+}
 
 std::vector<uint8_t> GroupState::export_handle(int rank) const {
   DeviceGuard guard(device_of[rank]);
@@ -52,8 +54,10 @@ std::vector<uint8_t> GroupState::export_handle(int rank) const {
 void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
   if (handles.size() != handle_size() * static_cast<size_t>(num_ranks))
     throw InvalidArgument("all_handles: expected " + std::to_string(num_ranks) + " x " +
-                          std::to_string(handle_size()) + " bytes (one handle per rank, rank "
-                          "order), got " + std::to_string(handles.size()));
+                          std::to_string(handle_size()) +
+                          " bytes (one handle per rank, rank "
+                          "order), got " +
+                          std::to_string(handles.size()));
   DeviceGuard guard(device_of[rank]);
   for (int r = 0; r < num_ranks; ++r) {
     if (r == rank) continue;
@@ -84,8 +88,10 @@ GroupState::GroupState(const Config& cfg, int ranks, std::vector<int> devices)
                           std::to_string(b) + " directly (no NVLink/PCIe peer access)");
       DeviceGuard guard(a);
       const cudaError_t err = cudaDeviceEnablePeerAccess(b, 0);
-      if (err == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
-      else MOECOMM_CUDA_CHECK(err);
+      if (err == cudaErrorPeerAccessAlreadyEnabled)
+        cudaGetLastError();
+      else
+        MOECOMM_CUDA_CHECK(err);
     }
 
   sym_base.assign(num_ranks, nullptr);
@@ -104,8 +110,10 @@ GroupState::~GroupState() {
     int prev = 0;
     cudaGetDevice(&prev);
     cudaSetDevice(device_of[r]);
-    if (owned_[r]) cudaFree(sym_base[r]);
-    else cudaIpcCloseMemHandle(sym_base[r]);
+    if (owned_[r])
+      cudaFree(sym_base[r]);
+    else
+      cudaIpcCloseMemHandle(sym_base[r]);
     cudaSetDevice(prev);
   }
 }
@@ -119,8 +127,8 @@ void GroupState::claim_stream(int rank, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto [it, inserted] = stream_owner_.emplace(stream, rank);
   if (!inserted && it->second != rank && device_of[it->second] == device_of[rank])
-    throw InvalidArgument("stream: rank " + std::to_string(rank) +
-                          " passed a stream that rank " + std::to_string(it->second) +
+    throw InvalidArgument("stream: rank " + std::to_string(rank) + " passed a stream that rank " +
+                          std::to_string(it->second) +
                           " already uses; co-located ranks must use distinct streams");
 }
 

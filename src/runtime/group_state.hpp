@@ -39,7 +39,7 @@ class GroupState {
 
   const Config config;
   const int num_ranks;
-  std::vector<int> device_of;     // device of each rank
+  std::vector<int> device_of;  // device of each rank
   BufferSizes sizes;
   SymmetricLayout layout;
   std::vector<uint8_t*> sym_base;  // symmetric buffer of each rank

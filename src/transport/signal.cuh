@@ -36,8 +36,7 @@ inline constexpr uint64_t kSymmetricOffsetTag = 1ull << 63;
 
 __device__ __forceinline__ const void* resolve_address(const DeviceContext& ctx, int owner,
                                                        uint64_t published) {
-  if (published & kSymmetricOffsetTag)
-    return ctx.peers[owner] + (published & ~kSymmetricOffsetTag);
+  if (published & kSymmetricOffsetTag) return ctx.peers[owner] + (published & ~kSymmetricOffsetTag);
   return reinterpret_cast<const void*>(published);
 }
 

@@ -37,7 +37,9 @@ inline State& state() {
 }
 
 struct Registrar {
-  Registrar(const char* name, std::function<void()> fn) { registry().push_back({name, std::move(fn)}); }
+  Registrar(const char* name, std::function<void()> fn) {
+    registry().push_back({name, std::move(fn)});
+  }
 };
 
 /// Collects a message and reports a failure when destroyed (if the check failed).
@@ -84,7 +86,9 @@ inline uint64_t& seed_storage() {
   static uint64_t seed = 0;
   return seed;
 }
-inline uint64_t seed() { return seed_storage(); }
+inline uint64_t seed() {
+  return seed_storage();
+}
 
 inline int run_all(int argc, char** argv) {
   uint64_t s = 0;
@@ -99,7 +103,9 @@ inline int run_all(int argc, char** argv) {
       filter = argv[++i];
     }
   }
-  if (!have_seed) s = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count() % 1000000007ULL);
+  if (!have_seed)
+    s = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count() %
+                              1000000007ULL);
   seed_storage() = s;
   std::printf("seed %llu (rerun with --seed %llu)\n", static_cast<unsigned long long>(s),
               static_cast<unsigned long long>(s));
@@ -137,15 +143,15 @@ inline int run_all(int argc, char** argv) {
 
 #define MC_CONCAT2(a, b) a##b
 #define MC_CONCAT(a, b) MC_CONCAT2(a, b)
-#define TEST_CASE(name)                                                          \
-  static void MC_CONCAT(test_fn_, __LINE__)();                                   \
-  static ::moecomm::test::Registrar MC_CONCAT(test_reg_, __LINE__)(name,         \
-                                                                   &MC_CONCAT(test_fn_, __LINE__)); \
+#define TEST_CASE(name)                                             \
+  static void MC_CONCAT(test_fn_, __LINE__)();                      \
+  static ::moecomm::test::Registrar MC_CONCAT(test_reg_, __LINE__)( \
+      name, &MC_CONCAT(test_fn_, __LINE__));                        \
   static void MC_CONCAT(test_fn_, __LINE__)()
 
 #define CHECK(cond) ::moecomm::test::Failure(static_cast<bool>(cond), __FILE__, __LINE__, #cond)
-#define CHECK_EQ(a, b)                                                                     \
-  ::moecomm::test::Failure((a) == (b), __FILE__, __LINE__,                                 \
+#define CHECK_EQ(a, b)                                     \
+  ::moecomm::test::Failure((a) == (b), __FILE__, __LINE__, \
                            ::moecomm::test::describe_eq(#a, #b, (a), (b)))
 /// Passes when `expr` throws `Type` whose what() contains `text`.
 #define CHECK_THROWS(expr, Type, text)                                                        \

@@ -14,18 +14,22 @@ namespace moecomm::test {
 
 /// How tokens pick their experts.
 enum class Routing {
-  kUniform,        // K distinct experts, uniform
-  kWithDrops,      // uniform, ~25% of entries -1 (and some rows all -1)
-  kOneExpert,      // every token picks expert `hot` (K = 1) or hot plus others
-  kFirstRanksOnly, // experts only on the first half of the ranks: the others receive nothing
+  kUniform,         // K distinct experts, uniform
+  kWithDrops,       // uniform, ~25% of entries -1 (and some rows all -1)
+  kOneExpert,       // every token picks expert `hot` (K = 1) or hot plus others
+  kFirstRanksOnly,  // experts only on the first half of the ranks: the others receive nothing
 };
 
 inline const char* routing_name(Routing r) {
   switch (r) {
-    case Routing::kUniform: return "uniform";
-    case Routing::kWithDrops: return "drops";
-    case Routing::kOneExpert: return "one-expert";
-    case Routing::kFirstRanksOnly: return "first-ranks";
+    case Routing::kUniform:
+      return "uniform";
+    case Routing::kWithDrops:
+      return "drops";
+    case Routing::kOneExpert:
+      return "one-expert";
+    case Routing::kFirstRanksOnly:
+      return "first-ranks";
   }
   return "?";
 }
@@ -34,7 +38,8 @@ inline const char* routing_name(Routing r) {
 inline std::vector<int64_t> make_topk(std::mt19937_64& rng, int64_t T, int E, int K, int R,
                                       Routing kind) {
   switch (kind) {
-    case Routing::kUniform: return random_topk(rng, T, E, K);
+    case Routing::kUniform:
+      return random_topk(rng, T, E, K);
     case Routing::kWithDrops: {
       auto idx = random_topk(rng, T, E, K, 0.25);
       for (int64_t t = 0; t < T; t += 7)
@@ -67,8 +72,8 @@ inline std::vector<int64_t> make_topk(std::mt19937_64& rng, int64_t T, int E, in
 /// One rank's inputs on host and device.
 struct RankInput {
   ref::Routing routing;
-  std::vector<uint16_t> x;       // [T*H] bf16
-  std::vector<float> weights;    // [T*K]
+  std::vector<uint16_t> x;     // [T*H] bf16
+  std::vector<float> weights;  // [T*K]
   DeviceBuffer<uint16_t> d_x;
   DeviceBuffer<int64_t> d_idx;
   DeviceBuffer<int32_t> d_idx32;

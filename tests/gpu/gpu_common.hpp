@@ -4,8 +4,8 @@
 
 #include <cuda_runtime_api.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -15,14 +15,13 @@
 #include "common/harness.hpp"
 #include "moecomm/moecomm.hpp"
 
-
 /// Skips the current test case where there is no CUDA device.
-#define REQUIRE_GPU()                                     \
-  do {                                                    \
-    if (::moecomm::cuda_device_count() == 0) {            \
-      ::moecomm::test::skip("no CUDA device");            \
-      return;                                             \
-    }                                                     \
+#define REQUIRE_GPU()                          \
+  do {                                         \
+    if (::moecomm::cuda_device_count() == 0) { \
+      ::moecomm::test::skip("no CUDA device"); \
+      return;                                  \
+    }                                          \
   } while (0)
 
 namespace moecomm::test {
@@ -36,9 +35,9 @@ std::vector<T> download(const TensorView& v, int64_t count = -1) {
   const cudaError_t err = cudaMemcpy(host.data(), v.data, n * sizeof(T), cudaMemcpyDeviceToHost);
   if (err != cudaSuccess) {
     cudaGetLastError();
-    throw std::runtime_error("download of " + std::to_string(n) + " elements from " +
-                             v.describe() + " at " + std::to_string(reinterpret_cast<uintptr_t>(v.data)) +
-                             ": " + cudaGetErrorString(err));
+    throw std::runtime_error("download of " + std::to_string(n) + " elements from " + v.describe() +
+                             " at " + std::to_string(reinterpret_cast<uintptr_t>(v.data)) + ": " +
+                             cudaGetErrorString(err));
   }
   return host;
 }

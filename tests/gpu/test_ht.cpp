@@ -27,9 +27,12 @@ struct HtCase {
   bool i32_idx = false;
 
   std::string name() const {
-    std::string s = "R=" + std::to_string(R) + " E=" + std::to_string(E) + " K=" +
-                    std::to_string(K) + " H=" + std::to_string(H) + " " + routing_name(routing);
-    s += payload == Payload::kBf16 ? " bf16" : payload == Payload::kFp8Passthrough ? " fp8-pass" : " fp8-quant";
+    std::string s = "R=" + std::to_string(R) + " E=" + std::to_string(E) +
+                    " K=" + std::to_string(K) + " H=" + std::to_string(H) + " " +
+                    routing_name(routing);
+    s += payload == Payload::kBf16             ? " bf16"
+         : payload == Payload::kFp8Passthrough ? " fp8-pass"
+                                               : " fp8-quant";
     if (payload != Payload::kBf16) s += scales == ScaleFormat::kPowerOfTwo ? "/pow2" : "/f32";
     s += " align=" + std::to_string(alignment);
     s += sizing == Sizing::kExact ? " exact" : " worst-case";
@@ -145,7 +148,10 @@ void verify_dispatch(const HtCase& c, const std::vector<DispatchOutput>& out,
     if (c.sizing == Sizing::kExact) {
       CHECK_EQ(n, w.num_recv) << at;
       CHECK_EQ(o.recv_x.shape[0], w.num_recv) << at;
-      CHECK(o.num_recv_tokens_per_expert_host == std::vector<int>(w.num_recv_tokens_per_expert.begin(), w.num_recv_tokens_per_expert.end())) << at << " host per-expert counts";
+      CHECK(o.num_recv_tokens_per_expert_host ==
+            std::vector<int>(w.num_recv_tokens_per_expert.begin(),
+                             w.num_recv_tokens_per_expert.end()))
+          << at << " host per-expert counts";
     } else {
       CHECK_EQ(n, -1) << at;
       n = n_dev;
@@ -154,12 +160,16 @@ void verify_dispatch(const HtCase& c, const std::vector<DispatchOutput>& out,
     if (n != w.num_recv) continue;
     const int row_bytes = c.payload == Payload::kBf16 ? c.H * 2 : c.H;
     expect_equal(download<uint8_t>(o.recv_x, n * row_bytes), w.x, at + " recv_x");
-    if (c.payload != Payload::kBf16) expect_equal(download<float>(o.recv_x_scales, n * G), w.x_scales, at + " recv_x_scales");
+    if (c.payload != Payload::kBf16)
+      expect_equal(download<float>(o.recv_x_scales, n * G), w.x_scales, at + " recv_x_scales");
     expect_equal(download<int64_t>(o.recv_topk_idx, n * c.K), w.topk_idx, at + " recv_topk_idx");
-    if (c.weights) expect_equal(download<float>(o.recv_topk_weights, n * c.K), w.topk_weights, at + " recv_topk_weights");
+    if (c.weights)
+      expect_equal(download<float>(o.recv_topk_weights, n * c.K), w.topk_weights,
+                   at + " recv_topk_weights");
     expect_equal(download<int32_t>(o.recv_src_token, n), w.src_token, at + " recv_src_token");
     expect_equal(download<int32_t>(o.recv_rank_prefix), w.rank_prefix, at + " recv_rank_prefix");
-    expect_equal(download<int32_t>(o.num_recv_tokens_per_expert), w.num_recv_tokens_per_expert, at + " num_recv_tokens_per_expert");
+    expect_equal(download<int32_t>(o.num_recv_tokens_per_expert), w.num_recv_tokens_per_expert,
+                 at + " num_recv_tokens_per_expert");
   }
 }
 
@@ -188,7 +198,9 @@ void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64& rng,
       const int64_t T = in[r].routing.num_tokens, N = want_disp[r].num_recv;
       CombineArgs a;
       a.y = d_y[r].view(DType::kBF16, {N, c.H});
-      if (c.weights) a.recv_topk_weights = TensorView::contiguous(disp[r].recv_topk_weights.data, DType::kF32, {N, c.K}, 0);
+      if (c.weights)
+        a.recv_topk_weights =
+            TensorView::contiguous(disp[r].recv_topk_weights.data, DType::kF32, {N, c.K}, 0);
       if (c.bias) a.bias = d_bias[r].view(DType::kBF16, {T, c.H});
       CombineOptions o;
       if (c.caller_out) o.out = d_out[r].view(DType::kBF16, {T, c.H});
@@ -205,12 +217,15 @@ void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64& rng,
     run();
   }
   ref::Shape shape{c.R, c.E, c.K, c.H};
-  const auto want = ref::ht_combine(shape, routings(in), y, c.bias ? bias : std::vector<std::vector<uint16_t>>{},
-                                    c.weights ? recv_w : std::vector<std::vector<float>>{});
+  const auto want =
+      ref::ht_combine(shape, routings(in), y, c.bias ? bias : std::vector<std::vector<uint16_t>>{},
+                      c.weights ? recv_w : std::vector<std::vector<float>>{});
   for (int r = 0; r < c.R; ++r) {
     const std::string at = tag + " rank " + std::to_string(r);
     expect_equal(download<uint16_t>(out[r].out), want[r].out, at + " combine out");
-    if (c.weights) expect_equal(download<float>(out[r].combined_topk_weights), want[r].combined_topk_weights, at + " combined weights");
+    if (c.weights)
+      expect_equal(download<float>(out[r].combined_topk_weights), want[r].combined_topk_weights,
+                   at + " combined weights");
   }
 }
 
@@ -243,7 +258,8 @@ void run_case(const HtCase& c, std::mt19937_64& rng, VirtualGroup* shared = null
     poison_receive_buffers(c, out, /*handle_too=*/false);
     HtCase cached_case = c;
     cached_case.sizing = Sizing::kExact;  // a cached handle from exact sizing knows N
-    auto again = run_dispatch(group, c.sizing == Sizing::kExact ? c : cached_case, in, send2, &handles);
+    auto again =
+        run_dispatch(group, c.sizing == Sizing::kExact ? c : cached_case, in, send2, &handles);
     if (c.sizing == Sizing::kExact) verify_dispatch(c, again, want2, tag + " cached");
   }
 }
@@ -262,7 +278,11 @@ TEST_CASE("HT bf16 over rank counts, T = 0 on a rank, bias, caller output") {
   std::mt19937_64 rng(seed());
   for (int R : {1, 2, 4, 8}) {
     HtCase c;
-    c.R = R; c.E = 64; c.K = 8; c.H = 2048; c.max_tokens = 512;
+    c.R = R;
+    c.E = 64;
+    c.K = 8;
+    c.H = 2048;
+    c.max_tokens = 512;
     c.tokens = random_tokens(rng, R, 512, R > 1);
     c.bias = true;
     c.caller_out = R % 4 == 0;
@@ -274,7 +294,11 @@ TEST_CASE("HT standard hidden 7168 with online fp8, exact and worst case") {
   REQUIRE_GPU();
   std::mt19937_64 rng(seed() + 1);
   HtCase c;
-  c.R = 8; c.E = 256; c.K = 8; c.H = 7168; c.max_tokens = 1024;
+  c.R = 8;
+  c.E = 256;
+  c.K = 8;
+  c.H = 7168;
+  c.max_tokens = 1024;
   c.tokens.assign(8, 1024);
   c.payload = Payload::kFp8Quantize;
   VirtualGroup group(case_config(c), c.R);
@@ -291,7 +315,11 @@ TEST_CASE("HT hidden 7296, 128 and 16384: fp8 passthrough, pow2 scales, alignmen
   std::mt19937_64 rng(seed() + 2);
   for (int H : {7296, 128, 16384}) {
     HtCase c;
-    c.R = 4; c.E = 32; c.K = 8; c.H = H; c.max_tokens = 300;
+    c.R = 4;
+    c.E = 32;
+    c.K = 8;
+    c.H = H;
+    c.max_tokens = 300;
     c.tokens = random_tokens(rng, 4, 300, false);
     c.payload = Payload::kFp8Passthrough;
     c.alignment = 128;
@@ -306,15 +334,22 @@ TEST_CASE("HT hidden 7296, 128 and 16384: fp8 passthrough, pow2 scales, alignmen
 TEST_CASE("HT K = 1 and K = 32, -1 entries, one expert, ranks that receive nothing, odd R") {
   REQUIRE_GPU();
   std::mt19937_64 rng(seed() + 3);
-  struct Shape { int R, E, K; Routing routing; };
-  const Shape shapes[] = {
-      {4, 8, 1, Routing::kUniform},       {2, 64, 32, Routing::kWithDrops},
-      {4, 16, 4, Routing::kOneExpert},    {4, 16, 1, Routing::kOneExpert},
-      {4, 32, 8, Routing::kFirstRanksOnly}, {3, 12, 5, Routing::kWithDrops},
-      {5, 40, 8, Routing::kUniform},      {7, 56, 32, Routing::kWithDrops}};
+  struct Shape {
+    int R, E, K;
+    Routing routing;
+  };
+  const Shape shapes[] = {{4, 8, 1, Routing::kUniform},         {2, 64, 32, Routing::kWithDrops},
+                          {4, 16, 4, Routing::kOneExpert},      {4, 16, 1, Routing::kOneExpert},
+                          {4, 32, 8, Routing::kFirstRanksOnly}, {3, 12, 5, Routing::kWithDrops},
+                          {5, 40, 8, Routing::kUniform},        {7, 56, 32, Routing::kWithDrops}};
   for (const auto& s : shapes) {
     HtCase c;
-    c.R = s.R; c.E = s.E; c.K = s.K; c.H = 256; c.routing = s.routing; c.max_tokens = 200;
+    c.R = s.R;
+    c.E = s.E;
+    c.K = s.K;
+    c.H = 256;
+    c.routing = s.routing;
+    c.max_tokens = 200;
     c.tokens = random_tokens(rng, s.R, 200, true);
     c.bias = s.K % 2 == 0;
     run_case(c, rng);
@@ -325,9 +360,14 @@ TEST_CASE("HT 100 consecutive calls with changing routing and sizes") {
   REQUIRE_GPU();
   std::mt19937_64 rng(seed() + 4);
   HtCase base;
-  base.R = 4; base.E = 32; base.K = 4; base.H = 256; base.max_tokens = 128;
+  base.R = 4;
+  base.E = 32;
+  base.K = 4;
+  base.H = 256;
+  base.max_tokens = 128;
   VirtualGroup group(case_config(base), base.R);
-  const Routing kinds[] = {Routing::kUniform, Routing::kWithDrops, Routing::kOneExpert, Routing::kFirstRanksOnly};
+  const Routing kinds[] = {Routing::kUniform, Routing::kWithDrops, Routing::kOneExpert,
+                           Routing::kFirstRanksOnly};
   for (int i = 0; i < 100; ++i) {
     HtCase c = base;
     c.tokens = random_tokens(rng, c.R, c.max_tokens, i % 3 == 0);
@@ -345,7 +385,11 @@ TEST_CASE("HT async dispatch and combine return events that order later work") {
   REQUIRE_GPU();
   std::mt19937_64 rng(seed() + 5);
   HtCase c;
-  c.R = 4; c.E = 32; c.K = 4; c.H = 256; c.max_tokens = 128;
+  c.R = 4;
+  c.E = 32;
+  c.K = 4;
+  c.H = 256;
+  c.max_tokens = 128;
   c.tokens = random_tokens(rng, c.R, c.max_tokens, true);
   c.sizing = Sizing::kWorstCase;
   VirtualGroup group(case_config(c), c.R);
@@ -392,7 +436,10 @@ TEST_CASE("HT async dispatch and combine return events that order later work") {
   }
   group.synchronize();
   const auto want_out = ref::ht_combine(shape, routings(in), y_host, {}, {});
-  for (int r = 0; r < c.R; ++r) expect_equal(copy[r].download(), want_out[r].out, "async combine rank " + std::to_string(r));
+  for (int r = 0; r < c.R; ++r)
+    expect_equal(copy[r].download(), want_out[r].out, "async combine rank " + std::to_string(r));
 }
 
-int main(int argc, char** argv) { return moecomm::test::run_all(argc, argv); }
+int main(int argc, char** argv) {
+  return moecomm::test::run_all(argc, argv);
+}

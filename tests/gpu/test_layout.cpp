@@ -13,8 +13,8 @@ constexpr int kMaxTokens = 4096;
 
 /// Runs get_layout on every rank (rank after rank: it never waits on the host) and compares
 /// every output with ref::layout. Outputs are poisoned first.
-void check_layout(VirtualGroup& group, const std::vector<RankInput>& in, int E, int K,
-                  bool i32_idx, const std::string& what) {
+void check_layout(VirtualGroup& group, const std::vector<RankInput>& in, int E, int K, bool i32_idx,
+                  const std::string& what) {
   const int R = group.size(), L = E / R;
   // A first run tells where each rank's outputs live; poison them all, run again, check.
   std::vector<Layout> out(R);
@@ -34,15 +34,20 @@ void check_layout(VirtualGroup& group, const std::vector<RankInput>& in, int E, 
   const auto want = ref::layout(shape, routings(in));
   for (int r = 0; r < R; ++r) {
     std::string first;
-    CHECK(count_mismatches(download<int32_t>(out[r].num_tokens_per_rank), want[r].num_tokens_per_rank, &first) == 0)
+    CHECK(count_mismatches(download<int32_t>(out[r].num_tokens_per_rank),
+                           want[r].num_tokens_per_rank, &first) == 0)
         << what << " rank " << r << " num_tokens_per_rank " << first;
-    CHECK(count_mismatches(download<int32_t>(out[r].num_tokens_per_expert), want[r].num_tokens_per_expert, &first) == 0)
+    CHECK(count_mismatches(download<int32_t>(out[r].num_tokens_per_expert),
+                           want[r].num_tokens_per_expert, &first) == 0)
         << what << " rank " << r << " num_tokens_per_expert " << first;
-    CHECK(count_mismatches(download<uint8_t>(out[r].is_token_in_rank), want[r].is_token_in_rank, &first) == 0)
+    CHECK(count_mismatches(download<uint8_t>(out[r].is_token_in_rank), want[r].is_token_in_rank,
+                           &first) == 0)
         << what << " rank " << r << " is_token_in_rank " << first;
-    CHECK(count_mismatches(download<int32_t>(out[r].num_recv_tokens_per_rank), want[r].num_recv_tokens_per_rank, &first) == 0)
+    CHECK(count_mismatches(download<int32_t>(out[r].num_recv_tokens_per_rank),
+                           want[r].num_recv_tokens_per_rank, &first) == 0)
         << what << " rank " << r << " num_recv_tokens_per_rank " << first;
-    CHECK(count_mismatches(download<int32_t>(out[r].num_recv_tokens_per_expert), want[r].num_recv_tokens_per_expert, &first) == 0)
+    CHECK(count_mismatches(download<int32_t>(out[r].num_recv_tokens_per_expert),
+                           want[r].num_recv_tokens_per_expert, &first) == 0)
         << what << " rank " << r << " num_recv_tokens_per_expert " << first << " (L=" << L << ")";
   }
 }
@@ -63,8 +68,8 @@ TEST_CASE("layout matches the reference over R, E, K, T") {
           std::vector<int64_t> tokens(R, T);
           auto in = make_inputs(rng, tokens, E, K, kHidden, Routing::kUniform);
           check_layout(group, in, E, K, (variant++ % 2) == 1,
-                       "R=" + std::to_string(R) + " E=" + std::to_string(E) + " K=" +
-                           std::to_string(K) + " T=" + std::to_string(T));
+                       "R=" + std::to_string(R) + " E=" + std::to_string(E) +
+                           " K=" + std::to_string(K) + " T=" + std::to_string(T));
         }
         // Mixed T across ranks, with -1 entries, and everything on one expert.
         std::vector<int64_t> mixed(R);
@@ -72,8 +77,8 @@ TEST_CASE("layout matches the reference over R, E, K, T") {
         for (Routing kind : {Routing::kWithDrops, Routing::kOneExpert, Routing::kFirstRanksOnly}) {
           auto in = make_inputs(rng, mixed, E, K, kHidden, kind);
           check_layout(group, in, E, K, false,
-                       "R=" + std::to_string(R) + " E=" + std::to_string(E) + " K=" +
-                           std::to_string(K) + " mixed T, " + routing_name(kind));
+                       "R=" + std::to_string(R) + " E=" + std::to_string(E) +
+                           " K=" + std::to_string(K) + " mixed T, " + routing_name(kind));
         }
       }
 }
@@ -100,9 +105,18 @@ TEST_CASE("bad topk_idx values are reported with rank, token and value") {
     auto in = make_inputs(rng, {16, 16}, E, K, kHidden, Routing::kUniform);
     auto idx = in[1].routing.topk_idx;
     std::string expect;
-    if (bad_case == 0) { idx[5 * K + 1] = E; expect = "names expert 8"; }
-    if (bad_case == 1) { idx[3 * K + 0] = -2; expect = "names expert -2"; }
-    if (bad_case == 2) { idx[7 * K + 1] = idx[7 * K + 0]; expect = "twice"; }
+    if (bad_case == 0) {
+      idx[5 * K + 1] = E;
+      expect = "names expert 8";
+    }
+    if (bad_case == 1) {
+      idx[3 * K + 0] = -2;
+      expect = "names expert -2";
+    }
+    if (bad_case == 2) {
+      idx[7 * K + 1] = idx[7 * K + 0];
+      expect = "twice";
+    }
     in[1].d_idx.upload(idx);
     group[0].get_layout(in[0].idx_view(K));
     group[1].get_layout(in[1].idx_view(K));
@@ -159,4 +173,6 @@ TEST_CASE("an SM budget that cannot be co-resident is refused") {
   CHECK_THROWS(VirtualGroup(c, 2), InvalidArgument, "Config.num_sms");
 }
 
-int main(int argc, char** argv) { return moecomm::test::run_all(argc, argv); }
+int main(int argc, char** argv) {
+  return moecomm::test::run_all(argc, argv);
+}

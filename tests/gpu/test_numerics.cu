@@ -83,4 +83,6 @@ TEST_CASE("device fp8 scales equal the reference for both formats") {
   }
 }
 
-int main(int argc, char** argv) { return moecomm::test::run_all(argc, argv); }
+int main(int argc, char** argv) {
+  return moecomm::test::run_all(argc, argv);
+}

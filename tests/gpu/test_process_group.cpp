@@ -47,7 +47,8 @@ int run_rank(int rank, int to_parent, int from_parent, uint64_t seed) {
   ProcessGroupBuilder builder(cfg, rank, kRanks, 0);
   const std::vector<uint8_t> mine = builder.local_handle();
   std::vector<uint8_t> all(ProcessGroupBuilder::handle_size() * kRanks);
-  if (!write_all(to_parent, mine.data(), mine.size()) || !read_all(from_parent, all.data(), all.size()))
+  if (!write_all(to_parent, mine.data(), mine.size()) ||
+      !read_all(from_parent, all.data(), all.size()))
     return 3;
   auto comm = builder.connect(all);
 
@@ -74,7 +75,8 @@ int run_rank(int rank, int to_parent, int from_parent, uint64_t seed) {
       comm->synchronize();
       failures += d.num_recv_tokens != want[rank].num_recv;
       if (d.num_recv_tokens == want[rank].num_recv)
-        failures += count_mismatches(download<uint8_t>(d.recv_x, d.num_recv_tokens * H * 2), want[rank].x) != 0;
+        failures += count_mismatches(download<uint8_t>(d.recv_x, d.num_recv_tokens * H * 2),
+                                     want[rank].x) != 0;
       // Combine the received rows themselves (registered memory) and an unregistered copy.
       std::vector<std::vector<uint16_t>> y(kRanks);
       for (int r = 0; r < kRanks; ++r) {
@@ -152,7 +154,8 @@ TEST_CASE("a group of processes on one GPU (CUDA IPC): HT and LL against the ref
     carried = read_all(up[r][0], h.data(), h.size());
     all.insert(all.end(), h.begin(), h.end());
   }
-  for (int r = 0; r < kRanks && carried; ++r) carried = write_all(down[r][1], all.data(), all.size());
+  for (int r = 0; r < kRanks && carried; ++r)
+    carried = write_all(down[r][1], all.data(), all.size());
   for (int r = 0; r < kRanks; ++r) {
     close(up[r][0]);
     close(down[r][1]);
@@ -168,8 +171,12 @@ TEST_CASE("a group of processes on one GPU (CUDA IPC): HT and LL against the ref
     }
     CHECK_EQ(rc, 0) << "rank " << r << " (1: outputs differ from the reference; 2: error; 3: pipe)";
   }
-  if (no_gpu == kRanks) skip("no CUDA device");
-  else CHECK(carried) << "handles could not be carried";
+  if (no_gpu == kRanks)
+    skip("no CUDA device");
+  else
+    CHECK(carried) << "handles could not be carried";
 }
 
-int main(int argc, char** argv) { return moecomm::test::run_all(argc, argv); }
+int main(int argc, char** argv) {
+  return moecomm::test::run_all(argc, argv);
+}

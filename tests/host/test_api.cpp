@@ -21,12 +21,15 @@ Config good() {
 
 }  // namespace
 
-TEST_CASE("a valid config passes") { good().validate(8); }
+TEST_CASE("a valid config passes") {
+  good().validate(8);
+}
 
 TEST_CASE("config errors name the field and the expected range") {
   Config c = good();
   c.num_experts = 250;
-  CHECK_THROWS(c.validate(8), InvalidArgument, "Config.num_experts: expected a multiple of the number of ranks (8)");
+  CHECK_THROWS(c.validate(8), InvalidArgument,
+               "Config.num_experts: expected a multiple of the number of ranks (8)");
   c = good();
   c.topk = 0;
   CHECK_THROWS(c.validate(8), InvalidArgument, "Config.topk: expected 1..32, got 0");
@@ -34,7 +37,8 @@ TEST_CASE("config errors name the field and the expected range") {
   CHECK_THROWS(c.validate(8), InvalidArgument, "Config.topk: expected 1..32, got 33");
   c = good();
   c.hidden = 7000;
-  CHECK_THROWS(c.validate(8), InvalidArgument, "Config.hidden: expected a multiple of 128 when enable_fp8");
+  CHECK_THROWS(c.validate(8), InvalidArgument,
+               "Config.hidden: expected a multiple of 128 when enable_fp8");
   c.enable_fp8 = false;
   c.hidden = 7004;
   CHECK_THROWS(c.validate(8), InvalidArgument, "Config.hidden: expected a multiple of 8");
@@ -118,4 +122,6 @@ TEST_CASE("groups: a clear error without a GPU, the co-residency check with one"
   CHECK_THROWS(VirtualGroup(bad, 2), InvalidArgument, "Config.num_experts");
 }
 
-int main(int argc, char** argv) { return moecomm::test::run_all(argc, argv); }
+int main(int argc, char** argv) {
+  return moecomm::test::run_all(argc, argv);
+}

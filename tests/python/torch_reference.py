@@ -22,13 +22,48 @@ def make_inputs(gen, T, H, E, K, drop=0.15, device="cuda"):
     return x.to(device), idx.to(device), w.to(device)
 
 
+def float_to_e4m3(v):
+    """f32 -> float8_e4m3fn codes as CUDA's __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3):
+    round to nearest, ties to even; every |v| >= 448 (infinity included) saturates to +-448;
+    NaN gives 0x7f. Returns a torch.float8_e4m3fn tensor of v's shape.
+
+    Done here with exact integer and power-of-two arithmetic, not with torch's cast: torch's
+    float -> float8_e4m3fn conversion does not saturate (|v| above 464 becomes NaN) and keeps the
+    sign of NaN."""
+    v = v.detach().float().cpu().contiguous()
+    a = v.abs()
+    bits = a.view(torch.int32)
+    # e = floor(log2|v|), clamped to the e4m3 minimum normal exponent -6 (subnormals share the
+    # quantum of the lowest binade); zero and f32 subnormals clamp too. The quantum of binade e
+    # is 2^(e-3).
+    e = ((bits >> 23) - 127).clamp(min=-6)
+    # |v| / 2^(e-3), exact: a multiplication by a power of two built from its bits (e <= 8 for
+    # the values that get here, so 2^(3-e) is a normal float).
+    pow2 = ((3 - e.clamp(max=8) + 127) << 23).view(torch.float32)
+    n = torch.round(a * pow2).to(torch.int32)  # torch.round: half to even; n in [0, 16]
+    # (e + 6) * 8 + n: subnormals (e = -6, n < 8), normals (n in [8, 16)) and the carry into
+    # the next binade (n == 16). |v| < 448 never reaches the NaN code 0x7f.
+    code = (e + 6) * 8 + n
+    code = torch.where(a >= FP8_MAX, torch.full_like(code, 0x7E), code)
+    code = code | torch.where(v.view(torch.int32) < 0, 0x80, 0).to(torch.int32)
+    code = torch.where(torch.isnan(v), torch.full_like(code, 0x7F), code)
+    return code.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
 def quantize_fp8(x):
-    """Per 128 channels: amax = max|x| (>= 1e-4), scale = amax / 448, q = e4m3(x * (448 / amax))."""
+    """Per 128 channels of a bf16 row (f32 arithmetic throughout):
+    a = max(amax, 1e-4) with amax = max|x| (fmax: a NaN amax gives the floor), scale = a / 448,
+    inv = 448 / a (each one correctly rounded division), q = e4m3(x * inv) (one rounding, then
+    float_to_e4m3). Returns (q float8_e4m3fn [n, H], scale f32 [n, H / 128])."""
     n, H = x.shape
     xf = x.detach().float().cpu().view(n, H // 128, 128)
-    amax = xf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR)
-    scale = amax / FP8_MAX
-    q = (xf * (FP8_MAX / amax)[..., None]).to(torch.float8_e4m3fn).view(n, H)
+    amax = xf.abs().amax(dim=-1)
+    a = torch.fmax(amax, torch.tensor(AMAX_FLOOR, dtype=torch.float32))
+    # Tensor / tensor divisions: `448.0 / a` would be a.reciprocal() * 448 in torch (two
+    # roundings), and a division by a Python scalar may be a multiplication by its reciprocal.
+    scale = torch.div(a, torch.full_like(a, FP8_MAX))
+    inv = torch.div(torch.full_like(a, FP8_MAX), a)
+    q = float_to_e4m3(xf * inv[..., None]).view(n, H)
     return q, scale
 
 
