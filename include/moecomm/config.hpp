@@ -51,7 +51,8 @@ struct Config {
   int64_t max_recv_tokens = 0;
   /// LL capacity M per source rank; 0 means max_tokens_per_rank (or the Auto threshold in Auto).
   int low_latency_max_tokens = 0;
-  /// Auto mode: calls with T <= this take the LL path. Chosen from measurements (docs/perf.md).
+  /// Auto mode: calls with T <= this take the LL path. Every rank must be on the same side of it
+  /// in a call. The default is not yet tuned from measurements (ep_bench --sweep tokens).
   int auto_low_latency_max_tokens = 256;
 
   /// Check topk_idx on the device (range, duplicates) before every dispatch. Defaults to on in
