@@ -32,6 +32,10 @@ const char* op_key(Op op) {
       return "round_trip";
     case Op::kGraphRoundTrip:
       return "graph_round_trip";
+    case Op::kDispatchSend:
+      return "dispatch_send";
+    case Op::kDispatchRecv:
+      return "dispatch_recv";
   }
   return "?";
 }
@@ -50,6 +54,10 @@ const char* op_name(Op op) {
       return "dispatch+combine";
     case Op::kGraphRoundTrip:
       return "dispatch+combine (graph)";
+    case Op::kDispatchSend:
+      return "dispatch send phase";
+    case Op::kDispatchRecv:
+      return "dispatch recv phase";
   }
   return "?";
 }
@@ -409,6 +417,22 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
   std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch),
                                result(Op::kCombine, t.phase[1], ct, naive.combine)};
+  // The two phases of dispatch apart: send (returns a hook), then every rank's hook.
+  std::vector<DispatchOutput> h(s.ranks());
+  DispatchOptions hooked = options;
+  hooked.return_recv_hook = true;
+  const PhaseTimes th = time_phases(
+      s.streams(), plan,
+      {[&] { s.dispatch_all(h, hooked); },
+       [&] {
+         for (auto& o : h) o.hook();
+       },
+       [&] { s.combine_all(h, nullptr); }},
+      [&] { s.sync(); });
+  const Traffic nothing{0, 0};  // the receive phase moves no rows
+  const Stats no_counterpart;  // the naive pipeline has no phases to compare with
+  out.push_back(result(Op::kDispatchSend, th.phase[0], dt, no_counterpart));
+  out.push_back(result(Op::kDispatchRecv, th.phase[1], nothing, no_counterpart));
   if (extras.graph) {
     out.push_back(result(Op::kRoundTrip, t.total, sum(dt, ct), naive.round_trip));
     out.push_back(

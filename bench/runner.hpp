@@ -19,6 +19,8 @@ enum class Op {
   kExactDispatch,   ///< HT, exact sizing (host waits for the counts; parallel_for)
   kRoundTrip,       ///< LL dispatch then combine, plain launches
   kGraphRoundTrip,  ///< LL dispatch then combine, one CUDA graph per rank
+  kDispatchSend,    ///< LL dispatch with return_recv_hook: the send phase
+  kDispatchRecv,    ///< LL: the receive phase (the hook)
 };
 
 const char* op_key(Op op);   ///< "dispatch", "cached_dispatch", ... (JSON)
