@@ -466,3 +466,52 @@ def test_streamless_framework_waits_on_the_host(fake):
     comms[1].dispatch(x, idx)
     assert log == [("dispatch", 0, 1000, False), ("dispatch", 1, 1001, False),
                    ("host", 1000), ("host", 1001)]
+
+
+# --- the torch reference's fp8 rule (tests/python/torch_reference.py, used by test_gpu.py) -------
+def test_reference_e4m3_rounding_and_saturation():
+    """float_to_e4m3 is CUDA's SATFINITE e4m3 conversion: ties to even, +-448 for everything at or
+    above 448 (infinity too), 0x7f for NaN. Codes worked out by hand: value = (8 + m) * 2^(e - 10)
+    for code e*8 + m (e >= 1), m * 2^-9 for subnormals (e = 0)."""
+    torch = pytest.importorskip("torch")
+    import torch_reference as ref
+
+    cases = [  # (value, code); a list, not a dict: 0.0 == -0.0
+        (0.0, 0x00), (-0.0, 0x80), (2.0 ** -9, 0x01), (2.0 ** -10, 0x00), (3 * 2.0 ** -10, 0x02),
+        (7 * 2.0 ** -9, 0x07), (7.5 * 2.0 ** -9, 0x08), (2.0 ** -6, 0x08), (1.0, 0x38),
+        (1.0625, 0x38), (1.1875, 0x3A), (1.9375, 0x40), (-1.125, 0xB9), (240.0, 0x77),
+        (440.0, 0x7E), (448.0, 0x7E), (464.0, 0x7E), (465.0, 0x7E), (1e30, 0x7E), (-500.0, 0xFE),
+        (float("inf"), 0x7E), (float("-inf"), 0xFE), (float("nan"), 0x7F), (-float("nan"), 0x7F),
+        (1e-40, 0x00),
+    ]
+    v = torch.tensor([c[0] for c in cases], dtype=torch.float32)
+    got = ref.float_to_e4m3(v)
+    assert got.dtype == torch.float8_e4m3fn
+    assert got.view(torch.uint8).tolist() == [c[1] for c in cases]
+    # Where torch's own cast is defined the same way (finite, |v| < 464) the two agree.
+    g = torch.Generator().manual_seed(0)
+    exp = torch.randint(-14, 9, (1 << 16,), generator=g).float()
+    r = torch.randn(1 << 16, generator=g) * torch.exp2(exp)
+    r = r[r.abs() < 464]
+    assert torch.equal(ref.float_to_e4m3(r).view(torch.uint8),
+                       r.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_reference_quantize_fp8_divides_once():
+    """inv = 448 / a is one correctly rounded f32 division (torch's `448.0 / a` is
+    a.reciprocal() * 448, two roundings), and q = e4m3(x * inv)."""
+    torch = pytest.importorskip("torch")
+    import torch_reference as ref
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(64, 256, generator=g) * 3).bfloat16()
+    x[0, :128] = 0  # an all-zero group: the amax floor
+    q, scale = ref.quantize_fp8(x)
+    xf = x.float().view(64, 2, 128)
+    a = xf.abs().amax(dim=-1).clamp(min=1e-4)
+    a64 = a.double()
+    assert torch.equal(scale, (a64 / 448).float())  # f32 division == the double quotient rounded
+    inv = (448 / a64).float()
+    want = ref.float_to_e4m3(xf * inv[..., None]).view(64, 256)
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+    assert scale[0, 0].item() == pytest.approx(1e-4 / 448)

@@ -52,13 +52,14 @@ def float_to_e4m3(v):
 
 def quantize_fp8(x):
     """Per 128 channels of a bf16 row (f32 arithmetic throughout):
-    a = max(amax, 1e-4) with amax = max|x| (fmax: a NaN amax gives the floor), scale = a / 448,
+    a = max(amax, 1e-4) with amax = max|x| over the non-NaN channels (0 if none), scale = a / 448,
     inv = 448 / a (each one correctly rounded division), q = e4m3(x * inv) (one rounding, then
     float_to_e4m3). Returns (q float8_e4m3fn [n, H], scale f32 [n, H / 128])."""
     n, H = x.shape
     xf = x.detach().float().cpu().view(n, H // 128, 128)
-    amax = xf.abs().amax(dim=-1)
-    a = torch.fmax(amax, torch.tensor(AMAX_FLOOR, dtype=torch.float32))
+    xa = xf.abs()
+    amax = torch.where(torch.isnan(xa), torch.zeros_like(xa), xa).amax(dim=-1)  # fmax skips NaN
+    a = amax.clamp(min=torch.tensor(AMAX_FLOOR, dtype=torch.float32))
     # Tensor / tensor divisions: `448.0 / a` would be a.reciprocal() * 448 in torch (two
     # roundings), and a division by a Python scalar may be a multiplication by its reciprocal.
     scale = torch.div(a, torch.full_like(a, FP8_MAX))
