@@ -3,7 +3,6 @@
 #include <fstream>
 #include <functional>
 #include <map>
-#include <sstream>
 #include <string>
 
 #include "moecomm/error.hpp"
@@ -144,9 +143,9 @@ const std::vector<Field>& fields() {
 }  // namespace
 
 std::string Config::to_text() const {
-  std::ostringstream os;
-  for (const auto& f : fields()) os << f.name << " = " << f.get(*this) << "\n";
-  return os.str();
+  std::string text;
+  for (const auto& f : fields()) text += std::string(f.name) + " = " + f.get(*this) + "\n";
+  return text;
 }
 
 void Config::load_file(const std::string& path) {

@@ -1,6 +1,6 @@
 #include "moecomm/tensor.hpp"
 
-#include <sstream>
+#include <string>
 
 #include "moecomm/version.hpp"
 
@@ -81,15 +81,11 @@ bool TensorView::is_contiguous() const {
 
 std::string TensorView::describe() const {
   if (!present()) return "absent";
-  std::ostringstream os;
-  os << "[";
-  for (int d = 0; d < ndim; ++d) os << (d ? ", " : "") << shape[d];
-  os << "] " << dtype_name(dtype) << " on ";
-  if (device == kHostDevice)
-    os << "host";
-  else
-    os << "cuda:" << device;
-  return os.str();
+  std::string text = "[";  // plain string building: no iostreams in the library
+  for (int d = 0; d < ndim; ++d) text += (d ? ", " : "") + std::to_string(shape[d]);
+  text += std::string("] ") + dtype_name(dtype) + " on ";
+  text += device == kHostDevice ? std::string("host") : "cuda:" + std::to_string(device);
+  return text;
 }
 
 }  // namespace moecomm

@@ -1,6 +1,6 @@
 #include "core/validate.hpp"
 
-#include <sstream>
+#include <string>
 
 #include "moecomm/error.hpp"
 
@@ -9,15 +9,13 @@ namespace moecomm::detail {
 namespace {
 
 std::string expected_text(const TensorSpec& spec, int device) {
-  std::ostringstream os;
-  os << spec.shape_text << " ";
+  std::string text = spec.shape_text + " ";
   bool first = true;
   for (DType d : spec.dtypes) {
-    os << (first ? "" : " or ") << dtype_name(d);
+    text += std::string(first ? "" : " or ") + dtype_name(d);
     first = false;
   }
-  os << ", contiguous, on cuda:" << device;
-  return os.str();
+  return text + ", contiguous, on cuda:" + std::to_string(device);
 }
 
 }  // namespace
