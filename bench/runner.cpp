@@ -240,19 +240,28 @@ class Session {
   VirtualGroup group_;
 };
 
+/// Runs `rounds` dispatch + combine rounds, which reveal where every output lives, then poisons
+/// those outputs.
+void reveal_and_poison(Session& s, int rounds, const DispatchOptions& options,
+                       std::vector<DispatchOutput>& d, std::vector<CombineOutput>& c) {
+  for (int round = 0; round < rounds; ++round) {
+    s.dispatch_all(d, options);
+    s.combine_all(d, &c);
+    s.sync();
+    for (int r = 0; r < s.ranks(); ++r) {
+      poison(d[r]);
+      poison(c[r].out);
+    }
+  }
+}
+
 /// HT: every form that is timed, each after poisoning the outputs of an earlier call.
 void verify_ht(Session& s, const Workload& wl, const Extras& extras) {
   const int R = s.ranks();
   std::vector<DispatchOutput> d(R), again(R);
   std::vector<CombineOutput> c(R);
   const DispatchOptions worst = s.dispatch_options(Sizing::kWorstCase);
-  s.dispatch_all(d, worst);  // a first round reveals the output buffers
-  s.combine_all(d, &c);
-  s.sync();
-  for (int r = 0; r < R; ++r) {
-    poison(d[r]);
-    poison(c[r].out);
-  }
+  reveal_and_poison(s, /*rounds=*/1, worst, d, c);
 
   s.dispatch_all(d, worst);
   s.sync();
@@ -280,15 +289,7 @@ void verify_ll(Session& s, const Workload& wl) {
   std::vector<DispatchOutput> d(R);
   std::vector<CombineOutput> c(R);
   const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
-  for (int round = 0; round < 2; ++round) {
-    s.dispatch_all(d, options);
-    s.combine_all(d, &c);
-    s.sync();
-    for (int r = 0; r < R; ++r) {
-      poison(d[r]);
-      poison(c[r].out);
-    }
-  }
+  reveal_and_poison(s, /*rounds=*/2, options, d, c);  // both alternating buffers
   s.dispatch_all(d, options);
   s.sync();
   for (int r = 0; r < R; ++r) check_ll_dispatch(wl, r, d[r], "LL dispatch");
