@@ -367,11 +367,10 @@ HandleState& CommImpl::handle_state(const Handle& handle, Mode expected, const c
 
 uint64_t CommImpl::publish(const void* ptr, size_t bytes, size_t stage_offset, size_t stage_bytes,
                            const char* name, cudaStream_t stream) {
-  constexpr uint64_t kOffsetTag = 1ull << 63;  // transport::kSymmetricOffsetTag
   const uint8_t* base = group_->sym_base[rank_];
   const uint8_t* p = static_cast<const uint8_t*>(ptr);
   if (p >= base && p + bytes <= base + group_->layout.total)
-    return static_cast<uint64_t>(p - base) | kOffsetTag;
+    return static_cast<uint64_t>(p - base) | kSymmetricOffsetTag;
   if (group_->single_address_space || bytes == 0) return reinterpret_cast<uint64_t>(ptr);
   if (bytes > stage_bytes)
     throw InvalidArgument(std::string(name) + ": " + std::to_string(bytes) +
@@ -379,7 +378,7 @@ uint64_t CommImpl::publish(const void* ptr, size_t bytes, size_t stage_offset, s
                           std::to_string(stage_bytes) + " bytes)");
   MOECOMM_CUDA_CHECK(cudaMemcpyAsync(group_->sym_base[rank_] + stage_offset, ptr, bytes,
                                      cudaMemcpyDeviceToDevice, stream));
-  return static_cast<uint64_t>(stage_offset) | kOffsetTag;
+  return static_cast<uint64_t>(stage_offset) | kSymmetricOffsetTag;
 }
 
 TensorView CommImpl::local_view(void* data, DType dtype,

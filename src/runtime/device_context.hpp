@@ -74,6 +74,10 @@ struct SymmetricLayout {
   size_t total;
 };
 inline constexpr int kPeerPtrs = 2;  // combine: y, recv_topk_weights
+/// Published addresses with this bit set are offsets into the publisher's symmetric buffer (each
+/// peer resolves them through its own mapping); without it they are plain pointers, valid only
+/// where every rank shares one address space.
+inline constexpr uint64_t kSymmetricOffsetTag = 1ull << 63;
 
 /// This rank's private device memory (not visible to peers).
 struct LocalState {

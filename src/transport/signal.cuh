@@ -29,14 +29,11 @@ __device__ __forceinline__ uint64_t* flag_slot(const DeviceContext& ctx, int own
          static_cast<int>(kind) * detail::kMaxRanks + src;
 }
 
-/// Addresses published to peers: an offset into the publisher's symmetric buffer (tagged), which
-/// every peer resolves through its own mapping of that buffer, or a plain pointer, valid only
-/// where all ranks share one address space (virtual groups).
-inline constexpr uint64_t kSymmetricOffsetTag = 1ull << 63;
-
+/// The address a peer published (see detail::kSymmetricOffsetTag), as this rank sees it.
 __device__ __forceinline__ const void* resolve_address(const DeviceContext& ctx, int owner,
                                                        uint64_t published) {
-  if (published & kSymmetricOffsetTag) return ctx.peers[owner] + (published & ~kSymmetricOffsetTag);
+  if (published & detail::kSymmetricOffsetTag)
+    return ctx.peers[owner] + (published & ~detail::kSymmetricOffsetTag);
   return reinterpret_cast<const void*>(published);
 }
 
