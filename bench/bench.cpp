@@ -173,7 +173,7 @@ class WorkloadCache {
   const NaiveTimes& naive(const Shape& shape) {
     Entry& e = entries_[shape.mode];
     get(shape);
-    if (!e.naive) e.naive = time_naive(*e.workload, plan_);
+    if (!e.naive) e.naive = time_naive(*e.workload, plan_, options_.graph);
     return *e.naive;
   }
   void drop(Mode mode) { entries_.erase(mode); }
@@ -284,7 +284,7 @@ RunRecord run_benchmark(Options& o) {
   WorkloadCache cache(o, main_plan(o));
   if (o.tune) tune(o, max_sms, cache, run);
   const std::vector<PointSpec> specs = all_specs(run.notes);
-  const Extras extras{o.cached, /*exact=*/true, o.graph};
+  const Extras extras{o.cached, /*exact=*/true, o.graph, o.staged};
   for (size_t i = 0; i < specs.size(); ++i) {
     const PointSpec& spec = specs[i];
     const Shape shape = make_shape(o, spec);

@@ -59,7 +59,10 @@ the host reference first, and compares with the naive permute -> copies -> unper
   --zipf-s S              Zipf exponent
   --topk-groups N         group routing: rank groups a token may use
   --cached                also time HT dispatch with previous_handle (cached layout)
-  --graph                 also time LL dispatch+combine captured in a CUDA graph per rank
+  --graph                 also time dispatch, combine and both in a row, each captured as one
+                          CUDA graph for the whole group (moecomm and the naive pipeline alike)
+  --staged                also time HT dispatch followed by copying its outputs into
+                          caller-owned tensors (what writing rows in place saves)
   --seed N                input seed (default 1)
   --json FILE             write every figure, the machine and the config as JSON
   --sweep tokens|hidden|sms
@@ -181,6 +184,7 @@ const std::map<std::string, Setter>& flag_options() {
   static const std::map<std::string, Setter> table = {
       {"--cached", [](Options& o, const std::string&) { o.cached = true; }},
       {"--graph", [](Options& o, const std::string&) { o.graph = true; }},
+      {"--staged", [](Options& o, const std::string&) { o.staged = true; }},
       {"--tune", [](Options& o, const std::string&) { o.tune = true; }},
   };
   return table;

@@ -43,6 +43,7 @@ struct Options {
   int topk_groups = 0;  ///< group routing: rank groups per token; 0 = ranks / 2 (at least K / L)
   bool cached = false;
   bool graph = false;
+  bool staged = false;
   uint64_t seed = 1;
   std::string json_path;
   SweepAxis sweep = SweepAxis::kNone;

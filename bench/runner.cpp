@@ -30,12 +30,18 @@ const char* op_key(Op op) {
       return "exact_dispatch";
     case Op::kRoundTrip:
       return "round_trip";
+    case Op::kGraphDispatch:
+      return "graph_dispatch";
+    case Op::kGraphCombine:
+      return "graph_combine";
     case Op::kGraphRoundTrip:
       return "graph_round_trip";
     case Op::kDispatchSend:
       return "dispatch_send";
     case Op::kDispatchRecv:
       return "dispatch_recv";
+    case Op::kStagedDispatch:
+      return "staged_dispatch";
   }
   return "?";
 }
@@ -52,12 +58,18 @@ const char* op_name(Op op) {
       return "dispatch (exact)";
     case Op::kRoundTrip:
       return "dispatch+combine";
+    case Op::kGraphDispatch:
+      return "dispatch (graph)";
+    case Op::kGraphCombine:
+      return "combine (graph)";
     case Op::kGraphRoundTrip:
       return "dispatch+combine (graph)";
     case Op::kDispatchSend:
       return "dispatch send phase";
     case Op::kDispatchRecv:
       return "dispatch recv phase";
+    case Op::kStagedDispatch:
+      return "dispatch + copy-out";
   }
   return "?";
 }
@@ -299,81 +311,88 @@ void verify_ll(Session& s, const Workload& wl) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CUDA graphs (LL)
+// CUDA graphs: one graph per op for the whole group
 
-/// Ends a stream capture left open by an exception.
-class CaptureScope {
- public:
-  explicit CaptureScope(cudaStream_t stream) : stream_(stream) {
-    EPB_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
-  }
-  ~CaptureScope() {
-    if (!stream_) return;
-    cudaGraph_t graph = nullptr;
-    cudaStreamEndCapture(stream_, &graph);
-    if (graph) cudaGraphDestroy(graph);
-  }
-  cudaGraph_t finish() {
-    cudaGraph_t graph = nullptr;
-    cudaStream_t s = stream_;
-    stream_ = nullptr;
-    EPB_CUDA(cudaStreamEndCapture(s, &graph));
-    return graph;
-  }
+/// Dispatch, combine and the two in a row, each captured as one graph for the whole group,
+/// each checked once against the reference before it is timed.
+OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan) {
+  const int R = s.ranks();
+  const bool ht = wl.shape.ht();
+  const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
+  const auto sync = [&] { s.sync(); };
+  auto check_dispatch = [&](const std::vector<DispatchOutput>& d, const char* form) {
+    for (int r = 0; r < R; ++r)
+      ht ? check_ht_dispatch(wl, r, d[r], form) : check_ll_dispatch(wl, r, d[r], form);
+  };
+  auto check_outputs = [&](const std::vector<CombineOutput>& c, const char* form) {
+    for (int r = 0; r < R; ++r) check_combine(wl, r, c[r].out, form);
+  };
+  OpTimes t;
 
- private:
-  cudaStream_t stream_;
-};
-
-/// One graph per rank holding its LL dispatch and combine.
-class RankGraphs {
- public:
-  explicit RankGraphs(Session& s) : outputs_(s.ranks()) {
-    const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
-    for (int r = 0; r < s.ranks(); ++r) {
-      const cudaStream_t stream = s.group()[r].stream();
-      CaptureScope capture(stream);
-      DispatchOutput d = s.group()[r].dispatch(s.dispatch_args(r), options);
-      outputs_[r] = s.group()[r].combine(s.combine_args(r), d.handle);
-      handles_.push_back(d.handle);  // the graph refers to the handle's device metadata
-      cudaGraph_t graph = capture.finish();
-      cudaGraphExec_t exec = nullptr;
-      const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
-      cudaGraphDestroy(graph);
-      EPB_CUDA(err);
-      execs_.push_back(exec);
-      streams_.push_back(stream);
-    }
-  }
-  ~RankGraphs() {
-    for (cudaGraphExec_t e : execs_) cudaGraphExecDestroy(e);
-  }
-  RankGraphs(const RankGraphs&) = delete;
-  RankGraphs& operator=(const RankGraphs&) = delete;
-
-  void launch_all() const {
-    for (size_t r = 0; r < execs_.size(); ++r) EPB_CUDA(cudaGraphLaunch(execs_[r], streams_[r]));
-  }
-  const CombineOutput& output(int r) const { return outputs_[r]; }
-
- private:
-  std::vector<CombineOutput> outputs_;
-  std::vector<moecomm::Handle> handles_;
-  std::vector<cudaGraphExec_t> execs_;
-  std::vector<cudaStream_t> streams_;
-};
-
-Stats time_graphs(Session& s, const Workload& wl, const TimingPlan& plan) {
-  RankGraphs graphs(s);
-  for (int r = 0; r < s.ranks(); ++r) poison(graphs.output(r).out);
-  graphs.launch_all();
+  std::vector<DispatchOutput> d(R);
+  const GroupGraph dispatch(s.streams(), [&] { s.dispatch_all(d, options); });
+  for (auto& o : d) poison(o);
+  dispatch.launch();
   s.sync();
-  for (int r = 0; r < s.ranks(); ++r) check_combine(wl, r, graphs.output(r).out, "LL graph");
-  return time_phases(s.streams(), plan, {[&] { graphs.launch_all(); }}, [&] { s.sync(); }).phase[0];
+  check_dispatch(d, "dispatch graph");
+  t.dispatch = dispatch.time(plan, sync);
+
+  std::vector<CombineOutput> c(R);
+  const GroupGraph combine(s.streams(), [&] { s.combine_all(d, &c); });
+  for (auto& o : c) poison(o.out);
+  combine.launch();
+  s.sync();
+  check_outputs(c, "combine graph");
+  t.combine = combine.time(plan, sync);
+
+  std::vector<DispatchOutput> rd(R);
+  std::vector<CombineOutput> rc(R);
+  const GroupGraph round(s.streams(), [&] {
+    s.dispatch_all(rd, options);
+    s.combine_all(rd, &rc);
+  });
+  for (auto& o : rc) poison(o.out);
+  round.launch();
+  s.sync();
+  check_outputs(rc, "dispatch+combine graph");
+  t.round_trip = round.time(plan, sync);
+  return t;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Timings
+
+/// Caller-owned tensors for every rank's HT dispatch outputs, and the copies that fill them: the
+/// work a design without in-place rows (receive into a staging buffer, then copy out) adds.
+class StagedCopies {
+ public:
+  explicit StagedCopies(const Workload& wl) {
+    const Shape& sh = wl.shape;
+    for (int r = 0; r < sh.ranks; ++r) {
+      const size_t n = static_cast<size_t>(wl.expected.ht[r].num_recv);
+      bytes_.push_back({n * sh.data_row_bytes(), n * sizeof(float) * sh.scale_groups(),
+                        n * sizeof(int64_t) * sh.topk, n * sizeof(float) * sh.topk,
+                        n * sizeof(int32_t)});
+      std::vector<DeviceBuffer<uint8_t>> own;
+      for (size_t b : bytes_.back()) own.emplace_back(std::max<size_t>(b, 1));
+      buffers_.push_back(std::move(own));
+    }
+  }
+  void copy_out(const std::vector<DispatchOutput>& d, const std::vector<cudaStream_t>& streams) {
+    for (size_t r = 0; r < d.size(); ++r) {
+      const TensorView* from[] = {&d[r].recv_x, &d[r].recv_x_scales, &d[r].recv_topk_idx,
+                                  &d[r].recv_topk_weights, &d[r].recv_src_token};
+      for (size_t i = 0; i < bytes_[r].size(); ++i)
+        if (bytes_[r][i] > 0 && from[i]->present())
+          EPB_CUDA(cudaMemcpyAsync(buffers_[r][i].get(), from[i]->data, bytes_[r][i],
+                                   cudaMemcpyDeviceToDevice, streams[r]));
+    }
+  }
+
+ private:
+  std::vector<std::vector<size_t>> bytes_;
+  std::vector<std::vector<DeviceBuffer<uint8_t>>> buffers_;
+};
 
 OpResult result(Op op, const Stats& time, const Traffic& traffic, const Stats& naive) {
   return {op, time, traffic, naive};
@@ -381,6 +400,15 @@ OpResult result(Op op, const Stats& time, const Traffic& traffic, const Stats& n
 
 Traffic sum(const Traffic& a, const Traffic& b) {
   return {a.convention_bytes_per_rank + b.convention_bytes_per_rank, a.hbm_bytes + b.hbm_bytes};
+}
+
+void add_graph_ops(std::vector<OpResult>& out, Session& s, const Workload& wl,
+                   const TimingPlan& plan, const NaiveTimes& naive) {
+  const OpTimes g = time_group_graphs(s, wl, plan);
+  const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
+  out.push_back(result(Op::kGraphDispatch, g.dispatch, dt, naive.graph.dispatch));
+  out.push_back(result(Op::kGraphCombine, g.combine, ct, naive.graph.combine));
+  out.push_back(result(Op::kGraphRoundTrip, g.round_trip, sum(dt, ct), naive.graph.round_trip));
 }
 
 std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& plan,
@@ -397,6 +425,16 @@ std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& 
   std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch),
                                result(Op::kCombine, t.phase[1], ct, naive.combine)};
   if (extras.cached) out.push_back(result(Op::kCachedDispatch, t.phase[2], dt, naive.dispatch));
+  if (extras.staged) {
+    StagedCopies staged(wl);
+    const PhaseTimes ts = time_phases(s.streams(), plan, {[&] {
+                                        s.dispatch_all(d, worst);
+                                        staged.copy_out(d, s.streams());
+                                      }},
+                                      [&] { s.sync(); });
+    out.push_back(result(Op::kStagedDispatch, ts.phase[0], dt, naive.dispatch));
+  }
+  if (extras.graph) add_graph_ops(out, s, wl, plan, naive);
   if (extras.exact) {
     std::vector<DispatchOutput> e(R);
     const TimingPlan exact_plan{std::min(plan.warmup, kExactMaxWarmup),
@@ -422,22 +460,25 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
   std::vector<DispatchOutput> h(s.ranks());
   DispatchOptions hooked = options;
   hooked.return_recv_hook = true;
-  const PhaseTimes th = time_phases(
-      s.streams(), plan,
-      {[&] { s.dispatch_all(h, hooked); },
-       [&] {
-         for (auto& o : h) o.hook();
-       },
-       [&] { s.combine_all(h, nullptr); }},
-      [&] { s.sync(); });
+  const PhaseTimes th = time_phases(s.streams(), plan,
+                                    {[&] { s.dispatch_all(h, hooked); },
+                                     [&] {
+                                       for (auto& o : h) o.hook();
+                                     },
+                                     [&] { s.combine_all(h, nullptr); }},
+                                    [&] { s.sync(); });
   const Traffic nothing{0, 0};  // the receive phase moves no rows
-  const Stats no_counterpart;  // the naive pipeline has no phases to compare with
+  const Stats no_counterpart;   // the naive pipeline has no phases to compare with
   out.push_back(result(Op::kDispatchSend, th.phase[0], dt, no_counterpart));
   out.push_back(result(Op::kDispatchRecv, th.phase[1], nothing, no_counterpart));
   if (extras.graph) {
-    out.push_back(result(Op::kRoundTrip, t.total, sum(dt, ct), naive.round_trip));
-    out.push_back(
-        result(Op::kGraphRoundTrip, time_graphs(s, wl, plan), sum(dt, ct), naive.round_trip));
+    const PhaseTimes round = time_phases(s.streams(), plan, {[&] {
+                                           s.dispatch_all(d, options);
+                                           s.combine_all(d, nullptr);
+                                         }},
+                                         [&] { s.sync(); });
+    out.push_back(result(Op::kRoundTrip, round.phase[0], sum(dt, ct), naive.round_trip));
+    add_graph_ops(out, s, wl, plan, naive);
   }
   return out;
 }
@@ -445,10 +486,12 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
 /// R streams of the naive pipeline.
 class StreamSet {
  public:
-  explicit StreamSet(int n) : streams_(n) {
+  explicit StreamSet(int n) : streams_(n), marks_(n) {
     for (auto& s : streams_) EPB_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    for (auto& e : marks_) EPB_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
   ~StreamSet() {
+    for (auto e : marks_) cudaEventDestroy(e);
     for (auto s : streams_) cudaStreamDestroy(s);
   }
   StreamSet(const StreamSet&) = delete;
@@ -457,14 +500,23 @@ class StreamSet {
   void sync() const {
     for (auto s : streams_) EPB_CUDA(cudaStreamSynchronize(s));
   }
+  /// Every stream waits for what every other stream has issued so far (the expert step between
+  /// a naive dispatch and its combine needs every peer's rows).
+  void barrier() const {
+    for (size_t r = 0; r < streams_.size(); ++r) EPB_CUDA(cudaEventRecord(marks_[r], streams_[r]));
+    for (size_t r = 0; r < streams_.size(); ++r)
+      for (size_t q = 0; q < streams_.size(); ++q)
+        if (q != r) EPB_CUDA(cudaStreamWaitEvent(streams_[r], marks_[q], 0));
+  }
 
  private:
   std::vector<cudaStream_t> streams_;
+  std::vector<cudaEvent_t> marks_;
 };
 
 }  // namespace
 
-NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan) {
+NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs) {
   EPB_CUDA(cudaSetDevice(wl.device));
   const NaivePipeline& naive = *wl.naive;
   const int R = wl.shape.ranks;
@@ -479,9 +531,23 @@ NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan) {
   combine();
   streams.sync();
   naive.verify(wl.shape, wl.ranks, wl.expected);
-  const PhaseTimes t =
-      time_phases(streams.get(), plan, {dispatch, combine}, [&] { streams.sync(); });
-  return {t.phase[0], t.phase[1], t.total};
+  const Phase round_trip = [&] {
+    dispatch();
+    streams.barrier();
+    combine();
+  };
+  const auto sync = [&] { streams.sync(); };
+  const PhaseTimes t = time_phases(streams.get(), plan, {dispatch, combine, round_trip}, sync);
+  NaiveTimes out;
+  out.dispatch = t.phase[0];
+  out.combine = t.phase[1];
+  out.round_trip = t.phase[2];
+  if (graphs) {
+    out.graph.dispatch = GroupGraph(streams.get(), dispatch).time(plan, sync);
+    out.graph.combine = GroupGraph(streams.get(), combine).time(plan, sync);
+    out.graph.round_trip = GroupGraph(streams.get(), round_trip).time(plan, sync);
+  }
+  return out;
 }
 
 std::vector<OpResult> run_moecomm(const Workload& wl, const moecomm::Config& config,

@@ -17,10 +17,13 @@ enum class Op {
   kCombine,
   kCachedDispatch,  ///< HT, previous_handle
   kExactDispatch,   ///< HT, exact sizing (host waits for the counts; parallel_for)
-  kRoundTrip,       ///< LL dispatch then combine, plain launches
-  kGraphRoundTrip,  ///< LL dispatch then combine, one CUDA graph per rank
+  kRoundTrip,       ///< dispatch then combine, plain launches
+  kGraphDispatch,   ///< dispatch (worst-case sizing for HT), one CUDA graph for the whole group
+  kGraphCombine,    ///< combine, one CUDA graph for the whole group
+  kGraphRoundTrip,  ///< dispatch then combine, one CUDA graph for the whole group
   kDispatchSend,    ///< LL dispatch with return_recv_hook: the send phase
   kDispatchRecv,    ///< LL: the receive phase (the hook)
+  kStagedDispatch,  ///< HT dispatch, then its outputs copied into caller-owned tensors
 };
 
 const char* op_key(Op op);   ///< "dispatch", "cached_dispatch", ... (JSON)
@@ -38,15 +41,22 @@ struct Extras {
   bool cached = false;
   bool exact = false;
   bool graph = false;
+  bool staged = false;
 };
 
-/// The naive pipeline's times on a workload.
-struct NaiveTimes {
+/// Dispatch, combine, and the two in a row.
+struct OpTimes {
   Stats dispatch, combine, round_trip;
 };
 
+/// The naive pipeline's times on a workload: plain launches, and (with graphs) each op captured
+/// as one CUDA graph for the whole group.
+struct NaiveTimes : OpTimes {
+  OpTimes graph;
+};
+
 /// Verifies the naive pipeline's outputs, then times it.
-NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan);
+NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs);
 
 /// Builds a VirtualGroup with `config`, checks every output of every timed form against the host
 /// reference (throws VerificationError), then times them.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <string>
 
@@ -23,8 +24,8 @@ double percentile(const std::vector<double>& sorted, double q) {
   return sorted[lo] + (sorted[hi] - sorted[lo]) * (at - static_cast<double>(lo));
 }
 
-/// A kernel that spins on a host-mapped flag: while it runs, nothing behind it on its stream
-/// (and on the streams forked from there) starts.
+/// Gate kernels that spin on one host-mapped flag: while closed, nothing behind them on their
+/// streams starts; one host store releases every stream at once.
 class LaunchGate {
  public:
   LaunchGate() {
@@ -35,10 +36,11 @@ class LaunchGate {
   LaunchGate(const LaunchGate&) = delete;
   LaunchGate& operator=(const LaunchGate&) = delete;
 
-  void close(cudaStream_t stream) {
+  void close(const std::vector<cudaStream_t>& streams) {
     host_[kOpen] = 0;
     host_[kTimedOut] = 0;
-    launch_gate(device_ + kOpen, device_ + kTimedOut, kGateTimeoutNs, stream);
+    for (cudaStream_t s : streams)
+      launch_gate(device_ + kOpen, device_ + kTimedOut, kGateTimeoutNs, s);
   }
   void open() { static_cast<volatile int*>(host_)[kOpen] = 1; }
   bool timed_out() const { return static_cast<volatile int*>(host_)[kTimedOut] != 0; }
@@ -49,11 +51,11 @@ class LaunchGate {
   int* device_ = nullptr;
 };
 
-/// Opens the gate when the iteration's enqueueing ends, also on an exception.
+/// Opens the gate when the phase's enqueueing ends, also on an exception.
 class GateScope {
  public:
-  GateScope(LaunchGate* gate, cudaStream_t stream) : gate_(gate) {
-    if (gate_) gate_->close(stream);
+  GateScope(LaunchGate* gate, const std::vector<cudaStream_t>& streams) : gate_(gate) {
+    if (gate_) gate_->close(streams);
   }
   ~GateScope() {
     if (gate_) gate_->open();
@@ -63,53 +65,42 @@ class GateScope {
   LaunchGate* gate_;
 };
 
-/// The events of one iteration: a start per phase, an end per (phase, rank), and join events.
+/// A start and an end event per stream for one phase.
 class PhaseEvents {
  public:
-  PhaseEvents(std::vector<cudaStream_t> streams, size_t phases)
-      : streams_(std::move(streams)),
-        start_(phases),
-        end_(phases * streams_.size()),
-        join_(streams_.size()) {
-    for (auto& e : start_) EPB_CUDA(cudaEventCreate(&e));
-    for (auto& e : end_) EPB_CUDA(cudaEventCreate(&e));
-    for (auto& e : join_) EPB_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  explicit PhaseEvents(size_t streams) : start_(streams), end_(streams) {
+    for (auto* set : {&start_, &end_})
+      for (auto& e : *set) EPB_CUDA(cudaEventCreate(&e));
   }
   ~PhaseEvents() {
-    for (auto* set : {&start_, &end_, &join_})
+    for (auto* set : {&start_, &end_})
       for (cudaEvent_t e : *set) cudaEventDestroy(e);
   }
   PhaseEvents(const PhaseEvents&) = delete;
   PhaseEvents& operator=(const PhaseEvents&) = delete;
 
-  /// The common fork: stream 0 joins every stream, records the start, every stream waits on it.
-  void begin(size_t phase) {
-    for (size_t r = 1; r < streams_.size(); ++r) {
-      EPB_CUDA(cudaEventRecord(join_[r], streams_[r]));
-      EPB_CUDA(cudaStreamWaitEvent(streams_[0], join_[r], 0));
-    }
-    EPB_CUDA(cudaEventRecord(start_[phase], streams_[0]));
-    for (size_t r = 1; r < streams_.size(); ++r)
-      EPB_CUDA(cudaStreamWaitEvent(streams_[r], start_[phase], 0));
+  void begin(const std::vector<cudaStream_t>& streams) {
+    for (size_t r = 0; r < streams.size(); ++r) EPB_CUDA(cudaEventRecord(start_[r], streams[r]));
   }
-  void end(size_t phase) {
-    for (size_t r = 0; r < streams_.size(); ++r)
-      EPB_CUDA(cudaEventRecord(end_[phase * streams_.size() + r], streams_[r]));
+  void end(const std::vector<cudaStream_t>& streams) {
+    for (size_t r = 0; r < streams.size(); ++r) EPB_CUDA(cudaEventRecord(end_[r], streams[r]));
   }
-  /// Max over ranks of end - start (µs), from phase `first`'s start to phase `last`'s ends.
-  double elapsed_us(size_t first, size_t last) const {
-    float worst = 0.0f;
-    for (size_t r = 0; r < streams_.size(); ++r) {
-      float ms = 0.0f;
-      EPB_CUDA(cudaEventElapsedTime(&ms, start_[first], end_[last * streams_.size() + r]));
-      worst = std::max(worst, ms);
+  /// From the earliest rank's start to the latest rank's end, µs (times relative to stream 0's
+  /// start; a rank that started earlier gives a negative offset).
+  double span_us() const {
+    float first = 0.0f, last = 0.0f;
+    for (size_t r = 0; r < start_.size(); ++r) {
+      float s = 0.0f, e = 0.0f;
+      EPB_CUDA(cudaEventElapsedTime(&s, start_[0], start_[r]));
+      EPB_CUDA(cudaEventElapsedTime(&e, start_[0], end_[r]));
+      first = std::min(first, s);
+      last = std::max(last, e);
     }
-    return 1000.0 * worst;
+    return 1000.0 * (last - first);
   }
 
  private:
-  std::vector<cudaStream_t> streams_;
-  std::vector<cudaEvent_t> start_, end_, join_;
+  std::vector<cudaEvent_t> start_, end_;
 };
 
 }  // namespace
@@ -130,31 +121,116 @@ Stats summarize(std::vector<double> us) {
 
 PhaseTimes time_phases(const std::vector<cudaStream_t>& streams, const TimingPlan& plan,
                        const std::vector<Phase>& phases, const std::function<void()>& sync) {
-  PhaseEvents events(streams, phases.size());
+  std::vector<std::unique_ptr<PhaseEvents>> events;
+  for (size_t p = 0; p < phases.size(); ++p)
+    events.push_back(std::make_unique<PhaseEvents>(streams.size()));
   LaunchGate gate;
-  std::vector<std::vector<double>> samples(phases.size() + 1);
+  std::vector<std::vector<double>> samples(phases.size());
   for (int it = 0; it < plan.warmup + plan.iters; ++it) {
-    {
-      GateScope scope(plan.gated ? &gate : nullptr, streams[0]);
-      for (size_t p = 0; p < phases.size(); ++p) {
-        events.begin(p);
+    for (size_t p = 0; p < phases.size(); ++p) {
+      {
+        GateScope scope(plan.gated ? &gate : nullptr, streams);
+        events[p]->begin(streams);
         phases[p]();
-        events.end(p);
+        events[p]->end(streams);
       }
+      sync();
+      if (plan.gated && gate.timed_out())
+        throw std::runtime_error(
+            "the launch gate timed out: a call blocked the host while the streams were held, so "
+            "this timing is not valid");
+      if (it >= plan.warmup) samples[p].push_back(events[p]->span_us());
     }
-    sync();
-    if (plan.gated && gate.timed_out())
-      throw std::runtime_error(
-          "the launch gate timed out: a call blocked the host while the streams were held, so "
-          "this timing is not valid");
-    if (it < plan.warmup) continue;
-    for (size_t p = 0; p < phases.size(); ++p) samples[p].push_back(events.elapsed_us(p, p));
-    samples.back().push_back(events.elapsed_us(0, phases.size() - 1));
   }
   PhaseTimes out;
-  for (size_t p = 0; p < phases.size(); ++p) out.phase.push_back(summarize(samples[p]));
-  out.total = summarize(samples.back());
+  for (auto& s : samples) out.phase.push_back(summarize(std::move(s)));
   return out;
+}
+
+namespace {
+
+/// Ends a stream capture left open by an exception.
+class CaptureScope {
+ public:
+  explicit CaptureScope(cudaStream_t stream) : stream_(stream) {
+    EPB_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+  }
+  ~CaptureScope() {
+    if (!stream_) return;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+  }
+  cudaGraph_t finish() {
+    cudaGraph_t graph = nullptr;
+    cudaStream_t s = stream_;
+    stream_ = nullptr;
+    EPB_CUDA(cudaStreamEndCapture(s, &graph));
+    return graph;
+  }
+
+ private:
+  cudaStream_t stream_;
+};
+
+/// Events that fork streams from stream 0 and join them back, inside a capture.
+class ForkJoin {
+ public:
+  explicit ForkJoin(const std::vector<cudaStream_t>& streams)
+      : streams_(streams), events_(streams.size()) {
+    for (auto& e : events_) EPB_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  ~ForkJoin() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  ForkJoin(const ForkJoin&) = delete;
+  ForkJoin& operator=(const ForkJoin&) = delete;
+
+  void fork() {
+    EPB_CUDA(cudaEventRecord(events_[0], streams_[0]));
+    for (size_t r = 1; r < streams_.size(); ++r)
+      EPB_CUDA(cudaStreamWaitEvent(streams_[r], events_[0], 0));
+  }
+  void join() {
+    for (size_t r = 1; r < streams_.size(); ++r) {
+      EPB_CUDA(cudaEventRecord(events_[r], streams_[r]));
+      EPB_CUDA(cudaStreamWaitEvent(streams_[0], events_[r], 0));
+    }
+  }
+
+ private:
+  std::vector<cudaStream_t> streams_;
+  std::vector<cudaEvent_t> events_;
+};
+
+}  // namespace
+
+GroupGraph::GroupGraph(const std::vector<cudaStream_t>& streams, const Phase& issue)
+    : origin_(streams.at(0)) {
+  ForkJoin edges(streams);
+  cudaGraph_t graph = nullptr;
+  {
+    CaptureScope capture(origin_);
+    edges.fork();
+    issue();
+    edges.join();
+    graph = capture.finish();
+  }
+  const cudaError_t err = cudaGraphInstantiate(&exec_, graph, 0);
+  cudaGraphDestroy(graph);
+  EPB_CUDA(err);
+}
+
+GroupGraph::~GroupGraph() {
+  if (exec_) cudaGraphExecDestroy(exec_);
+}
+
+void GroupGraph::launch() const {
+  EPB_CUDA(cudaGraphLaunch(exec_, origin_));
+}
+
+Stats GroupGraph::time(const TimingPlan& plan, const std::function<void()>& sync) const {
+  return time_phases({origin_}, plan, {[this] { launch(); }}, sync).phase[0];
 }
 
 double measure_copy_rate(int device) {

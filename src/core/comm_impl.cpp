@@ -87,6 +87,8 @@ const char* phase_name(int phase) {
       return "combine: outputs read";
     case Phase::kLlCounts:
       return "LL dispatch: per-expert counts";
+    case Phase::kGridBarrier:
+      return "grid barrier (blocks of one kernel)";
     case Phase::kNone:
       break;
   }
@@ -165,10 +167,10 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
     LocalState s{};
     s.epoch = cv.take<uint64_t>(1);
     s.ticket = cv.take<uint32_t>(1);
+    s.grid_barrier = cv.take<uint64_t>(2);
     s.ll_seq = cv.take<uint64_t>(2);
     s.combine_seq = cv.take<uint64_t>(2);
     s.aborted = cv.take<int32_t>(1);
-    s.ll_sent = cv.take<uint32_t>(E);
     s.expert_bitmap = cv.take<uint32_t>(static_cast<size_t>(E) * W);
     s.expert_word_prefix = cv.take<int32_t>(static_cast<size_t>(E) * W);
     s.rank_bitmap = cv.take<uint32_t>(static_cast<size_t>(R) * W);
@@ -411,14 +413,14 @@ void CommImpl::check_topk(const DispatchArgs& args, int64_t T) const {
         device_);
 }
 
-void CommImpl::run_layout(const TensorView& topk_idx, bool exchange, bool close,
-                          cudaStream_t stream, HandleState* state, uint64_t host_token) {
-  layout::TopkInput topk;
-  topk.data = topk_idx.data;
-  topk.is_i64 = topk_idx.dtype == DType::kI64;
-  topk.num_tokens = topk_idx.shape[0];
-  layout::launch_build_bitmaps(ctx_, topk, config().validate_inputs, stream);
-  layout::ScanOptions opt;
+layout::LayoutParams CommImpl::layout_params(const TensorView& topk_idx, bool exchange, bool close,
+                                             HandleState* state, uint64_t host_token) const {
+  layout::LayoutParams p;
+  p.topk.data = topk_idx.data;
+  p.topk.is_i64 = topk_idx.dtype == DType::kI64;
+  p.topk.num_tokens = topk_idx.shape[0];
+  p.validate = config().validate_inputs;
+  layout::ScanOptions& opt = p.scan;
   opt.exchange_counts = exchange;
   opt.close_call = close;
   opt.expert_alignment = config().expert_alignment;
@@ -432,7 +434,7 @@ void CommImpl::run_layout(const TensorView& topk_idx, bool exchange, bool close,
     opt.host_flag = host_flag_dev_;
     opt.token = host_token;
   }
-  layout::launch_scan(ctx_, topk.num_tokens, opt, stream);
+  return p;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -450,7 +452,9 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   a.topk_idx = topk_idx;
   check_topk(a, T);
   const Streams s = begin_call(stream, false);
-  run_layout(topk_idx, /*exchange=*/true, /*close=*/true, s.exec, nullptr);
+  layout::launch_layout(ctx_,
+                        layout_params(topk_idx, /*exchange=*/true, /*close=*/true, nullptr, 0),
+                        config().num_sms, config().threads_per_block, s.exec);
   const int R = num_ranks(), E = config().num_experts, L = config().local_experts(R);
   Layout out;
   out.num_tokens_per_rank = local_view(ctx_.local.num_tokens_per_rank, DType::kI32, {R});
@@ -531,8 +535,6 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   HandleState& h = *handle.state();
   const bool exact = o.sizing == Sizing::kExact;
   const uint64_t token = ++host_token_;
-  if (!cached)
-    run_layout(args.topk_idx, /*exchange=*/true, /*close=*/false, s.exec, &h, exact ? token : 0);
 
   ht::DispatchParams p;
   p.x = args.x.data;
@@ -548,6 +550,9 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
       args.topk_weights.present() ? static_cast<const float*>(args.topk_weights.data) : nullptr;
   p.send_row = h.send_row;
   p.cached = cached;
+  if (!cached)
+    p.layout =
+        layout_params(args.topk_idx, /*exchange=*/true, /*close=*/false, &h, exact ? token : 0);
   ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
 
   if (!cached && exact) {
@@ -602,7 +607,6 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   auto state = new_handle(Mode::kLowLatency, T);
   const int b = static_cast<int>(ll_calls_++ % 2);
   state->buffer = b;
-  run_layout(args.topk_idx, /*exchange=*/false, /*close=*/false, s.exec, nullptr);
 
   ll::DispatchSendParams p;
   p.x = static_cast<const uint16_t*>(args.x.data);
@@ -613,6 +617,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   p.pow2_scales = c.scale_format == ScaleFormat::kPowerOfTwo;
   p.buffer = b;
   p.slot_of = state->ll_slot;
+  p.layout = layout_params(args.topk_idx, /*exchange=*/false, /*close=*/false, nullptr, 0);
   ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
 
   ll::DispatchRecvParams rp;

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <vector>
 
+#include "layout/layout.hpp"
 #include "moecomm/communicator.hpp"
 #include "runtime/device_context.hpp"
 #include "runtime/group_state.hpp"
@@ -65,8 +66,10 @@ class CommImpl {
   Event end_call(const Streams& s, bool async);
   std::shared_ptr<HandleState> new_handle(Mode mode, int64_t num_tokens);
   HandleState& handle_state(const Handle& handle, Mode expected, const char* call);
-  void run_layout(const TensorView& topk_idx, bool exchange, bool close, cudaStream_t stream,
-                  HandleState* state, uint64_t host_token = 0);
+  /// The layout steps' parameters for this call (run by the layout kernel or as the first steps
+  /// of HT dispatch / LL send). host_token != 0: exact sizing (counts to mapped host memory).
+  layout::LayoutParams layout_params(const TensorView& topk_idx, bool exchange, bool close,
+                                     HandleState* state, uint64_t host_token) const;
   Mode resolve_mode(int64_t num_tokens) const;
   void check_topk(const DispatchArgs& args, int64_t T) const;
 

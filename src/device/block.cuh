@@ -38,6 +38,34 @@ __device__ __forceinline__ bool is_last_block(const detail::DeviceContext& ctx) 
   return last;
 }
 
+/// Every thread of every block: returns when all blocks of the grid have arrived (they must be
+/// co-resident, as every communication kernel's are). A sense-reversing barrier: the last block to
+/// arrive resets the count and advances the generation the others wait on, so kernels of any
+/// grid size may use it one after another. Every block must reach every barrier, also after a
+/// failed wait (pass ok = false); the result is ok and the barrier's own wait succeeding.
+__device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, bool ok) {
+  __shared__ bool all_ok;
+  uint64_t* count = ctx.local.grid_barrier;
+  uint64_t* generation = ctx.local.grid_barrier + 1;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const Scope sc{true};  // the blocks of one kernel share its GPU
+    const uint64_t gen = sc.load_acquire(generation);
+    sc.fence();  // this block's writes before its arrival
+    all_ok = true;
+    if (atomicAdd(reinterpret_cast<unsigned long long*>(count), 1ull) == gridDim.x - 1) {
+      sc.fence();  // the other blocks' writes (seen through the count) before this block goes on
+      *count = 0;  // every block has arrived: nobody touches the count until the next barrier
+      sc.store_release(generation, gen + 1);
+    } else {
+      all_ok = transport::wait_geq(ctx, generation, gen + 1, ctx.rank, detail::Phase::kGridBarrier,
+                                   static_cast<int>(blockIdx.x));
+    }
+  }
+  __syncthreads();
+  return all_ok && ok;
+}
+
 /// Run by one thread of the last block of the call's last kernel: the next call gets seq + 1.
 __device__ __forceinline__ void close_call(const detail::DeviceContext& ctx) {
   *ctx.local.epoch += 1;

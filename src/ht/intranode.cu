@@ -5,6 +5,7 @@
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"
 #include "layout/layout.hpp"
+#include "layout/layout_steps.cuh"
 #include "runtime/cuda_check.hpp"
 #include "transport/signal.cuh"
 
@@ -109,23 +110,29 @@ __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, 
 
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     dispatch_kernel(DeviceContext ctx, DispatchParams p) {
+  extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
   const int R = ctx.num_ranks, K = ctx.topk, L = ctx.local_experts;
   const int lane = threadIdx.x & 31;
 
-  if (p.cached) {
+  bool ok = true;
+  if (!p.cached) {
+    ok = layout::compute_layout(ctx, p.layout, seq, columns);
+  } else {
     // No count exchange ran: make sure every destination has entered this call (its previous
     // results are no longer in use) before writing into it.
     if (blockIdx.x == 0 && threadIdx.x < R)
       transport::signal(ctx, threadIdx.x, FlagKind::kArrive, seq);
+    bool arrived = true;
     if (threadIdx.x < R)
-      transport::wait_signal(ctx, FlagKind::kArrive, threadIdx.x, seq, Phase::kArrive, blockIdx.x);
-    __syncthreads();
+      arrived = transport::wait_signal(ctx, FlagKind::kArrive, threadIdx.x, seq, Phase::kArrive,
+                                       blockIdx.x);
+    ok = __syncthreads_and(arrived) != 0;
   }
 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const int groups = ctx.hidden / kFp8Group;
-  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < p.num_tokens;
+  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; ok && t < p.num_tokens;
        t += warps) {
     const TokenRoute route = route_token(ctx, p, t, lane);
     if (route.mask == 0) continue;
@@ -276,7 +283,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 
 void launch_dispatch(const DeviceContext& ctx, const DispatchParams& params, int blocks,
                      int threads, cudaStream_t stream) {
-  dispatch_kernel<<<blocks, threads, 0, stream>>>(ctx, params);
+  const size_t smem = params.cached ? 0 : layout::column_smem_bytes(ctx.num_experts, threads);
+  dispatch_kernel<<<blocks, threads, smem, stream>>>(ctx, params);
   MOECOMM_LAUNCH_CHECK("ht::dispatch_kernel");
 }
 
@@ -289,6 +297,9 @@ void launch_combine(const DeviceContext& ctx, const CombineParams& params, int b
 void preload_kernels() {
   cudaFuncAttributes attr;
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(layout::kColumnSmemLimit)));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel));
 }
 

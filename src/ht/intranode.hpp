@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "layout/layout.hpp"
 #include "runtime/device_context.hpp"
 
 namespace moecomm::ht {
@@ -24,11 +25,12 @@ struct DispatchParams {
   bool idx_i64 = true;
   const float* topk_weights = nullptr;  // [T, K] or null
   int32_t* send_row = nullptr;  // [T, R]: row at each destination (-1: none). Read when cached.
-  bool cached = false;          // routing from send_row; no layout ran in this call
+  bool cached = false;          // routing from send_row; no layout in this call
+  layout::LayoutParams layout;  // unless cached: the layout steps (with the count exchange)
 };
 
-/// The copy kernel; closes the call. The layout kernels ran before it in the same call (unless
-/// cached), so the count exchange already told every sender where its rows go.
+/// The dispatch kernel; closes the call. Unless cached, it first runs the layout steps with all
+/// its blocks (the count exchange tells every sender where its rows go), then copies the rows.
 void launch_dispatch(const detail::DeviceContext& ctx, const DispatchParams& params, int blocks,
                      int threads, cudaStream_t stream);
 

@@ -17,14 +17,9 @@ struct TopkInput {
   int64_t num_tokens = 0;
 };
 
-/// Kernel 1: bitmaps, token->rank masks, is_token_in_rank; range (always) and duplicate
-/// (validate) checks, recorded as device errors (the bad entry is treated as -1).
-void launch_build_bitmaps(const detail::DeviceContext& ctx, const TopkInput& topk, bool validate,
-                          cudaStream_t stream);
-
 struct ScanOptions {
   bool exchange_counts = false;  // send this rank's counts to every peer and receive theirs
-  bool close_call = false;       // this kernel ends the call (advances the epoch)
+  bool close_call = false;       // the layout kernel ends the call (advances the epoch)
   int expert_alignment = 1;
   // Written when exchange_counts (may be null):
   int32_t* recv_rank_prefix = nullptr;        // [R + 1]
@@ -38,10 +33,40 @@ struct ScanOptions {
   uint64_t token = 0;
 };
 
-/// Kernel 2 (one block): prefix counts over the bitmaps, per-rank / per-expert totals and, if
-/// asked, the count exchange (which is also the "receive buffers are free" handshake of HT).
-void launch_scan(const detail::DeviceContext& ctx, int64_t num_tokens, const ScanOptions& options,
-                 cudaStream_t stream);
+/// What the layout steps need: the routing, whether to check it for repeats (range is always
+/// checked; a bad entry is recorded as a device error and treated as -1), and the scan options.
+struct LayoutParams {
+  TopkInput topk;
+  bool validate = false;
+  ScanOptions scan;
+};
+
+/// Largest dynamic shared memory the bitmap columns of one block may take.
+inline constexpr size_t kColumnSmemLimit = 48 * 1024;
+
+/// Warps of a block of `warps` that build bitmap columns: each needs E words of shared memory.
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+    inline int
+    column_warps(int num_experts, int warps) {
+  const size_t column = sizeof(uint32_t) * static_cast<size_t>(num_experts);
+  const size_t fit = column > 0 ? kColumnSmemLimit / column : 1;
+  const int n = fit < static_cast<size_t>(warps) ? static_cast<int>(fit) : warps;
+  return n > 0 ? n : 1;
+}
+
+/// Dynamic shared memory a kernel that runs the layout steps needs per block.
+inline size_t column_smem_bytes(int num_experts, int threads) {
+  return sizeof(uint32_t) * static_cast<size_t>(num_experts) *
+         static_cast<size_t>(column_warps(num_experts, threads / 32));
+}
+
+/// The layout alone: bitmaps, token->rank masks, is_token_in_rank, prefix counts, totals and,
+/// if asked, the count exchange (which is also HT's "receive buffers are free" handshake). All
+/// `blocks` blocks take part (they must be co-resident).
+void launch_layout(const detail::DeviceContext& ctx, const LayoutParams& params, int blocks,
+                   int threads, cudaStream_t stream);
 
 #ifdef __CUDACC__
 /// Device helper for consumers: position of token t among this rank's tokens whose bit is set in

@@ -7,6 +7,7 @@
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"
 #include "layout/layout.hpp"
+#include "layout/layout_steps.cuh"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "transport/signal.cuh"
@@ -44,38 +45,68 @@ __device__ __forceinline__ int64_t load_expert(const DispatchSendParams& p, int6
                    : static_cast<int64_t>(static_cast<const int32_t*>(p.topk_idx)[i]);
 }
 
-/// Expert of pair (t, k), or -1 where the layout kernels counted nothing for it: -1 itself, out
-/// of range, or a repeat of an earlier k of the token. Whole warp.
-__device__ __forceinline__ int64_t pair_expert(const DeviceContext& ctx,
-                                               const DispatchSendParams& p, int64_t t, int k,
-                                               int lane) {
-  const int64_t row = t * ctx.topk;
-  const int64_t e = load_expert(p, row + k);
-  const int64_t earlier = lane < k ? load_expert(p, row + lane) : -1;
-  const bool repeat = __ballot_sync(kFullMask, lane < k && earlier == e) != 0;
-  return (e < 0 || e >= ctx.num_experts || repeat) ? -1 : e;
-}
+/// A token's row is cut into pieces of whole 128-channel units so that every warp of the grid
+/// has work even when T is small (a warp per row would leave most warps idle at T = 128): as many
+/// pieces as warps per token, but none smaller than `min_units` (what one warp step handles).
+struct RowPieces {
+  int count = 1;      // pieces per row
+  int units = 1;      // units per piece (the last may be shorter)
+  int64_t items = 0;  // T * count work items
 
-/// Copies one bf16 row of n16 16-byte vectors to one destination.
-__device__ void copy_row(const int4* src, int4* dst, int n16, int lane) {
-  device::copy_vectors(src, n16, lane, [&](int base, const int4(&v)[device::kRowCopyUnroll]) {
-#pragma unroll
-    for (int u = 0; u < device::kRowCopyUnroll; ++u) {
-      const int i = base + u * kWarpSize + lane;
-      if (i < n16) device::st_stream_16(dst + i, v[u]);
+  __device__ RowPieces(int64_t tokens, int64_t warps, int row_units, int min_units) {
+    const int64_t wanted = tokens > 0 ? (warps + tokens - 1) / tokens : 1;
+    const int most = (row_units + min_units - 1) / min_units;
+    count = static_cast<int>(wanted < most ? wanted : most);
+    if (count < 1) count = 1;
+    units = (row_units + count - 1) / count;
+    count = (row_units + units - 1) / units;
+    items = tokens * count;
+  }
+};
+
+/// Where one message of a token goes.
+struct Destination {
+  uint8_t* x;     // the slot's row in the receiver's ll_x
+  float* scales;  // the slot's scales (fp8)
+};
+
+/// The valid destinations of token t, compacted in k order into `dst` (one entry per lane
+/// k < K whose expert the layout counted: not -1, in range, not a repeat of an earlier k).
+/// Returns how many. With `record` (the token's first piece), lane k also writes the handle's
+/// slot_of and the source token of the slot at its destination. Whole warp.
+
+__device__ int token_destinations(const DeviceContext& ctx, const DispatchSendParams& p, int64_t t,
+                                  bool record, int lane, Destination* dst) {
+  const int R = ctx.num_ranks, L = ctx.local_experts, K = ctx.topk, W = ctx.words;
+  const int M = ctx.ll_capacity, H = ctx.hidden, b = p.buffer;
+  const int64_t e = lane < K ? load_expert(p, t * K + lane) : -1;
+  bool valid = e >= 0 && e < ctx.num_experts;
+  for (int j = 0; j < K; ++j) {
+    const int64_t ej = __shfl_sync(kFullMask, e, j);
+    if (j < lane && ej == e) valid = false;
+  }
+  const unsigned mask = __ballot_sync(kFullMask, valid);
+  if (valid) {
+    const int d = static_cast<int>(e / L), le = static_cast<int>(e % L);
+    const int32_t pos = layout::bitmap_position(ctx.local.expert_bitmap + e * W,
+                                                ctx.local.expert_word_prefix + e * W, t);
+    const int64_t slot =
+        static_cast<int64_t>(le) * R * M + static_cast<int64_t>(ctx.rank) * M + pos;
+    const int at = __popc(mask & device::lanemask_lt());
+    const int width = p.fp8 ? H : H * 2;
+    dst[at].x = transport::peer_region<uint8_t>(ctx, d, ctx.sym.ll_x[b]) + slot * width;
+    dst[at].scales =
+        transport::peer_region<float>(ctx, d, ctx.sym.ll_scales[b]) + slot * (H / kFp8Group);
+    if (record) {
+      p.slot_of[t * K + lane] = static_cast<int32_t>(d * static_cast<int64_t>(L) * R * M + slot);
+      transport::peer_region<int32_t>(ctx, d, ctx.sym.ll_src_token[b])[slot] =
+          static_cast<int32_t>(t);
     }
-  });
-}
-
-/// Quantises one bf16 row to e4m3 + one f32 scale per 128 channels, to one destination.
-__device__ void quantize_row(const int4* src, uint8_t* dst, float* scales, int groups, bool pow2,
-                             int lane) {
-  device::quantize_groups(
-      src, groups, pow2, lane, [&](int g, int sub, uint4 q, float scale, bool valid) {
-        if (!valid) return;
-        *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
-        if (sub == 0) scales[g] = scale;
-      });
+  } else if (record && lane < K) {
+    p.slot_of[t * K + lane] = -1;
+  }
+  __syncwarp();
+  return __popc(mask);
 }
 
 /// Every block: waits until every peer has entered this call (block 0 signals first). True in
@@ -91,79 +122,85 @@ __device__ bool arrive_handshake(const DeviceContext& ctx, uint64_t seq) {
   return __syncthreads_and(ok) != 0;
 }
 
-/// Lane 0, after the warp's writes for expert e: the warp that completes e's messages publishes
-/// (seq, count) to e's owner.
-__device__ __forceinline__ void count_message(const DeviceContext& ctx, int64_t e, int b,
-                                              uint64_t seq) {
-  const int L = ctx.local_experts;
-  const uint32_t count = static_cast<uint32_t>(ctx.local.num_tokens_per_expert[e]);
-  const device::Scope sc = transport::scope(ctx);
-  sc.fence();  // this warp's rows before its increment
-  const uint32_t old = atomicAdd(&ctx.local.ll_sent[e], 1u);
-  if (old + 1 != count) return;
-  ctx.local.ll_sent[e] = 0;  // e is complete: nobody else touches it in this call
-  sc.fence();                // the other warps' rows (seen through the counter) before the count
-  sc.store_release(count_word(ctx, static_cast<int>(e / L), b, static_cast<int>(e % L), ctx.rank),
-                   (seq << kCountShift) | count);
-}
+constexpr int kUnitChannels = 128;  // a row piece is whole units of 128 channels
+constexpr int kVectorsPerUnit = kUnitChannels / kBf16PerVec;
+// One warp step: quantisation handles kFp8GroupsPerWarp * kQuantizeUnroll groups, a copy
+// kWarpSize * kRowCopyUnroll vectors.
+constexpr int kQuantizeStepUnits = device::kFp8GroupsPerWarp * device::kQuantizeUnroll;
+constexpr int kCopyStepUnits = kWarpSize * device::kRowCopyUnroll / kVectorsPerUnit;
+constexpr int kCombineStepUnits = kWarpSize / kVectorsPerUnit;  // one vector per lane
 
 __global__ void __launch_bounds__(kMaxThreads)
     dispatch_send_kernel(DeviceContext ctx, DispatchSendParams p) {
+  extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
-  const int R = ctx.num_ranks, E = ctx.num_experts, L = ctx.local_experts, K = ctx.topk;
-  const int H = ctx.hidden, W = ctx.words, M = ctx.ll_capacity, me = ctx.rank, b = p.buffer;
-  const int lane = threadIdx.x % kWarpSize;
+  const int L = ctx.local_experts, E = ctx.num_experts, H = ctx.hidden, me = ctx.rank;
+  const int b = p.buffer;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  __shared__ Destination dst[kMaxWarps][detail::kMaxTopk];
   if (blockIdx.x == 0 && threadIdx.x == 0) ctx.local.ll_seq[b] = seq;
 
-  const bool ok = arrive_handshake(ctx, seq);
+  const bool laid_out = layout::compute_layout(ctx, p.layout, seq, columns);
+  const bool ok = arrive_handshake(ctx, seq) && laid_out;
 
-  // Experts this rank sends nothing to are complete at once.
-  if (ok && blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < E; e += blockDim.x)
-      if (ctx.local.num_tokens_per_expert[e] == 0)
-        transport::scope(ctx).store_release(count_word(ctx, e / L, b, e % L, me),
-                                            seq << kCountShift);
-  }
-
-  const int64_t slots_per_rank = static_cast<int64_t>(L) * R * M;
-  const int groups = H / kFp8Group;
   const int warps = blockDim.x / kWarpSize;
-  const int64_t pairs = p.num_tokens * K;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
-  // One warp per (token, k) message. T <= M (checked by the host), so pos < M.
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarpSize; i < pairs;
+  const int row_units = H / kUnitChannels;
+  const RowPieces pieces(p.num_tokens, stride, row_units,
+                         p.fp8 ? kQuantizeStepUnits : kCopyStepUnits);
+  // One warp per piece of a token's row: the piece is read (and quantised) once and written to
+  // every destination of the token. T <= M (checked by the host), so every slot exists.
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * warps + warp; ok && i < pieces.items;
        i += stride) {
-    const int64_t t = i / K;
-    const int k = static_cast<int>(i % K);
-    const int64_t e = pair_expert(ctx, p, t, k, lane);
-    if (e < 0 || !ok) {
-      if (lane == 0) p.slot_of[i] = -1;
-      continue;
-    }
-    const int d = static_cast<int>(e / L), le = static_cast<int>(e % L);
-    const int32_t pos = layout::bitmap_position(ctx.local.expert_bitmap + e * W,
-                                                ctx.local.expert_word_prefix + e * W, t);
-    const int64_t slot = static_cast<int64_t>(le) * R * M + static_cast<int64_t>(me) * M + pos;
-    if (lane == 0) {
-      p.slot_of[i] = static_cast<int32_t>(d * slots_per_rank + slot);
-      transport::peer_region<int32_t>(ctx, d, ctx.sym.ll_src_token[b])[slot] =
-          static_cast<int32_t>(t);
-    }
-    const int4* src = reinterpret_cast<const int4*>(p.x + t * H);
+    const int64_t t = i / pieces.count;
+    const int piece = static_cast<int>(i % pieces.count);
+    const int n = token_destinations(ctx, p, t, piece == 0, lane, dst[warp]);
+    const int u0 = piece * pieces.units;
+    const int units = min(pieces.units, row_units - u0);
+    const int4* src = reinterpret_cast<const int4*>(p.x + t * H) + u0 * kVectorsPerUnit;
     if (p.fp8) {
-      quantize_row(src, transport::peer_region<uint8_t>(ctx, d, ctx.sym.ll_x[b]) + slot * H,
-                   transport::peer_region<float>(ctx, d, ctx.sym.ll_scales[b]) + slot * groups,
-                   groups, p.pow2_scales, lane);
+      device::quantize_groups(
+          src, units, p.pow2_scales, lane, [&](int g, int sub, uint4 q, float scale, bool valid) {
+            if (!valid) return;
+            const int unit = u0 + g;
+            for (int k = 0; k < n; ++k) {
+              const Destination& to = dst[warp][k];
+              *reinterpret_cast<uint4*>(to.x + unit * kFp8Group + sub * device::kChannelsPerLane) =
+                  q;
+              if (sub == 0) to.scales[unit] = scale;
+            }
+          });
     } else {
-      copy_row(src,
-               transport::peer_region<int4>(ctx, d, ctx.sym.ll_x[b]) + slot * (H / kBf16PerVec),
-               H / kBf16PerVec, lane);
+      device::copy_vectors(src, units * kVectorsPerUnit, lane,
+                           [&](int base, const int4(&v)[device::kRowCopyUnroll]) {
+                             for (int k = 0; k < n; ++k) {
+                               int4* to =
+                                   reinterpret_cast<int4*>(dst[warp][k].x) + u0 * kVectorsPerUnit;
+#pragma unroll
+                               for (int u = 0; u < device::kRowCopyUnroll; ++u) {
+                                 const int v16 = base + u * kWarpSize + lane;
+                                 if (v16 < units * kVectorsPerUnit) to[v16] = v[u];
+                               }
+                             }
+                           });
     }
-    __syncwarp();
-    if (lane == 0) count_message(ctx, e, b, seq);
+    __syncwarp();  // dst[warp] is rewritten for the next piece
   }
 
-  if (device::is_last_block(ctx) && threadIdx.x == 0) device::close_call(ctx);
+  // The last block to finish publishes every (expert, this rank) count: by then every block's
+  // rows are written (is_last_block fences before its ticket), so one release per word covers
+  // them. Experts this rank sends nothing to get count 0.
+  if (device::is_last_block(ctx)) {
+    if (ok && !transport::aborted(ctx)) {
+      const device::Scope sc = transport::scope(ctx);
+      for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const uint32_t count = static_cast<uint32_t>(ctx.local.num_tokens_per_expert[e]);
+        sc.store_release(count_word(ctx, e / L, b, e % L, me), (seq << kCountShift) | count);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) device::close_call(ctx);
+  }
 }
 
 __global__ void __launch_bounds__(kRecvThreads)
@@ -231,9 +268,12 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const int warps = blockDim.x / kWarpSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
-  const int n16 = H / kBf16PerVec;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * warps + warp; ok && t < p.num_tokens;
-       t += stride) {
+  // One warp per piece of a token's output row (one lane step of vectors at least).
+  const RowPieces pieces(p.num_tokens, stride, H / kUnitChannels, kCombineStepUnits);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * warps + warp; ok && i < pieces.items;
+       i += stride) {
+    const int64_t t = i / pieces.count;
+    const int piece = static_cast<int>(i % pieces.count);
     const uint16_t* row = nullptr;
     float w = 0.0f;
     if (lane < K) {
@@ -251,7 +291,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       weights[warp][at] = w;
     }
     __syncwarp();
-    for (int c = lane; c < n16; c += kWarpSize) {
+    const int c_end = min(H, (piece + 1) * pieces.units * kUnitChannels) / kBf16PerVec;
+    for (int c = piece * pieces.units * kVectorsPerUnit + lane; c < c_end; c += kWarpSize) {
       float acc[kBf16PerVec] = {};
       for (int k0 = 0; k0 < n; k0 += kCombineBatch) {
         int4 v[kCombineBatch];
@@ -270,7 +311,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       *reinterpret_cast<int4*>(p.out + t * H + c * kBf16PerVec) = device::pack_bf16x8(acc);
     }
-    __syncwarp();  // the lists are rewritten for the next token
+    __syncwarp();  // the lists are rewritten for the next piece
   }
 
   if (device::is_last_block(ctx)) {
@@ -296,7 +337,8 @@ void check_grid(int blocks, int threads, const char* kernel) {
 void launch_dispatch_send(const DeviceContext& ctx, const DispatchSendParams& params, int blocks,
                           int threads, cudaStream_t stream) {
   check_grid(blocks, threads, "ll::dispatch_send_kernel");
-  dispatch_send_kernel<<<blocks, threads, 0, stream>>>(ctx, params);
+  dispatch_send_kernel<<<blocks, threads, layout::column_smem_bytes(ctx.num_experts, threads),
+                         stream>>>(ctx, params);
   MOECOMM_LAUNCH_CHECK("ll::dispatch_send_kernel");
 }
 
@@ -322,6 +364,9 @@ void launch_combine_recv(const DeviceContext& ctx, const CombineRecvParams& para
 void preload_kernels() {
   cudaFuncAttributes attr;
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_send_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_send_kernel,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(layout::kColumnSmemLimit)));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_send_kernel));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel));

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "layout/layout.hpp"
 #include "runtime/device_context.hpp"
 
 namespace moecomm::ll {
@@ -22,9 +23,10 @@ struct DispatchSendParams {
   bool pow2_scales = false;
   int buffer = 0;              // 0 or 1
   int32_t* slot_of = nullptr;  // [T, K] out (the handle): d*(L*R*M) + le*(R*M) + s*M + p, or -1
+  layout::LayoutParams layout;  // the layout steps it runs first (no count exchange)
 };
 
-/// Send phase. The layout kernels (bitmaps + scan, no exchange) ran before it in this call.
+/// Send phase: the layout steps, then every message.
 /// Closes the call; stores the call's seq in ctx.local.ll_seq[buffer] for the receive phase.
 void launch_dispatch_send(const detail::DeviceContext& ctx, const DispatchSendParams& params,
                           int blocks, int threads, cudaStream_t stream);

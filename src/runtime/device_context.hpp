@@ -22,6 +22,7 @@ enum class Phase : int32_t {
   kCombineReady,  // combine: a peer published its expert outputs
   kCombineDone,   // combine: a peer finished reading this rank's outputs
   kLlCounts,      // LL dispatch receive: per-(expert, source) count
+  kGridBarrier,   // the blocks of one of this rank's kernels meeting between steps
 };
 
 /// One slot per kind and source rank in each rank's symmetric buffer; values are call sequence
@@ -83,6 +84,7 @@ inline constexpr uint64_t kSymmetricOffsetTag = 1ull << 63;
 struct LocalState {
   uint64_t* epoch;        // calls completed; the running call's seq is *epoch + 1
   uint32_t* ticket;       // last-block election within one kernel
+  uint64_t* grid_barrier;  // [2]: arrivals, generation (device/block.cuh: grid_barrier)
   uint64_t* ll_seq;       // [2] seq of the LL dispatch send that filled each buffer (for the hook)
   uint64_t* combine_seq;  // [2] seq of the LL combine send phase (for its hook)
   // Routing layout scratch, sized for max_tokens_per_rank (W = words of 32 tokens).
@@ -97,7 +99,6 @@ struct LocalState {
   int32_t* num_recv_per_rank;      // [R]
   int32_t* num_recv_per_expert;    // [L] unpadded
   int32_t* send_base;              // [R]: first row of this rank's tokens at each destination
-  uint32_t* ll_sent;               // [E]: LL messages sent per expert (completion count)
   int32_t* aborted;                // set by the first failed wait: later waits give up
 };
 

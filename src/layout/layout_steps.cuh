@@ -1,0 +1,227 @@
+// The routing layout as device steps that any kernel of a rank can run with all of its blocks:
+// bitmaps, then prefix counts, then (HT) the count exchange, with grid barriers in between. The
+// layout kernel runs them alone (get_layout, exact sizing); HT dispatch and LL send run them as
+// their first steps, so that a call costs one launch instead of three.
+#pragma once
+
+#include <cstdint>
+
+#include "device/block.cuh"
+#include "layout/layout.hpp"
+#include "transport/signal.cuh"
+
+namespace moecomm::layout {
+
+namespace steps {
+
+using detail::DeviceContext;
+using detail::DeviceErrorKind;
+using detail::FlagKind;
+using detail::Phase;
+
+inline constexpr unsigned kFullMask = 0xffffffffu;
+inline constexpr int kScanPrefetch = 8;  // words per lane in flight while scanning a row
+
+__device__ __forceinline__ int64_t load_expert(const TopkInput& topk, int64_t i) {
+  return topk.is_i64 ? static_cast<const int64_t*>(topk.data)[i]
+                     : static_cast<int64_t>(static_cast<const int32_t*>(topk.data)[i]);
+}
+
+/// One warp builds word w (tokens 32w .. 32w+31) of every bitmap row. It owns that column, so it
+/// needs no atomics: the column is built in `column` (E words of shared memory), then written out.
+__device__ inline void build_word(const DeviceContext& ctx, const TopkInput& topk, bool validate,
+                                  int64_t w, uint32_t* column, int lane) {
+  const int E = ctx.num_experts, L = ctx.local_experts, K = ctx.topk, R = ctx.num_ranks;
+  const int W = ctx.words;
+  const int64_t T = topk.num_tokens;
+  const int64_t t = w * 32 + lane;
+  const bool has_token = t < T;
+
+  for (int e = lane; e < E; e += 32) column[e] = 0;
+  __syncwarp();
+
+  uint64_t rank_mask = 0;
+  for (int k = 0; k < K; ++k) {
+    int64_t e = has_token ? load_expert(topk, t * K + k) : -1;
+    if (e < -1 || e >= E) {
+      transport::record_error(ctx, DeviceErrorKind::kExpertOutOfRange, -1, Phase::kNone, 0, 0, e, t,
+                              k);
+      e = -1;
+    }
+    if (validate && e >= 0) {
+      for (int j = 0; j < k; ++j) {
+        if (load_expert(topk, t * K + j) == e) {
+          transport::record_error(ctx, DeviceErrorKind::kDuplicateExpert, -1, Phase::kNone, 0, 0, e,
+                                  t, k);
+          e = -1;
+          break;
+        }
+      }
+    }
+    const unsigned same = __match_any_sync(kFullMask, static_cast<int>(e));
+    if (e >= 0) {
+      rank_mask |= 1ull << (e / L);
+      // The lowest lane of each group of equal experts writes the group's bits; groups of one
+      // k-step name distinct experts, and steps are ordered by __syncwarp.
+      if (lane == __ffs(same) - 1) column[e] |= same;
+    }
+    __syncwarp();
+  }
+  for (int e = lane; e < E; e += 32)
+    ctx.local.expert_bitmap[static_cast<int64_t>(e) * W + w] = column[e];
+  if (has_token) ctx.local.token_rank_mask[t] = rank_mask;
+  for (int r = 0; r < R; ++r) {
+    const bool in_rank = (rank_mask >> r) & 1ull;
+    const unsigned bits = __ballot_sync(kFullMask, in_rank);
+    if (lane == 0) ctx.local.rank_bitmap[static_cast<int64_t>(r) * W + w] = bits;
+    if (has_token) ctx.local.is_token_in_rank[t * R + r] = in_rank ? 1 : 0;
+  }
+  __syncwarp();  // the column is reused for the warp's next word
+}
+
+/// Exclusive prefix over the popcounts of one bitmap row; returns the row total (all lanes).
+/// Each lane loads kScanPrefetch words before the scan, so a row costs one load latency.
+__device__ inline int32_t scan_row(const uint32_t* bits, int32_t* prefix, int64_t used_words,
+                                   int lane) {
+  int32_t running = 0;
+  for (int64_t base = 0; base < used_words; base += 32 * kScanPrefetch) {
+    uint32_t word[kScanPrefetch];
+#pragma unroll
+    for (int j = 0; j < kScanPrefetch; ++j) {
+      const int64_t w = base + j * 32 + lane;
+      word[j] = w < used_words ? bits[w] : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kScanPrefetch; ++j) {
+      if (base + j * 32 >= used_words) break;  // warp-uniform
+      const int64_t w = base + j * 32 + lane;
+      const int32_t c = __popc(word[j]);
+      int32_t inclusive = c;
+      for (int off = 1; off < 32; off <<= 1) {
+        const int32_t v = __shfl_up_sync(kFullMask, inclusive, off);
+        if (lane >= off) inclusive += v;
+      }
+      if (w < used_words) prefix[w] = running + inclusive - c;
+      running += __shfl_sync(kFullMask, inclusive, 31);
+    }
+  }
+  return running;
+}
+
+/// Scans row `row` of the E expert rows followed by the R rank rows (one warp).
+__device__ inline void scan_layout_row(const DeviceContext& ctx, int row, int64_t used_words,
+                                       int lane) {
+  const int E = ctx.num_experts, W = ctx.words;
+  const bool expert = row < E;
+  const int64_t r = expert ? row : row - E;
+  const uint32_t* bits = (expert ? ctx.local.expert_bitmap : ctx.local.rank_bitmap) + r * W;
+  int32_t* prefix = (expert ? ctx.local.expert_word_prefix : ctx.local.rank_word_prefix) + r * W;
+  const int32_t total = scan_row(bits, prefix, used_words, lane);
+  if (lane == 0)
+    (expert ? ctx.local.num_tokens_per_expert : ctx.local.num_tokens_per_rank)[r] = total;
+}
+
+/// One block: sends this rank's counts to every peer, receives theirs, and derives the receive
+/// side (rows per source, send bases, per-expert counts, N). Returns false after a failed wait.
+__device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
+                                       const ScanOptions& opt) {
+  const int R = ctx.num_ranks, L = ctx.local_experts, me = ctx.rank;
+  const int parity = static_cast<int>(seq & 1);
+  // Put this rank's row of the count matrix, and its counts for each peer's experts, into every
+  // peer; then signal.
+  for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
+    const int d = i / R, j = i % R;
+    transport::peer_region<int32_t>(ctx, d, ctx.sym.count_matrix)[(parity * R + me) * R + j] =
+        ctx.local.num_tokens_per_rank[j];
+  }
+  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
+    const int d = i / L, le = i % L;
+    transport::peer_region<int32_t>(ctx, d, ctx.sym.expert_counts)[(parity * R + me) * L + le] =
+        ctx.local.num_tokens_per_expert[d * L + le];
+  }
+  __syncthreads();
+  bool ok = true;
+  if (threadIdx.x < R) {
+    transport::scope(ctx).fence();
+    transport::signal(ctx, threadIdx.x, FlagKind::kLayoutCounts, seq);
+    ok = transport::wait_signal(ctx, FlagKind::kLayoutCounts, threadIdx.x, seq,
+                                Phase::kLayoutCounts, 0);
+  }
+  ok = __syncthreads_and(ok) != 0;
+  const int32_t* matrix =
+      transport::peer_region<int32_t>(ctx, me, ctx.sym.count_matrix) + parity * R * R;
+  const int32_t* per_expert =
+      transport::peer_region<int32_t>(ctx, me, ctx.sym.expert_counts) + parity * R * L;
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    ctx.local.num_recv_per_rank[s] = matrix[s * R + me];
+    int32_t base = 0;  // rows that lower ranks send to s come first there
+    for (int q = 0; q < me; ++q) base += matrix[q * R + s];
+    ctx.local.send_base[s] = base;
+  }
+  for (int le = threadIdx.x; le < L; le += blockDim.x) {
+    int32_t sum = 0;
+    for (int s = 0; s < R; ++s) sum += per_expert[s * L + le];
+    ctx.local.num_recv_per_expert[le] = sum;
+    if (opt.recv_per_expert_padded) {
+      const int a = opt.expert_alignment;
+      opt.recv_per_expert_padded[le] = (sum + a - 1) / a * a;
+    }
+  }
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int s = 0; s < R; ++s) {
+      if (opt.recv_rank_prefix) opt.recv_rank_prefix[s] = static_cast<int32_t>(total);
+      total += matrix[s * R + me];
+    }
+    if (opt.recv_rank_prefix) opt.recv_rank_prefix[R] = static_cast<int32_t>(total);
+    if (opt.num_recv) *opt.num_recv = static_cast<int32_t>(total);
+    if (total > ctx.ht_capacity)
+      transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, -1, Phase::kNone, 0, seq, 0,
+                              total, ctx.ht_capacity);
+  }
+  if (opt.host_flag) {
+    __syncthreads();  // the padded counts above are written
+    if (threadIdx.x == 0) {
+      opt.host_counts[0] = opt.num_recv ? *opt.num_recv : 0;
+      for (int le = 0; le < L; ++le)
+        opt.host_counts[1 + le] = opt.recv_per_expert_padded ? opt.recv_per_expert_padded[le] : 0;
+      __threadfence_system();
+      *opt.host_flag = opt.token;
+    }
+  }
+  return ok;
+}
+
+}  // namespace steps
+
+/// Every thread of every block of the calling kernel: computes the layout of `p.topk` for call
+/// `seq`. `columns` is the block's dynamic shared memory (column_warps(E, warps) columns of E
+/// words). Returns false in every thread after a failed wait (the caller still finishes its
+/// barriers and the call; the host raises).
+__device__ inline bool compute_layout(const detail::DeviceContext& ctx, const LayoutParams& p,
+                                      uint64_t seq, uint32_t* columns) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t used_words = (p.topk.num_tokens + 31) / 32;
+  const int builders = column_warps(ctx.num_experts, warps);
+  if (warp < builders) {
+    uint32_t* column = columns + static_cast<size_t>(warp) * ctx.num_experts;
+    for (int64_t w = static_cast<int64_t>(blockIdx.x) * builders + warp; w < used_words;
+         w += static_cast<int64_t>(gridDim.x) * builders)
+      steps::build_word(ctx, p.topk, p.validate, w, column, lane);
+  }
+  bool ok = device::grid_barrier(ctx, true);
+
+  const int rows = ctx.num_experts + ctx.num_ranks;
+  for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps)
+    steps::scan_layout_row(ctx, row, used_words, lane);
+  ok = device::grid_barrier(ctx, ok);
+
+  if (p.scan.exchange_counts) {
+    if (blockIdx.x == 0) ok = steps::exchange_counts(ctx, seq, p.scan) && ok;
+    ok = device::grid_barrier(ctx, ok);
+  }
+  // A failed exchange in block 0 aborts the rank: every block sees it after the barrier.
+  return ok && !transport::aborted(ctx);
+}
+
+}  // namespace moecomm::layout
