@@ -52,8 +52,10 @@ struct Config {
   /// LL capacity M per source rank; 0 means max_tokens_per_rank (or the Auto threshold in Auto).
   int low_latency_max_tokens = 0;
   /// Auto mode: calls with T <= this take the LL path. Every rank must be on the same side of it
-  /// in a call. The default is not yet tuned from measurements (ep_bench --sweep tokens).
-  int auto_low_latency_max_tokens = 256;
+  /// in a call. Default from `ep_bench --mode both --sweep tokens` (8 ranks on an H100, hidden
+  /// 7168, top-8 of 256): LL's dispatch + combine is faster up to 128 tokens per rank, HT's above
+  /// (bench/RESULTS.md, "Auto threshold"). Re-measure for other shapes and machines.
+  int auto_low_latency_max_tokens = 128;
 
   /// Check topk_idx on the device (range, duplicates) before every dispatch. Defaults to on in
   /// debug builds.

@@ -54,7 +54,7 @@ class MoECommunicatorConfig:
     timeout_seconds: float = 10.0
     max_recv_tokens: int = 0
     low_latency_max_tokens: int = 0
-    auto_low_latency_max_tokens: int = 256
+    auto_low_latency_max_tokens: int = 128
     validate_inputs: Optional[bool] = None
 
     def __post_init__(self) -> None:

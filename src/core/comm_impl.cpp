@@ -618,12 +618,13 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   p.buffer = b;
   p.slot_of = state->ll_slot;
   p.layout = layout_params(args.topk_idx, /*exchange=*/false, /*close=*/false, nullptr, 0);
-  ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
-
-  ll::DispatchRecvParams rp;
+  ll::DispatchRecvParams& rp = p.recv;
   rp.buffer = b;
   rp.recv_count = ll_recv_count_ + b * L;
   rp.recv_layout = ll_recv_layout_ + static_cast<size_t>(b) * L * R * 2;
+  p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
+  ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+
   DispatchOutput out;
   if (o.return_recv_hook) {
     const DeviceContext ctx = ctx_;
@@ -632,8 +633,6 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
       follow(default_stream, st);
       ll::launch_dispatch_recv(ctx, rp, st ? st : default_stream);
     });
-  } else {
-    ll::launch_dispatch_recv(ctx_, rp, s.exec);
   }
 
   const auto& lay = group_->layout;
@@ -755,9 +754,11 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   sp.y = publish(args.y.data, args.y.nbytes(), group_->layout.ll_combine[h.buffer], combine_bytes,
                  "y", s.exec);
   sp.buffer = h.buffer;
-  ll::launch_combine_send(ctx_, sp, s.exec);
+  if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
 
   ll::CombineRecvParams rp;
+  rp.publish_y = !o.return_recv_hook;  // without a hook, one kernel does both phases
+  rp.y = sp.y;
   rp.buffer = h.buffer;
   rp.slot_of = h.ll_slot;
   rp.topk_weights = static_cast<const float*>(args.topk_weights.data);

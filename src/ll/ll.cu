@@ -109,13 +109,17 @@ __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendPa
   return __popc(mask);
 }
 
-/// Every block: waits until every peer has entered this call (block 0 signals first). True in
-/// every thread when all waits succeeded.
-__device__ bool arrive_handshake(const DeviceContext& ctx, uint64_t seq) {
-  const int R = ctx.num_ranks;
+/// Block 0: tells every peer that this rank entered call seq (its buffers of call seq - 2 are free).
+__device__ void announce_arrival(const DeviceContext& ctx, uint64_t seq) {
   if (blockIdx.x == 0)
-    for (int d = threadIdx.x; d < R; d += blockDim.x)
+    for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
       transport::signal(ctx, d, FlagKind::kArrive, seq);
+}
+
+/// Every block: waits until every peer has entered this call. True in every thread when all
+/// waits succeeded.
+__device__ bool await_arrivals(const DeviceContext& ctx, uint64_t seq) {
+  const int R = ctx.num_ranks;
   bool ok = true;
   for (int d = threadIdx.x; d < R; d += blockDim.x)
     ok = transport::wait_signal(ctx, FlagKind::kArrive, d, seq, Phase::kArrive, blockIdx.x) && ok;
@@ -130,6 +134,8 @@ constexpr int kQuantizeStepUnits = device::kFp8GroupsPerWarp * device::kQuantize
 constexpr int kCopyStepUnits = kWarpSize * device::kRowCopyUnroll / kVectorsPerUnit;
 constexpr int kCombineStepUnits = kWarpSize / kVectorsPerUnit;  // one vector per lane
 
+__device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParams& p, uint64_t seq);
+
 __global__ void __launch_bounds__(kMaxThreads)
     dispatch_send_kernel(DeviceContext ctx, DispatchSendParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
@@ -140,8 +146,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ Destination dst[kMaxWarps][detail::kMaxTopk];
   if (blockIdx.x == 0 && threadIdx.x == 0) ctx.local.ll_seq[b] = seq;
 
+  // Arrive first, wait after the layout: the peers' arrival overlaps this rank's layout steps.
+  announce_arrival(ctx, seq);
   const bool laid_out = layout::compute_layout(ctx, p.layout, seq, columns);
-  const bool ok = arrive_handshake(ctx, seq) && laid_out;
+  const bool ok = await_arrivals(ctx, seq) && laid_out;
 
   const int warps = blockDim.x / kWarpSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
@@ -198,15 +206,17 @@ __global__ void __launch_bounds__(kMaxThreads)
         sc.store_release(count_word(ctx, e / L, b, e % L, me), (seq << kCountShift) | count);
       }
     }
+    if (p.receive) receive_counts(ctx, p.recv, seq);  // no hook: the receive phase is here
     __syncthreads();
     if (threadIdx.x == 0) device::close_call(ctx);
   }
 }
 
-__global__ void __launch_bounds__(kRecvThreads)
-    dispatch_recv_kernel(DeviceContext ctx, DispatchRecvParams p) {
+/// One block: waits for every (local expert, source) count of call `seq` and writes the receive
+/// layout and per-expert counts.
+__device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParams& p,
+                               uint64_t seq) {
   const int R = ctx.num_ranks, L = ctx.local_experts, M = ctx.ll_capacity, b = p.buffer;
-  const uint64_t seq = ctx.local.ll_seq[b];
   const uint64_t* words = count_word(ctx, ctx.rank, b, 0, 0);
   bool ok = true;
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
@@ -227,18 +237,28 @@ __global__ void __launch_bounds__(kRecvThreads)
   }
 }
 
-__global__ void __launch_bounds__(kCombineSendThreads)
-    combine_send_kernel(DeviceContext ctx, CombineSendParams p) {
-  const uint64_t seq = device::read_call_seq(ctx);
+__global__ void __launch_bounds__(kRecvThreads)
+    dispatch_recv_kernel(DeviceContext ctx, DispatchRecvParams p) {
+  receive_counts(ctx, p, ctx.local.ll_seq[p.buffer]);
+}
+
+/// One block: tells every peer where this rank's expert outputs y are, for call `seq`.
+__device__ void publish_outputs(const DeviceContext& ctx, int buffer, uint64_t y, uint64_t seq) {
   const int R = ctx.num_ranks, me = ctx.rank;
-  if (threadIdx.x == 0) ctx.local.combine_seq[p.buffer] = seq;
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.sym.peer_ptrs) +
-                     ((kLlPeerPtrBase + p.buffer) * R + me) * detail::kPeerPtrs;
-    slot[0] = p.y;
+                     ((kLlPeerPtrBase + buffer) * R + me) * detail::kPeerPtrs;
+    slot[0] = y;
     transport::scope(ctx).fence();  // y (written by earlier kernels) and its address
     transport::signal(ctx, d, FlagKind::kCombineReady, seq);
   }
+}
+
+__global__ void __launch_bounds__(kCombineSendThreads)
+    combine_send_kernel(DeviceContext ctx, CombineSendParams p) {
+  const uint64_t seq = device::read_call_seq(ctx);
+  if (threadIdx.x == 0) ctx.local.combine_seq[p.buffer] = seq;
+  publish_outputs(ctx, p.buffer, p.y, seq);
   if (threadIdx.x == 0) device::close_call(ctx);  // every thread read seq in read_call_seq
 }
 
@@ -246,7 +266,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     combine_recv_kernel(DeviceContext ctx, CombineRecvParams p) {
   const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank, b = p.buffer;
   const int32_t slots_per_rank = ctx.local_experts * R * ctx.ll_capacity;
-  const uint64_t seq = ctx.local.combine_seq[b];
+  // Without a hook the send phase is this kernel's first step; with one it ran in its own kernel.
+  const uint64_t seq = p.publish_y ? device::read_call_seq(ctx) : ctx.local.combine_seq[b];
+  if (p.publish_y && blockIdx.x == 0) publish_outputs(ctx, b, p.y, seq);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   __shared__ const uint16_t* y_of[detail::kMaxRanks];
   // Per warp: the token's valid (slot row, weight) pairs, compacted in k order.
@@ -320,6 +342,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       transport::signal(ctx, d, FlagKind::kCombineDone, seq);
     for (int d = threadIdx.x; d < R; d += blockDim.x)
       transport::wait_signal(ctx, FlagKind::kCombineDone, d, seq, Phase::kCombineDone, blockIdx.x);
+    __syncthreads();
+    if (p.publish_y && threadIdx.x == 0) device::close_call(ctx);
   }
 }
 

@@ -14,6 +14,12 @@
 
 namespace moecomm::ll {
 
+struct DispatchRecvParams {
+  int buffer = 0;
+  int32_t* recv_count = nullptr;   // [L] out
+  int32_t* recv_layout = nullptr;  // [L, R, 2] out: (s*M, count)
+};
+
 struct DispatchSendParams {
   const uint16_t* x = nullptr;  // [T, H] bf16
   int64_t num_tokens = 0;       // T <= M
@@ -21,21 +27,17 @@ struct DispatchSendParams {
   bool idx_i64 = true;
   bool fp8 = false;  // quantise to e4m3 + f32 scales per 128 channels
   bool pow2_scales = false;
-  int buffer = 0;              // 0 or 1
-  int32_t* slot_of = nullptr;  // [T, K] out (the handle): d*(L*R*M) + le*(R*M) + s*M + p, or -1
+  int buffer = 0;               // 0 or 1
+  int32_t* slot_of = nullptr;   // [T, K] out (the handle): d*(L*R*M) + le*(R*M) + s*M + p, or -1
   layout::LayoutParams layout;  // the layout steps it runs first (no count exchange)
+  bool receive = false;         // no hook: the last block also runs the receive phase
+  DispatchRecvParams recv;      // (when receive)
 };
 
-/// Send phase: the layout steps, then every message.
+/// Send phase: the layout steps, then every message; with `receive`, the receive phase too.
 /// Closes the call; stores the call's seq in ctx.local.ll_seq[buffer] for the receive phase.
 void launch_dispatch_send(const detail::DeviceContext& ctx, const DispatchSendParams& params,
                           int blocks, int threads, cudaStream_t stream);
-
-struct DispatchRecvParams {
-  int buffer = 0;
-  int32_t* recv_count = nullptr;   // [L] out
-  int32_t* recv_layout = nullptr;  // [L, R, 2] out: (s*M, count)
-};
 
 /// Receive phase: waits for every (local expert, source) count of ll_seq[buffer].
 void launch_dispatch_recv(const detail::DeviceContext& ctx, const DispatchRecvParams& params,
@@ -57,6 +59,8 @@ struct CombineRecvParams {
   const float* topk_weights = nullptr;  // [T, K]
   int64_t num_tokens = 0;
   uint16_t* out = nullptr;  // [T, H] bf16
+  bool publish_y = false;   // no hook: this kernel also runs the send phase (publishes y)
+  uint64_t y = 0;           // (when publish_y) as CombineSendParams::y
 };
 
 /// Receive phase of combine: out[t] = bf16(sum_k fmaf(w, y[slot], acc)), then tells every owner
