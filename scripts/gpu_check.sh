@@ -50,6 +50,14 @@ if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/ep_bench ]; then
   summary+=("ep_bench rc $rc")
 fi
 
+# Optional second ep_bench run (e.g. SWEEP_ARGS="--mode both --sweep tokens --graph").
+if [ -n "${SWEEP_ARGS:-}" ] && [ -x build/bench/ep_bench ]; then
+  timeout ${BENCH_TIMEOUT:-240} build/bench/ep_bench --json "$out/sweep.json" $SWEEP_ARGS >"$out/sweep.log" 2>&1
+  rc=$?
+  grep -E "^(ht|ll) " "$out/sweep.log" | tail -40
+  summary+=("ep_bench sweep rc $rc")
+fi
+
 # Python package: build it (no network there: no build isolation) and run its tests.
 if [ -n "${RUN_PYTHON:-}" ]; then
   if CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -q --upgrade --no-build-isolation --no-deps \

@@ -20,7 +20,8 @@ using detail::FlagKind;
 using detail::Phase;
 
 inline constexpr unsigned kFullMask = 0xffffffffu;
-inline constexpr int kScanPrefetch = 8;  // words per lane in flight while scanning a row
+inline constexpr int kScanPrefetch = 8;    // words per lane in flight while scanning a row
+inline constexpr int kExpertPrefetch = 8;  // topk entries per lane in flight while building
 
 __device__ __forceinline__ int64_t load_expert(const TopkInput& topk, int64_t i) {
   return topk.is_i64 ? static_cast<const int64_t*>(topk.data)[i]
@@ -41,31 +42,38 @@ __device__ inline void build_word(const DeviceContext& ctx, const TopkInput& top
   __syncwarp();
 
   uint64_t rank_mask = 0;
-  for (int k = 0; k < K; ++k) {
-    int64_t e = has_token ? load_expert(topk, t * K + k) : -1;
-    if (e < -1 || e >= E) {
-      transport::record_error(ctx, DeviceErrorKind::kExpertOutOfRange, -1, Phase::kNone, 0, 0, e, t,
-                              k);
-      e = -1;
-    }
-    if (validate && e >= 0) {
-      for (int j = 0; j < k; ++j) {
-        if (load_expert(topk, t * K + j) == e) {
+  for (int k0 = 0; k0 < K; k0 += kExpertPrefetch) {
+    int64_t chosen[kExpertPrefetch];  // this step's loads are all in flight before any is used
+#pragma unroll
+    for (int j = 0; j < kExpertPrefetch; ++j)
+      chosen[j] = has_token && k0 + j < K ? load_expert(topk, t * K + k0 + j) : -1;
+#pragma unroll
+    for (int j = 0; j < kExpertPrefetch; ++j) {
+      const int k = k0 + j;
+      if (k >= K) break;  // warp-uniform
+      int64_t e = chosen[j];
+      if (e < -1 || e >= E) {
+        transport::record_error(ctx, DeviceErrorKind::kExpertOutOfRange, -1, Phase::kNone, 0, 0, e,
+                                t, k);
+        e = -1;
+      }
+      // The token's own bit in the column is set iff an earlier k chose the same expert.
+      if (e >= 0 && ((column[e] >> lane) & 1u)) {
+        if (validate)
           transport::record_error(ctx, DeviceErrorKind::kDuplicateExpert, -1, Phase::kNone, 0, 0, e,
                                   t, k);
-          e = -1;
-          break;
-        }
+        e = -1;
       }
+      __syncwarp();  // every lane has read the column before this step writes it
+      const unsigned same = __match_any_sync(kFullMask, static_cast<int>(e));
+      if (e >= 0) {
+        rank_mask |= 1ull << (e / L);
+        // The lowest lane of each group of equal experts writes the group's bits; groups of one
+        // k-step name distinct experts, and steps are ordered by __syncwarp.
+        if (lane == __ffs(same) - 1) column[e] |= same;
+      }
+      __syncwarp();
     }
-    const unsigned same = __match_any_sync(kFullMask, static_cast<int>(e));
-    if (e >= 0) {
-      rank_mask |= 1ull << (e / L);
-      // The lowest lane of each group of equal experts writes the group's bits; groups of one
-      // k-step name distinct experts, and steps are ordered by __syncwarp.
-      if (lane == __ffs(same) - 1) column[e] |= same;
-    }
-    __syncwarp();
   }
   for (int e = lane; e < E; e += 32)
     ctx.local.expert_bitmap[static_cast<int64_t>(e) * W + w] = column[e];
