@@ -50,6 +50,12 @@ if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/ep_bench ]; then
   summary+=("ep_bench rc $rc")
 fi
 
+# The front-end floor under every plain-launch figure (docs/bench.md).
+if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/launch_floor ]; then
+  timeout 120 build/bench/launch_floor >"$out/launch_floor.log" 2>&1
+  summary+=("launch_floor rc $? (launch_floor.log)")
+fi
+
 # Optional second ep_bench run (e.g. SWEEP_ARGS="--mode both --sweep tokens --graph").
 if [ -n "${SWEEP_ARGS:-}" ] && [ -x build/bench/ep_bench ]; then
   timeout ${BENCH_TIMEOUT:-240} build/bench/ep_bench --json "$out/sweep.json" $SWEEP_ARGS >"$out/sweep.log" 2>&1
