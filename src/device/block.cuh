@@ -38,6 +38,8 @@ __device__ __forceinline__ bool is_last_block(const detail::DeviceContext& ctx) 
   return last;
 }
 
+inline constexpr uint32_t kGridBarrierPatience = 2;
+
 /// Every thread of every block: returns when all blocks of the grid have arrived (they must be
 /// co-resident, as every communication kernel's are). A sense-reversing barrier: the last block to
 /// arrive resets the count and advances the generation the others wait on, so kernels of any
@@ -58,8 +60,10 @@ __device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, b
       *count = 0;  // every block has arrived: nobody touches the count until the next barrier
       sc.store_release(generation, gen + 1);
     } else {
+      // A sibling block may itself be waiting (up to one timeout) for a peer before it arrives:
+      // twice the patience, so that the stall is reported by the wait that saw it first.
       all_ok = transport::wait_geq(ctx, generation, gen + 1, ctx.rank, detail::Phase::kGridBarrier,
-                                   static_cast<int>(blockIdx.x));
+                                   static_cast<int>(blockIdx.x), kGridBarrierPatience);
     }
   }
   __syncthreads();

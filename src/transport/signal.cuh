@@ -76,10 +76,11 @@ __device__ __forceinline__ void signal(const DeviceContext& ctx, int dst, FlagKi
   scope(ctx).store_release(flag_slot(ctx, dst, kind, ctx.rank), seq);
 }
 
-/// Waits until `word` >= `target` (acquire). Gives up after ctx.timeout_ns, recording a stall
-/// that names this rank, `peer`, `phase` and `channel`. Returns false on failure.
+/// Waits until `word` >= `target` (acquire). Gives up after ctx.timeout_ns times `patience`,
+/// recording a stall that names this rank, `peer`, `phase` and `channel`. Returns false on
+/// failure, and at once once another wait of this rank has failed.
 __device__ inline bool wait_geq(const DeviceContext& ctx, const uint64_t* word, uint64_t target,
-                                int peer, Phase phase, int channel) {
+                                int peer, Phase phase, int channel, uint32_t patience = 1) {
   const device::Scope sc = scope(ctx);
   uint64_t v = sc.load_acquire(word);
   if (v >= target) return true;
@@ -90,7 +91,7 @@ __device__ inline bool wait_geq(const DeviceContext& ctx, const uint64_t* word, 
     if (v >= target) return true;
     if ((spin & 255u) == 255u) {
       if (aborted(ctx)) return false;
-      if (device::global_timer_ns() - start > ctx.timeout_ns) {
+      if (device::global_timer_ns() - start > ctx.timeout_ns * patience) {
         record_error(ctx, DeviceErrorKind::kStall, peer, phase, channel, target,
                      static_cast<int64_t>(v));
         return false;

@@ -1,4 +1,5 @@
-// Routing layout on the GPU against the host reference, and the argument checks of the calls.
+// Routing layout on the GPU against the host reference, the argument checks of the calls, and
+// what a rank sees when a peer never makes the call.
 #include <random>
 
 #include "gpu/ep_fixture.hpp"
@@ -164,6 +165,48 @@ TEST_CASE("wrong shapes, dtypes, devices and sizes are rejected by name") {
   bad_stream.stream = group[1].stream();
   a.x_scales = {};
   CHECK_THROWS(group[0].dispatch(a, bad_stream), InvalidArgument, "stream");
+}
+
+TEST_CASE("a peer that never calls: the call ends in TimeoutError naming rank, peer and phase") {
+  REQUIRE_GPU();
+  const int R = 2, E = 8, K = 2, H = 128;
+  std::mt19937_64 rng(seed() + 3);
+  const auto in = make_inputs(rng, {16, 16}, E, K, H, Routing::kUniform);
+  struct StallCase {
+    Mode mode;
+    bool layout_only;
+    const char* phase;
+  };
+  for (const StallCase& c : {StallCase{Mode::kHighThroughput, true, "count exchange"},
+                             StallCase{Mode::kHighThroughput, false, "count exchange"},
+                             StallCase{Mode::kLowLatency, false, "arrival"}}) {
+    Config cfg = test_config(c.mode, E, K, H, 64);
+    cfg.timeout_seconds = 0.5;
+    VirtualGroup group(cfg, R);
+    // Only rank 0 calls; rank 1 never does.
+    if (c.layout_only) {
+      group[0].get_layout(in[0].idx_view(K));
+    } else {
+      DispatchArgs a;
+      a.x = in[0].x_view(H);
+      a.topk_idx = in[0].idx_view(K);
+      a.topk_weights = in[0].weights_view(K);
+      DispatchOptions o;
+      o.sizing = Sizing::kWorstCase;  // exact sizing would wait on the host for the counts
+      group[0].dispatch(a, o);
+    }
+    const std::string what = std::string(c.layout_only ? "get_layout" : "dispatch") + " (" +
+                             (c.mode == Mode::kLowLatency ? "LL" : "HT") + ")";
+    try {
+      group[0].synchronize();
+      CHECK(false) << what << ": no error although rank 1 never called";
+    } catch (const TimeoutError& e) {
+      const std::string m = e.what();
+      CHECK(m.find("rank 0") != std::string::npos && m.find("peer 1") != std::string::npos &&
+            m.find(c.phase) != std::string::npos)
+          << what << ": " << m;
+    }
+  }
 }
 
 TEST_CASE("an SM budget that cannot be co-resident is refused") {
