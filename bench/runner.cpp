@@ -1,6 +1,7 @@
 #include "runner.hpp"
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -42,6 +43,16 @@ const char* op_key(Op op) {
       return "dispatch_recv";
     case Op::kStagedDispatch:
       return "staged_dispatch";
+    case Op::kOneLaunchDispatch:
+      return "one_launch_dispatch";
+    case Op::kOneLaunchCombine:
+      return "one_launch_combine";
+    case Op::kOneLaunchGraphDispatch:
+      return "one_launch_graph_dispatch";
+    case Op::kOneLaunchGraphCombine:
+      return "one_launch_graph_combine";
+    case Op::kOneLaunchGraphRoundTrip:
+      return "one_launch_graph_round_trip";
   }
   return "?";
 }
@@ -70,6 +81,16 @@ const char* op_name(Op op) {
       return "dispatch recv phase";
     case Op::kStagedDispatch:
       return "dispatch + copy-out";
+    case Op::kOneLaunchDispatch:
+      return "dispatch (1 launch)";
+    case Op::kOneLaunchCombine:
+      return "combine (1 launch)";
+    case Op::kOneLaunchGraphDispatch:
+      return "dispatch (1 launch, graph)";
+    case Op::kOneLaunchGraphCombine:
+      return "combine (1 launch, graph)";
+    case Op::kOneLaunchGraphRoundTrip:
+      return "disp+comb (1 launch, graph)";
   }
   return "?";
 }
@@ -241,6 +262,22 @@ class Session {
       if (out) (*out)[r] = std::move(d);
     }
   }
+  /// LL: every rank's call as one kernel (VirtualGroup::dispatch_all / combine_all).
+  void dispatch_once(std::vector<DispatchOutput>& out, const DispatchOptions& options) {
+    std::vector<DispatchArgs> args;
+    for (int r = 0; r < ranks(); ++r) args.push_back(dispatch_args(r));
+    out = group_.dispatch_all(args, options);
+  }
+  void combine_once(const std::vector<DispatchOutput>& d, std::vector<CombineOutput>* out) {
+    std::vector<CombineArgs> args;
+    std::vector<moecomm::Handle> handles;
+    for (int r = 0; r < ranks(); ++r) {
+      args.push_back(combine_args(r));
+      handles.push_back(d[r].handle);
+    }
+    std::vector<CombineOutput> c = group_.combine_all(args, handles);
+    if (out) *out = std::move(c);
+  }
   /// Exact sizing waits on the host for the count exchange: one host thread per rank.
   void exact_dispatch_all(std::vector<DispatchOutput>& out) {
     const DispatchOptions o = dispatch_options(Sizing::kExact);
@@ -315,10 +352,24 @@ void verify_ll(Session& s, const Workload& wl) {
 
 /// Dispatch, combine and the two in a row, each captured as one graph for the whole group,
 /// each checked once against the reference before it is timed.
-OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan) {
+using DispatchCall = std::function<void(Session&, std::vector<DispatchOutput>&)>;
+using CombineCall =
+    std::function<void(Session&, const std::vector<DispatchOutput>&, std::vector<CombineOutput>*)>;
+
+/// Every rank's call issued rank after rank (one launch per rank and kernel).
+DispatchCall per_rank_dispatch(const DispatchOptions& options) {
+  return [options](Session& s, std::vector<DispatchOutput>& d) { s.dispatch_all(d, options); };
+}
+CombineCall per_rank_combine() {
+  return [](Session& s, const std::vector<DispatchOutput>& d, std::vector<CombineOutput>* c) {
+    s.combine_all(d, c);
+  };
+}
+
+OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan,
+                          const DispatchCall& issue_dispatch, const CombineCall& issue_combine) {
   const int R = s.ranks();
   const bool ht = wl.shape.ht();
-  const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
   const auto sync = [&] { s.sync(); };
   auto check_dispatch = [&](const std::vector<DispatchOutput>& d, const char* form) {
     for (int r = 0; r < R; ++r)
@@ -330,7 +381,7 @@ OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan
   OpTimes t;
 
   std::vector<DispatchOutput> d(R);
-  const GroupGraph dispatch(s.streams(), [&] { s.dispatch_all(d, options); });
+  const GroupGraph dispatch(s.streams(), [&] { issue_dispatch(s, d); });
   for (auto& o : d) poison(o);
   dispatch.launch();
   s.sync();
@@ -338,7 +389,7 @@ OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan
   t.dispatch = dispatch.time(plan, sync);
 
   std::vector<CombineOutput> c(R);
-  const GroupGraph combine(s.streams(), [&] { s.combine_all(d, &c); });
+  const GroupGraph combine(s.streams(), [&] { issue_combine(s, d, &c); });
   for (auto& o : c) poison(o.out);
   combine.launch();
   s.sync();
@@ -348,8 +399,8 @@ OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan
   std::vector<DispatchOutput> rd(R);
   std::vector<CombineOutput> rc(R);
   const GroupGraph round(s.streams(), [&] {
-    s.dispatch_all(rd, options);
-    s.combine_all(rd, &rc);
+    issue_dispatch(s, rd);
+    issue_combine(s, rd, &rc);
   });
   for (auto& o : rc) poison(o.out);
   round.launch();
@@ -404,11 +455,54 @@ Traffic sum(const Traffic& a, const Traffic& b) {
 
 void add_graph_ops(std::vector<OpResult>& out, Session& s, const Workload& wl,
                    const TimingPlan& plan, const NaiveTimes& naive) {
-  const OpTimes g = time_group_graphs(s, wl, plan);
+  const OpTimes g = time_group_graphs(
+      s, wl, plan, per_rank_dispatch(s.dispatch_options(Sizing::kWorstCase)), per_rank_combine());
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
   out.push_back(result(Op::kGraphDispatch, g.dispatch, dt, naive.graph.dispatch));
   out.push_back(result(Op::kGraphCombine, g.combine, ct, naive.graph.combine));
   out.push_back(result(Op::kGraphRoundTrip, g.round_trip, sum(dt, ct), naive.graph.round_trip));
+}
+
+/// LL through VirtualGroup::dispatch_all / combine_all: plain, and captured as one graph.
+void add_one_launch_ops(std::vector<OpResult>& out, Session& s, const Workload& wl,
+                        const TimingPlan& plan, const NaiveTimes& naive) {
+  const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
+  const DispatchCall dispatch = [options](Session& ss, std::vector<DispatchOutput>& d) {
+    ss.dispatch_once(d, options);
+  };
+  const CombineCall combine = [](Session& ss, const std::vector<DispatchOutput>& d,
+                                 std::vector<CombineOutput>* c) { ss.combine_once(d, c); };
+  const int R = s.ranks();
+  std::vector<DispatchOutput> d(R), before(R);
+  std::vector<CombineOutput> c(R);
+  // Two rounds reveal both alternating buffers; poisoned, then a third round is checked.
+  for (int round = 0; round < 2; ++round) {
+    dispatch(s, round == 0 ? before : d);
+    combine(s, round == 0 ? before : d, &c);
+    s.sync();
+  }
+  for (int r = 0; r < R; ++r) {
+    poison(before[r]);
+    poison(d[r]);
+    poison(c[r].out);
+  }
+  dispatch(s, d);
+  s.sync();
+  for (int r = 0; r < R; ++r) check_ll_dispatch(wl, r, d[r], "LL one-launch dispatch");
+  combine(s, d, &c);
+  s.sync();
+  for (int r = 0; r < R; ++r) check_combine(wl, r, c[r].out, "LL one-launch combine");
+  const PhaseTimes t =
+      time_phases(s.streams(), plan, {[&] { dispatch(s, d); }, [&] { combine(s, d, nullptr); }},
+                  [&] { s.sync(); });
+  const OpTimes g = time_group_graphs(s, wl, plan, dispatch, combine);
+  const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
+  out.push_back(result(Op::kOneLaunchDispatch, t.phase[0], dt, naive.dispatch));
+  out.push_back(result(Op::kOneLaunchCombine, t.phase[1], ct, naive.combine));
+  out.push_back(result(Op::kOneLaunchGraphDispatch, g.dispatch, dt, naive.graph.dispatch));
+  out.push_back(result(Op::kOneLaunchGraphCombine, g.combine, ct, naive.graph.combine));
+  out.push_back(
+      result(Op::kOneLaunchGraphRoundTrip, g.round_trip, sum(dt, ct), naive.graph.round_trip));
 }
 
 std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& plan,
@@ -479,6 +573,7 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
                                          [&] { s.sync(); });
     out.push_back(result(Op::kRoundTrip, round.phase[0], sum(dt, ct), naive.round_trip));
     add_graph_ops(out, s, wl, plan, naive);
+    add_one_launch_ops(out, s, wl, plan, naive);
   }
   return out;
 }

@@ -24,6 +24,12 @@ enum class Op {
   kDispatchSend,    ///< LL dispatch with return_recv_hook: the send phase
   kDispatchRecv,    ///< LL: the receive phase (the hook)
   kStagedDispatch,  ///< HT dispatch, then its outputs copied into caller-owned tensors
+  // LL through VirtualGroup::dispatch_all / combine_all (one kernel for every rank):
+  kOneLaunchDispatch,
+  kOneLaunchCombine,
+  kOneLaunchGraphDispatch,  ///< captured as one graph
+  kOneLaunchGraphCombine,
+  kOneLaunchGraphRoundTrip,
 };
 
 const char* op_key(Op op);   ///< "dispatch", "cached_dispatch", ... (JSON)

@@ -485,8 +485,11 @@ DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOption
           std::string(mode_name(m)) + " one");
     return dispatch_ht(args, options);
   }
-  return resolve_mode(T) == Mode::kLowLatency ? dispatch_ll(args, options)
-                                              : dispatch_ht(args, options);
+  if (resolve_mode(T) == Mode::kLowLatency) return dispatch_ll(args, options);
+  if (group_call_)
+    throw Unsupported("dispatch: one launch for the whole group serves the low-latency path; " +
+                      std::to_string(T) + " tokens take the high-throughput path here");
+  return dispatch_ht(args, options);
 }
 
 DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOptions& o) {
@@ -602,6 +605,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   if (o.quantize_fp8 && !c.enable_fp8)
     throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
   check_topk(args, T);
+  if (group_call_ && group_call_->validate_only) return {};
 
   const Streams s = begin_call(o.stream, o.async);
   auto state = new_handle(Mode::kLowLatency, T);
@@ -618,12 +622,18 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   p.buffer = b;
   p.slot_of = state->ll_slot;
   p.layout = layout_params(args.topk_idx, /*exchange=*/false, /*close=*/false, nullptr, 0);
+  p.layout.prefix = false;  // positions straight from the bitmap words (rows of T <= M tokens)
   ll::DispatchRecvParams& rp = p.recv;
   rp.buffer = b;
   rp.recv_count = ll_recv_count_ + b * L;
   rp.recv_layout = ll_recv_layout_ + static_cast<size_t>(b) * L * R * 2;
   p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
-  ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  if (group_call_) {
+    group_call_->ctx.push_back(ctx_);
+    group_call_->dispatch.push_back(p);
+  } else {
+    ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  }
 
   DispatchOutput out;
   if (o.return_recv_hook) {
@@ -657,7 +667,12 @@ CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle,
     throw InvalidArgument("combine: handle: expected the handle of a dispatch, got an empty one");
   const Mode m = handle.state()->mode;
   HandleState& h = handle_state(handle, m, "combine");
-  return m == Mode::kLowLatency ? combine_ll(args, h, options) : combine_ht(args, h, options);
+  if (m == Mode::kLowLatency) return combine_ll(args, h, options);
+  if (group_call_)
+    throw Unsupported(
+        "combine: one launch for the whole group serves the low-latency path; the "
+        "handle is a high-throughput one");
+  return combine_ht(args, h, options);
 }
 
 CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
@@ -747,6 +762,7 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   check_absent(args.bias, "bias", "in LL combine");
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
+  if (group_call_ && group_call_->validate_only) return {};
 
   const Streams s = begin_call(o.stream, o.async);
   ll::CombineSendParams sp;
@@ -773,6 +789,9 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
       follow(default_stream, st);
       ll::launch_combine_recv(ctx, rp, blocks, threads, st ? st : default_stream);
     });
+  } else if (group_call_) {
+    group_call_->ctx.push_back(ctx_);
+    group_call_->combine.push_back(rp);
   } else {
     ll::launch_combine_recv(ctx_, rp, blocks, threads, s.exec);
   }

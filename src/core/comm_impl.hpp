@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "layout/layout.hpp"
+#include "ll/ll.hpp"
 #include "moecomm/communicator.hpp"
 #include "runtime/device_context.hpp"
 #include "runtime/group_state.hpp"
@@ -56,6 +57,18 @@ class CommImpl {
   /// Raises the first recorded device error (TimeoutError for a stall; InvalidArgument for bad
   /// topk_idx or an overflowing receive capacity).
   void check_errors();
+
+  /// One LL call of every rank of a one-GPU group as one kernel (VirtualGroup::dispatch_all /
+  /// combine_all): while set, an LL call records its rank's kernel parameters here instead of
+  /// launching, and the group launches once. With validate_only the call returns after its
+  /// argument checks, before it changes any state (the group checks every rank first).
+  struct GroupCall {
+    bool validate_only = false;
+    std::vector<DeviceContext> ctx;
+    std::vector<ll::DispatchSendParams> dispatch;
+    std::vector<ll::CombineRecvParams> combine;
+  };
+  void set_group_call(GroupCall* call) { group_call_ = call; }
 
  private:
   struct Streams {
@@ -108,6 +121,7 @@ class CommImpl {
   std::shared_ptr<SlotPool> pool_;
   int64_t ll_calls_ = 0;
   bool failed_ = false;
+  GroupCall* group_call_ = nullptr;
 };
 
 }  // namespace moecomm::detail

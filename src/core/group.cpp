@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "core/comm_impl.hpp"
+#include "ll/ll.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/group_state.hpp"
@@ -66,6 +67,7 @@ struct VirtualGroup::Pool {
     done.wait(lock, [this] { return ready == static_cast<int>(threads.size()); });
   }
   ~Pool() {
+    for (cudaEvent_t e : marks) cudaEventDestroy(e);
     {
       std::lock_guard<std::mutex> lock(mutex);
       stop = true;
@@ -161,6 +163,7 @@ struct VirtualGroup::Pool {
   std::condition_variable wake, done;
   std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors;
+  std::vector<cudaEvent_t> marks;  // dispatch_all / combine_all: joining the ranks' streams
   const std::function<void(int)>* job = nullptr;
   uint64_t generation = 0;
   int pending = 0;
@@ -224,6 +227,115 @@ void VirtualGroup::parallel_for(const std::function<void(int)>& fn) {
 
 void VirtualGroup::synchronize() {
   for (auto& c : comms_) c->synchronize();
+}
+
+namespace {
+
+/// Checks what one launch for the whole group needs; `call` names the API in errors.
+void check_group_launch(const char* call, size_t given, int ranks, bool one_device,
+                        cudaStream_t stream, bool async, bool hook) {
+  if (given != static_cast<size_t>(ranks))
+    throw InvalidArgument(std::string(call) + ": expected one entry per rank (" +
+                          std::to_string(ranks) + "), got " + std::to_string(given));
+  if (!one_device) throw Unsupported(std::string(call) + ": every rank must be on one GPU");
+  if (ranks > ll::kMaxGroupRanks)
+    throw Unsupported(std::string(call) + ": at most " + std::to_string(ll::kMaxGroupRanks) +
+                      " ranks, the group has " + std::to_string(ranks));
+  if (stream || async || hook)
+    throw InvalidArgument(std::string(call) +
+                          ": options.stream, async and return_recv_hook: expected unset (the "
+                          "call runs on rank 0's stream, ordered with every rank's stream)");
+}
+
+/// Runs `call` on every rank's communicator with `group` collecting instead of launching: first
+/// with validate_only on every rank (nothing changes if any argument is bad), then for real.
+template <typename Call>
+void collect(std::vector<std::unique_ptr<MoECommunicator>>& comms,
+             detail::CommImpl::GroupCall& group, const Call& call) {
+  for (int pass = 0; pass < 2; ++pass) {
+    group.validate_only = pass == 0;
+    for (size_t r = 0; r < comms.size(); ++r) {
+      detail::CommImpl& impl = comms[r]->impl();
+      impl.set_group_call(&group);
+      try {
+        call(static_cast<int>(r));
+      } catch (...) {
+        impl.set_group_call(nullptr);
+        throw;
+      }
+      impl.set_group_call(nullptr);
+    }
+  }
+}
+
+}  // namespace
+
+void VirtualGroup::launch_once(const std::function<void(cudaStream_t)>& launch) {
+  const int R = size();
+  detail::DeviceGuard guard(state_->device_of[0]);
+  if (pool_->marks.empty()) {
+    pool_->marks.resize(R);
+    for (auto& e : pool_->marks)
+      MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  const cudaStream_t first = comms_[0]->stream();
+  for (int r = 1; r < R; ++r) {  // rank 0's stream joins every rank's work so far
+    MOECOMM_CUDA_CHECK(cudaEventRecord(pool_->marks[r], comms_[r]->stream()));
+    MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(first, pool_->marks[r], 0));
+  }
+  launch(first);
+  MOECOMM_CUDA_CHECK(cudaEventRecord(pool_->marks[0], first));
+  for (int r = 1; r < R; ++r)  // and every rank's later work follows the launch
+    MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(comms_[r]->stream(), pool_->marks[0], 0));
+}
+
+bool VirtualGroup::on_one_device() const {
+  const auto& d = state_->device_of;
+  return std::all_of(d.begin(), d.end(), [&](int x) { return x == d[0]; });
+}
+
+std::vector<DispatchOutput> VirtualGroup::dispatch_all(const std::vector<DispatchArgs>& args,
+                                                       const DispatchOptions& options) {
+  check_group_launch("dispatch_all", args.size(), size(), on_one_device(), options.stream,
+                     options.async, options.return_recv_hook);
+  detail::CommImpl::GroupCall group;
+  std::vector<DispatchOutput> out(size());
+  collect(comms_, group, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); });
+  const Config& c = state_->config;
+  auto params = std::make_unique<ll::GroupDispatchSend>();
+  params->launch = {size(), c.num_sms};
+  for (int r = 0; r < size(); ++r) {
+    params->ctx[r] = group.ctx[r];
+    params->params[r] = group.dispatch[r];
+  }
+  launch_once([&](cudaStream_t s) { ll::launch_group_dispatch(*params, c.threads_per_block, s); });
+  return out;
+}
+
+std::vector<CombineOutput> VirtualGroup::combine_all(const std::vector<CombineArgs>& args,
+                                                     const std::vector<Handle>& handles,
+                                                     const CombineOptions& options) {
+  check_group_launch("combine_all", args.size(), size(), on_one_device(), options.stream,
+                     options.async, options.return_recv_hook);
+  if (handles.size() != args.size())
+    throw InvalidArgument("combine_all: handles: expected one per rank (" + std::to_string(size()) +
+                          "), got " + std::to_string(handles.size()));
+  if (options.out.present())
+    throw InvalidArgument(
+        "combine_all: options.out: expected unset (each rank's output is its "
+        "own; the call returns them)");
+  detail::CommImpl::GroupCall group;
+  std::vector<CombineOutput> out(size());
+  collect(comms_, group, [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); });
+  const Config& c = state_->config;
+  auto params = std::make_unique<ll::GroupCombineRecv>();
+  params->launch = {size(), c.num_sms};
+  for (int r = 0; r < size(); ++r) {
+    params->ctx[r] = group.ctx[r];
+    params->params[r] = group.combine[r];
+  }
+  launch_once([&](cudaStream_t s) { ll::launch_group_combine(*params, c.threads_per_block, s); });
+  return out;
 }
 
 ProcessGroupBuilder::ProcessGroupBuilder(const Config& config, int rank, int size, int device)

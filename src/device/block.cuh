@@ -10,6 +10,18 @@
 
 namespace moecomm::device {
 
+/// The blocks that serve one rank in a kernel: the whole grid of a rank's own kernel, or one
+/// rank's slice of a group kernel (which serves every rank of a one-GPU group in one launch).
+struct RankBlocks {
+  int index;  // this block among them
+  int count;
+};
+
+/// A rank's own kernel: every block of the grid serves it.
+__device__ __forceinline__ RankBlocks whole_grid() {
+  return {static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x)};
+}
+
 /// Sequence number of the running call, read once per block at kernel start (into shared
 /// memory). The call's last kernel advances the epoch (close_call) after every block read it.
 __device__ __forceinline__ uint64_t read_call_seq(const detail::DeviceContext& ctx) {
@@ -21,14 +33,15 @@ __device__ __forceinline__ uint64_t read_call_seq(const detail::DeviceContext& c
 
 /// Every thread calls this after its block's work. Returns true in every thread of the last
 /// block to arrive; by then all other blocks' writes are visible (fence before the ticket).
-__device__ __forceinline__ bool is_last_block(const detail::DeviceContext& ctx) {
+__device__ __forceinline__ bool is_last_block(const detail::DeviceContext& ctx,
+                                              RankBlocks blocks = whole_grid()) {
   __shared__ bool last;
   __syncthreads();
   const Scope sc = transport::scope(ctx);
   if (threadIdx.x == 0) {
     sc.fence();
     const uint32_t ticket = atomicAdd(ctx.local.ticket, 1u);
-    last = ticket == gridDim.x - 1;
+    last = ticket == static_cast<uint32_t>(blocks.count - 1);
     if (last) {
       *ctx.local.ticket = 0;  // every other block has taken its ticket: ready for the next kernel
       sc.fence();
@@ -45,7 +58,8 @@ inline constexpr uint32_t kGridBarrierPatience = 2;
 /// arrive resets the count and advances the generation the others wait on, so kernels of any
 /// grid size may use it one after another. Every block must reach every barrier, also after a
 /// failed wait (pass ok = false); the result is ok and the barrier's own wait succeeding.
-__device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, bool ok) {
+__device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, bool ok,
+                                             RankBlocks blocks) {
   __shared__ bool all_ok;
   uint64_t* count = ctx.local.grid_barrier;
   uint64_t* generation = ctx.local.grid_barrier + 1;
@@ -55,7 +69,8 @@ __device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, b
     const uint64_t gen = sc.load_acquire(generation);
     sc.fence();  // this block's writes before its arrival
     all_ok = true;
-    if (atomicAdd(reinterpret_cast<unsigned long long*>(count), 1ull) == gridDim.x - 1) {
+    if (atomicAdd(reinterpret_cast<unsigned long long*>(count), 1ull) ==
+        static_cast<uint64_t>(blocks.count - 1)) {
       sc.fence();  // the other blocks' writes (seen through the count) before this block goes on
       *count = 0;  // every block has arrived: nobody touches the count until the next barrier
       sc.store_release(generation, gen + 1);
@@ -63,7 +78,7 @@ __device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, b
       // A sibling block may itself be waiting (up to one timeout) for a peer before it arrives:
       // twice the patience, so that the stall is reported by the wait that saw it first.
       all_ok = transport::wait_geq(ctx, generation, gen + 1, ctx.rank, detail::Phase::kGridBarrier,
-                                   static_cast<int>(blockIdx.x), kGridBarrierPatience);
+                                   blocks.index, kGridBarrierPatience);
     }
   }
   __syncthreads();

@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 
   bool ok = true;
   if (!p.cached) {
-    ok = layout::compute_layout(ctx, p.layout, seq, columns);
+    ok = layout::compute_layout(ctx, p.layout, seq, columns, device::whole_grid());
   } else {
     // No count exchange ran: make sure every destination has entered this call (its previous
     // results are no longer in use) before writing into it.

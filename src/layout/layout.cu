@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     layout_kernel(detail::DeviceContext ctx, LayoutParams p) {
   extern __shared__ uint32_t columns[];
   const uint64_t seq = device::read_call_seq(ctx);
-  compute_layout(ctx, p, seq, columns);
+  compute_layout(ctx, p, seq, columns, device::whole_grid());
   if (p.scan.close_call && device::is_last_block(ctx) && threadIdx.x == 0) device::close_call(ctx);
 }
 

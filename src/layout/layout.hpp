@@ -38,7 +38,8 @@ struct ScanOptions {
 struct LayoutParams {
   TopkInput topk;
   bool validate = false;
-  ScanOptions scan;
+  bool prefix = true;  // prefix counts and totals; LL reads positions off the bitmap words instead
+  ScanOptions scan;    // (with prefix)
 };
 
 /// Largest dynamic shared memory the bitmap columns of one block may take.
@@ -69,6 +70,22 @@ void launch_layout(const detail::DeviceContext& ctx, const LayoutParams& params,
                    int threads, cudaStream_t stream);
 
 #ifdef __CUDACC__
+/// Position of token t among the tokens whose bit is set in `bitmap`, from the words alone (no
+/// prefix counts): cheap while rows are short (LL: T <= M tokens).
+__device__ __forceinline__ int32_t bitmap_rank(const uint32_t* bitmap, int64_t t) {
+  const int64_t w = t >> 5;
+  int32_t n = __popc(bitmap[w] & ((1u << (t & 31)) - 1u));
+  for (int64_t i = 0; i < w; ++i) n += __popc(bitmap[i]);
+  return n;
+}
+
+/// Tokens whose bit is set in the first `used_words` words of `bitmap`.
+__device__ __forceinline__ int32_t bitmap_count(const uint32_t* bitmap, int64_t used_words) {
+  int32_t n = 0;
+  for (int64_t i = 0; i < used_words; ++i) n += __popc(bitmap[i]);
+  return n;
+}
+
 /// Device helper for consumers: position of token t among this rank's tokens whose bit is set in
 /// `bitmap` (a row of W words), given that row's exclusive word prefix.
 __device__ __forceinline__ int32_t bitmap_position(const uint32_t* bitmap, const int32_t* prefix,

@@ -207,26 +207,27 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
 /// words). Returns false in every thread after a failed wait (the caller still finishes its
 /// barriers and the call; the host raises).
 __device__ inline bool compute_layout(const detail::DeviceContext& ctx, const LayoutParams& p,
-                                      uint64_t seq, uint32_t* columns) {
+                                      uint64_t seq, uint32_t* columns, device::RankBlocks blocks) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int64_t used_words = (p.topk.num_tokens + 31) / 32;
   const int builders = column_warps(ctx.num_experts, warps);
   if (warp < builders) {
     uint32_t* column = columns + static_cast<size_t>(warp) * ctx.num_experts;
-    for (int64_t w = static_cast<int64_t>(blockIdx.x) * builders + warp; w < used_words;
-         w += static_cast<int64_t>(gridDim.x) * builders)
+    for (int64_t w = static_cast<int64_t>(blocks.index) * builders + warp; w < used_words;
+         w += static_cast<int64_t>(blocks.count) * builders)
       steps::build_word(ctx, p.topk, p.validate, w, column, lane);
   }
-  bool ok = device::grid_barrier(ctx, true);
+  bool ok = device::grid_barrier(ctx, true, blocks);
+  if (!p.prefix) return ok && !transport::aborted(ctx);
 
   const int rows = ctx.num_experts + ctx.num_ranks;
-  for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps)
+  for (int row = blocks.index * warps + warp; row < rows; row += blocks.count * warps)
     steps::scan_layout_row(ctx, row, used_words, lane);
-  ok = device::grid_barrier(ctx, ok);
+  ok = device::grid_barrier(ctx, ok, blocks);
 
   if (p.scan.exchange_counts) {
-    if (blockIdx.x == 0) ok = steps::exchange_counts(ctx, seq, p.scan) && ok;
-    ok = device::grid_barrier(ctx, ok);
+    if (blocks.index == 0) ok = steps::exchange_counts(ctx, seq, p.scan) && ok;
+    ok = device::grid_barrier(ctx, ok, blocks);
   }
   // A failed exchange in block 0 aborts the rank: every block sees it after the barrier.
   return ok && !transport::aborted(ctx);

@@ -88,8 +88,7 @@ __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendPa
   const unsigned mask = __ballot_sync(kFullMask, valid);
   if (valid) {
     const int d = static_cast<int>(e / L), le = static_cast<int>(e % L);
-    const int32_t pos = layout::bitmap_position(ctx.local.expert_bitmap + e * W,
-                                                ctx.local.expert_word_prefix + e * W, t);
+    const int32_t pos = layout::bitmap_rank(ctx.local.expert_bitmap + e * W, t);
     const int64_t slot =
         static_cast<int64_t>(le) * R * M + static_cast<int64_t>(ctx.rank) * M + pos;
     const int at = __popc(mask & device::lanemask_lt());
@@ -109,20 +108,22 @@ __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendPa
   return __popc(mask);
 }
 
-/// Block 0: tells every peer that this rank entered call seq (its buffers of call seq - 2 are free).
-__device__ void announce_arrival(const DeviceContext& ctx, uint64_t seq) {
-  if (blockIdx.x == 0)
+/// Block 0: tells every peer that this rank entered call seq (its buffers of call seq - 2 are
+/// free).
+__device__ void announce_arrival(const DeviceContext& ctx, uint64_t seq,
+                                 device::RankBlocks blocks) {
+  if (blocks.index == 0)
     for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
       transport::signal(ctx, d, FlagKind::kArrive, seq);
 }
 
 /// Every block: waits until every peer has entered this call. True in every thread when all
 /// waits succeeded.
-__device__ bool await_arrivals(const DeviceContext& ctx, uint64_t seq) {
+__device__ bool await_arrivals(const DeviceContext& ctx, uint64_t seq, device::RankBlocks blocks) {
   const int R = ctx.num_ranks;
   bool ok = true;
   for (int d = threadIdx.x; d < R; d += blockDim.x)
-    ok = transport::wait_signal(ctx, FlagKind::kArrive, d, seq, Phase::kArrive, blockIdx.x) && ok;
+    ok = transport::wait_signal(ctx, FlagKind::kArrive, d, seq, Phase::kArrive, blocks.index) && ok;
   return __syncthreads_and(ok) != 0;
 }
 
@@ -136,29 +137,29 @@ constexpr int kCombineStepUnits = kWarpSize / kVectorsPerUnit;  // one vector pe
 
 __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParams& p, uint64_t seq);
 
-__global__ void __launch_bounds__(kMaxThreads)
-    dispatch_send_kernel(DeviceContext ctx, DispatchSendParams p) {
-  extern __shared__ uint32_t columns[];  // the layout's bitmap columns
+/// The send phase of one rank, run by `blocks` (with `receive`, the receive phase too).
+__device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams& p,
+                              device::RankBlocks blocks, uint32_t* columns) {
   const uint64_t seq = device::read_call_seq(ctx);
   const int L = ctx.local_experts, E = ctx.num_experts, H = ctx.hidden, me = ctx.rank;
   const int b = p.buffer;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   __shared__ Destination dst[kMaxWarps][detail::kMaxTopk];
-  if (blockIdx.x == 0 && threadIdx.x == 0) ctx.local.ll_seq[b] = seq;
+  if (blocks.index == 0 && threadIdx.x == 0) ctx.local.ll_seq[b] = seq;
 
   // Arrive first, wait after the layout: the peers' arrival overlaps this rank's layout steps.
-  announce_arrival(ctx, seq);
-  const bool laid_out = layout::compute_layout(ctx, p.layout, seq, columns);
-  const bool ok = await_arrivals(ctx, seq) && laid_out;
+  announce_arrival(ctx, seq, blocks);
+  const bool laid_out = layout::compute_layout(ctx, p.layout, seq, columns, blocks);
+  const bool ok = await_arrivals(ctx, seq, blocks) && laid_out;
 
   const int warps = blockDim.x / kWarpSize;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
+  const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
   const int row_units = H / kUnitChannels;
   const RowPieces pieces(p.num_tokens, stride, row_units,
                          p.fp8 ? kQuantizeStepUnits : kCopyStepUnits);
   // One warp per piece of a token's row: the piece is read (and quantised) once and written to
   // every destination of the token. T <= M (checked by the host), so every slot exists.
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * warps + warp; ok && i < pieces.items;
+  for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; ok && i < pieces.items;
        i += stride) {
     const int64_t t = i / pieces.count;
     const int piece = static_cast<int>(i % pieces.count);
@@ -198,11 +199,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   // The last block to finish publishes every (expert, this rank) count: by then every block's
   // rows are written (is_last_block fences before its ticket), so one release per word covers
   // them. Experts this rank sends nothing to get count 0.
-  if (device::is_last_block(ctx)) {
+  if (device::is_last_block(ctx, blocks)) {
     if (ok && !transport::aborted(ctx)) {
       const device::Scope sc = transport::scope(ctx);
+      const int64_t used_words = (p.num_tokens + 31) / 32;
       for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        const uint32_t count = static_cast<uint32_t>(ctx.local.num_tokens_per_expert[e]);
+        const uint32_t count = static_cast<uint32_t>(layout::bitmap_count(
+            ctx.local.expert_bitmap + static_cast<int64_t>(e) * ctx.words, used_words));
         sc.store_release(count_word(ctx, e / L, b, e % L, me), (seq << kCountShift) | count);
       }
     }
@@ -210,6 +213,12 @@ __global__ void __launch_bounds__(kMaxThreads)
     __syncthreads();
     if (threadIdx.x == 0) device::close_call(ctx);
   }
+}
+
+__global__ void __launch_bounds__(kMaxThreads)
+    dispatch_send_kernel(DeviceContext ctx, DispatchSendParams p) {
+  extern __shared__ uint32_t columns[];  // the layout's bitmap columns
+  dispatch_send(ctx, p, device::whole_grid(), columns);
 }
 
 /// One block: waits for every (local expert, source) count of call `seq` and writes the receive
@@ -262,13 +271,15 @@ __global__ void __launch_bounds__(kCombineSendThreads)
   if (threadIdx.x == 0) device::close_call(ctx);  // every thread read seq in read_call_seq
 }
 
-__global__ void __launch_bounds__(kMaxThreads)
-    combine_recv_kernel(DeviceContext ctx, CombineRecvParams p) {
+/// The receive phase of combine for one rank, run by `blocks` (with publish_y, the send phase
+/// first).
+__device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& p,
+                             device::RankBlocks blocks) {
   const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank, b = p.buffer;
   const int32_t slots_per_rank = ctx.local_experts * R * ctx.ll_capacity;
   // Without a hook the send phase is this kernel's first step; with one it ran in its own kernel.
   const uint64_t seq = p.publish_y ? device::read_call_seq(ctx) : ctx.local.combine_seq[b];
-  if (p.publish_y && blockIdx.x == 0) publish_outputs(ctx, b, p.y, seq);
+  if (p.publish_y && blocks.index == 0) publish_outputs(ctx, b, p.y, seq);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   __shared__ const uint16_t* y_of[detail::kMaxRanks];
   // Per warp: the token's valid (slot row, weight) pairs, compacted in k order.
@@ -278,7 +289,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   bool ok = true;
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     if (!transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
-                                blockIdx.x)) {
+                                blocks.index)) {
       ok = false;
       continue;
     }
@@ -289,10 +300,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   ok = __syncthreads_and(ok) != 0;
 
   const int warps = blockDim.x / kWarpSize;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
+  const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
   // One warp per piece of a token's output row (one lane step of vectors at least).
   const RowPieces pieces(p.num_tokens, stride, H / kUnitChannels, kCombineStepUnits);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * warps + warp; ok && i < pieces.items;
+  for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; ok && i < pieces.items;
        i += stride) {
     const int64_t t = i / pieces.count;
     const int piece = static_cast<int>(i % pieces.count);
@@ -336,15 +347,42 @@ __global__ void __launch_bounds__(kMaxThreads)
     __syncwarp();  // the lists are rewritten for the next piece
   }
 
-  if (device::is_last_block(ctx)) {
+  if (device::is_last_block(ctx, blocks)) {
     // Every owner learns its y has been read; y of this rank stays until every reader is done.
     for (int d = threadIdx.x; d < R; d += blockDim.x)
       transport::signal(ctx, d, FlagKind::kCombineDone, seq);
     for (int d = threadIdx.x; d < R; d += blockDim.x)
-      transport::wait_signal(ctx, FlagKind::kCombineDone, d, seq, Phase::kCombineDone, blockIdx.x);
+      transport::wait_signal(ctx, FlagKind::kCombineDone, d, seq, Phase::kCombineDone,
+                             blocks.index);
     __syncthreads();
     if (p.publish_y && threadIdx.x == 0) device::close_call(ctx);
   }
+}
+
+__global__ void __launch_bounds__(kMaxThreads)
+    combine_recv_kernel(DeviceContext ctx, CombineRecvParams p) {
+  combine_recv(ctx, p, device::whole_grid());
+}
+
+/// Block b serves rank b / blocks_per_rank of a one-GPU group as its block b % blocks_per_rank.
+__device__ __forceinline__ int group_rank(const GroupLaunch& g) {
+  return static_cast<int>(blockIdx.x) / g.blocks_per_rank;
+}
+__device__ __forceinline__ device::RankBlocks group_blocks(const GroupLaunch& g) {
+  return {static_cast<int>(blockIdx.x) % g.blocks_per_rank, g.blocks_per_rank};
+}
+
+__global__ void __launch_bounds__(kMaxThreads)
+    group_dispatch_send_kernel(const __grid_constant__ GroupDispatchSend g) {
+  extern __shared__ uint32_t columns[];
+  const int r = group_rank(g.launch);
+  dispatch_send(g.ctx[r], g.params[r], group_blocks(g.launch), columns);
+}
+
+__global__ void __launch_bounds__(kMaxThreads)
+    group_combine_recv_kernel(const __grid_constant__ GroupCombineRecv g) {
+  const int r = group_rank(g.launch);
+  combine_recv(g.ctx[r], g.params[r], group_blocks(g.launch));
 }
 
 void check_grid(int blocks, int threads, const char* kernel) {
@@ -385,6 +423,22 @@ void launch_combine_recv(const DeviceContext& ctx, const CombineRecvParams& para
   MOECOMM_LAUNCH_CHECK("ll::combine_recv_kernel");
 }
 
+void launch_group_dispatch(const GroupDispatchSend& group, int threads, cudaStream_t stream) {
+  const int blocks = group.launch.ranks * group.launch.blocks_per_rank;
+  check_grid(blocks, threads, "ll::group_dispatch_send_kernel");
+  group_dispatch_send_kernel<<<
+      blocks, threads, layout::column_smem_bytes(group.ctx[0].num_experts, threads), stream>>>(
+      group);
+  MOECOMM_LAUNCH_CHECK("ll::group_dispatch_send_kernel");
+}
+
+void launch_group_combine(const GroupCombineRecv& group, int threads, cudaStream_t stream) {
+  const int blocks = group.launch.ranks * group.launch.blocks_per_rank;
+  check_grid(blocks, threads, "ll::group_combine_recv_kernel");
+  group_combine_recv_kernel<<<blocks, threads, 0, stream>>>(group);
+  MOECOMM_LAUNCH_CHECK("ll::group_combine_recv_kernel");
+}
+
 void preload_kernels() {
   cudaFuncAttributes attr;
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_send_kernel));
@@ -394,6 +448,11 @@ void preload_kernels() {
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_send_kernel));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, group_dispatch_send_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, group_combine_recv_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(group_dispatch_send_kernel,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(layout::kColumnSmemLimit)));
 }
 
 }  // namespace moecomm::ll

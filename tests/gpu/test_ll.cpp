@@ -68,6 +68,7 @@ struct CallMode {
   bool hooks = false;           // return_recv_hook on dispatch and combine, hooks called after
   bool combine_buffer = false;  // y written into comm.combine_buffer(handle) (zero-copy combine)
   bool own_out = true;          // combine into a caller-owned tensor, else the library's
+  bool one_launch = false;      // VirtualGroup::dispatch_all / combine_all (one kernel per call)
 };
 
 std::string describe(const CallMode& m) {
@@ -75,6 +76,7 @@ std::string describe(const CallMode& m) {
   if (m.hooks) s += " hooks";
   if (m.combine_buffer) s += " combine_buffer";
   if (!m.own_out) s += " library_out";
+  if (m.one_launch) s += " one_launch";
   return s;
 }
 
@@ -219,6 +221,15 @@ class LlRig {
   /// Dispatch send (and, without hooks, receive) of every rank, rank after rank.
   std::vector<DispatchOutput> send_dispatch(int set, const CallMode& mode) {
     std::vector<DispatchOutput> outs(R);
+    if (mode.one_launch) {
+      std::vector<DispatchArgs> args(R);
+      for (int r = 0; r < R; ++r) args[r] = dispatch_args(set, r);
+      DispatchOptions o;
+      o.quantize_fp8 = mode.quantize;
+      outs = group_.dispatch_all(args, o);
+      for (int r = 0; r < R; ++r) remember(r, outs[r]);
+      return outs;
+    }
     for (int r = 0; r < R; ++r) {
       DispatchOptions o;
       o.quantize_fp8 = mode.quantize;
@@ -247,6 +258,11 @@ class LlRig {
       }
     }
     std::vector<CombineOutput> comb(R);
+    if (mode.one_launch) {
+      std::vector<Handle> handles(R);
+      for (int r = 0; r < R; ++r) handles[r] = outs[r].handle;
+      return group_.combine_all(args, handles);
+    }
     for (int r = 0; r < R; ++r) {
       CombineOptions o;
       o.return_recv_hook = mode.hooks;
@@ -756,6 +772,51 @@ TEST_CASE("ll: CUDA graph capture of dispatch -> combine per rank, replayed with
       rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), CallMode{},
                 "eager after graph " + std::to_string(round));
   }
+}
+
+TEST_CASE(
+    "ll: one launch for the whole group (dispatch_all / combine_all) between per-rank calls") {
+  REQUIRE_GPU();
+  for (int ranks : {1, 2, 3, 4, 8}) {
+    for (bool quantize : {false, true}) {
+      LlParams p;
+      p.ranks = ranks;
+      p.experts = 8 * ranks;
+      p.topk = 4;
+      p.hidden = 256;
+      p.capacity = 16;
+      LlRig rig(p, 700 + ranks * 2 + quantize);
+      for (int round = 0; round < 4 && !failed(); ++round) {
+        CallMode mode;
+        mode.quantize = quantize;
+        mode.one_launch = round != 1;  // a per-rank round in between: the same state moves on
+        mode.own_out = !mode.one_launch;
+        mode.combine_buffer = round == 3;
+        rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.15}), mode,
+                  "round " + std::to_string(round));
+      }
+    }
+  }
+  // What a single launch cannot do is refused by name, before any rank's state changes.
+  LlParams p;
+  p.ranks = 2;
+  p.experts = 8;
+  p.topk = 2;
+  p.hidden = 128;
+  p.capacity = 8;
+  LlRig rig(p, 799);
+  std::vector<DispatchArgs> args = {rig.dispatch_args(0, 0), rig.dispatch_args(0, 1)};
+  DispatchOptions hooked;
+  hooked.return_recv_hook = true;
+  CHECK_THROWS(rig.group().dispatch_all(args, hooked), InvalidArgument, "return_recv_hook");
+  CHECK_THROWS(rig.group().dispatch_all({args[0]}), InvalidArgument, "one entry per rank");
+  args[1].topk_idx = {};
+  CHECK_THROWS(rig.group().dispatch_all(args), InvalidArgument, "topk_idx");
+  // The group still works, every rank in step.
+  CallMode mode;
+  mode.one_launch = true;
+  mode.own_out = false;
+  rig.round(0, rig.inputs({8, 3}, RoutingSpec{0.1}), mode, "after refused calls");
 }
 
 TEST_CASE("ll: 100 consecutive calls with changing T, routing and options") {
