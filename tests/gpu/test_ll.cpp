@@ -774,6 +774,29 @@ TEST_CASE("ll: CUDA graph capture of dispatch -> combine per rank, replayed with
   }
 }
 
+TEST_CASE("ll: capacity M = 1 and M = 1024") {
+  REQUIRE_GPU();
+  for (int capacity : {1, 1024}) {
+    for (int ranks : {2, 8}) {
+      LlParams p;
+      p.ranks = ranks;
+      p.experts = 8 * ranks;
+      p.topk = capacity == 1 ? 2 : 8;
+      p.hidden = 128;
+      p.capacity = capacity;
+      LlRig rig(p, 900 + capacity + ranks);
+      for (int round = 0; round < 2 && !failed(); ++round) {
+        CallMode mode;
+        mode.quantize = round == 1;
+        mode.one_launch = round == 1;
+        mode.own_out = !mode.one_launch;
+        rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
+                  "M " + std::to_string(capacity) + " round " + std::to_string(round));
+      }
+    }
+  }
+}
+
 TEST_CASE(
     "ll: one launch for the whole group (dispatch_all / combine_all) between per-rank calls") {
   REQUIRE_GPU();
