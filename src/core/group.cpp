@@ -268,6 +268,21 @@ void collect(std::vector<std::unique_ptr<MoECommunicator>>& comms,
   }
 }
 
+/// The kernel parameters of one launch for the group: every rank's context and call parameters
+/// (on the heap: about 10 KB).
+template <typename Launch, typename Params>
+std::unique_ptr<Launch> group_params(const Config& config,
+                                     const std::vector<detail::DeviceContext>& ctx,
+                                     const std::vector<Params>& params) {
+  auto out = std::make_unique<Launch>();
+  out->launch = {static_cast<int>(ctx.size()), config.num_sms};
+  for (size_t r = 0; r < ctx.size(); ++r) {
+    out->ctx[r] = ctx[r];
+    out->params[r] = params[r];
+  }
+  return out;
+}
+
 }  // namespace
 
 void VirtualGroup::launch_once(const std::function<void(cudaStream_t)>& launch) {
@@ -302,12 +317,7 @@ std::vector<DispatchOutput> VirtualGroup::dispatch_all(const std::vector<Dispatc
   std::vector<DispatchOutput> out(size());
   collect(comms_, group, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); });
   const Config& c = state_->config;
-  auto params = std::make_unique<ll::GroupDispatchSend>();
-  params->launch = {size(), c.num_sms};
-  for (int r = 0; r < size(); ++r) {
-    params->ctx[r] = group.ctx[r];
-    params->params[r] = group.dispatch[r];
-  }
+  const auto params = group_params<ll::GroupDispatchSend>(c, group.ctx, group.dispatch);
   launch_once([&](cudaStream_t s) { ll::launch_group_dispatch(*params, c.threads_per_block, s); });
   return out;
 }
@@ -328,12 +338,7 @@ std::vector<CombineOutput> VirtualGroup::combine_all(const std::vector<CombineAr
   std::vector<CombineOutput> out(size());
   collect(comms_, group, [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); });
   const Config& c = state_->config;
-  auto params = std::make_unique<ll::GroupCombineRecv>();
-  params->launch = {size(), c.num_sms};
-  for (int r = 0; r < size(); ++r) {
-    params->ctx[r] = group.ctx[r];
-    params->params[r] = group.combine[r];
-  }
+  const auto params = group_params<ll::GroupCombineRecv>(c, group.ctx, group.combine);
   launch_once([&](cudaStream_t s) { ll::launch_group_combine(*params, c.threads_per_block, s); });
   return out;
 }
