@@ -85,6 +85,27 @@ __device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, b
   return all_ok && ok;
 }
 
+/// Block 0 of the rank: tells every peer that this rank entered call seq (its buffers of call
+/// seq - 2 are free for the peers to write).
+__device__ __forceinline__ void announce_arrival(const detail::DeviceContext& ctx, uint64_t seq,
+                                                 RankBlocks blocks) {
+  if (blocks.index == 0)
+    for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
+      transport::signal(ctx, d, detail::FlagKind::kArrive, seq);
+}
+
+/// Every block: waits until every peer has entered call seq. True in every thread when all
+/// waits succeeded.
+__device__ __forceinline__ bool await_arrivals(const detail::DeviceContext& ctx, uint64_t seq,
+                                               RankBlocks blocks) {
+  bool ok = true;
+  for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
+    ok = transport::wait_signal(ctx, detail::FlagKind::kArrive, d, seq, detail::Phase::kArrive,
+                                blocks.index) &&
+         ok;
+  return __syncthreads_and(ok) != 0;
+}
+
 /// Run by one thread of the last block of the call's last kernel: the next call gets seq + 1.
 __device__ __forceinline__ void close_call(const detail::DeviceContext& ctx) {
   *ctx.local.epoch += 1;

@@ -121,13 +121,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   } else {
     // No count exchange ran: make sure every destination has entered this call (its previous
     // results are no longer in use) before writing into it.
-    if (blockIdx.x == 0 && threadIdx.x < R)
-      transport::signal(ctx, threadIdx.x, FlagKind::kArrive, seq);
-    bool arrived = true;
-    if (threadIdx.x < R)
-      arrived = transport::wait_signal(ctx, FlagKind::kArrive, threadIdx.x, seq, Phase::kArrive,
-                                       blockIdx.x);
-    ok = __syncthreads_and(arrived) != 0;
+    device::announce_arrival(ctx, seq, device::whole_grid());
+    ok = device::await_arrivals(ctx, seq, device::whole_grid());
   }
 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);

@@ -108,25 +108,6 @@ __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendPa
   return __popc(mask);
 }
 
-/// Block 0: tells every peer that this rank entered call seq (its buffers of call seq - 2 are
-/// free).
-__device__ void announce_arrival(const DeviceContext& ctx, uint64_t seq,
-                                 device::RankBlocks blocks) {
-  if (blocks.index == 0)
-    for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
-      transport::signal(ctx, d, FlagKind::kArrive, seq);
-}
-
-/// Every block: waits until every peer has entered this call. True in every thread when all
-/// waits succeeded.
-__device__ bool await_arrivals(const DeviceContext& ctx, uint64_t seq, device::RankBlocks blocks) {
-  const int R = ctx.num_ranks;
-  bool ok = true;
-  for (int d = threadIdx.x; d < R; d += blockDim.x)
-    ok = transport::wait_signal(ctx, FlagKind::kArrive, d, seq, Phase::kArrive, blocks.index) && ok;
-  return __syncthreads_and(ok) != 0;
-}
-
 constexpr int kUnitChannels = 128;  // a row piece is whole units of 128 channels
 constexpr int kVectorsPerUnit = kUnitChannels / kBf16PerVec;
 // One warp step: quantisation handles kFp8GroupsPerWarp * kQuantizeUnroll groups, a copy
@@ -148,9 +129,9 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   if (blocks.index == 0 && threadIdx.x == 0) ctx.local.ll_seq[b] = seq;
 
   // Arrive first, wait after the layout: the peers' arrival overlaps this rank's layout steps.
-  announce_arrival(ctx, seq, blocks);
+  device::announce_arrival(ctx, seq, blocks);
   const bool laid_out = layout::compute_layout(ctx, p.layout, seq, columns, blocks);
-  const bool ok = await_arrivals(ctx, seq, blocks) && laid_out;
+  const bool ok = device::await_arrivals(ctx, seq, blocks) && laid_out;
 
   const int warps = blockDim.x / kWarpSize;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
