@@ -483,13 +483,14 @@ DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOption
           "previous_handle: expected a high_throughput handle (cached dispatch is an HT feature), "
           "got a " +
           std::string(mode_name(m)) + " one");
-    return dispatch_ht(args, options);
   }
-  if (resolve_mode(T) == Mode::kLowLatency) return dispatch_ll(args, options);
-  if (group_call_)
-    throw Unsupported("dispatch: one launch for the whole group serves the low-latency path; " +
-                      std::to_string(T) + " tokens take the high-throughput path here");
-  return dispatch_ht(args, options);
+  const bool low_latency = !options.previous_handle && resolve_mode(T) == Mode::kLowLatency;
+  if (group_call_ && !low_latency)
+    throw Unsupported(
+        "dispatch: one launch for the whole group serves the low-latency path; " +
+        std::string(options.previous_handle ? "a cached dispatch" : std::to_string(T) + " tokens") +
+        " takes the high-throughput path");
+  return low_latency ? dispatch_ll(args, options) : dispatch_ht(args, options);
 }
 
 DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOptions& o) {

@@ -209,6 +209,33 @@ TEST_CASE("a peer that never calls: the call ends in TimeoutError naming rank, p
   }
 }
 
+TEST_CASE("one launch for the group refuses the HT path before any rank's state changes") {
+  REQUIRE_GPU();
+  const int R = 2, E = 8, K = 2, H = 128;
+  Config cfg = test_config(Mode::kAuto, E, K, H, 64);
+  cfg.auto_low_latency_max_tokens = 4;  // 16 tokens take the HT path
+  VirtualGroup group(cfg, R);
+  std::mt19937_64 rng(seed() + 4);
+  const auto in = make_inputs(rng, {16, 16}, E, K, H, Routing::kUniform);
+  std::vector<DispatchArgs> args(R);
+  for (int r = 0; r < R; ++r) {
+    args[r].x = in[r].x_view(H);
+    args[r].topk_idx = in[r].idx_view(K);
+  }
+  DispatchOptions worst;
+  worst.sizing = Sizing::kWorstCase;
+  CHECK_THROWS(group.dispatch_all(args, worst), Unsupported, "16 tokens takes the high-throughput");
+  std::vector<DispatchOutput> out(R);
+  for (int r = 0; r < R; ++r) out[r] = group[r].dispatch(args[r], worst);
+  group.synchronize();
+  DispatchOptions cached = worst;
+  cached.previous_handle = &out[0].handle;
+  CHECK_THROWS(group.dispatch_all(args, cached), Unsupported, "a cached dispatch");
+  // Had a refused call launched anything on one rank, the ranks' calls would no longer pair up.
+  for (int r = 0; r < R; ++r) out[r] = group[r].dispatch(args[r], worst);
+  group.synchronize();
+}
+
 TEST_CASE("an SM budget that cannot be co-resident is refused") {
   REQUIRE_GPU();
   Config c = test_config(Mode::kHighThroughput, 8, 2, 128, 64);
