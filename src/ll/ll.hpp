@@ -2,7 +2,8 @@
 // One message per (token, selected expert), written straight into its slot of the receiver's
 // registered buffer; per-(expert, source) counts are signalled after the data. Two buffers
 // alternate between consecutive calls. No host synchronisation: every kernel is graph-capturable.
-// Each call is split into a send phase and a receive phase (the receive hook).
+// Each call has a send phase and a receive phase: with a receive hook they are two kernels (the
+// hook launches the second); without one, a single kernel runs both.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -63,8 +64,9 @@ struct CombineRecvParams {
   uint64_t y = 0;           // (when publish_y) as CombineSendParams::y
 };
 
-/// Receive phase of combine: out[t] = bf16(sum_k fmaf(w, y[slot], acc)), then tells every owner
-/// its y has been read and waits until every reader is done with this rank's y.
+/// Receive phase of combine (with publish_y, the send phase first: one kernel per call):
+/// out[t] = bf16(sum_k fmaf(w, y[slot], acc)), then tells every owner its y has been read and
+/// waits until every reader is done with this rank's y. With publish_y it closes the call.
 void launch_combine_recv(const detail::DeviceContext& ctx, const CombineRecvParams& params,
                          int blocks, int threads, cudaStream_t stream);
 
