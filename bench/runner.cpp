@@ -19,80 +19,50 @@ using moecomm::Sizing;
 using moecomm::TensorView;
 using moecomm::VirtualGroup;
 
+namespace {
+
+/// Every op's JSON key and table name.
+struct OpLabel {
+  Op op;
+  const char* key;
+  const char* name;
+};
+
+constexpr OpLabel kOpLabels[] = {
+    {Op::kDispatch, "dispatch", "dispatch"},
+    {Op::kCombine, "combine", "combine"},
+    {Op::kCachedDispatch, "cached_dispatch", "dispatch (cached)"},
+    {Op::kExactDispatch, "exact_dispatch", "dispatch (exact)"},
+    {Op::kRoundTrip, "round_trip", "dispatch+combine"},
+    {Op::kGraphDispatch, "graph_dispatch", "dispatch (graph)"},
+    {Op::kGraphCombine, "graph_combine", "combine (graph)"},
+    {Op::kGraphRoundTrip, "graph_round_trip", "dispatch+combine (graph)"},
+    {Op::kDispatchSend, "dispatch_send", "dispatch send phase"},
+    {Op::kDispatchRecv, "dispatch_recv", "dispatch recv phase"},
+    {Op::kStagedDispatch, "staged_dispatch", "dispatch + copy-out"},
+    {Op::kOneLaunchDispatch, "one_launch_dispatch", "dispatch (1 launch)"},
+    {Op::kOneLaunchCombine, "one_launch_combine", "combine (1 launch)"},
+    {Op::kOneLaunchGraphDispatch, "one_launch_graph_dispatch", "dispatch (1 launch, graph)"},
+    {Op::kOneLaunchGraphCombine, "one_launch_graph_combine", "combine (1 launch, graph)"},
+    {Op::kOneLaunchGraphRoundTrip, "one_launch_graph_round_trip", "disp+comb (1 launch, graph)"},
+};
+
+const OpLabel* label_of(Op op) {
+  for (const OpLabel& l : kOpLabels)
+    if (l.op == op) return &l;
+  return nullptr;
+}
+
+}  // namespace
+
 const char* op_key(Op op) {
-  switch (op) {
-    case Op::kDispatch:
-      return "dispatch";
-    case Op::kCombine:
-      return "combine";
-    case Op::kCachedDispatch:
-      return "cached_dispatch";
-    case Op::kExactDispatch:
-      return "exact_dispatch";
-    case Op::kRoundTrip:
-      return "round_trip";
-    case Op::kGraphDispatch:
-      return "graph_dispatch";
-    case Op::kGraphCombine:
-      return "graph_combine";
-    case Op::kGraphRoundTrip:
-      return "graph_round_trip";
-    case Op::kDispatchSend:
-      return "dispatch_send";
-    case Op::kDispatchRecv:
-      return "dispatch_recv";
-    case Op::kStagedDispatch:
-      return "staged_dispatch";
-    case Op::kOneLaunchDispatch:
-      return "one_launch_dispatch";
-    case Op::kOneLaunchCombine:
-      return "one_launch_combine";
-    case Op::kOneLaunchGraphDispatch:
-      return "one_launch_graph_dispatch";
-    case Op::kOneLaunchGraphCombine:
-      return "one_launch_graph_combine";
-    case Op::kOneLaunchGraphRoundTrip:
-      return "one_launch_graph_round_trip";
-  }
-  return "?";
+  const OpLabel* l = label_of(op);
+  return l ? l->key : "?";
 }
 
 const char* op_name(Op op) {
-  switch (op) {
-    case Op::kDispatch:
-      return "dispatch";
-    case Op::kCombine:
-      return "combine";
-    case Op::kCachedDispatch:
-      return "dispatch (cached)";
-    case Op::kExactDispatch:
-      return "dispatch (exact)";
-    case Op::kRoundTrip:
-      return "dispatch+combine";
-    case Op::kGraphDispatch:
-      return "dispatch (graph)";
-    case Op::kGraphCombine:
-      return "combine (graph)";
-    case Op::kGraphRoundTrip:
-      return "dispatch+combine (graph)";
-    case Op::kDispatchSend:
-      return "dispatch send phase";
-    case Op::kDispatchRecv:
-      return "dispatch recv phase";
-    case Op::kStagedDispatch:
-      return "dispatch + copy-out";
-    case Op::kOneLaunchDispatch:
-      return "dispatch (1 launch)";
-    case Op::kOneLaunchCombine:
-      return "combine (1 launch)";
-    case Op::kOneLaunchGraphDispatch:
-      return "dispatch (1 launch, graph)";
-    case Op::kOneLaunchGraphCombine:
-      return "combine (1 launch, graph)";
-    case Op::kOneLaunchGraphRoundTrip:
-      return "disp+comb (1 launch, graph)";
-  }
-  return "?";
+  const OpLabel* l = label_of(op);
+  return l ? l->name : "?";
 }
 
 namespace {
@@ -244,17 +214,17 @@ class Session {
   }
 
   /// Every rank dispatches, rank after rank (calls that never wait on the host).
-  void dispatch_all(std::vector<DispatchOutput>& out, const DispatchOptions& options) {
+  void dispatch_each(std::vector<DispatchOutput>& out, const DispatchOptions& options) {
     for (int r = 0; r < ranks(); ++r) out[r] = group_[r].dispatch(dispatch_args(r), options);
   }
-  void combine_all(const std::vector<DispatchOutput>& d, std::vector<CombineOutput>* out) {
+  void combine_each(const std::vector<DispatchOutput>& d, std::vector<CombineOutput>* out) {
     for (int r = 0; r < ranks(); ++r) {
       CombineOutput c = group_[r].combine(combine_args(r), d[r].handle);
       if (out) (*out)[r] = c;
     }
   }
-  void cached_dispatch_all(const std::vector<DispatchOutput>& prev,
-                           std::vector<DispatchOutput>* out) {
+  void cached_dispatch_each(const std::vector<DispatchOutput>& prev,
+                            std::vector<DispatchOutput>* out) {
     for (int r = 0; r < ranks(); ++r) {
       DispatchOptions o = dispatch_options(Sizing::kWorstCase);
       o.previous_handle = &prev[r].handle;
@@ -263,12 +233,12 @@ class Session {
     }
   }
   /// LL: every rank's call as one kernel (VirtualGroup::dispatch_all / combine_all).
-  void dispatch_once(std::vector<DispatchOutput>& out, const DispatchOptions& options) {
+  void dispatch_one_launch(std::vector<DispatchOutput>& out, const DispatchOptions& options) {
     std::vector<DispatchArgs> args;
     for (int r = 0; r < ranks(); ++r) args.push_back(dispatch_args(r));
     out = group_.dispatch_all(args, options);
   }
-  void combine_once(const std::vector<DispatchOutput>& d, std::vector<CombineOutput>* out) {
+  void combine_one_launch(const std::vector<DispatchOutput>& d, std::vector<CombineOutput>* out) {
     std::vector<CombineArgs> args;
     std::vector<moecomm::Handle> handles;
     for (int r = 0; r < ranks(); ++r) {
@@ -279,7 +249,7 @@ class Session {
     if (out) *out = std::move(c);
   }
   /// Exact sizing waits on the host for the count exchange: one host thread per rank.
-  void exact_dispatch_all(std::vector<DispatchOutput>& out) {
+  void exact_dispatch_each(std::vector<DispatchOutput>& out) {
     const DispatchOptions o = dispatch_options(Sizing::kExact);
     group_.parallel_for([&](int r) { out[r] = group_[r].dispatch(dispatch_args(r), o); });
   }
@@ -294,8 +264,8 @@ class Session {
 void reveal_and_poison(Session& s, int rounds, const DispatchOptions& options,
                        std::vector<DispatchOutput>& d, std::vector<CombineOutput>& c) {
   for (int round = 0; round < rounds; ++round) {
-    s.dispatch_all(d, options);
-    s.combine_all(d, &c);
+    s.dispatch_each(d, options);
+    s.combine_each(d, &c);
     s.sync();
     for (int r = 0; r < s.ranks(); ++r) {
       poison(d[r]);
@@ -312,21 +282,21 @@ void verify_ht(Session& s, const Workload& wl, const Extras& extras) {
   const DispatchOptions worst = s.dispatch_options(Sizing::kWorstCase);
   reveal_and_poison(s, /*rounds=*/1, worst, d, c);
 
-  s.dispatch_all(d, worst);
+  s.dispatch_each(d, worst);
   s.sync();
   for (int r = 0; r < R; ++r) check_ht_dispatch(wl, r, d[r], "HT dispatch");
-  s.combine_all(d, &c);
+  s.combine_each(d, &c);
   s.sync();
   for (int r = 0; r < R; ++r) check_combine(wl, r, c[r].out, "HT combine");
   if (extras.cached) {
     for (int r = 0; r < R; ++r) poison(d[r]);
-    s.cached_dispatch_all(d, &again);
+    s.cached_dispatch_each(d, &again);
     s.sync();
     for (int r = 0; r < R; ++r) check_ht_dispatch(wl, r, again[r], "HT cached dispatch");
   }
   if (extras.exact) {
     for (int r = 0; r < R; ++r) poison(d[r]);
-    s.exact_dispatch_all(again);
+    s.exact_dispatch_each(again);
     s.sync();
     for (int r = 0; r < R; ++r) check_ht_dispatch(wl, r, again[r], "HT exact dispatch");
   }
@@ -339,10 +309,10 @@ void verify_ll(Session& s, const Workload& wl) {
   std::vector<CombineOutput> c(R);
   const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
   reveal_and_poison(s, /*rounds=*/2, options, d, c);  // both alternating buffers
-  s.dispatch_all(d, options);
+  s.dispatch_each(d, options);
   s.sync();
   for (int r = 0; r < R; ++r) check_ll_dispatch(wl, r, d[r], "LL dispatch");
-  s.combine_all(d, &c);
+  s.combine_each(d, &c);
   s.sync();
   for (int r = 0; r < R; ++r) check_combine(wl, r, c[r].out, "LL combine");
 }
@@ -358,11 +328,11 @@ using CombineCall =
 
 /// Every rank's call issued rank after rank (one launch per rank and kernel).
 DispatchCall per_rank_dispatch(const DispatchOptions& options) {
-  return [options](Session& s, std::vector<DispatchOutput>& d) { s.dispatch_all(d, options); };
+  return [options](Session& s, std::vector<DispatchOutput>& d) { s.dispatch_each(d, options); };
 }
 CombineCall per_rank_combine() {
   return [](Session& s, const std::vector<DispatchOutput>& d, std::vector<CombineOutput>* c) {
-    s.combine_all(d, c);
+    s.combine_each(d, c);
   };
 }
 
@@ -468,10 +438,10 @@ void add_one_launch_ops(std::vector<OpResult>& out, Session& s, const Workload& 
                         const TimingPlan& plan, const NaiveTimes& naive) {
   const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
   const DispatchCall dispatch = [options](Session& ss, std::vector<DispatchOutput>& d) {
-    ss.dispatch_once(d, options);
+    ss.dispatch_one_launch(d, options);
   };
   const CombineCall combine = [](Session& ss, const std::vector<DispatchOutput>& d,
-                                 std::vector<CombineOutput>* c) { ss.combine_once(d, c); };
+                                 std::vector<CombineOutput>* c) { ss.combine_one_launch(d, c); };
   const int R = s.ranks();
   std::vector<DispatchOutput> d(R), before(R);
   std::vector<CombineOutput> c(R);
@@ -510,9 +480,9 @@ std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& 
   const int R = s.ranks();
   std::vector<DispatchOutput> d(R);
   const DispatchOptions worst = s.dispatch_options(Sizing::kWorstCase);
-  std::vector<Phase> phases = {[&] { s.dispatch_all(d, worst); },
-                               [&] { s.combine_all(d, nullptr); }};
-  if (extras.cached) phases.push_back([&] { s.cached_dispatch_all(d, nullptr); });
+  std::vector<Phase> phases = {[&] { s.dispatch_each(d, worst); },
+                               [&] { s.combine_each(d, nullptr); }};
+  if (extras.cached) phases.push_back([&] { s.cached_dispatch_each(d, nullptr); });
   const PhaseTimes t = time_phases(s.streams(), plan, phases, [&] { s.sync(); });
 
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
@@ -522,7 +492,7 @@ std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& 
   if (extras.staged) {
     StagedCopies staged(wl);
     const PhaseTimes ts = time_phases(s.streams(), plan, {[&] {
-                                        s.dispatch_all(d, worst);
+                                        s.dispatch_each(d, worst);
                                         staged.copy_out(d, s.streams());
                                       }},
                                       [&] { s.sync(); });
@@ -533,8 +503,8 @@ std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& 
     std::vector<DispatchOutput> e(R);
     const TimingPlan exact_plan{std::min(plan.warmup, kExactMaxWarmup),
                                 std::min(plan.iters, kExactMaxIters), /*gated=*/false};
-    const PhaseTimes te =
-        time_phases(s.streams(), exact_plan, {[&] { s.exact_dispatch_all(e); }}, [&] { s.sync(); });
+    const PhaseTimes te = time_phases(s.streams(), exact_plan, {[&] { s.exact_dispatch_each(e); }},
+                                      [&] { s.sync(); });
     out.push_back(result(Op::kExactDispatch, te.phase[0], dt, naive.dispatch));
   }
   return out;
@@ -544,9 +514,10 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
                               const Extras& extras, const NaiveTimes& naive) {
   std::vector<DispatchOutput> d(s.ranks());
   const DispatchOptions options = s.dispatch_options(Sizing::kWorstCase);
-  const PhaseTimes t = time_phases(
-      s.streams(), plan, {[&] { s.dispatch_all(d, options); }, [&] { s.combine_all(d, nullptr); }},
-      [&] { s.sync(); });
+  const PhaseTimes t =
+      time_phases(s.streams(), plan,
+                  {[&] { s.dispatch_each(d, options); }, [&] { s.combine_each(d, nullptr); }},
+                  [&] { s.sync(); });
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
   std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch),
                                result(Op::kCombine, t.phase[1], ct, naive.combine)};
@@ -555,11 +526,11 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
   DispatchOptions hooked = options;
   hooked.return_recv_hook = true;
   const PhaseTimes th = time_phases(s.streams(), plan,
-                                    {[&] { s.dispatch_all(h, hooked); },
+                                    {[&] { s.dispatch_each(h, hooked); },
                                      [&] {
                                        for (auto& o : h) o.hook();
                                      },
-                                     [&] { s.combine_all(h, nullptr); }},
+                                     [&] { s.combine_each(h, nullptr); }},
                                     [&] { s.sync(); });
   const Traffic nothing{0, 0};  // the receive phase moves no rows
   const Stats no_counterpart;   // the naive pipeline has no phases to compare with
@@ -567,8 +538,8 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
   out.push_back(result(Op::kDispatchRecv, th.phase[1], nothing, no_counterpart));
   if (extras.graph) {
     const PhaseTimes round = time_phases(s.streams(), plan, {[&] {
-                                           s.dispatch_all(d, options);
-                                           s.combine_all(d, nullptr);
+                                           s.dispatch_each(d, options);
+                                           s.combine_each(d, nullptr);
                                          }},
                                          [&] { s.sync(); });
     out.push_back(result(Op::kRoundTrip, round.phase[0], sum(dt, ct), naive.round_trip));
