@@ -840,6 +840,15 @@ TEST_CASE(
   mode.one_launch = true;
   mode.own_out = false;
   rig.round(0, rig.inputs({8, 3}, RoutingSpec{0.1}), mode, "after refused calls");
+  // combine_all: one handle per rank, and no caller output (each rank's is its own).
+  const std::vector<DispatchOutput> outs = rig.send_dispatch(0, mode);
+  rig.group().synchronize();
+  const std::vector<CombineArgs> cargs = {rig.combine_args(0, 0), rig.combine_args(0, 1)};
+  CHECK_THROWS(rig.group().combine_all(cargs, {outs[0].handle}), InvalidArgument, "handles");
+  CombineOptions with_out;
+  with_out.out = rig.out_view(0, 0);
+  CHECK_THROWS(rig.group().combine_all(cargs, {outs[0].handle, outs[1].handle}, with_out),
+               InvalidArgument, "options.out");
 }
 
 TEST_CASE("ll: 100 consecutive calls with changing T, routing and options") {
