@@ -6,8 +6,8 @@
 #include <random>
 #include <vector>
 
-#include "../common/harness.hpp"
-#include "../common/random.hpp"
+#include "common/harness.hpp"
+#include "common/random.hpp"
 #include "reference/numerics.hpp"
 
 using namespace moecomm;

@@ -7,8 +7,8 @@
 #include <stdexcept>
 #include <vector>
 
-#include "../common/harness.hpp"
-#include "../common/random.hpp"
+#include "common/harness.hpp"
+#include "common/random.hpp"
 #include "reference/reference.hpp"
 
 using namespace moecomm;
