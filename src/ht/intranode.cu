@@ -1,6 +1,6 @@
 #include "ht/intranode.hpp"
 
-#include "device/block.cuh"
+#include "transport/barrier.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"

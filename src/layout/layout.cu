@@ -2,7 +2,7 @@
 
 #include <string>
 
-#include "device/block.cuh"
+#include "transport/barrier.cuh"
 #include "layout/layout_steps.cuh"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"

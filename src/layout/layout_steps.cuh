@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "device/block.cuh"
+#include "transport/barrier.cuh"
 #include "layout/layout.hpp"
 #include "transport/signal.cuh"
 

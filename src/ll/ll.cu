@@ -2,7 +2,7 @@
 
 #include <string>
 
-#include "device/block.cuh"
+#include "transport/barrier.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"
