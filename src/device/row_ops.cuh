@@ -5,13 +5,13 @@
 
 #include <cstdint>
 
+#include "device/block.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
 
 namespace moecomm::device {
 
-inline constexpr int kWarpLanes = 32;
-inline constexpr int kBf16PerVector = 8;     // bf16 in 16 bytes
+inline constexpr int kBf16PerVec = 8;        // bf16 in 16 bytes
 inline constexpr int kChannelsPerLane = 16;  // two bf16 vectors in, one 16-byte e4m3 vector out
 inline constexpr int kLanesPerFp8Group = 128 / kChannelsPerLane;  // 8 lanes per scale group
 inline constexpr int kFp8GroupsPerWarp = kWarpLanes / kLanesPerFp8Group;
@@ -49,7 +49,7 @@ template <typename Sink>
 __device__ __forceinline__ void quantize_groups(const int4* src, int groups, bool pow2, int lane,
                                                 Sink&& sink) {
   const int slot = lane / kLanesPerFp8Group, sub = lane % kLanesPerFp8Group;
-  constexpr int kVectorsPerGroup = 128 / kBf16PerVector;
+  constexpr int kVectorsPerGroup = 128 / kBf16PerVec;
   for (int g0 = 0; g0 < groups; g0 += kFp8GroupsPerWarp * kQuantizeUnroll) {
     int4 v[kQuantizeUnroll][2];
 #pragma unroll
@@ -62,7 +62,7 @@ __device__ __forceinline__ void quantize_groups(const int4* src, int groups, boo
 #pragma unroll
     for (int u = 0; u < kQuantizeUnroll; ++u) {
       const int g = g0 + u * kFp8GroupsPerWarp + slot;
-      float lo[kBf16PerVector], hi[kBf16PerVector];
+      float lo[kBf16PerVec], hi[kBf16PerVec];
       unpack_bf16x8(v[u][0], lo);
       unpack_bf16x8(v[u][1], hi);
       const float amax = group_max(fmaxf(abs_max8(lo), abs_max8(hi)));  // zeros past the end

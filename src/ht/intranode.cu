@@ -1,12 +1,12 @@
 #include "ht/intranode.hpp"
 
-#include "transport/barrier.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"
 #include "layout/layout.hpp"
 #include "layout/layout_steps.cuh"
 #include "runtime/cuda_check.hpp"
+#include "transport/barrier.cuh"
 #include "transport/signal.cuh"
 
 namespace moecomm::ht {
@@ -18,7 +18,7 @@ using detail::Phase;
 
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+using device::kFullMask;
 constexpr int kCombineBatch = 8;           // source rows loaded before they are summed
 constexpr int kMaxThreadsPerBlock = 1024;  // Config::threads_per_block up to 1024 must launch
 
@@ -121,8 +121,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   } else {
     // No count exchange ran: make sure every destination has entered this call (its previous
     // results are no longer in use) before writing into it.
-    device::announce_arrival(ctx, seq, device::whole_grid());
-    ok = device::await_arrivals(ctx, seq, device::whole_grid());
+    transport::announce_arrival(ctx, seq, device::whole_grid());
+    ok = transport::await_arrivals(ctx, seq, device::whole_grid());
   }
 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
       copy_row(ctx, route, src, p.in_row_bytes, lane);
   }
 
-  if (device::is_last_block(ctx)) {
+  if (transport::is_last_block(ctx)) {
     if (threadIdx.x < R) {
       transport::signal(ctx, threadIdx.x, FlagKind::kDispatchDone, seq);
       transport::wait_signal(ctx, FlagKind::kDispatchDone, threadIdx.x, seq, Phase::kDispatchDone,
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     }
   }
 
-  if (device::is_last_block(ctx)) {
+  if (transport::is_last_block(ctx)) {
     // Tell every owner its outputs have been read; wait until every reader is done with ours
     // (the caller may overwrite y as soon as combine returns on its stream).
     if (threadIdx.x < R) {

@@ -2,10 +2,10 @@
 
 #include <string>
 
-#include "transport/barrier.cuh"
 #include "layout/layout_steps.cuh"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
+#include "transport/barrier.cuh"
 
 namespace moecomm::layout {
 
@@ -18,7 +18,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   extern __shared__ uint32_t columns[];
   const uint64_t seq = device::read_call_seq(ctx);
   compute_layout(ctx, p, seq, columns, device::whole_grid());
-  if (p.scan.close_call && device::is_last_block(ctx) && threadIdx.x == 0) device::close_call(ctx);
+  if (p.scan.close_call && transport::is_last_block(ctx) && threadIdx.x == 0)
+    device::close_call(ctx);
 }
 
 }  // namespace

@@ -6,8 +6,8 @@
 
 #include <cstdint>
 
-#include "transport/barrier.cuh"
 #include "layout/layout.hpp"
+#include "transport/barrier.cuh"
 #include "transport/signal.cuh"
 
 namespace moecomm::layout {
@@ -19,14 +19,9 @@ using detail::DeviceErrorKind;
 using detail::FlagKind;
 using detail::Phase;
 
-inline constexpr unsigned kFullMask = 0xffffffffu;
+using device::kFullMask;
 inline constexpr int kScanPrefetch = 8;    // words per lane in flight while scanning a row
 inline constexpr int kExpertPrefetch = 8;  // topk entries per lane in flight while building
-
-__device__ __forceinline__ int64_t load_expert(const TopkInput& topk, int64_t i) {
-  return topk.is_i64 ? static_cast<const int64_t*>(topk.data)[i]
-                     : static_cast<int64_t>(static_cast<const int32_t*>(topk.data)[i]);
-}
 
 /// One warp builds word w (tokens 32w .. 32w+31) of every bitmap row. It owns that column, so it
 /// needs no atomics: the column is built in `column` (E words of shared memory), then written out.
@@ -46,7 +41,8 @@ __device__ inline void build_word(const DeviceContext& ctx, const TopkInput& top
     int64_t chosen[kExpertPrefetch];  // this step's loads are all in flight before any is used
 #pragma unroll
     for (int j = 0; j < kExpertPrefetch; ++j)
-      chosen[j] = has_token && k0 + j < K ? load_expert(topk, t * K + k0 + j) : -1;
+      chosen[j] =
+          has_token && k0 + j < K ? device::load_index(topk.data, topk.is_i64, t * K + k0 + j) : -1;
 #pragma unroll
     for (int j = 0; j < kExpertPrefetch; ++j) {
       const int k = k0 + j;
@@ -217,17 +213,17 @@ __device__ inline bool compute_layout(const detail::DeviceContext& ctx, const La
          w += static_cast<int64_t>(blocks.count) * builders)
       steps::build_word(ctx, p.topk, p.validate, w, column, lane);
   }
-  bool ok = device::grid_barrier(ctx, true, blocks);
+  bool ok = transport::grid_barrier(ctx, true, blocks);
   if (!p.prefix) return ok && !transport::aborted(ctx);
 
   const int rows = ctx.num_experts + ctx.num_ranks;
   for (int row = blocks.index * warps + warp; row < rows; row += blocks.count * warps)
     steps::scan_layout_row(ctx, row, used_words, lane);
-  ok = device::grid_barrier(ctx, ok, blocks);
+  ok = transport::grid_barrier(ctx, ok, blocks);
 
   if (p.scan.exchange_counts) {
     if (blocks.index == 0) ok = steps::exchange_counts(ctx, seq, p.scan) && ok;
-    ok = device::grid_barrier(ctx, ok, blocks);
+    ok = transport::grid_barrier(ctx, ok, blocks);
   }
   // A failed exchange in block 0 aborts the rank: every block sees it after the barrier.
   return ok && !transport::aborted(ctx);

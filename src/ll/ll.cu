@@ -2,7 +2,6 @@
 
 #include <string>
 
-#include "transport/barrier.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"
@@ -10,6 +9,7 @@
 #include "layout/layout_steps.cuh"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
+#include "transport/barrier.cuh"
 #include "transport/signal.cuh"
 
 namespace moecomm::ll {
@@ -21,11 +21,11 @@ using detail::Phase;
 
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarpSize = 32;
+using device::kFullMask;
+using device::kWarpLanes;
 constexpr int kMaxThreads = 1024;  // largest block of the grid kernels
-constexpr int kMaxWarps = kMaxThreads / kWarpSize;
-constexpr int kBf16PerVec = 8;    // bf16 in one 16-byte vector
+constexpr int kMaxWarps = kMaxThreads / kWarpLanes;
+using device::kBf16PerVec;
 constexpr int kCombineBatch = 8;  // slot rows loaded before they are accumulated
 constexpr int kCountShift = 32;   // ll_count_sig word: (seq << 32) | count
 constexpr uint64_t kCountMask = (1ull << kCountShift) - 1;
@@ -38,11 +38,6 @@ __device__ __forceinline__ uint64_t* count_word(const DeviceContext& ctx, int ow
                                                 int src) {
   return transport::peer_region<uint64_t>(ctx, owner, ctx.sym.ll_count_sig) +
          (static_cast<int64_t>(b) * ctx.local_experts + le) * ctx.num_ranks + src;
-}
-
-__device__ __forceinline__ int64_t load_expert(const DispatchSendParams& p, int64_t i) {
-  return p.idx_i64 ? static_cast<const int64_t*>(p.topk_idx)[i]
-                   : static_cast<int64_t>(static_cast<const int32_t*>(p.topk_idx)[i]);
 }
 
 /// A token's row is cut into pieces of whole 128-channel units so that every warp of the grid
@@ -79,7 +74,7 @@ __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendPa
                                   bool record, int lane, Destination* dst) {
   const int R = ctx.num_ranks, L = ctx.local_experts, K = ctx.topk, W = ctx.words;
   const int M = ctx.ll_capacity, H = ctx.hidden, b = p.buffer;
-  const int64_t e = lane < K ? load_expert(p, t * K + lane) : -1;
+  const int64_t e = lane < K ? device::load_index(p.topk_idx, p.idx_i64, t * K + lane) : -1;
   bool valid = e >= 0 && e < ctx.num_experts;
   for (int j = 0; j < K; ++j) {
     const int64_t ej = __shfl_sync(kFullMask, e, j);
@@ -111,10 +106,10 @@ __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendPa
 constexpr int kUnitChannels = 128;  // a row piece is whole units of 128 channels
 constexpr int kVectorsPerUnit = kUnitChannels / kBf16PerVec;
 // One warp step: quantisation handles kFp8GroupsPerWarp * kQuantizeUnroll groups, a copy
-// kWarpSize * kRowCopyUnroll vectors.
+// kWarpLanes * kRowCopyUnroll vectors.
 constexpr int kQuantizeStepUnits = device::kFp8GroupsPerWarp * device::kQuantizeUnroll;
-constexpr int kCopyStepUnits = kWarpSize * device::kRowCopyUnroll / kVectorsPerUnit;
-constexpr int kCombineStepUnits = kWarpSize / kVectorsPerUnit;  // one vector per lane
+constexpr int kCopyStepUnits = kWarpLanes * device::kRowCopyUnroll / kVectorsPerUnit;
+constexpr int kCombineStepUnits = kWarpLanes / kVectorsPerUnit;  // one vector per lane
 
 __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParams& p, uint64_t seq);
 
@@ -124,16 +119,16 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   const uint64_t seq = device::read_call_seq(ctx);
   const int L = ctx.local_experts, E = ctx.num_experts, H = ctx.hidden, me = ctx.rank;
   const int b = p.buffer;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
   __shared__ Destination dst[kMaxWarps][detail::kMaxTopk];
   if (blocks.index == 0 && threadIdx.x == 0) ctx.local.ll_seq[b] = seq;
 
   // Arrive first, wait after the layout: the peers' arrival overlaps this rank's layout steps.
-  device::announce_arrival(ctx, seq, blocks);
+  transport::announce_arrival(ctx, seq, blocks);
   const bool laid_out = layout::compute_layout(ctx, p.layout, seq, columns, blocks);
-  const bool ok = device::await_arrivals(ctx, seq, blocks) && laid_out;
+  const bool ok = transport::await_arrivals(ctx, seq, blocks) && laid_out;
 
-  const int warps = blockDim.x / kWarpSize;
+  const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
   const int row_units = H / kUnitChannels;
   const RowPieces pieces(p.num_tokens, stride, row_units,
@@ -168,7 +163,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
                                    reinterpret_cast<int4*>(dst[warp][k].x) + u0 * kVectorsPerUnit;
 #pragma unroll
                                for (int u = 0; u < device::kRowCopyUnroll; ++u) {
-                                 const int v16 = base + u * kWarpSize + lane;
+                                 const int v16 = base + u * kWarpLanes + lane;
                                  if (v16 < units * kVectorsPerUnit) to[v16] = v[u];
                                }
                              }
@@ -180,7 +175,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   // The last block to finish publishes every (expert, this rank) count: by then every block's
   // rows are written (is_last_block fences before its ticket), so one release per word covers
   // them. Experts this rank sends nothing to get count 0.
-  if (device::is_last_block(ctx, blocks)) {
+  if (transport::is_last_block(ctx, blocks)) {
     if (ok && !transport::aborted(ctx)) {
       const device::Scope sc = transport::scope(ctx);
       const int64_t used_words = (p.num_tokens + 31) / 32;
@@ -261,7 +256,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
   // Without a hook the send phase is this kernel's first step; with one it ran in its own kernel.
   const uint64_t seq = p.publish_y ? device::read_call_seq(ctx) : ctx.local.combine_seq[b];
   if (p.publish_y && blocks.index == 0) publish_outputs(ctx, b, p.y, seq);
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
   __shared__ const uint16_t* y_of[detail::kMaxRanks];
   // Per warp: the token's valid (slot row, weight) pairs, compacted in k order.
   __shared__ const uint16_t* rows[kMaxWarps][detail::kMaxTopk];
@@ -280,7 +275,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
   }
   ok = __syncthreads_and(ok) != 0;
 
-  const int warps = blockDim.x / kWarpSize;
+  const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
   // One warp per piece of a token's output row (one lane step of vectors at least).
   const RowPieces pieces(p.num_tokens, stride, H / kUnitChannels, kCombineStepUnits);
@@ -306,7 +301,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
     }
     __syncwarp();
     const int c_end = min(H, (piece + 1) * pieces.units * kUnitChannels) / kBf16PerVec;
-    for (int c = piece * pieces.units * kVectorsPerUnit + lane; c < c_end; c += kWarpSize) {
+    for (int c = piece * pieces.units * kVectorsPerUnit + lane; c < c_end; c += kWarpLanes) {
       float acc[kBf16PerVec] = {};
       for (int k0 = 0; k0 < n; k0 += kCombineBatch) {
         int4 v[kCombineBatch];
@@ -328,7 +323,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
     __syncwarp();  // the lists are rewritten for the next piece
   }
 
-  if (device::is_last_block(ctx, blocks)) {
+  if (transport::is_last_block(ctx, blocks)) {
     // Every owner learns its y has been read; y of this rank stays until every reader is done.
     for (int d = threadIdx.x; d < R; d += blockDim.x)
       transport::signal(ctx, d, FlagKind::kCombineDone, seq);
@@ -367,10 +362,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 void check_grid(int blocks, int threads, const char* kernel) {
-  if (blocks < 1 || threads < kWarpSize || threads > kMaxThreads || threads % kWarpSize != 0)
+  if (blocks < 1 || threads < kWarpLanes || threads > kMaxThreads || threads % kWarpLanes != 0)
     throw InvalidArgument(std::string(kernel) +
                           ": expected blocks >= 1 and threads a multiple of " +
-                          std::to_string(kWarpSize) + " in " + std::to_string(kWarpSize) + ".." +
+                          std::to_string(kWarpLanes) + " in " + std::to_string(kWarpLanes) + ".." +
                           std::to_string(kMaxThreads) + ", got " + std::to_string(blocks) + " x " +
                           std::to_string(threads));
 }

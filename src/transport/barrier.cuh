@@ -1,35 +1,21 @@
-// Block-level building blocks shared by the kernels: the call's sequence number and the
-// election of the last block (which publishes completion and closes the call).
+// Meeting points of blocks and ranks: the election of a rank's last block (which publishes
+// completion and closes the call), the grid barrier between a kernel's steps, and the arrival
+// handshake that tells peers a rank has entered a call. All of them wait, bounded, through
+// transport/signal.cuh.
 #pragma once
 
 #include <cstdint>
 
+#include "device/block.cuh"
 #include "device/memory_model.cuh"
 #include "runtime/device_context.hpp"
 #include "transport/signal.cuh"
 
-namespace moecomm::device {
+namespace moecomm::transport {
 
-/// The blocks that serve one rank in a kernel: the whole grid of a rank's own kernel, or one
-/// rank's slice of a group kernel (which serves every rank of a one-GPU group in one launch).
-struct RankBlocks {
-  int index;  // this block among them
-  int count;
-};
-
-/// A rank's own kernel: every block of the grid serves it.
-__device__ __forceinline__ RankBlocks whole_grid() {
-  return {static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x)};
-}
-
-/// Sequence number of the running call, read once per block at kernel start (into shared
-/// memory). The call's last kernel advances the epoch (close_call) after every block read it.
-__device__ __forceinline__ uint64_t read_call_seq(const detail::DeviceContext& ctx) {
-  __shared__ uint64_t seq;
-  if (threadIdx.x == 0) seq = *reinterpret_cast<volatile uint64_t*>(ctx.local.epoch) + 1;
-  __syncthreads();
-  return seq;
-}
+using device::RankBlocks;
+using device::Scope;
+using device::whole_grid;
 
 /// Every thread calls this after its block's work. Returns true in every thread of the last
 /// block to arrive; by then all other blocks' writes are visible (fence before the ticket).
@@ -37,7 +23,7 @@ __device__ __forceinline__ bool is_last_block(const detail::DeviceContext& ctx,
                                               RankBlocks blocks = whole_grid()) {
   __shared__ bool last;
   __syncthreads();
-  const Scope sc = transport::scope(ctx);
+  const Scope sc = scope(ctx);
   if (threadIdx.x == 0) {
     sc.fence();
     const uint32_t ticket = atomicAdd(ctx.local.ticket, 1u);
@@ -77,8 +63,8 @@ __device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, b
     } else {
       // A sibling block may itself be waiting (up to one timeout) for a peer before it arrives:
       // twice the patience, so that the stall is reported by the wait that saw it first.
-      all_ok = transport::wait_geq(ctx, generation, gen + 1, ctx.rank, detail::Phase::kGridBarrier,
-                                   blocks.index, kGridBarrierPatience);
+      all_ok = wait_geq(ctx, generation, gen + 1, ctx.rank, detail::Phase::kGridBarrier,
+                        blocks.index, kGridBarrierPatience);
     }
   }
   __syncthreads();
@@ -91,7 +77,7 @@ __device__ __forceinline__ void announce_arrival(const detail::DeviceContext& ct
                                                  RankBlocks blocks) {
   if (blocks.index == 0)
     for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
-      transport::signal(ctx, d, detail::FlagKind::kArrive, seq);
+      signal(ctx, d, detail::FlagKind::kArrive, seq);
 }
 
 /// Every block: waits until every peer has entered call seq. True in every thread when all
@@ -100,15 +86,10 @@ __device__ __forceinline__ bool await_arrivals(const detail::DeviceContext& ctx,
                                                RankBlocks blocks) {
   bool ok = true;
   for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
-    ok = transport::wait_signal(ctx, detail::FlagKind::kArrive, d, seq, detail::Phase::kArrive,
-                                blocks.index) &&
-         ok;
+    ok =
+        wait_signal(ctx, detail::FlagKind::kArrive, d, seq, detail::Phase::kArrive, blocks.index) &&
+        ok;
   return __syncthreads_and(ok) != 0;
 }
 
-/// Run by one thread of the last block of the call's last kernel: the next call gets seq + 1.
-__device__ __forceinline__ void close_call(const detail::DeviceContext& ctx) {
-  *ctx.local.epoch += 1;
-}
-
-}  // namespace moecomm::device
+}  // namespace moecomm::transport

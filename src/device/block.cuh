@@ -1,0 +1,47 @@
+// Block- and warp-level building blocks shared by the kernels: which blocks serve a rank, the
+// call's sequence number, warp masks and index loads. Nothing here waits on a peer (waits,
+// barriers and handshakes live in transport/).
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/device_context.hpp"
+
+namespace moecomm::device {
+
+inline constexpr unsigned kFullMask = 0xffffffffu;  // every lane of a warp
+inline constexpr int kWarpLanes = 32;
+
+/// The blocks that serve one rank in a kernel: the whole grid of a rank's own kernel, or one
+/// rank's slice of a group kernel (which serves every rank of a one-GPU group in one launch).
+struct RankBlocks {
+  int index;  // this block among them
+  int count;
+};
+
+/// A rank's own kernel: every block of the grid serves it.
+__device__ __forceinline__ RankBlocks whole_grid() {
+  return {static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x)};
+}
+
+/// Sequence number of the running call, read once per block at kernel start (into shared
+/// memory). The call's last kernel advances the epoch (close_call) after every block read it.
+__device__ __forceinline__ uint64_t read_call_seq(const detail::DeviceContext& ctx) {
+  __shared__ uint64_t seq;
+  if (threadIdx.x == 0) seq = *reinterpret_cast<volatile uint64_t*>(ctx.local.epoch) + 1;
+  __syncthreads();
+  return seq;
+}
+
+/// Run by one thread of the last block of the call's last kernel: the next call gets seq + 1.
+__device__ __forceinline__ void close_call(const detail::DeviceContext& ctx) {
+  *ctx.local.epoch += 1;
+}
+
+/// Element i of a topk_idx array that is int64 or int32 (widened).
+__device__ __forceinline__ int64_t load_index(const void* data, bool is_i64, int64_t i) {
+  return is_i64 ? static_cast<const int64_t*>(data)[i]
+                : static_cast<int64_t>(static_cast<const int32_t*>(data)[i]);
+}
+
+}  // namespace moecomm::device
