@@ -261,7 +261,7 @@ RunRecord run_benchmark(Options& o) {
   if (o.device >= devices)
     throw UsageError("--device " + std::to_string(o.device) + ": only " + std::to_string(devices) +
                      " device(s) visible");
-  EPB_CUDA(cudaSetDevice(o.device));
+  MOECOMM_CUDA_CHECK(cudaSetDevice(o.device));
 
   RunRecord run;
   run.date = utc_now();

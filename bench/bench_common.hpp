@@ -1,5 +1,6 @@
-// Small helpers shared by ep_bench's files: checked CUDA calls, an owning device buffer, a
-// parallel loop over host data and the deterministic value generator of the test inputs.
+// Small helpers shared by ep_bench's files: checked CUDA calls (MOECOMM_CUDA_CHECK, the library's
+// own), an owning device buffer, a parallel loop over host data and the deterministic value
+// generator of the test inputs.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -12,36 +13,15 @@
 #include <vector>
 
 #include "common/device_buffer.hpp"
+#include "runtime/cuda_check.hpp"
 
 namespace epb {
-
-/// A CUDA call failed (the message holds the call's text, the file and the line).
-class CudaFailure : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 /// The device results differ from the host reference: no figure may be printed.
 class VerificationError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
-
-inline void check_cuda(cudaError_t err, const char* what, const char* file, int line) {
-  if (err == cudaSuccess) return;
-  throw CudaFailure(std::string(what) + " failed: " + cudaGetErrorName(err) + " (" +
-                    cudaGetErrorString(err) + ") at " + file + ":" + std::to_string(line));
-}
-
-}  // namespace epb
-
-/// Checks a CUDA runtime call; throws epb::CudaFailure naming the call.
-#define EPB_CUDA(expr) ::epb::check_cuda((expr), #expr, __FILE__, __LINE__)
-/// Checks the kernel launch just made.
-#define EPB_LAUNCH_CHECK(kernel) \
-  ::epb::check_cuda(cudaGetLastError(), "launch of " kernel, __FILE__, __LINE__)
-
-namespace epb {
 
 /// Device allocations: the one tests use too.
 using moecomm::test::DeviceBuffer;
@@ -95,7 +75,8 @@ inline int64_t round_up(int64_t v, int64_t a) {
 template <typename T>
 std::vector<T> download(const void* device_ptr, size_t n) {
   std::vector<T> host(n);
-  if (n > 0) EPB_CUDA(cudaMemcpy(host.data(), device_ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+  if (n > 0)
+    MOECOMM_CUDA_CHECK(cudaMemcpy(host.data(), device_ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
   return host;
 }
 

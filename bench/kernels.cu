@@ -86,7 +86,7 @@ unsigned grid_for(int64_t items) {
 void launch_gate(const volatile int* open, int* timed_out, uint64_t timeout_ns,
                  cudaStream_t stream) {
   gate_kernel<<<1, 1, 0, stream>>>(open, timed_out, timeout_ns);
-  EPB_LAUNCH_CHECK("gate_kernel");
+  MOECOMM_LAUNCH_CHECK("gate_kernel");
 }
 
 void launch_permute(const void* src, const int32_t* src_row, int64_t rows, int64_t row_bytes,
@@ -94,7 +94,7 @@ void launch_permute(const void* src, const int32_t* src_row, int64_t rows, int64
   if (rows == 0) return;
   permute_kernel<<<grid_for(rows), kThreads, 0, stream>>>(
       static_cast<const uint4*>(src), src_row, rows, row_bytes / 16, static_cast<uint4*>(dst));
-  EPB_LAUNCH_CHECK("permute_kernel");
+  MOECOMM_LAUNCH_CHECK("permute_kernel");
 }
 
 void launch_unpermute(const uint16_t* rows, const int32_t* offsets, const int32_t* rows_of,
@@ -104,7 +104,7 @@ void launch_unpermute(const uint16_t* rows, const int32_t* offsets, const int32_
   unpermute_kernel<<<grid_for(tokens), kThreads, 0, stream>>>(
       reinterpret_cast<const uint4*>(rows), offsets, rows_of, weights, tokens,
       hidden / kBf16PerVector, reinterpret_cast<uint4*>(out));
-  EPB_LAUNCH_CHECK("unpermute_kernel");
+  MOECOMM_LAUNCH_CHECK("unpermute_kernel");
 }
 
 }  // namespace epb

@@ -29,7 +29,7 @@ epb::Phase empty_kernels(const std::vector<cudaStream_t>& streams, int kernels) 
     for (cudaStream_t s : streams)
       for (int k = 0; k < kernels; ++k) {
         empty_kernel<<<kBlocks, kThreads, 0, s>>>();
-        EPB_LAUNCH_CHECK("empty_kernel");
+        MOECOMM_LAUNCH_CHECK("empty_kernel");
       }
   };
 }
@@ -46,22 +46,23 @@ int main(int argc, char** argv) try {
       return 2;
     }
   }
-  EPB_CUDA(cudaSetDevice(device));
+  MOECOMM_CUDA_CHECK(cudaSetDevice(device));
   // Load the kernel now: a lazy load at its first launch would wait for the device to go idle,
   // which the spinning gate kernel prevents.
   cudaFuncAttributes attr;
-  EPB_CUDA(cudaFuncGetAttributes(&attr, empty_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, empty_kernel));
   cudaDeviceProp prop;
-  EPB_CUDA(cudaGetDeviceProperties(&prop, device));
+  MOECOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   std::printf("launch_floor on %s: empty kernels of %d x %d threads, median of %d, us\n", prop.name,
               kBlocks, kThreads, kIters);
   std::printf("%7s %17s %12s %12s\n", "streams", "kernels/stream", "plain", "one graph");
   const epb::TimingPlan plan{kWarmup, kIters, /*gated=*/true};
   for (int R : {1, 2, 4, 8}) {
     std::vector<cudaStream_t> streams(R);
-    for (auto& s : streams) EPB_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    for (auto& s : streams)
+      MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     const auto sync = [&streams] {
-      for (cudaStream_t s : streams) EPB_CUDA(cudaStreamSynchronize(s));
+      for (cudaStream_t s : streams) MOECOMM_CUDA_CHECK(cudaStreamSynchronize(s));
     };
     for (int k : {1, 2, 4}) {
       const epb::Phase phase = empty_kernels(streams, k);

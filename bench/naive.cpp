@@ -126,7 +126,7 @@ void NaivePipeline::prepare_ll_outputs(const Shape& shape, const std::vector<Ran
     const DeviceBuffer<int32_t> d_slots(slots);
     launch_permute(ranks[r].y.get(), d_slots.get(), static_cast<int64_t>(slots.size()),
                    shape.bf16_row_bytes(), rank.own_y.get(), nullptr);
-    EPB_CUDA(cudaDeviceSynchronize());
+    MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
     rank.y = rank.own_y.get();
   }
 }
@@ -135,7 +135,7 @@ NaivePipeline::NaivePipeline(const Shape& shape, const std::vector<RankData>& ra
     : num_ranks_(shape.ranks),
       hidden_(shape.hidden),
       wire_stride_(round_up(shape.wire_row_bytes(), kRowAlignment)) {
-  EPB_CUDA(cudaSetDevice(device));
+  MOECOMM_CUDA_CHECK(cudaSetDevice(device));
   const int R = num_ranks_;
   ranks_.resize(R);
   for (int s = 0; s < R; ++s) ranks_[s].layout = make_naive_layout(shape, ranks[s]);
@@ -174,8 +174,8 @@ void NaivePipeline::dispatch(int s, cudaStream_t stream) const {
     const int64_t rows = so[r + 1] - so[r];
     if (rows == 0) continue;
     uint8_t* to = ranks_[r].recv.get() + ranks_[r].recv_offset[s] * wire_stride_;
-    EPB_CUDA(cudaMemcpyAsync(to, me.send.get() + so[r] * wire_stride_, rows * wire_stride_,
-                             cudaMemcpyDeviceToDevice, stream));
+    MOECOMM_CUDA_CHECK(cudaMemcpyAsync(to, me.send.get() + so[r] * wire_stride_,
+                                       rows * wire_stride_, cudaMemcpyDeviceToDevice, stream));
   }
 }
 
@@ -187,8 +187,8 @@ void NaivePipeline::combine(int s, cudaStream_t stream) const {
     const int64_t rows = so[r + 1] - so[r];
     if (rows == 0) continue;
     const uint16_t* from = ranks_[r].y + ranks_[r].recv_offset[s] * H;
-    EPB_CUDA(cudaMemcpyAsync(me.back.get() + so[r] * H, from, rows * H * sizeof(uint16_t),
-                             cudaMemcpyDeviceToDevice, stream));
+    MOECOMM_CUDA_CHECK(cudaMemcpyAsync(me.back.get() + so[r] * H, from, rows * H * sizeof(uint16_t),
+                                       cudaMemcpyDeviceToDevice, stream));
   }
   const int64_t T = static_cast<int64_t>(me.layout.token_offset.size()) - 1;
   const float* weights = me.layout.token_weight.empty() ? nullptr : me.token_weight.get();

@@ -265,10 +265,10 @@ double copy_rate_fraction(const Traffic& traffic, const Stats& time, double copy
 
 Machine query_machine(int device) {
   cudaDeviceProp prop{};
-  EPB_CUDA(cudaGetDeviceProperties(&prop, device));
+  MOECOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   int driver = 0, runtime = 0;
-  EPB_CUDA(cudaDriverGetVersion(&driver));
-  EPB_CUDA(cudaRuntimeGetVersion(&runtime));
+  MOECOMM_CUDA_CHECK(cudaDriverGetVersion(&driver));
+  MOECOMM_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
   Machine m;
   m.gpu = prop.name;
   m.device = device;

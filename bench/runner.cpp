@@ -75,9 +75,9 @@ constexpr int kExactMaxIters = 20;  // exact sizing waits on the host: fewer sam
 // Correctness gate
 
 void poison(const TensorView& v) {
-  if (v.present() && v.data) EPB_CUDA(cudaMemset(v.data, kPoison, v.nbytes()));
+  if (v.present() && v.data) MOECOMM_CUDA_CHECK(cudaMemset(v.data, kPoison, v.nbytes()));
   // The ranks' streams do not wait for the legacy stream: finish the poison first.
-  EPB_CUDA(cudaDeviceSynchronize());
+  MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 /// The output buffers of a dispatch; not the handle's metadata (a cached dispatch reads it).
@@ -405,8 +405,8 @@ class StagedCopies {
                                   &d[r].recv_topk_weights, &d[r].recv_src_token};
       for (size_t i = 0; i < bytes_[r].size(); ++i)
         if (bytes_[r][i] > 0 && from[i]->present())
-          EPB_CUDA(cudaMemcpyAsync(buffers_[r][i].get(), from[i]->data, bytes_[r][i],
-                                   cudaMemcpyDeviceToDevice, streams[r]));
+          MOECOMM_CUDA_CHECK(cudaMemcpyAsync(buffers_[r][i].get(), from[i]->data, bytes_[r][i],
+                                             cudaMemcpyDeviceToDevice, streams[r]));
     }
   }
 
@@ -553,8 +553,9 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
 class StreamSet {
  public:
   explicit StreamSet(int n) : streams_(n), marks_(n) {
-    for (auto& s : streams_) EPB_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    for (auto& e : marks_) EPB_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    for (auto& s : streams_)
+      MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    for (auto& e : marks_) MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
   ~StreamSet() {
     for (auto e : marks_) cudaEventDestroy(e);
@@ -564,15 +565,16 @@ class StreamSet {
   StreamSet& operator=(const StreamSet&) = delete;
   const std::vector<cudaStream_t>& get() const { return streams_; }
   void sync() const {
-    for (auto s : streams_) EPB_CUDA(cudaStreamSynchronize(s));
+    for (auto s : streams_) MOECOMM_CUDA_CHECK(cudaStreamSynchronize(s));
   }
   /// Every stream waits for what every other stream has issued so far (the expert step between
   /// a naive dispatch and its combine needs every peer's rows).
   void barrier() const {
-    for (size_t r = 0; r < streams_.size(); ++r) EPB_CUDA(cudaEventRecord(marks_[r], streams_[r]));
+    for (size_t r = 0; r < streams_.size(); ++r)
+      MOECOMM_CUDA_CHECK(cudaEventRecord(marks_[r], streams_[r]));
     for (size_t r = 0; r < streams_.size(); ++r)
       for (size_t q = 0; q < streams_.size(); ++q)
-        if (q != r) EPB_CUDA(cudaStreamWaitEvent(streams_[r], marks_[q], 0));
+        if (q != r) MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(streams_[r], marks_[q], 0));
   }
 
  private:
@@ -583,7 +585,7 @@ class StreamSet {
 }  // namespace
 
 NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs) {
-  EPB_CUDA(cudaSetDevice(wl.device));
+  MOECOMM_CUDA_CHECK(cudaSetDevice(wl.device));
   const NaivePipeline& naive = *wl.naive;
   const int R = wl.shape.ranks;
   StreamSet streams(R);
@@ -619,7 +621,7 @@ NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs) {
 std::vector<OpResult> run_moecomm(const Workload& wl, const moecomm::Config& config,
                                   const TimingPlan& plan, const Extras& extras,
                                   const NaiveTimes& naive) {
-  EPB_CUDA(cudaSetDevice(wl.device));
+  MOECOMM_CUDA_CHECK(cudaSetDevice(wl.device));
   Session s(wl, config);
   if (wl.shape.ht()) {
     verify_ht(s, wl, extras);

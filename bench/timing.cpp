@@ -8,6 +8,7 @@
 
 #include "bench_common.hpp"
 #include "kernels.hpp"
+#include "runtime/streams.hpp"
 
 namespace epb {
 namespace {
@@ -29,8 +30,9 @@ double percentile(const std::vector<double>& sorted, double q) {
 class LaunchGate {
  public:
   LaunchGate() {
-    EPB_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host_), 2 * sizeof(int), cudaHostAllocMapped));
-    EPB_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_, 0));
+    MOECOMM_CUDA_CHECK(
+        cudaHostAlloc(reinterpret_cast<void**>(&host_), 2 * sizeof(int), cudaHostAllocMapped));
+    MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_, 0));
   }
   ~LaunchGate() { cudaFreeHost(host_); }
   LaunchGate(const LaunchGate&) = delete;
@@ -70,7 +72,7 @@ class PhaseEvents {
  public:
   explicit PhaseEvents(size_t streams) : start_(streams), end_(streams) {
     for (auto* set : {&start_, &end_})
-      for (auto& e : *set) EPB_CUDA(cudaEventCreate(&e));
+      for (auto& e : *set) MOECOMM_CUDA_CHECK(cudaEventCreate(&e));
   }
   ~PhaseEvents() {
     for (auto* set : {&start_, &end_})
@@ -80,10 +82,12 @@ class PhaseEvents {
   PhaseEvents& operator=(const PhaseEvents&) = delete;
 
   void begin(const std::vector<cudaStream_t>& streams) {
-    for (size_t r = 0; r < streams.size(); ++r) EPB_CUDA(cudaEventRecord(start_[r], streams[r]));
+    for (size_t r = 0; r < streams.size(); ++r)
+      MOECOMM_CUDA_CHECK(cudaEventRecord(start_[r], streams[r]));
   }
   void end(const std::vector<cudaStream_t>& streams) {
-    for (size_t r = 0; r < streams.size(); ++r) EPB_CUDA(cudaEventRecord(end_[r], streams[r]));
+    for (size_t r = 0; r < streams.size(); ++r)
+      MOECOMM_CUDA_CHECK(cudaEventRecord(end_[r], streams[r]));
   }
   /// From the earliest rank's start to the latest rank's end, µs (times relative to stream 0's
   /// start; a rank that started earlier gives a negative offset).
@@ -91,8 +95,8 @@ class PhaseEvents {
     float first = 0.0f, last = 0.0f;
     for (size_t r = 0; r < start_.size(); ++r) {
       float s = 0.0f, e = 0.0f;
-      EPB_CUDA(cudaEventElapsedTime(&s, start_[0], start_[r]));
-      EPB_CUDA(cudaEventElapsedTime(&e, start_[0], end_[r]));
+      MOECOMM_CUDA_CHECK(cudaEventElapsedTime(&s, start_[0], start_[r]));
+      MOECOMM_CUDA_CHECK(cudaEventElapsedTime(&e, start_[0], end_[r]));
       first = std::min(first, s);
       last = std::max(last, e);
     }
@@ -153,7 +157,7 @@ namespace {
 class CaptureScope {
  public:
   explicit CaptureScope(cudaStream_t stream) : stream_(stream) {
-    EPB_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+    MOECOMM_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
   }
   ~CaptureScope() {
     if (!stream_) return;
@@ -165,7 +169,7 @@ class CaptureScope {
     cudaGraph_t graph = nullptr;
     cudaStream_t s = stream_;
     stream_ = nullptr;
-    EPB_CUDA(cudaStreamEndCapture(s, &graph));
+    MOECOMM_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
     return graph;
   }
 
@@ -178,7 +182,8 @@ class ForkJoin {
  public:
   explicit ForkJoin(const std::vector<cudaStream_t>& streams)
       : streams_(streams), events_(streams.size()) {
-    for (auto& e : events_) EPB_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    for (auto& e : events_)
+      MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
   ~ForkJoin() {
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
@@ -187,15 +192,12 @@ class ForkJoin {
   ForkJoin& operator=(const ForkJoin&) = delete;
 
   void fork() {
-    EPB_CUDA(cudaEventRecord(events_[0], streams_[0]));
-    for (size_t r = 1; r < streams_.size(); ++r)
-      EPB_CUDA(cudaStreamWaitEvent(streams_[r], events_[0], 0));
+    moecomm::detail::streams_wait(streams_.data() + 1, static_cast<int>(streams_.size()) - 1,
+                                  streams_[0], events_[0]);
   }
   void join() {
-    for (size_t r = 1; r < streams_.size(); ++r) {
-      EPB_CUDA(cudaEventRecord(events_[r], streams_[r]));
-      EPB_CUDA(cudaStreamWaitEvent(streams_[0], events_[r], 0));
-    }
+    for (size_t r = 1; r < streams_.size(); ++r)
+      moecomm::detail::stream_wait(streams_[0], streams_[r], events_[r]);
   }
 
  private:
@@ -218,7 +220,7 @@ GroupGraph::GroupGraph(const std::vector<cudaStream_t>& streams, const Phase& is
   }
   const cudaError_t err = cudaGraphInstantiate(&exec_, graph, 0);
   cudaGraphDestroy(graph);
-  EPB_CUDA(err);
+  MOECOMM_CUDA_CHECK(err);
 }
 
 GroupGraph::~GroupGraph() {
@@ -226,7 +228,7 @@ GroupGraph::~GroupGraph() {
 }
 
 void GroupGraph::launch() const {
-  EPB_CUDA(cudaGraphLaunch(exec_, origin_));
+  MOECOMM_CUDA_CHECK(cudaGraphLaunch(exec_, origin_));
 }
 
 Stats GroupGraph::time(const TimingPlan& plan, const std::function<void()>& sync) const {
@@ -234,30 +236,31 @@ Stats GroupGraph::time(const TimingPlan& plan, const std::function<void()>& sync
 }
 
 double measure_copy_rate(int device) {
-  EPB_CUDA(cudaSetDevice(device));
+  MOECOMM_CUDA_CHECK(cudaSetDevice(device));
   size_t free_bytes = 0, total_bytes = 0;
-  EPB_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+  MOECOMM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   const size_t bytes = std::max(kMinCopyBytes, std::min(kCopyBytes, free_bytes / 4));
   DeviceBuffer<uint8_t> src(bytes), dst(bytes);
-  EPB_CUDA(cudaMemset(src.get(), 1, bytes));
+  MOECOMM_CUDA_CHECK(cudaMemset(src.get(), 1, bytes));
   cudaStream_t stream;
   cudaEvent_t start, stop;
-  EPB_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  EPB_CUDA(cudaEventCreate(&start));
-  EPB_CUDA(cudaEventCreate(&stop));
+  MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  MOECOMM_CUDA_CHECK(cudaEventCreate(&start));
+  MOECOMM_CUDA_CHECK(cudaEventCreate(&stop));
   std::vector<double> seconds;
   for (int i = 0; i < kCopyWarmup + kCopyIters; ++i) {
-    EPB_CUDA(cudaEventRecord(start, stream));
-    EPB_CUDA(cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream));
-    EPB_CUDA(cudaEventRecord(stop, stream));
-    EPB_CUDA(cudaEventSynchronize(stop));
+    MOECOMM_CUDA_CHECK(cudaEventRecord(start, stream));
+    MOECOMM_CUDA_CHECK(
+        cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream));
+    MOECOMM_CUDA_CHECK(cudaEventRecord(stop, stream));
+    MOECOMM_CUDA_CHECK(cudaEventSynchronize(stop));
     float ms = 0.0f;
-    EPB_CUDA(cudaEventElapsedTime(&ms, start, stop));
+    MOECOMM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
     if (i >= kCopyWarmup) seconds.push_back(1e-3 * ms);
   }
-  EPB_CUDA(cudaEventDestroy(start));
-  EPB_CUDA(cudaEventDestroy(stop));
-  EPB_CUDA(cudaStreamDestroy(stream));
+  MOECOMM_CUDA_CHECK(cudaEventDestroy(start));
+  MOECOMM_CUDA_CHECK(cudaEventDestroy(stop));
+  MOECOMM_CUDA_CHECK(cudaStreamDestroy(stream));
   const double median = summarize(seconds).median;  // seconds here, not µs
   return 2.0 * static_cast<double>(bytes) / median;
 }

@@ -197,7 +197,7 @@ Traffic Workload::combine_traffic() const {
 }
 
 Workload build_workload(const Shape& shape, const Options& options) {
-  EPB_CUDA(cudaSetDevice(options.device));
+  MOECOMM_CUDA_CHECK(cudaSetDevice(options.device));
   Workload wl;
   wl.shape = shape;
   wl.device = options.device;

@@ -21,6 +21,8 @@
 #include <vector>
 
 #include "moecomm/moecomm.hpp"
+#include "runtime/cuda_check.hpp"
+#include "runtime/streams.hpp"
 #include "tensors.hpp"
 
 namespace nb = nanobind;
@@ -63,9 +65,9 @@ void register_exceptions(nb::module_& m) {
       "A device-side wait exceeded Config.timeout_seconds; the message names rank, peer and phase. "
       "The group is unusable afterwards.",
       to.ptr());
-  g_unsupported = new_exception(
-      m, "Unsupported", "The requested feature does not exist here (e.g. no CUDA device).",
-      err.ptr());
+  g_unsupported =
+      new_exception(m, "Unsupported",
+                    "The requested feature does not exist here (e.g. no CUDA device).", err.ptr());
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
@@ -84,32 +86,14 @@ void register_exceptions(nb::module_& m) {
   });
 }
 
-void cuda_check(cudaError_t err, const char* call) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    throw CudaError(std::string(call) + " failed: " + cudaGetErrorString(err));
-  }
+using detail::DeviceGuard;
+
+cudaStream_t as_stream(uintptr_t s) {
+  return reinterpret_cast<cudaStream_t>(s);
 }
-#define PY_CUDA_CHECK(call) cuda_check((call), #call)
-
-/// Makes `device` current for the scope.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    PY_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) PY_CUDA_CHECK(cudaSetDevice(device));
-    device_ = device;
-  }
-  ~DeviceScope() {
-    if (previous_ != device_) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = 0, device_ = 0;
-};
-
-cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-uintptr_t as_int(cudaStream_t s) { return reinterpret_cast<uintptr_t>(s); }
+uintptr_t as_int(cudaStream_t s) {
+  return reinterpret_cast<uintptr_t>(s);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Config: mode and scale_format as strings ("ll", "ht", "auto"; "f32", "pow2").
@@ -121,9 +105,12 @@ Mode parse_mode(const std::string& s) {
 }
 const char* mode_short(Mode m) {
   switch (m) {
-    case Mode::kLowLatency: return "ll";
-    case Mode::kHighThroughput: return "ht";
-    case Mode::kAuto: return "auto";
+    case Mode::kLowLatency:
+      return "ll";
+    case Mode::kHighThroughput:
+      return "ht";
+    case Mode::kAuto:
+      return "auto";
   }
   return "?";
 }
@@ -139,8 +126,8 @@ ScaleFormat parse_scale_format(const std::string& s) {
 class CudaEvent {
  public:
   explicit CudaEvent(int device) : device_(device) {
-    DeviceScope scope(device_);
-    PY_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    DeviceGuard guard(device_);
+    MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
   }
   ~CudaEvent() {
     if (event_) {
@@ -155,22 +142,22 @@ class CudaEvent {
   CudaEvent& operator=(const CudaEvent&) = delete;
 
   void record(uintptr_t stream) {
-    DeviceScope scope(device_);
-    PY_CUDA_CHECK(cudaEventRecord(event_, as_stream(stream)));
+    DeviceGuard guard(device_);
+    MOECOMM_CUDA_CHECK(cudaEventRecord(event_, as_stream(stream)));
   }
   /// `stream` waits for the recorded work.
   void stream_wait(uintptr_t stream) const {
-    DeviceScope scope(device_);
-    PY_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), event_, 0));
+    DeviceGuard guard(device_);
+    MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), event_, 0));
   }
-  void synchronize() const { PY_CUDA_CHECK(cudaEventSynchronize(event_)); }
+  void synchronize() const { MOECOMM_CUDA_CHECK(cudaEventSynchronize(event_)); }
   bool query() const {
     const cudaError_t e = cudaEventQuery(event_);
     if (e == cudaErrorNotReady) {
       cudaGetLastError();
       return false;
     }
-    PY_CUDA_CHECK(e);
+    MOECOMM_CUDA_CHECK(e);
     return true;
   }
   uintptr_t native() const { return reinterpret_cast<uintptr_t>(event_); }
@@ -184,13 +171,8 @@ class CudaEvent {
 /// `waiter` waits for the work queued on `signaler` so far (no host synchronisation).
 void stream_wait_stream(uintptr_t waiter, uintptr_t signaler, int device) {
   if (waiter == signaler) return;
-  DeviceScope scope(device);
-  cudaEvent_t ev;
-  PY_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-  cudaError_t err = cudaEventRecord(ev, as_stream(signaler));
-  if (err == cudaSuccess) err = cudaStreamWaitEvent(as_stream(waiter), ev, 0);
-  cudaEventDestroy(ev);
-  PY_CUDA_CHECK(err);
+  DeviceGuard guard(device);
+  detail::stream_wait(as_stream(waiter), as_stream(signaler));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,7 +324,8 @@ nb::dict get_layout(PyComm& self, nb::handle topk_idx, uintptr_t stream) {
 
 // ---------------------------------------------------------------------------------------------
 void bind_config(nb::module_& m) {
-  nb::class_<Config>(m, "Config", "moecomm::Config (the Python package wraps it in MoECommunicatorConfig).")
+  nb::class_<Config>(m, "Config",
+                     "moecomm::Config (the Python package wraps it in MoECommunicatorConfig).")
       .def(nb::init<>())
       .def_rw("num_experts", &Config::num_experts)
       .def_rw("hidden", &Config::hidden)
@@ -381,21 +364,24 @@ void bind_values(nb::module_& m) {
   using PyRecvHook = Held<RecvHook>;
   nb::class_<PyHandle>(m, "Handle", "The routing of one dispatch (moecomm::Handle).")
       .def_prop_ro("valid", [](const PyHandle& h) { return h.value.valid(); })
-      .def_prop_ro("mode", [](const PyHandle& h) { return std::string(mode_short(h.value.mode())); })
+      .def_prop_ro("mode",
+                   [](const PyHandle& h) { return std::string(mode_short(h.value.mode())); })
       .def_prop_ro("num_tokens", [](const PyHandle& h) { return h.value.num_tokens(); })
       .def_prop_ro("num_recv_tokens", [](const PyHandle& h) { return h.value.num_recv_tokens(); });
 
   nb::class_<PyEvent>(m, "Event", "Completion of an asynchronous call (moecomm::Event).")
       .def_prop_ro("valid", [](const PyEvent& e) { return e.value.valid(); })
-      .def("synchronize", [](const PyEvent& e) { e.value.synchronize(); },
-           nb::call_guard<nb::gil_scoped_release>())
+      .def(
+          "synchronize", [](const PyEvent& e) { e.value.synchronize(); },
+          nb::call_guard<nb::gil_scoped_release>())
       .def(
           "stream_wait", [](const PyEvent& e, uintptr_t s) { e.value.stream_wait(as_stream(s)); },
           "stream"_a, nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("native",
                    [](const PyEvent& e) { return reinterpret_cast<uintptr_t>(e.value.native()); });
 
-  nb::class_<PyRecvHook>(m, "RecvHook", "The receive phase of a low-latency call (moecomm::RecvHook).")
+  nb::class_<PyRecvHook>(m, "RecvHook",
+                         "The receive phase of a low-latency call (moecomm::RecvHook).")
       .def_prop_ro("valid", [](const PyRecvHook& h) { return h.value.valid(); })
       .def(
           "__call__", [](const PyRecvHook& h, uintptr_t s) { h.value(as_stream(s)); },
@@ -404,7 +390,8 @@ void bind_values(nb::module_& m) {
   nb::class_<CudaEvent>(m, "CudaEvent", "A CUDA event (stream ordering helper).")
       .def(nb::init<int>(), "device"_a)
       .def("record", &CudaEvent::record, "stream"_a)
-      .def("stream_wait", &CudaEvent::stream_wait, "stream"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("stream_wait", &CudaEvent::stream_wait, "stream"_a,
+           nb::call_guard<nb::gil_scoped_release>())
       .def("synchronize", &CudaEvent::synchronize, nb::call_guard<nb::gil_scoped_release>())
       .def("query", &CudaEvent::query)
       .def_prop_ro("native", &CudaEvent::native)
@@ -419,12 +406,11 @@ void bind_comm(nb::module_& m) {
       .def_prop_ro("stream", [](PyComm& s) { return as_int(s.get().stream()); })
       .def_prop_ro("config", [](PyComm& s) { return s.get().config(); })
       .def("dispatch", &dispatch, "x"_a.none(), "x_scales"_a.none(), "topk_idx"_a.none(),
-           "topk_weights"_a.none(), "quantize_fp8"_a, "worst_case"_a,
-           "previous_handle"_a.none(), "stream"_a, "async_"_a, "return_recv_hook"_a,
-           "bf16_as_u16"_a)
+           "topk_weights"_a.none(), "quantize_fp8"_a, "worst_case"_a, "previous_handle"_a.none(),
+           "stream"_a, "async_"_a, "return_recv_hook"_a, "bf16_as_u16"_a)
       .def("combine", &combine, "y"_a.none(), "handle"_a, "topk_weights"_a.none(),
-           "recv_topk_weights"_a.none(), "bias"_a.none(), "out"_a.none(), "stream"_a,
-           "async_"_a, "return_recv_hook"_a, "bf16_as_u16"_a)
+           "recv_topk_weights"_a.none(), "bias"_a.none(), "out"_a.none(), "stream"_a, "async_"_a,
+           "return_recv_hook"_a, "bf16_as_u16"_a)
       .def("get_layout", &get_layout, "topk_idx"_a.none(), "stream"_a)
       .def(
           "combine_buffer",
@@ -435,8 +421,9 @@ void bind_comm(nb::module_& m) {
             return to_array(v, owner_of(s), oo);
           },
           "handle"_a, "bf16_as_u16"_a = false)
-      .def("synchronize", [](PyComm& s) { s.get().synchronize(); },
-           nb::call_guard<nb::gil_scoped_release>())
+      .def(
+          "synchronize", [](PyComm& s) { s.get().synchronize(); },
+          nb::call_guard<nb::gil_scoped_release>())
       .def("check_errors", [](PyComm& s) { s.get().check_errors(); });
 
   nb::class_<PyGroup>(m, "VirtualGroup", "moecomm::VirtualGroup: R ranks in this process.")
@@ -452,14 +439,16 @@ void bind_comm(nb::module_& m) {
           },
           "config"_a, "num_ranks"_a, "devices"_a)
       .def_prop_ro("size", [](PyGroup& g) { return g.group->size(); })
-      .def("comm",
-           [](PyGroup& g, int rank) {
-             MoECommunicator& c = (*g.group)[rank];
-             return PyComm{g.group, &c};
-           },
-           "rank"_a)
-      .def("synchronize", [](PyGroup& g) { g.group->synchronize(); },
-           nb::call_guard<nb::gil_scoped_release>());
+      .def(
+          "comm",
+          [](PyGroup& g, int rank) {
+            MoECommunicator& c = (*g.group)[rank];
+            return PyComm{g.group, &c};
+          },
+          "rank"_a)
+      .def(
+          "synchronize", [](PyGroup& g) { g.group->synchronize(); },
+          nb::call_guard<nb::gil_scoped_release>());
 
   nb::class_<ProcessGroupBuilder>(m, "ProcessGroupBuilder",
                                   "One rank of a group whose ranks are processes (CUDA IPC).")
@@ -512,24 +501,28 @@ NB_MODULE(_C, m) {
   });
   m.def("stream_wait_stream", &stream_wait_stream, "waiter"_a, "signaler"_a, "device"_a,
         nb::call_guard<nb::gil_scoped_release>());
-  m.def("stream_synchronize", [](uintptr_t s, int device) {
-        DeviceScope scope(device);
-        PY_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
-      }, "stream"_a, "device"_a, nb::call_guard<nb::gil_scoped_release>());
+  m.def(
+      "stream_synchronize",
+      [](uintptr_t s, int device) {
+        DeviceGuard guard(device);
+        MOECOMM_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
+      },
+      "stream"_a, "device"_a, nb::call_guard<nb::gil_scoped_release>());
   // Test hook: an array through to_input and back (dtype mapping, shapes, strides, ownership).
   // The returned view is owned by the input's DLPack export, which is what keeps the memory
   // valid (the input object alone need not: its export may own a copy).
-  m.def("_roundtrip",
-        [](nb::handle a, bool as_x, bool bf16_as_u16) {
-          Input in = to_input(a, "a", as_x ? InputKind::kX : InputKind::kGeneric);
-          const moecomm::TensorView v = in.view;
-          OutputOptions oo;
-          oo.bf16_as_u16 = bf16_as_u16;
-          nb::dict d;
-          d["dtype"] = std::string(moecomm::dtype_name(v.dtype));
-          d["describe"] = v.describe();
-          d["array"] = to_array(v, export_owner(std::move(in)), oo);
-          return d;
-        },
-        "a"_a, "as_x"_a = false, "bf16_as_u16"_a = false);
+  m.def(
+      "_roundtrip",
+      [](nb::handle a, bool as_x, bool bf16_as_u16) {
+        Input in = to_input(a, "a", as_x ? InputKind::kX : InputKind::kGeneric);
+        const moecomm::TensorView v = in.view;
+        OutputOptions oo;
+        oo.bf16_as_u16 = bf16_as_u16;
+        nb::dict d;
+        d["dtype"] = std::string(moecomm::dtype_name(v.dtype));
+        d["describe"] = v.describe();
+        d["array"] = to_array(v, export_owner(std::move(in)), oo);
+        return d;
+      },
+      "a"_a, "as_x"_a = false, "bf16_as_u16"_a = false);
 }

@@ -15,6 +15,7 @@
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/stream_warmup.hpp"
+#include "runtime/streams.hpp"
 
 namespace moecomm::detail {
 
@@ -97,12 +98,7 @@ const char* phase_name(int phase) {
 
 /// A hook run on another stream than its send phase: that stream waits for the send phase.
 void follow(cudaStream_t send_stream, cudaStream_t hook_stream) {
-  if (!hook_stream || hook_stream == send_stream) return;
-  cudaEvent_t ev;
-  MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-  MOECOMM_CUDA_CHECK(cudaEventRecord(ev, send_stream));
-  MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(hook_stream, ev, 0));
-  MOECOMM_CUDA_CHECK(cudaEventDestroy(ev));
+  if (hook_stream) stream_wait(hook_stream, send_stream);
 }
 
 // Carves consecutive, 256-byte aligned pieces out of one allocation.
@@ -314,11 +310,7 @@ CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
   group_->claim_stream(rank_, s.caller);
   s.exec = s.caller;
   if (async) {
-    cudaEvent_t ev;
-    MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-    MOECOMM_CUDA_CHECK(cudaEventRecord(ev, s.caller));
-    MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(async_stream_, ev, 0));
-    MOECOMM_CUDA_CHECK(cudaEventDestroy(ev));
+    stream_wait(async_stream_, s.caller);
     s.exec = async_stream_;
   }
   return s;

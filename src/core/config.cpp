@@ -6,7 +6,7 @@
 #include <string>
 
 #include "moecomm/error.hpp"
-#include "runtime/device_context.hpp"
+#include "runtime/limits.hpp"
 
 namespace moecomm {
 

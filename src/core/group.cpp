@@ -13,6 +13,7 @@
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/group_state.hpp"
+#include "runtime/streams.hpp"
 
 namespace moecomm {
 
@@ -163,7 +164,8 @@ struct VirtualGroup::Pool {
   std::condition_variable wake, done;
   std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors;
-  std::vector<cudaEvent_t> marks;  // dispatch_all / combine_all: joining the ranks' streams
+  std::vector<cudaEvent_t> marks;     // dispatch_all / combine_all: joining the ranks' streams
+  std::vector<cudaStream_t> streams;  // each rank's own stream
   const std::function<void(int)>* job = nullptr;
   uint64_t generation = 0;
   int pending = 0;
@@ -293,15 +295,14 @@ void VirtualGroup::launch_once(const std::function<void(cudaStream_t)>& launch) 
     for (auto& e : pool_->marks)
       MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
-  const cudaStream_t first = comms_[0]->stream();
-  for (int r = 1; r < R; ++r) {  // rank 0's stream joins every rank's work so far
-    MOECOMM_CUDA_CHECK(cudaEventRecord(pool_->marks[r], comms_[r]->stream()));
-    MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(first, pool_->marks[r], 0));
-  }
+  if (pool_->streams.empty())
+    for (auto& c : comms_) pool_->streams.push_back(c->stream());
+  const cudaStream_t first = pool_->streams[0];
+  for (int r = 1; r < R; ++r)  // rank 0's stream joins every rank's work so far
+    detail::stream_wait(first, pool_->streams[r], pool_->marks[r]);
   launch(first);
-  MOECOMM_CUDA_CHECK(cudaEventRecord(pool_->marks[0], first));
-  for (int r = 1; r < R; ++r)  // and every rank's later work follows the launch
-    MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(comms_[r]->stream(), pool_->marks[0], 0));
+  // and every rank's later work follows the launch
+  detail::streams_wait(pool_->streams.data() + 1, R - 1, first, pool_->marks[0]);
 }
 
 bool VirtualGroup::on_one_device() const {

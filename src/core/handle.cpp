@@ -5,6 +5,7 @@
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/group_state.hpp"
+#include "runtime/streams.hpp"
 
 namespace moecomm {
 

@@ -1,4 +1,6 @@
-// Every CUDA return code is checked; a failure becomes moecomm::CudaError naming the call.
+// Every CUDA return code is checked; a failure becomes moecomm::CudaError naming the call. The
+// one check macro of the project: the library, the Python bindings, ep_bench and the tests all
+// use it (header-only, so that code outside the library can include it).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -11,6 +13,7 @@ namespace moecomm::detail {
 
 [[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* what, const char* file,
                                           int line) {
+  cudaGetLastError();  // a non-sticky error must not be reported again by the next check
   throw CudaError(std::string(what) + " failed: " + cudaGetErrorName(err) + " (" +
                   cudaGetErrorString(err) + ") at " + file + ":" + std::to_string(line));
 }

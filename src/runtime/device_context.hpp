@@ -6,12 +6,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace moecomm::detail {
+#include "runtime/limits.hpp"
 
-inline constexpr int kMaxRanks = 64;  // token->rank masks are 64-bit
-inline constexpr int kMaxTopk = 32;
-inline constexpr int kMaxExperts = 12288;  // the layout kernel keeps a column of E words per warp
-inline constexpr int kFp8Group = 128;      // channels per fp8 scale
+namespace moecomm::detail {
 
 /// What a stalled wait was waiting for; reported in TimeoutError.
 enum class Phase : int32_t {
@@ -82,11 +79,11 @@ inline constexpr uint64_t kSymmetricOffsetTag = 1ull << 63;
 
 /// This rank's private device memory (not visible to peers).
 struct LocalState {
-  uint64_t* epoch;        // calls completed; the running call's seq is *epoch + 1
-  uint32_t* ticket;       // last-block election within one kernel
+  uint64_t* epoch;         // calls completed; the running call's seq is *epoch + 1
+  uint32_t* ticket;        // last-block election within one kernel
   uint64_t* grid_barrier;  // [2]: arrivals, generation (device/block.cuh: grid_barrier)
-  uint64_t* ll_seq;       // [2] seq of the LL dispatch send that filled each buffer (for the hook)
-  uint64_t* combine_seq;  // [2] seq of the LL combine send phase (for its hook)
+  uint64_t* ll_seq;        // [2] seq of the LL dispatch send that filled each buffer (for the hook)
+  uint64_t* combine_seq;   // [2] seq of the LL combine send phase (for its hook)
   // Routing layout scratch, sized for max_tokens_per_rank (W = words of 32 tokens).
   uint32_t* expert_bitmap;         // [E][W]
   int32_t* expert_word_prefix;     // [E][W]

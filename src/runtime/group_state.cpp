@@ -5,17 +5,9 @@
 
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
+#include "runtime/streams.hpp"
 
 namespace moecomm::detail {
-
-DeviceGuard::DeviceGuard(int device) : device_(device) {
-  MOECOMM_CUDA_CHECK(cudaGetDevice(&previous_));
-  if (previous_ != device_) MOECOMM_CUDA_CHECK(cudaSetDevice(device_));
-}
-
-DeviceGuard::~DeviceGuard() {
-  if (previous_ != device_) cudaSetDevice(previous_);
-}
 
 void GroupState::allocate(int r) {
   DeviceGuard guard(device_of[r]);

@@ -13,17 +13,6 @@
 
 namespace moecomm::detail {
 
-/// Makes `device` current for the scope (CUDA's current device is per host thread).
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device);
-  ~DeviceGuard();
-
- private:
-  int previous_ = -1;
-  int device_ = -1;
-};
-
 /// The ranks of a group. Virtual group: all ranks in this process, each symmetric buffer a plain
 /// device allocation whose pointer every rank can use (peer access enabled between devices).
 /// Process group: this process holds one rank; its buffer is exported with CUDA IPC and the

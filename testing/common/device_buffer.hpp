@@ -1,5 +1,5 @@
 // An owning device allocation for tests and ep_bench: upload, download, poison, view. Every CUDA
-// call is checked (TEST_CUDA throws std::runtime_error naming the call).
+// call is checked (MOECOMM_CUDA_CHECK throws moecomm::CudaError naming the call).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -11,17 +11,7 @@
 #include <vector>
 
 #include "moecomm/tensor.hpp"
-
-#ifndef TEST_CUDA
-#define TEST_CUDA(expr)                                                                  \
-  do {                                                                                   \
-    cudaError_t tc_err_ = (expr);                                                        \
-    if (tc_err_ != cudaSuccess) {                                                        \
-      cudaGetLastError(); /* do not let later checks report this one again */            \
-      throw std::runtime_error(std::string(#expr) + ": " + cudaGetErrorString(tc_err_)); \
-    }                                                                                    \
-  } while (0)
-#endif
+#include "runtime/cuda_check.hpp"
 
 namespace moecomm::test {
 
@@ -35,7 +25,7 @@ class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t n) : n_(n) {
-    if (n > 0) TEST_CUDA(cudaMalloc(reinterpret_cast<void**>(&ptr_), n * sizeof(T)));
+    if (n > 0) MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), n * sizeof(T)));
   }
   explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
   ~DeviceBuffer() {
@@ -62,22 +52,24 @@ class DeviceBuffer {
   size_t bytes() const { return n_ * sizeof(T); }
   void upload(const std::vector<T>& host) {
     if (host.size() != n_) throw std::runtime_error("DeviceBuffer::upload: size mismatch");
-    if (n_) TEST_CUDA(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
-    TEST_CUDA(cudaDeviceSynchronize());  // pageable copies may still be in flight
+    if (n_)
+      MOECOMM_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+    MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());  // pageable copies may still be in flight
   }
   std::vector<T> download() const {
     std::vector<T> host(n_);
-    if (n_) TEST_CUDA(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    if (n_)
+      MOECOMM_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
     return host;
   }
   void poison(uint8_t byte = kPoison) {
-    if (n_) TEST_CUDA(cudaMemset(ptr_, byte, n_ * sizeof(T)));
-    TEST_CUDA(cudaDeviceSynchronize());  // rank streams do not wait for the legacy stream
+    if (n_) MOECOMM_CUDA_CHECK(cudaMemset(ptr_, byte, n_ * sizeof(T)));
+    MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());  // rank streams do not wait for the legacy stream
   }
   /// A contiguous view with the given dtype and shape.
   TensorView view(DType dtype, std::initializer_list<int64_t> shape) const {
     int device = 0;
-    TEST_CUDA(cudaGetDevice(&device));
+    MOECOMM_CUDA_CHECK(cudaGetDevice(&device));
     return TensorView::contiguous(ptr_, dtype, shape, device);
   }
 

@@ -108,20 +108,20 @@ void fp8_scale(float amax, ScaleFormat format, float* scale, float* inv) {
 void quantize_fp8(const bf16_t* x, int64_t rows, int hidden, ScaleFormat format, fp8_t* q,
                   float* scales) {
   if (rows < 0) throw std::invalid_argument("rows must be >= 0, got " + std::to_string(rows));
-  if (hidden <= 0 || hidden % kFp8GroupSize != 0)
+  if (hidden <= 0 || hidden % kFp8Group != 0)
     throw std::invalid_argument("hidden must be a positive multiple of 128, got " +
                                 std::to_string(hidden));
-  const int groups = hidden / kFp8GroupSize;
+  const int groups = hidden / kFp8Group;
   for (int64_t r = 0; r < rows; ++r) {
     for (int g = 0; g < groups; ++g) {
-      const int64_t base = r * hidden + static_cast<int64_t>(g) * kFp8GroupSize;
+      const int64_t base = r * hidden + static_cast<int64_t>(g) * kFp8Group;
       float amax = 0.0f;
-      for (int c = 0; c < kFp8GroupSize; ++c)
+      for (int c = 0; c < kFp8Group; ++c)
         amax = std::fmax(amax, std::fabs(bf16_to_float(x[base + c])));
       float scale, inv;
       fp8_scale(amax, format, &scale, &inv);
       scales[r * groups + g] = scale;
-      for (int c = 0; c < kFp8GroupSize; ++c) {
+      for (int c = 0; c < kFp8Group; ++c) {
         const float scaled = bf16_to_float(x[base + c]) * inv;  // one rounding: no fma involved
         q[base + c] = float_to_fp8(scaled);
       }

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "moecomm/config.hpp"
+#include "runtime/limits.hpp"
 
 namespace moecomm::ref {
 
@@ -20,8 +21,8 @@ float fp8_to_float(fp8_t v);
 /// |v| > 448 (and +-inf) saturates to +-448, NaN gives 0x7f.
 fp8_t float_to_fp8(float v);
 
-/// Channels that share one fp8 scale.
-inline constexpr int kFp8GroupSize = 128;
+/// Channels that share one fp8 scale (the library's constant: the oracle must agree with it).
+using detail::kFp8Group;
 /// Largest finite e4m3 value.
 inline constexpr float kFp8Max = 448.0f;
 /// amax is clamped to at least this before forming a scale (all-zero groups).

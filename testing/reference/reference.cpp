@@ -81,10 +81,10 @@ PayloadParts check_payload(const Shape& shape, const std::vector<Routing>& routi
   }
   if (parts.row_bytes < 0) fail("row_bytes must be >= 0");
   if (parts.scales) {
-    if (shape.hidden <= 0 || shape.hidden % kFp8GroupSize != 0)
+    if (shape.hidden <= 0 || shape.hidden % kFp8Group != 0)
       fail("hidden must be a positive multiple of 128 when x_scales are given, got " +
            std::to_string(shape.hidden));
-    parts.scale_groups = shape.hidden / kFp8GroupSize;
+    parts.scale_groups = shape.hidden / kFp8Group;
   }
   for (size_t r = 0; r < payload.size(); ++r) {
     const Payload& p = payload[r];

@@ -45,8 +45,8 @@ std::vector<T> download(const TensorView& v, int64_t count = -1) {
 /// Fills the first `bytes` bytes of a device view with the poison byte.
 inline void poison(const TensorView& v, int64_t bytes = -1) {
   const int64_t n = bytes < 0 ? static_cast<int64_t>(v.nbytes()) : bytes;
-  if (n > 0 && v.data) TEST_CUDA(cudaMemset(v.data, kPoison, n));
-  TEST_CUDA(cudaDeviceSynchronize());  // rank streams do not wait for the legacy stream
+  if (n > 0 && v.data) MOECOMM_CUDA_CHECK(cudaMemset(v.data, kPoison, n));
+  MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());  // rank streams do not wait for the legacy stream
 }
 
 /// Number of elements that differ, and a description of the first few.

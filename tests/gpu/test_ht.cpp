@@ -431,8 +431,8 @@ TEST_CASE("HT async dispatch and combine return events that order later work") {
   }
   for (int r = 0; r < c.R; ++r) {
     comb[r].event.stream_wait(group[r].stream());
-    TEST_CUDA(cudaMemcpyAsync(copy[r].get(), comb[r].out.data, copy[r].bytes(),
-                              cudaMemcpyDeviceToDevice, group[r].stream()));
+    MOECOMM_CUDA_CHECK(cudaMemcpyAsync(copy[r].get(), comb[r].out.data, copy[r].bytes(),
+                                       cudaMemcpyDeviceToDevice, group[r].stream()));
   }
   group.synchronize();
   const auto want_out = ref::ht_combine(shape, routings(in), y_host, {}, {});

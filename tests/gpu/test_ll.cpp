@@ -24,7 +24,7 @@ using test::DeviceBuffer;
 constexpr int kDevice = 0;
 constexpr int kSmsPerRank = 4;
 constexpr int kWarmUpRounds = 2;  // both LL buffers are seen (and can be poisoned) afterwards
-constexpr int kFp8Group = ref::kFp8GroupSize;
+constexpr int kFp8Group = ref::kFp8Group;
 
 struct LlParams {
   int ranks = 2;
@@ -99,7 +99,8 @@ template <typename T>
 void upload_prefix(DeviceBuffer<T>& dst, const std::vector<T>& src) {
   if (src.size() > dst.size()) throw std::runtime_error("upload_prefix: input larger than buffer");
   if (!src.empty())
-    TEST_CUDA(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice));
+    MOECOMM_CUDA_CHECK(
+        cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice));
 }
 
 bool has_shape(const TensorView& v, DType dtype, std::initializer_list<int64_t> shape) {
@@ -213,7 +214,8 @@ class LlRig {
   /// caller-owned combine outputs. No call may be in flight.
   void poison_all() {
     for (int r = 0; r < R; ++r)
-      for (const Known& k : known_[r]) TEST_CUDA(cudaMemset(k.data, test::kPoison, k.bytes));
+      for (const Known& k : known_[r])
+        MOECOMM_CUDA_CHECK(cudaMemset(k.data, test::kPoison, k.bytes));
     for (auto& set : bufs_)
       for (Buffers& b : set) b.out.poison();
   }
@@ -252,8 +254,9 @@ class LlRig {
             << "combine_buffer is " << cb.describe() << " on rank " << r;
         if (cb.nbytes() < y_host_[set][r].size() * sizeof(uint16_t))
           throw std::runtime_error("combine_buffer too small: " + cb.describe());
-        TEST_CUDA(cudaMemcpy(cb.data, y_host_[set][r].data(),
-                             y_host_[set][r].size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+        MOECOMM_CUDA_CHECK(cudaMemcpy(cb.data, y_host_[set][r].data(),
+                                      y_host_[set][r].size() * sizeof(uint16_t),
+                                      cudaMemcpyHostToDevice));
         args[r].y = cb;
       }
     }
@@ -726,7 +729,7 @@ TEST_CASE("ll: CUDA graph capture of dispatch -> combine per rank, replayed with
     std::vector<CombineOutput> combs(p.ranks);
     for (int r = 0; r < p.ranks; ++r) {
       cudaStream_t s = rig.comm(r).stream();
-      TEST_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+      MOECOMM_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
       try {
         DispatchOptions dopt;
         dopt.quantize_fp8 = mode.quantize;
@@ -744,8 +747,8 @@ TEST_CASE("ll: CUDA graph capture of dispatch -> combine per rank, replayed with
         if (g) cudaGraphDestroy(g);
         throw;
       }
-      TEST_CUDA(cudaStreamEndCapture(s, &graphs.graph[r]));
-      TEST_CUDA(cudaGraphInstantiate(&graphs.exec[r], graphs.graph[r], 0));
+      MOECOMM_CUDA_CHECK(cudaStreamEndCapture(s, &graphs.graph[r]));
+      MOECOMM_CUDA_CHECK(cudaGraphInstantiate(&graphs.exec[r], graphs.graph[r], 0));
     }
 
     std::uniform_int_distribution<int64_t> pick(0, p.capacity);
@@ -760,7 +763,7 @@ TEST_CASE("ll: CUDA graph capture of dispatch -> combine per rank, replayed with
       rig.upload(0, std::move(in));
       rig.poison_all();
       for (int r = 0; r < p.ranks; ++r)
-        TEST_CUDA(cudaGraphLaunch(graphs.exec[r], rig.comm(r).stream()));
+        MOECOMM_CUDA_CHECK(cudaGraphLaunch(graphs.exec[r], rig.comm(r).stream()));
       rig.group().synchronize();
       const std::string label =
           "replay " + std::to_string(replay) + " [" + describe(p) + ", " + describe(mode) + "]";

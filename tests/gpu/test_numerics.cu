@@ -45,8 +45,8 @@ TEST_CASE("device bf16 and fp8 conversions equal the reference") {
   d_bf16.poison();
   d_fp8.poison();
   convert_kernel<<<(n + 255) / 256, 256>>>(d_in.get(), n, d_bf16.get(), d_fp8.get());
-  TEST_CUDA(cudaGetLastError());
-  TEST_CUDA(cudaDeviceSynchronize());
+  MOECOMM_CUDA_CHECK(cudaGetLastError());
+  MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
   const auto bf16 = d_bf16.download();
   const auto fp8 = d_fp8.download();
   int bad_bf16 = 0, bad_fp8 = 0;
@@ -70,8 +70,8 @@ TEST_CASE("device fp8 scales equal the reference for both formats") {
     d_scale.poison();
     d_inv.poison();
     scale_kernel<<<(n + 255) / 256, 256>>>(d_amax.get(), n, pow2, d_scale.get(), d_inv.get());
-    TEST_CUDA(cudaGetLastError());
-    TEST_CUDA(cudaDeviceSynchronize());
+    MOECOMM_CUDA_CHECK(cudaGetLastError());
+    MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
     const auto s = d_scale.download(), inv = d_inv.download();
     int bad = 0;
     for (int i = 0; i < n; ++i) {

@@ -323,7 +323,7 @@ std::vector<Payload> world_fp8_payload(const World& w) {
     const int64_t T = w.routing[s].num_tokens;
     p[s].row_bytes = H;
     p[s].x.resize(T * H);
-    p[s].x_scales.resize(T * H / kFp8GroupSize);
+    p[s].x_scales.resize(T * H / kFp8Group);
     quantize_fp8(w.x[s].data(), T, H, ScaleFormat::kFloat32, p[s].x.data(), p[s].x_scales.data());
   }
   return p;
