@@ -1,3 +1,6 @@
+// The communicator's lifecycle and what every call shares: building one rank's streams, private
+// memory and device context; raising device errors; argument checks common to both paths; and
+// the two entry points, which pick the HT or LL path (ht_calls.cpp, ll_calls.cpp).
 #include "core/comm_impl.hpp"
 
 #include <algorithm>
@@ -7,7 +10,7 @@
 #include <string>
 #include <thread>
 
-#include "core/event_state.hpp"
+#include "core/handle_state.hpp"
 #include "core/validate.hpp"
 #include "ht/intranode.hpp"
 #include "layout/layout.hpp"
@@ -18,59 +21,6 @@
 #include "runtime/streams.hpp"
 
 namespace moecomm::detail {
-
-// ---------------------------------------------------------------------------------------------
-// Handle storage: fixed-size slots of device memory, allocated in chunks up front so that no
-// allocation (which may synchronise the device) happens while co-located ranks spin.
-class SlotPool {
- public:
-  static constexpr int kSlotsPerChunk = 32;
-
-  SlotPool(int device, size_t slot_ints) : device_(device), slot_ints_(slot_ints) { grow(); }
-  ~SlotPool() {
-    int prev = 0;
-    cudaGetDevice(&prev);
-    cudaSetDevice(device_);
-    for (int32_t* c : chunks_) cudaFree(c);
-    cudaSetDevice(prev);
-  }
-
-  int acquire() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (free_.empty()) grow();
-    const int s = free_.back();
-    free_.pop_back();
-    return s;
-  }
-  void release(int slot) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    free_.push_back(slot);
-  }
-  int32_t* base(int slot) const {
-    return chunks_[slot / kSlotsPerChunk] + (slot % kSlotsPerChunk) * slot_ints_;
-  }
-
- private:
-  void grow() {
-    DeviceGuard guard(device_);
-    int32_t* chunk = nullptr;
-    MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&chunk),
-                                  sizeof(int32_t) * slot_ints_ * kSlotsPerChunk));
-    const int first = static_cast<int>(chunks_.size()) * kSlotsPerChunk;
-    chunks_.push_back(chunk);
-    for (int i = kSlotsPerChunk - 1; i >= 0; --i) free_.push_back(first + i);
-  }
-
-  int device_;
-  size_t slot_ints_;
-  std::mutex mutex_;
-  std::vector<int32_t*> chunks_;
-  std::vector<int> free_;
-};
-
-HandleState::~HandleState() {
-  if (pool && slot >= 0) pool->release(slot);
-}
 
 namespace {
 
@@ -96,11 +46,6 @@ const char* phase_name(int phase) {
   return "?";
 }
 
-/// A hook run on another stream than its send phase: that stream waits for the send phase.
-void follow(cudaStream_t send_stream, cudaStream_t hook_stream) {
-  if (hook_stream) stream_wait(hook_stream, send_stream);
-}
-
 // Carves consecutive, 256-byte aligned pieces out of one allocation.
 class Carver {
  public:
@@ -120,7 +65,6 @@ class Carver {
   void* base_ = nullptr;
   size_t offset_ = 0;
 };
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -231,7 +175,6 @@ CommImpl::~CommImpl() {
   cudaFreeHost(const_cast<uint64_t*>(host_flag_));
   cudaSetDevice(prev);
 }
-
 // ---------------------------------------------------------------------------------------------
 void CommImpl::check_errors() {
   if (failed_)
@@ -301,62 +244,6 @@ void CommImpl::synchronize() {
   MOECOMM_CUDA_CHECK(cudaStreamSynchronize(own_stream_));
   if (async_stream_) MOECOMM_CUDA_CHECK(cudaStreamSynchronize(async_stream_));
   check_errors();
-}
-
-CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
-  check_errors();
-  Streams s;
-  s.caller = requested ? requested : own_stream_;
-  group_->claim_stream(rank_, s.caller);
-  s.exec = s.caller;
-  if (async) {
-    stream_wait(async_stream_, s.caller);
-    s.exec = async_stream_;
-  }
-  return s;
-}
-
-Event CommImpl::end_call(const Streams& s, bool async) {
-  if (!async) return {};
-  auto state = std::make_shared<EventState>();
-  state->device = device_;
-  MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&state->event, cudaEventDisableTiming));
-  MOECOMM_CUDA_CHECK(cudaEventRecord(state->event, s.exec));
-  return Event(state);
-}
-
-std::shared_ptr<HandleState> CommImpl::new_handle(Mode mode, int64_t num_tokens) {
-  auto h = std::make_shared<HandleState>();
-  const int R = num_ranks(), K = config().topk, L = config().local_experts(R);
-  h->owner = this;
-  h->mode = mode;
-  h->num_tokens = num_tokens;
-  h->pool = pool_;
-  h->slot = pool_->acquire();
-  int32_t* base = pool_->base(h->slot);
-  h->send_row = base;
-  base += static_cast<size_t>(config().max_tokens_per_rank) * R;
-  h->ll_slot = base;
-  base += static_cast<size_t>(std::max(group_->sizes.ll_capacity, 1)) * K;
-  h->num_recv_dev = base;  // summary: [N][per expert L][rank prefix R+1], copied in one piece
-  h->recv_per_expert = base + 1;
-  h->recv_rank_prefix = base + 1 + L;
-  return h;
-}
-
-HandleState& CommImpl::handle_state(const Handle& handle, Mode expected, const char* call) {
-  if (!handle.valid())
-    throw InvalidArgument(std::string(call) +
-                          ": handle: expected the handle of a dispatch, got an empty one");
-  HandleState* s = handle.state();
-  if (s->owner != this)
-    throw InvalidArgument(std::string(call) +
-                          ": handle: it was made by another communicator (rank " +
-                          "mismatch or another group); pass this rank's own dispatch handle");
-  if (s->mode != expected)
-    throw InvalidArgument(std::string(call) + ": handle: expected a " + mode_name(expected) +
-                          " handle, got a " + mode_name(s->mode) + " one");
-  return *s;
 }
 
 uint64_t CommImpl::publish(const void* ptr, size_t bytes, size_t stage_offset, size_t stage_bytes,
@@ -485,173 +372,6 @@ DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOption
   return low_latency ? dispatch_ll(args, options) : dispatch_ht(args, options);
 }
 
-DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOptions& o) {
-  const Config& c = config();
-  if (c.mode == Mode::kLowLatency)
-    throw InvalidArgument(
-        "Config.mode: the communicator was built for low_latency; HT dispatch needs "
-        "high_throughput or auto");
-  const int R = num_ranks(), L = c.local_experts(R), K = c.topk, H = c.hidden, G = H / kFp8Group;
-  const int64_t T = args.x.shape[0];
-  const std::string t_h = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
-  const bool fp8_in = args.x.dtype == DType::kFP8E4M3;
-  check_tensor(args.x, {"x", {DType::kBF16, DType::kFP8E4M3}, {T, H}, t_h}, device_);
-  if (fp8_in || o.quantize_fp8) {
-    if (!c.enable_fp8) throw InvalidArgument("x: fp8 needs Config.enable_fp8 = true");
-  }
-  if (fp8_in) {
-    if (o.quantize_fp8)
-      throw InvalidArgument("quantize_fp8: expected false for fp8 x (already quantised)");
-    check_tensor(args.x_scales,
-                 {"x_scales",
-                  {DType::kF32},
-                  {T, G},
-                  "[T=" + std::to_string(T) + ", H/128=" + std::to_string(G) + "]"},
-                 device_);
-  } else {
-    check_absent(args.x_scales, "x_scales", "for bf16 x");
-  }
-  check_topk(args, T);
-
-  const bool cached = o.previous_handle != nullptr;
-  if (cached) {
-    HandleState& prev = handle_state(*o.previous_handle, Mode::kHighThroughput, "dispatch");
-    if (prev.num_tokens != T)
-      throw InvalidArgument("previous_handle: it routed " + std::to_string(prev.num_tokens) +
-                            " tokens, x has " + std::to_string(T) + "; expected the same routing");
-  }
-
-  const Streams s = begin_call(o.stream, o.async);
-  Handle handle;
-  if (cached) {
-    handle = *o.previous_handle;
-  } else {
-    handle = Handle(new_handle(Mode::kHighThroughput, T));
-  }
-  HandleState& h = *handle.state();
-  const bool exact = o.sizing == Sizing::kExact;
-  const uint64_t token = ++host_token_;
-
-  ht::DispatchParams p;
-  p.x = args.x.data;
-  p.num_tokens = T;
-  p.in_row_bytes = static_cast<int>(fp8_in ? H : 2 * H);
-  p.out_row_bytes = static_cast<int>(fp8_in || o.quantize_fp8 ? H : 2 * H);
-  p.x_scales = fp8_in ? static_cast<const float*>(args.x_scales.data) : nullptr;
-  p.quantize = o.quantize_fp8;
-  p.pow2_scales = c.scale_format == ScaleFormat::kPowerOfTwo;
-  p.topk_idx = args.topk_idx.data;
-  p.idx_i64 = args.topk_idx.dtype == DType::kI64;
-  p.topk_weights =
-      args.topk_weights.present() ? static_cast<const float*>(args.topk_weights.data) : nullptr;
-  p.send_row = h.send_row;
-  p.cached = cached;
-  if (!cached)
-    p.layout =
-        layout_params(args.topk_idx, /*exchange=*/true, /*close=*/false, &h, exact ? token : 0);
-  ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
-
-  if (!cached && exact) {
-    wait_host_counts(token);
-    h.num_recv = host_counts_[0];
-    h.recv_per_expert_host.assign(host_counts_ + 1, host_counts_ + 1 + L);
-  }
-
-  DispatchOutput out;
-  out.mode = Mode::kHighThroughput;
-  const int64_t rows = h.num_recv >= 0 ? h.num_recv : group_->sizes.ht_capacity;
-  const bool fp8_out = fp8_in || o.quantize_fp8;
-  const auto& lay = group_->layout;
-  out.recv_x = sym_view(lay.ht_x, fp8_out ? DType::kFP8E4M3 : DType::kBF16, {rows, H});
-  if (fp8_out) out.recv_x_scales = sym_view(lay.ht_scales, DType::kF32, {rows, G});
-  out.recv_topk_idx = sym_view(lay.ht_topk_idx, DType::kI64, {rows, K});
-  if (args.topk_weights.present())  // (a null pointer is fine when T = 0)
-    out.recv_topk_weights = sym_view(lay.ht_topk_weights, DType::kF32, {rows, K});
-  out.recv_src_token = sym_view(lay.ht_src_token, DType::kI32, {rows});
-  out.recv_rank_prefix = local_view(h.recv_rank_prefix, DType::kI32, {R + 1});
-  out.num_recv_tokens_per_expert = local_view(h.recv_per_expert, DType::kI32, {L});
-  out.num_recv_tokens_device = local_view(h.num_recv_dev, DType::kI32, {1});
-  out.num_recv_tokens = h.num_recv;
-  out.num_recv_tokens_per_expert_host = h.recv_per_expert_host;
-  out.handle = handle;
-  out.event = end_call(s, o.async);
-  return out;
-}
-
-DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOptions& o) {
-  const Config& c = config();
-  const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, G = H / kFp8Group;
-  const int M = group_->sizes.ll_capacity;
-  const int64_t T = args.x.shape[0];
-  if (T > M)
-    throw InvalidArgument(
-        "x: " + std::to_string(T) +
-        " tokens, expected at most the low-latency capacity M = " + std::to_string(M));
-  check_tensor(args.x,
-               {"x",
-                {DType::kBF16},
-                {T, H},
-                "[T=" + std::to_string(T) + ", " + std::to_string(H) +
-                    "] (LL takes bf16 and quantises on the fly)"},
-               device_);
-  check_absent(args.x_scales, "x_scales", "in low-latency dispatch (x is bf16)");
-  if (o.quantize_fp8 && !c.enable_fp8)
-    throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
-  check_topk(args, T);
-  if (group_call_ && group_call_->validate_only) return {};
-
-  const Streams s = begin_call(o.stream, o.async);
-  auto state = new_handle(Mode::kLowLatency, T);
-  const int b = static_cast<int>(ll_calls_++ % 2);
-  state->buffer = b;
-
-  ll::DispatchSendParams p;
-  p.x = static_cast<const uint16_t*>(args.x.data);
-  p.num_tokens = T;
-  p.topk_idx = args.topk_idx.data;
-  p.idx_i64 = args.topk_idx.dtype == DType::kI64;
-  p.fp8 = o.quantize_fp8;
-  p.pow2_scales = c.scale_format == ScaleFormat::kPowerOfTwo;
-  p.buffer = b;
-  p.slot_of = state->ll_slot;
-  p.layout = layout_params(args.topk_idx, /*exchange=*/false, /*close=*/false, nullptr, 0);
-  p.layout.prefix = false;  // positions straight from the bitmap words (rows of T <= M tokens)
-  ll::DispatchRecvParams& rp = p.recv;
-  rp.buffer = b;
-  rp.recv_count = ll_recv_count_ + b * L;
-  rp.recv_layout = ll_recv_layout_ + static_cast<size_t>(b) * L * R * 2;
-  p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
-  if (group_call_) {
-    group_call_->ctx.push_back(ctx_);
-    group_call_->dispatch.push_back(p);
-  } else {
-    ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
-  }
-
-  DispatchOutput out;
-  if (o.return_recv_hook) {
-    const DeviceContext ctx = ctx_;
-    const cudaStream_t default_stream = s.exec;
-    out.hook = RecvHook([ctx, rp, default_stream](cudaStream_t st) {
-      follow(default_stream, st);
-      ll::launch_dispatch_recv(ctx, rp, st ? st : default_stream);
-    });
-  }
-
-  const auto& lay = group_->layout;
-  const int64_t slots = static_cast<int64_t>(R) * M;
-  out.mode = Mode::kLowLatency;
-  out.recv_x =
-      sym_view(lay.ll_x[b], o.quantize_fp8 ? DType::kFP8E4M3 : DType::kBF16, {L, slots, H});
-  if (o.quantize_fp8) out.recv_x_scales = sym_view(lay.ll_scales[b], DType::kF32, {L, slots, G});
-  out.recv_src_info = sym_view(lay.ll_src_token[b], DType::kI32, {L, slots});
-  out.recv_count = local_view(rp.recv_count, DType::kI32, {L});
-  out.recv_layout = local_view(rp.recv_layout, DType::kI32, {L, R, 2});
-  out.handle = Handle(state);
-  out.event = end_call(s, o.async);
-  return out;
-}
-
 // ---------------------------------------------------------------------------------------------
 CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle,
                                 const CombineOptions& options) {
@@ -666,138 +386,6 @@ CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle,
         "combine: one launch for the whole group serves the low-latency path; the "
         "handle is a high-throughput one");
   return combine_ht(args, h, options);
-}
-
-CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
-                                   const CombineOptions& o) {
-  const Config& c = config();
-  const int H = c.hidden, K = c.topk;
-  const int64_t T = h.num_tokens;
-  const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
-  if (h.num_recv >= 0) {
-    check_tensor(args.y,
-                 {"y",
-                  {DType::kBF16},
-                  {h.num_recv, H},
-                  "[N=" + std::to_string(h.num_recv) + ", " + std::to_string(H) + "]"},
-                 device_);
-  } else {
-    check_tensor(args.y, {"y", {DType::kBF16}, {kAnyDim, H}, "[N, " + std::to_string(H) + "]"},
-                 device_);
-    if (args.y.shape[0] > group_->sizes.ht_capacity)
-      throw InvalidArgument("y: " + std::to_string(args.y.shape[0]) +
-                            " rows, expected at most the receive capacity " +
-                            std::to_string(group_->sizes.ht_capacity));
-  }
-  const int64_t N = args.y.shape[0];
-  if (args.recv_topk_weights.present())
-    check_tensor(args.recv_topk_weights,
-                 {"recv_topk_weights",
-                  {DType::kF32},
-                  {N, K},
-                  "[N=" + std::to_string(N) + ", " + std::to_string(K) + "]"},
-                 device_);
-  if (args.bias.present()) check_tensor(args.bias, {"bias", {DType::kBF16}, {T, H}, tag}, device_);
-  check_absent(args.topk_weights, "topk_weights", "in HT combine (pass recv_topk_weights)");
-  if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
-  if (o.return_recv_hook)
-    throw InvalidArgument(
-        "return_recv_hook: expected false for HT combine (hooks are a low-latency feature)");
-
-  const Streams s = begin_call(o.stream, o.async);
-  ht::CombineParams p;
-  const auto& lay = group_->layout;
-  const size_t cap = static_cast<size_t>(group_->sizes.ht_capacity);
-  const bool staged = group_->sizes.stage_combine;
-  p.y =
-      publish(args.y.data, args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0, "y", s.exec);
-  if (args.recv_topk_weights.present())
-    p.recv_weights =
-        publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.ht_stage_weights,
-                staged ? cap * K * sizeof(float) : 0, "recv_topk_weights", s.exec);
-  p.bias = args.bias.present() ? static_cast<const uint16_t*>(args.bias.data) : nullptr;
-  p.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
-  const bool want_weights = args.recv_topk_weights.present();
-  p.combined_weights = want_weights ? combine_weights_ : nullptr;
-  p.send_row = h.send_row;
-  p.num_tokens = T;
-  ht::launch_combine(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
-
-  CombineOutput out;
-  out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
-  if (want_weights) out.combined_topk_weights = local_view(combine_weights_, DType::kF32, {T, K});
-  out.event = end_call(s, o.async);
-  return out;
-}
-
-CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
-                                   const CombineOptions& o) {
-  const Config& c = config();
-  const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, K = c.topk;
-  const int M = group_->sizes.ll_capacity;
-  const int64_t T = h.num_tokens;
-  const int64_t slots = static_cast<int64_t>(R) * M;
-  check_tensor(args.y,
-               {"y",
-                {DType::kBF16},
-                {L, slots, H},
-                "[L=" + std::to_string(L) + ", R*M=" + std::to_string(slots) + ", " +
-                    std::to_string(H) + "]"},
-               device_);
-  check_tensor(args.topk_weights,
-               {"topk_weights",
-                {DType::kF32},
-                {T, K},
-                "[T=" + std::to_string(T) + ", " + std::to_string(K) + "]"},
-               device_);
-  check_absent(args.recv_topk_weights, "recv_topk_weights",
-               "in LL combine (weights are applied on the token's rank)");
-  check_absent(args.bias, "bias", "in LL combine");
-  const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
-  if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
-  if (group_call_ && group_call_->validate_only) return {};
-
-  const Streams s = begin_call(o.stream, o.async);
-  ll::CombineSendParams sp;
-  const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
-  sp.y = publish(args.y.data, args.y.nbytes(), group_->layout.ll_combine[h.buffer], combine_bytes,
-                 "y", s.exec);
-  sp.buffer = h.buffer;
-  if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
-
-  ll::CombineRecvParams rp;
-  rp.publish_y = !o.return_recv_hook;  // without a hook, one kernel does both phases
-  rp.y = sp.y;
-  rp.buffer = h.buffer;
-  rp.slot_of = h.ll_slot;
-  rp.topk_weights = static_cast<const float*>(args.topk_weights.data);
-  rp.num_tokens = T;
-  rp.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
-  CombineOutput out;
-  const int blocks = c.num_sms, threads = c.threads_per_block;
-  if (o.return_recv_hook) {
-    const DeviceContext ctx = ctx_;
-    const cudaStream_t default_stream = s.exec;
-    out.hook = RecvHook([ctx, rp, blocks, threads, default_stream](cudaStream_t st) {
-      follow(default_stream, st);
-      ll::launch_combine_recv(ctx, rp, blocks, threads, st ? st : default_stream);
-    });
-  } else if (group_call_) {
-    group_call_->ctx.push_back(ctx_);
-    group_call_->combine.push_back(rp);
-  } else {
-    ll::launch_combine_recv(ctx_, rp, blocks, threads, s.exec);
-  }
-  out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
-  out.event = end_call(s, o.async);
-  return out;
-}
-
-TensorView CommImpl::combine_buffer(const Handle& handle) {
-  HandleState& h = handle_state(handle, Mode::kLowLatency, "combine_buffer");
-  const int R = num_ranks(), L = config().local_experts(R), H = config().hidden;
-  const int64_t slots = static_cast<int64_t>(R) * group_->sizes.ll_capacity;
-  return sym_view(group_->layout.ll_combine[h.buffer], DType::kBF16, {L, slots, H});
 }
 
 }  // namespace moecomm::detail

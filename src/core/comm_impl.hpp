@@ -17,25 +17,7 @@
 namespace moecomm::detail {
 
 class SlotPool;
-
-/// Device metadata of one dispatch (a slot of the communicator's pool) and what the host knows.
-struct HandleState {
-  const void* owner = nullptr;  // the CommImpl that made it
-  Mode mode = Mode::kHighThroughput;
-  int64_t num_tokens = 0;
-  int64_t num_recv = -1;  // HT, host-known N
-  int buffer = 0;         // LL buffer
-  std::vector<int> recv_per_expert_host;
-  // Device arrays inside the slot.
-  int32_t* send_row = nullptr;          // HT [T, R]
-  int32_t* ll_slot = nullptr;           // LL [T, K]
-  int32_t* num_recv_dev = nullptr;      // [1]
-  int32_t* recv_per_expert = nullptr;   // [L] padded
-  int32_t* recv_rank_prefix = nullptr;  // [R + 1]
-  std::shared_ptr<SlotPool> pool;
-  int slot = -1;
-  ~HandleState();
-};
+struct HandleState;
 
 class CommImpl {
  public:

@@ -1,7 +1,7 @@
 #include "moecomm/handle.hpp"
 
-#include "core/comm_impl.hpp"
 #include "core/event_state.hpp"
+#include "core/handle_state.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/group_state.hpp"

@@ -1,0 +1,34 @@
+// Where a call's kernels run: on the caller's stream, or (async) on the rank's second stream
+// ordered after the caller's work, with an Event that marks the end.
+#include <memory>
+
+#include "core/comm_impl.hpp"
+#include "core/event_state.hpp"
+#include "runtime/cuda_check.hpp"
+#include "runtime/streams.hpp"
+
+namespace moecomm::detail {
+
+CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
+  check_errors();
+  Streams s;
+  s.caller = requested ? requested : own_stream_;
+  group_->claim_stream(rank_, s.caller);
+  s.exec = s.caller;
+  if (async) {
+    stream_wait(async_stream_, s.caller);
+    s.exec = async_stream_;
+  }
+  return s;
+}
+
+Event CommImpl::end_call(const Streams& s, bool async) {
+  if (!async) return {};
+  auto state = std::make_shared<EventState>();
+  state->device = device_;
+  MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&state->event, cudaEventDisableTiming));
+  MOECOMM_CUDA_CHECK(cudaEventRecord(state->event, s.exec));
+  return Event(state);
+}
+
+}  // namespace moecomm::detail

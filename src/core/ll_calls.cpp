@@ -1,0 +1,158 @@
+// The low-latency path's calls: argument checks, the alternating buffers, receive hooks, and the
+// parameters of the LL kernels (ll/ll.hpp), launched per rank or recorded for one group launch.
+#include <string>
+
+#include "core/comm_impl.hpp"
+#include "core/handle_state.hpp"
+#include "core/validate.hpp"
+#include "ll/ll.hpp"
+#include "moecomm/error.hpp"
+#include "runtime/streams.hpp"
+
+namespace moecomm::detail {
+
+DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOptions& o) {
+  const Config& c = config();
+  const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, G = H / kFp8Group;
+  const int M = group_->sizes.ll_capacity;
+  const int64_t T = args.x.shape[0];
+  if (T > M)
+    throw InvalidArgument(
+        "x: " + std::to_string(T) +
+        " tokens, expected at most the low-latency capacity M = " + std::to_string(M));
+  check_tensor(args.x,
+               {"x",
+                {DType::kBF16},
+                {T, H},
+                "[T=" + std::to_string(T) + ", " + std::to_string(H) +
+                    "] (LL takes bf16 and quantises on the fly)"},
+               device_);
+  check_absent(args.x_scales, "x_scales", "in low-latency dispatch (x is bf16)");
+  if (o.quantize_fp8 && !c.enable_fp8)
+    throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
+  check_topk(args, T);
+  if (group_call_ && group_call_->validate_only) return {};
+
+  const Streams s = begin_call(o.stream, o.async);
+  auto state = new_handle(Mode::kLowLatency, T);
+  const int b = static_cast<int>(ll_calls_++ % 2);
+  state->buffer = b;
+
+  ll::DispatchSendParams p;
+  p.x = static_cast<const uint16_t*>(args.x.data);
+  p.num_tokens = T;
+  p.topk_idx = args.topk_idx.data;
+  p.idx_i64 = args.topk_idx.dtype == DType::kI64;
+  p.fp8 = o.quantize_fp8;
+  p.pow2_scales = c.scale_format == ScaleFormat::kPowerOfTwo;
+  p.buffer = b;
+  p.slot_of = state->ll_slot;
+  p.layout = layout_params(args.topk_idx, /*exchange=*/false, /*close=*/false, nullptr, 0);
+  p.layout.prefix = false;  // positions straight from the bitmap words (rows of T <= M tokens)
+  ll::DispatchRecvParams& rp = p.recv;
+  rp.buffer = b;
+  rp.recv_count = ll_recv_count_ + b * L;
+  rp.recv_layout = ll_recv_layout_ + static_cast<size_t>(b) * L * R * 2;
+  p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
+  if (group_call_) {
+    group_call_->ctx.push_back(ctx_);
+    group_call_->dispatch.push_back(p);
+  } else {
+    ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  }
+
+  DispatchOutput out;
+  if (o.return_recv_hook) {
+    const DeviceContext ctx = ctx_;
+    const cudaStream_t default_stream = s.exec;
+    out.hook = RecvHook([ctx, rp, default_stream](cudaStream_t st) {
+      if (st) stream_wait(st, default_stream);  // a hook on another stream follows the send
+      ll::launch_dispatch_recv(ctx, rp, st ? st : default_stream);
+    });
+  }
+
+  const auto& lay = group_->layout;
+  const int64_t slots = static_cast<int64_t>(R) * M;
+  out.mode = Mode::kLowLatency;
+  out.recv_x =
+      sym_view(lay.ll_x[b], o.quantize_fp8 ? DType::kFP8E4M3 : DType::kBF16, {L, slots, H});
+  if (o.quantize_fp8) out.recv_x_scales = sym_view(lay.ll_scales[b], DType::kF32, {L, slots, G});
+  out.recv_src_info = sym_view(lay.ll_src_token[b], DType::kI32, {L, slots});
+  out.recv_count = local_view(rp.recv_count, DType::kI32, {L});
+  out.recv_layout = local_view(rp.recv_layout, DType::kI32, {L, R, 2});
+  out.handle = Handle(state);
+  out.event = end_call(s, o.async);
+  return out;
+}
+
+CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
+                                   const CombineOptions& o) {
+  const Config& c = config();
+  const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, K = c.topk;
+  const int M = group_->sizes.ll_capacity;
+  const int64_t T = h.num_tokens;
+  const int64_t slots = static_cast<int64_t>(R) * M;
+  check_tensor(args.y,
+               {"y",
+                {DType::kBF16},
+                {L, slots, H},
+                "[L=" + std::to_string(L) + ", R*M=" + std::to_string(slots) + ", " +
+                    std::to_string(H) + "]"},
+               device_);
+  check_tensor(args.topk_weights,
+               {"topk_weights",
+                {DType::kF32},
+                {T, K},
+                "[T=" + std::to_string(T) + ", " + std::to_string(K) + "]"},
+               device_);
+  check_absent(args.recv_topk_weights, "recv_topk_weights",
+               "in LL combine (weights are applied on the token's rank)");
+  check_absent(args.bias, "bias", "in LL combine");
+  const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
+  if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
+  if (group_call_ && group_call_->validate_only) return {};
+
+  const Streams s = begin_call(o.stream, o.async);
+  ll::CombineSendParams sp;
+  const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
+  sp.y = publish(args.y.data, args.y.nbytes(), group_->layout.ll_combine[h.buffer], combine_bytes,
+                 "y", s.exec);
+  sp.buffer = h.buffer;
+  if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
+
+  ll::CombineRecvParams rp;
+  rp.publish_y = !o.return_recv_hook;  // without a hook, one kernel does both phases
+  rp.y = sp.y;
+  rp.buffer = h.buffer;
+  rp.slot_of = h.ll_slot;
+  rp.topk_weights = static_cast<const float*>(args.topk_weights.data);
+  rp.num_tokens = T;
+  rp.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
+  CombineOutput out;
+  const int blocks = c.num_sms, threads = c.threads_per_block;
+  if (o.return_recv_hook) {
+    const DeviceContext ctx = ctx_;
+    const cudaStream_t default_stream = s.exec;
+    out.hook = RecvHook([ctx, rp, blocks, threads, default_stream](cudaStream_t st) {
+      if (st) stream_wait(st, default_stream);  // a hook on another stream follows the send
+      ll::launch_combine_recv(ctx, rp, blocks, threads, st ? st : default_stream);
+    });
+  } else if (group_call_) {
+    group_call_->ctx.push_back(ctx_);
+    group_call_->combine.push_back(rp);
+  } else {
+    ll::launch_combine_recv(ctx_, rp, blocks, threads, s.exec);
+  }
+  out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
+  out.event = end_call(s, o.async);
+  return out;
+}
+
+TensorView CommImpl::combine_buffer(const Handle& handle) {
+  HandleState& h = handle_state(handle, Mode::kLowLatency, "combine_buffer");
+  const int R = num_ranks(), L = config().local_experts(R), H = config().hidden;
+  const int64_t slots = static_cast<int64_t>(R) * group_->sizes.ll_capacity;
+  return sym_view(group_->layout.ll_combine[h.buffer], DType::kBF16, {L, slots, H});
+}
+
+}  // namespace moecomm::detail
