@@ -16,6 +16,7 @@
 #include "layout/layout.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
+#include "paths/regions.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/stream_warmup.hpp"
 #include "runtime/streams.hpp"
@@ -46,25 +47,6 @@ const char* phase_name(int phase) {
   return "?";
 }
 
-// Carves consecutive, 256-byte aligned pieces out of one allocation.
-class Carver {
- public:
-  template <typename T>
-  T* take(size_t count) {
-    const size_t at = offset_;
-    offset_ += (sizeof(T) * count + 255) / 256 * 256;
-    return reinterpret_cast<T*>(static_cast<uint8_t*>(base_) + at);
-  }
-  size_t size() const { return offset_; }
-  void set_base(void* base) {
-    base_ = base;
-    offset_ = 0;
-  }
-
- private:
-  void* base_ = nullptr;
-  size_t offset_ = 0;
-};
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -72,11 +54,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
     : group_(std::move(group)), rank_(rank), device_(group_->device_of[rank]) {
   DeviceGuard guard(device_);
   const Config& c = group_->config;
-  const int R = group_->num_ranks, E = c.num_experts, L = c.local_experts(R), K = c.topk,
-            H = c.hidden;
-  const BufferSizes& sz = group_->sizes;
-  const int Tmax = sz.max_tokens;
-  const int W = (Tmax + 31) / 32;
+  const RegionShape& shape = group_->shape;
+  const int R = shape.num_ranks, L = shape.local_experts, K = shape.topk, H = shape.hidden;
+  const int Tmax = shape.max_tokens;
 
   layout::preload_kernels();
   ht::preload_kernels();
@@ -101,60 +81,41 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   host_flag_ = flag;
   MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_flag_dev_), flag, 0));
 
-  // Private scratch: measure, allocate once, carve.
-  Carver carve;
-  auto layout_all = [&](Carver& cv) {
-    LocalState s{};
-    s.epoch = cv.take<uint64_t>(1);
-    s.ticket = cv.take<uint32_t>(1);
-    s.grid_barrier = cv.take<uint64_t>(2);
-    s.ll_seq = cv.take<uint64_t>(2);
-    s.combine_seq = cv.take<uint64_t>(2);
-    s.aborted = cv.take<int32_t>(1);
-    s.expert_bitmap = cv.take<uint32_t>(static_cast<size_t>(E) * W);
-    s.expert_word_prefix = cv.take<int32_t>(static_cast<size_t>(E) * W);
-    s.rank_bitmap = cv.take<uint32_t>(static_cast<size_t>(R) * W);
-    s.rank_word_prefix = cv.take<int32_t>(static_cast<size_t>(R) * W);
-    s.token_rank_mask = cv.take<uint64_t>(Tmax);
-    s.num_tokens_per_rank = cv.take<int32_t>(R);
-    s.num_tokens_per_expert = cv.take<int32_t>(E);
-    s.is_token_in_rank = cv.take<uint8_t>(static_cast<size_t>(Tmax) * R);
-    s.num_recv_per_rank = cv.take<int32_t>(R);
-    s.num_recv_per_expert = cv.take<int32_t>(L);
-    s.send_base = cv.take<int32_t>(R);
-    combine_out_ = cv.take<uint16_t>(static_cast<size_t>(Tmax) * H);
-    combine_weights_ = cv.take<float>(static_cast<size_t>(Tmax) * K);
-    ll_recv_count_ = cv.take<int32_t>(2 * L);
-    ll_recv_layout_ = cv.take<int32_t>(2 * static_cast<size_t>(L) * R * 2);
-    return s;
+  // Private memory, one allocation: every path's regions and this communicator's outputs.
+  // Measured first, then carved; the symmetric offsets come out as the group's plan made them.
+  auto claim = [&](Arena& symmetric, Arena& local) {
+    claim_regions(c, shape, symmetric, local, ctx_);
+    combine_out_ = local.take<uint16_t>(static_cast<size_t>(Tmax) * H);
+    combine_weights_ = local.take<float>(static_cast<size_t>(Tmax) * K);
   };
-  layout_all(carve);
-  MOECOMM_CUDA_CHECK(cudaMalloc(&local_mem_, carve.size()));
-  MOECOMM_CUDA_CHECK(cudaMemset(local_mem_, 0, carve.size()));
-  carve.set_base(local_mem_);
-  ctx_.local = layout_all(carve);
+  Arena measure_symmetric, measure_local;
+  claim(measure_symmetric, measure_local);
+  MOECOMM_CUDA_CHECK(cudaMalloc(&local_mem_, measure_local.size()));
+  MOECOMM_CUDA_CHECK(cudaMemset(local_mem_, 0, measure_local.size()));
+  Arena symmetric, local(local_mem_);
+  claim(symmetric, local);
+  if (symmetric.size() != group_->plan.bytes)
+    throw Error("internal: the regions of rank " + std::to_string(rank_) +
+                " do not match the group's symmetric buffer");
 
   ctx_.rank = rank_;
   ctx_.num_ranks = R;
-  ctx_.num_experts = E;
+  ctx_.num_experts = shape.num_experts;
   ctx_.local_experts = L;
   ctx_.topk = K;
   ctx_.hidden = H;
   ctx_.max_tokens = Tmax;
-  ctx_.words = W;
-  ctx_.ht_capacity = sz.ht_capacity;
-  ctx_.ll_capacity = sz.ll_capacity;
+  ctx_.words = shape.words;
   ctx_.timeout_ns = static_cast<uint64_t>(c.timeout_seconds * 1e9);
   ctx_.one_gpu = 1;  // GPU-scope ordering when every rank shares this device in this process
   for (int r = 0; r < R; ++r)
     if (!group_->single_address_space || group_->device_of[r] != device_) ctx_.one_gpu = 0;
   for (int r = 0; r < R; ++r) ctx_.peers[r] = group_->sym_base[r];
-  ctx_.sym = group_->layout;
   MOECOMM_CUDA_CHECK(
       cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));
 
   const size_t slot_ints = static_cast<size_t>(c.max_tokens_per_rank) * R +
-                           static_cast<size_t>(std::max(sz.ll_capacity, 1)) * K + 2 + L + R;
+                           static_cast<size_t>(std::max(ctx_.ll.capacity, 1)) * K + 2 + L + R;
   pool_ = std::make_shared<SlotPool>(device_, slot_ints);
   MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }
@@ -250,7 +211,7 @@ uint64_t CommImpl::publish(const void* ptr, size_t bytes, size_t stage_offset, s
                            const char* name, cudaStream_t stream) {
   const uint8_t* base = group_->sym_base[rank_];
   const uint8_t* p = static_cast<const uint8_t*>(ptr);
-  if (p >= base && p + bytes <= base + group_->layout.total)
+  if (p >= base && p + bytes <= base + group_->plan.bytes)
     return static_cast<uint64_t>(p - base) | kSymmetricOffsetTag;
   if (group_->single_address_space || bytes == 0) return reinterpret_cast<uint64_t>(ptr);
   if (bytes > stage_bytes)
@@ -336,11 +297,11 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
                         config().num_sms, config().threads_per_block, s.exec);
   const int R = num_ranks(), E = config().num_experts, L = config().local_experts(R);
   Layout out;
-  out.num_tokens_per_rank = local_view(ctx_.local.num_tokens_per_rank, DType::kI32, {R});
-  out.num_tokens_per_expert = local_view(ctx_.local.num_tokens_per_expert, DType::kI32, {E});
-  out.is_token_in_rank = local_view(ctx_.local.is_token_in_rank, DType::kU8, {T, R});
-  out.num_recv_tokens_per_rank = local_view(ctx_.local.num_recv_per_rank, DType::kI32, {R});
-  out.num_recv_tokens_per_expert = local_view(ctx_.local.num_recv_per_expert, DType::kI32, {L});
+  out.num_tokens_per_rank = local_view(ctx_.layout.num_tokens_per_rank, DType::kI32, {R});
+  out.num_tokens_per_expert = local_view(ctx_.layout.num_tokens_per_expert, DType::kI32, {E});
+  out.is_token_in_rank = local_view(ctx_.layout.is_token_in_rank, DType::kU8, {T, R});
+  out.num_recv_tokens_per_rank = local_view(ctx_.layout.num_recv_per_rank, DType::kI32, {R});
+  out.num_recv_tokens_per_expert = local_view(ctx_.layout.num_recv_per_expert, DType::kI32, {L});
   return out;
 }
 

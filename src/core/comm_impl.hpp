@@ -11,7 +11,7 @@
 #include "layout/layout.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/communicator.hpp"
-#include "runtime/device_context.hpp"
+#include "paths/device_context.hpp"
 #include "runtime/group_state.hpp"
 
 namespace moecomm::detail {
@@ -91,8 +91,6 @@ class CommImpl {
   void* local_mem_ = nullptr;               // all private scratch, one allocation
   uint16_t* combine_out_ = nullptr;         // [Tmax, H]
   float* combine_weights_ = nullptr;        // [Tmax, K]
-  int32_t* ll_recv_count_ = nullptr;        // [2][L]
-  int32_t* ll_recv_layout_ = nullptr;       // [2][L*R*2]
   int32_t* host_counts_ = nullptr;          // mapped: [1 + L], written by the layout kernel
   volatile uint64_t* host_flag_ = nullptr;  // mapped: the token of the last exact dispatch
   int32_t* host_counts_dev_ = nullptr;      // device aliases of the two

@@ -11,6 +11,7 @@
 #include "core/comm_impl.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
+#include "paths/regions.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/group_state.hpp"
 #include "runtime/streams.hpp"
@@ -200,7 +201,9 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
                           "distinct hardware queues (at least " +
                           std::to_string(2 * most_on_one_device) +
                           "); unset it or set it to 32 before CUDA starts");
-  state_ = std::make_shared<detail::GroupState>(config, num_ranks, devices);
+  const auto shape = detail::region_shape(config, num_ranks, /*separate_processes=*/false);
+  state_ = std::make_shared<detail::GroupState>(config, shape, devices,
+                                                detail::symmetric_plan(config, shape));
   for (int r = 0; r < num_ranks; ++r)
     comms_.push_back(
         std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, r)));
@@ -355,7 +358,9 @@ ProcessGroupBuilder::ProcessGroupBuilder(const Config& config, int rank, int siz
     throw InvalidArgument("Config.num_sms: expected <= " + std::to_string(sms) +
                           " (the SMs of cuda:" + std::to_string(device) + "), got " +
                           std::to_string(config.num_sms));
-  state_ = std::make_shared<detail::GroupState>(config, size, rank, device);
+  const auto shape = detail::region_shape(config, size, /*separate_processes=*/size > 1);
+  state_ = std::make_shared<detail::GroupState>(config, shape, rank, device,
+                                                detail::symmetric_plan(config, shape));
 }
 
 ProcessGroupBuilder::~ProcessGroupBuilder() = default;

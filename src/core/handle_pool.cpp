@@ -28,7 +28,7 @@ std::shared_ptr<HandleState> CommImpl::new_handle(Mode mode, int64_t num_tokens)
   h->send_row = base;
   base += static_cast<size_t>(config().max_tokens_per_rank) * R;
   h->ll_slot = base;
-  base += static_cast<size_t>(std::max(group_->sizes.ll_capacity, 1)) * K;
+  base += static_cast<size_t>(std::max(ctx_.ll.capacity, 1)) * K;
   h->num_recv_dev = base;  // summary: [N][per expert L][rank prefix R+1], copied in one piece
   h->recv_per_expert = base + 1;
   h->recv_rank_prefix = base + 1 + L;

@@ -84,15 +84,15 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
 
   DispatchOutput out;
   out.mode = Mode::kHighThroughput;
-  const int64_t rows = h.num_recv >= 0 ? h.num_recv : group_->sizes.ht_capacity;
+  const int64_t rows = h.num_recv >= 0 ? h.num_recv : ctx_.ht.capacity;
   const bool fp8_out = fp8_in || o.quantize_fp8;
-  const auto& lay = group_->layout;
-  out.recv_x = sym_view(lay.ht_x, fp8_out ? DType::kFP8E4M3 : DType::kBF16, {rows, H});
-  if (fp8_out) out.recv_x_scales = sym_view(lay.ht_scales, DType::kF32, {rows, G});
-  out.recv_topk_idx = sym_view(lay.ht_topk_idx, DType::kI64, {rows, K});
+  const ht::Regions& lay = ctx_.ht;
+  out.recv_x = sym_view(lay.x, fp8_out ? DType::kFP8E4M3 : DType::kBF16, {rows, H});
+  if (fp8_out) out.recv_x_scales = sym_view(lay.scales, DType::kF32, {rows, G});
+  out.recv_topk_idx = sym_view(lay.topk_idx, DType::kI64, {rows, K});
   if (args.topk_weights.present())  // (a null pointer is fine when T = 0)
-    out.recv_topk_weights = sym_view(lay.ht_topk_weights, DType::kF32, {rows, K});
-  out.recv_src_token = sym_view(lay.ht_src_token, DType::kI32, {rows});
+    out.recv_topk_weights = sym_view(lay.topk_weights, DType::kF32, {rows, K});
+  out.recv_src_token = sym_view(lay.src_token, DType::kI32, {rows});
   out.recv_rank_prefix = local_view(h.recv_rank_prefix, DType::kI32, {R + 1});
   out.num_recv_tokens_per_expert = local_view(h.recv_per_expert, DType::kI32, {L});
   out.num_recv_tokens_device = local_view(h.num_recv_dev, DType::kI32, {1});
@@ -119,10 +119,10 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   } else {
     check_tensor(args.y, {"y", {DType::kBF16}, {kAnyDim, H}, "[N, " + std::to_string(H) + "]"},
                  device_);
-    if (args.y.shape[0] > group_->sizes.ht_capacity)
+    if (args.y.shape[0] > ctx_.ht.capacity)
       throw InvalidArgument("y: " + std::to_string(args.y.shape[0]) +
                             " rows, expected at most the receive capacity " +
-                            std::to_string(group_->sizes.ht_capacity));
+                            std::to_string(ctx_.ht.capacity));
   }
   const int64_t N = args.y.shape[0];
   if (args.recv_topk_weights.present())
@@ -141,15 +141,13 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
 
   const Streams s = begin_call(o.stream, o.async);
   ht::CombineParams p;
-  const auto& lay = group_->layout;
-  const size_t cap = static_cast<size_t>(group_->sizes.ht_capacity);
-  const bool staged = group_->sizes.stage_combine;
-  p.y =
-      publish(args.y.data, args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0, "y", s.exec);
+  const ht::Regions& lay = ctx_.ht;
+  const size_t staged = static_cast<size_t>(lay.stage_rows);
+  p.y = publish(args.y.data, args.y.nbytes(), lay.stage_y, staged * H * 2, "y", s.exec);
   if (args.recv_topk_weights.present())
     p.recv_weights =
-        publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.ht_stage_weights,
-                staged ? cap * K * sizeof(float) : 0, "recv_topk_weights", s.exec);
+        publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.stage_weights,
+                staged * K * sizeof(float), "recv_topk_weights", s.exec);
   p.bias = args.bias.present() ? static_cast<const uint16_t*>(args.bias.data) : nullptr;
   p.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
   const bool want_weights = args.recv_topk_weights.present();

@@ -14,7 +14,7 @@ namespace moecomm::detail {
 DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOptions& o) {
   const Config& c = config();
   const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, G = H / kFp8Group;
-  const int M = group_->sizes.ll_capacity;
+  const int M = ctx_.ll.capacity;
   const int64_t T = args.x.shape[0];
   if (T > M)
     throw InvalidArgument(
@@ -51,8 +51,8 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   p.layout.prefix = false;  // positions straight from the bitmap words (rows of T <= M tokens)
   ll::DispatchRecvParams& rp = p.recv;
   rp.buffer = b;
-  rp.recv_count = ll_recv_count_ + b * L;
-  rp.recv_layout = ll_recv_layout_ + static_cast<size_t>(b) * L * R * 2;
+  rp.recv_count = ctx_.ll.recv_count + b * L;
+  rp.recv_layout = ctx_.ll.recv_layout + static_cast<size_t>(b) * L * R * 2;
   p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
   if (group_call_) {
     group_call_->ctx.push_back(ctx_);
@@ -71,13 +71,12 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
     });
   }
 
-  const auto& lay = group_->layout;
+  const ll::Regions& lay = ctx_.ll;
   const int64_t slots = static_cast<int64_t>(R) * M;
   out.mode = Mode::kLowLatency;
-  out.recv_x =
-      sym_view(lay.ll_x[b], o.quantize_fp8 ? DType::kFP8E4M3 : DType::kBF16, {L, slots, H});
-  if (o.quantize_fp8) out.recv_x_scales = sym_view(lay.ll_scales[b], DType::kF32, {L, slots, G});
-  out.recv_src_info = sym_view(lay.ll_src_token[b], DType::kI32, {L, slots});
+  out.recv_x = sym_view(lay.x[b], o.quantize_fp8 ? DType::kFP8E4M3 : DType::kBF16, {L, slots, H});
+  if (o.quantize_fp8) out.recv_x_scales = sym_view(lay.scales[b], DType::kF32, {L, slots, G});
+  out.recv_src_info = sym_view(lay.src_token[b], DType::kI32, {L, slots});
   out.recv_count = local_view(rp.recv_count, DType::kI32, {L});
   out.recv_layout = local_view(rp.recv_layout, DType::kI32, {L, R, 2});
   out.handle = Handle(state);
@@ -89,7 +88,7 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
                                    const CombineOptions& o) {
   const Config& c = config();
   const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, K = c.topk;
-  const int M = group_->sizes.ll_capacity;
+  const int M = ctx_.ll.capacity;
   const int64_t T = h.num_tokens;
   const int64_t slots = static_cast<int64_t>(R) * M;
   check_tensor(args.y,
@@ -115,8 +114,8 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   const Streams s = begin_call(o.stream, o.async);
   ll::CombineSendParams sp;
   const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
-  sp.y = publish(args.y.data, args.y.nbytes(), group_->layout.ll_combine[h.buffer], combine_bytes,
-                 "y", s.exec);
+  sp.y =
+      publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y", s.exec);
   sp.buffer = h.buffer;
   if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
 
@@ -151,8 +150,8 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
 TensorView CommImpl::combine_buffer(const Handle& handle) {
   HandleState& h = handle_state(handle, Mode::kLowLatency, "combine_buffer");
   const int R = num_ranks(), L = config().local_experts(R), H = config().hidden;
-  const int64_t slots = static_cast<int64_t>(R) * group_->sizes.ll_capacity;
-  return sym_view(group_->layout.ll_combine[h.buffer], DType::kBF16, {L, slots, H});
+  const int64_t slots = static_cast<int64_t>(R) * ctx_.ll.capacity;
+  return sym_view(ctx_.ll.combine[h.buffer], DType::kBF16, {L, slots, H});
 }
 
 }  // namespace moecomm::detail

@@ -26,7 +26,7 @@ __device__ __forceinline__ RankBlocks whole_grid() {
 
 /// Sequence number of the running call, read once per block at kernel start (into shared
 /// memory). The call's last kernel advances the epoch (close_call) after every block read it.
-__device__ __forceinline__ uint64_t read_call_seq(const detail::DeviceContext& ctx) {
+__device__ __forceinline__ uint64_t read_call_seq(const detail::RankContext& ctx) {
   __shared__ uint64_t seq;
   if (threadIdx.x == 0) seq = *reinterpret_cast<volatile uint64_t*>(ctx.local.epoch) + 1;
   __syncthreads();
@@ -34,7 +34,7 @@ __device__ __forceinline__ uint64_t read_call_seq(const detail::DeviceContext& c
 }
 
 /// Run by one thread of the last block of the call's last kernel: the next call gets seq + 1.
-__device__ __forceinline__ void close_call(const detail::DeviceContext& ctx) {
+__device__ __forceinline__ void close_call(const detail::RankContext& ctx) {
   *ctx.local.epoch += 1;
 }
 

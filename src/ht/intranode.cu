@@ -43,20 +43,20 @@ __device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams
     if (lane < R) r.lo = record[lane];
     if (lane + 32 < R) r.hi = record[lane + 32];
   } else {
-    const uint64_t mask = ctx.local.token_rank_mask[t];
+    const uint64_t mask = ctx.layout.token_rank_mask[t];
     const int W = ctx.words;
     auto row_at = [&](int d) -> int32_t {
       if (!((mask >> d) & 1ull)) return -1;
-      return ctx.local.send_base[d] +
-             layout::bitmap_position(ctx.local.rank_bitmap + static_cast<int64_t>(d) * W,
-                                     ctx.local.rank_word_prefix + static_cast<int64_t>(d) * W, t);
+      return ctx.layout.send_base[d] +
+             layout::bitmap_position(ctx.layout.rank_bitmap + static_cast<int64_t>(d) * W,
+                                     ctx.layout.rank_word_prefix + static_cast<int64_t>(d) * W, t);
     };
     if (lane < R) record[lane] = r.lo = row_at(lane);
     if (lane + 32 < R) record[lane + 32] = r.hi = row_at(lane + 32);
   }
   // Rows past the capacity were reported by the layout; they are dropped, never written.
-  if (r.lo >= ctx.ht_capacity) r.lo = -1;
-  if (r.hi >= ctx.ht_capacity) r.hi = -1;
+  if (r.lo >= ctx.ht.capacity) r.lo = -1;
+  if (r.hi >= ctx.ht.capacity) r.hi = -1;
   r.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, r.lo >= 0)) |
            (static_cast<uint64_t>(__ballot_sync(kFullMask, r.hi >= 0)) << 32);
   return r;
@@ -77,7 +77,7 @@ __device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, cons
                          for (uint64_t m = route.mask; m;) {
                            const int d = pop_lowest(m);
                            int4* dst =
-                               reinterpret_cast<int4*>(ctx.peers[d] + ctx.sym.ht_x +
+                               reinterpret_cast<int4*>(ctx.peers[d] + ctx.ht.x +
                                                        static_cast<int64_t>(route.row(d)) * bytes);
 #pragma unroll
                            for (int u = 0; u < device::kRowCopyUnroll; ++u) {
@@ -100,10 +100,10 @@ __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, 
           const int d = pop_lowest(m);
           const int64_t row = route.row(d);  // every lane takes part in the shuffle
           if (!valid) continue;
-          uint8_t* dst = ctx.peers[d] + ctx.sym.ht_x + row * H;
+          uint8_t* dst = ctx.peers[d] + ctx.ht.x + row * H;
           *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
           if (sub == 0)
-            reinterpret_cast<float*>(ctx.peers[d] + ctx.sym.ht_scales)[row * groups + g] = scale;
+            reinterpret_cast<float*>(ctx.peers[d] + ctx.ht.scales)[row * groups + g] = scale;
         }
       });
 }
@@ -145,18 +145,17 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
       const int64_t row = route.row(d);
       if (lane < K) {
         const bool here = e >= 0 && e < ctx.num_experts && e / L == d;
-        transport::peer_region<int64_t>(ctx, d, ctx.sym.ht_topk_idx)[row * K + lane] =
+        transport::peer_region<int64_t>(ctx, d, ctx.ht.topk_idx)[row * K + lane] =
             here ? e - static_cast<int64_t>(d) * L : -1;
         if (p.topk_weights)
-          transport::peer_region<float>(ctx, d, ctx.sym.ht_topk_weights)[row * K + lane] =
+          transport::peer_region<float>(ctx, d, ctx.ht.topk_weights)[row * K + lane] =
               here ? w : 0.0f;
       }
       if (lane == 0)
-        transport::peer_region<int32_t>(ctx, d, ctx.sym.ht_src_token)[row] =
-            static_cast<int32_t>(t);
+        transport::peer_region<int32_t>(ctx, d, ctx.ht.src_token)[row] = static_cast<int32_t>(t);
       if (p.x_scales) {
         for (int g = lane; g < groups; g += 32)
-          transport::peer_region<float>(ctx, d, ctx.sym.ht_scales)[row * groups + g] =
+          transport::peer_region<float>(ctx, d, ctx.ht.scales)[row * groups + g] =
               p.x_scales[t * groups + g];
       }
     }
@@ -190,7 +189,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 
   // Publish where this rank's expert outputs are, then learn where every peer's are.
   if (blockIdx.x == 0 && threadIdx.x < R) {
-    uint64_t* slot = transport::peer_region<uint64_t>(ctx, threadIdx.x, ctx.sym.peer_ptrs) +
+    uint64_t* slot = transport::peer_region<uint64_t>(ctx, threadIdx.x, ctx.ht.peer_ptrs) +
                      (parity * R + me) * detail::kPeerPtrs;
     slot[0] = p.y;
     slot[1] = p.recv_weights;
@@ -199,7 +198,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   if (threadIdx.x < R) {
     const int d = threadIdx.x;
     transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady, blockIdx.x);
-    const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.sym.peer_ptrs) +
+    const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.ht.peer_ptrs) +
                            (parity * R + d) * detail::kPeerPtrs;
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
     w_of[d] =

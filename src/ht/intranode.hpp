@@ -9,7 +9,7 @@
 #include <cstdint>
 
 #include "layout/layout.hpp"
-#include "runtime/device_context.hpp"
+#include "paths/device_context.hpp"
 
 namespace moecomm::ht {
 

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "runtime/device_context.hpp"
+#include "paths/device_context.hpp"
 
 namespace moecomm::layout {
 

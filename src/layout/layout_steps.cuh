@@ -72,13 +72,13 @@ __device__ inline void build_word(const DeviceContext& ctx, const TopkInput& top
     }
   }
   for (int e = lane; e < E; e += 32)
-    ctx.local.expert_bitmap[static_cast<int64_t>(e) * W + w] = column[e];
-  if (has_token) ctx.local.token_rank_mask[t] = rank_mask;
+    ctx.layout.expert_bitmap[static_cast<int64_t>(e) * W + w] = column[e];
+  if (has_token) ctx.layout.token_rank_mask[t] = rank_mask;
   for (int r = 0; r < R; ++r) {
     const bool in_rank = (rank_mask >> r) & 1ull;
     const unsigned bits = __ballot_sync(kFullMask, in_rank);
-    if (lane == 0) ctx.local.rank_bitmap[static_cast<int64_t>(r) * W + w] = bits;
-    if (has_token) ctx.local.is_token_in_rank[t * R + r] = in_rank ? 1 : 0;
+    if (lane == 0) ctx.layout.rank_bitmap[static_cast<int64_t>(r) * W + w] = bits;
+    if (has_token) ctx.layout.is_token_in_rank[t * R + r] = in_rank ? 1 : 0;
   }
   __syncwarp();  // the column is reused for the warp's next word
 }
@@ -118,11 +118,11 @@ __device__ inline void scan_layout_row(const DeviceContext& ctx, int row, int64_
   const int E = ctx.num_experts, W = ctx.words;
   const bool expert = row < E;
   const int64_t r = expert ? row : row - E;
-  const uint32_t* bits = (expert ? ctx.local.expert_bitmap : ctx.local.rank_bitmap) + r * W;
-  int32_t* prefix = (expert ? ctx.local.expert_word_prefix : ctx.local.rank_word_prefix) + r * W;
+  const uint32_t* bits = (expert ? ctx.layout.expert_bitmap : ctx.layout.rank_bitmap) + r * W;
+  int32_t* prefix = (expert ? ctx.layout.expert_word_prefix : ctx.layout.rank_word_prefix) + r * W;
   const int32_t total = scan_row(bits, prefix, used_words, lane);
   if (lane == 0)
-    (expert ? ctx.local.num_tokens_per_expert : ctx.local.num_tokens_per_rank)[r] = total;
+    (expert ? ctx.layout.num_tokens_per_expert : ctx.layout.num_tokens_per_rank)[r] = total;
 }
 
 /// One block: sends this rank's counts to every peer, receives theirs, and derives the receive
@@ -135,13 +135,13 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
   // peer; then signal.
   for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
     const int d = i / R, j = i % R;
-    transport::peer_region<int32_t>(ctx, d, ctx.sym.count_matrix)[(parity * R + me) * R + j] =
-        ctx.local.num_tokens_per_rank[j];
+    transport::peer_region<int32_t>(ctx, d, ctx.layout.count_matrix)[(parity * R + me) * R + j] =
+        ctx.layout.num_tokens_per_rank[j];
   }
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
     const int d = i / L, le = i % L;
-    transport::peer_region<int32_t>(ctx, d, ctx.sym.expert_counts)[(parity * R + me) * L + le] =
-        ctx.local.num_tokens_per_expert[d * L + le];
+    transport::peer_region<int32_t>(ctx, d, ctx.layout.expert_counts)[(parity * R + me) * L + le] =
+        ctx.layout.num_tokens_per_expert[d * L + le];
   }
   __syncthreads();
   bool ok = true;
@@ -153,19 +153,19 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
   }
   ok = __syncthreads_and(ok) != 0;
   const int32_t* matrix =
-      transport::peer_region<int32_t>(ctx, me, ctx.sym.count_matrix) + parity * R * R;
+      transport::peer_region<int32_t>(ctx, me, ctx.layout.count_matrix) + parity * R * R;
   const int32_t* per_expert =
-      transport::peer_region<int32_t>(ctx, me, ctx.sym.expert_counts) + parity * R * L;
+      transport::peer_region<int32_t>(ctx, me, ctx.layout.expert_counts) + parity * R * L;
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    ctx.local.num_recv_per_rank[s] = matrix[s * R + me];
+    ctx.layout.num_recv_per_rank[s] = matrix[s * R + me];
     int32_t base = 0;  // rows that lower ranks send to s come first there
     for (int q = 0; q < me; ++q) base += matrix[q * R + s];
-    ctx.local.send_base[s] = base;
+    ctx.layout.send_base[s] = base;
   }
   for (int le = threadIdx.x; le < L; le += blockDim.x) {
     int32_t sum = 0;
     for (int s = 0; s < R; ++s) sum += per_expert[s * L + le];
-    ctx.local.num_recv_per_expert[le] = sum;
+    ctx.layout.num_recv_per_expert[le] = sum;
     if (opt.recv_per_expert_padded) {
       const int a = opt.expert_alignment;
       opt.recv_per_expert_padded[le] = (sum + a - 1) / a * a;
@@ -179,9 +179,9 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
     }
     if (opt.recv_rank_prefix) opt.recv_rank_prefix[R] = static_cast<int32_t>(total);
     if (opt.num_recv) *opt.num_recv = static_cast<int32_t>(total);
-    if (total > ctx.ht_capacity)
+    if (total > ctx.ht.capacity)
       transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, -1, Phase::kNone, 0, seq, 0,
-                              total, ctx.ht_capacity);
+                              total, ctx.ht.capacity);
   }
   if (opt.host_flag) {
     __syncthreads();  // the padded counts above are written

@@ -29,14 +29,13 @@ using device::kBf16PerVec;
 constexpr int kCombineBatch = 8;  // slot rows loaded before they are accumulated
 constexpr int kCountShift = 32;   // ll_count_sig word: (seq << 32) | count
 constexpr uint64_t kCountMask = (1ull << kCountShift) - 1;
-constexpr int kLlPeerPtrBase = 2;  // peer_ptrs slots 2 + buffer belong to LL combine
-constexpr int kRecvThreads = 256;  // dispatch receive: one block
+constexpr int kRecvThreads = 256;                       // dispatch receive: one block
 constexpr int kCombineSendThreads = detail::kMaxRanks;  // combine send: one block, one per peer
 
 /// Word (b, le, src) of ll_count_sig in `owner`'s buffer.
 __device__ __forceinline__ uint64_t* count_word(const DeviceContext& ctx, int owner, int b, int le,
                                                 int src) {
-  return transport::peer_region<uint64_t>(ctx, owner, ctx.sym.ll_count_sig) +
+  return transport::peer_region<uint64_t>(ctx, owner, ctx.ll.count_sig) +
          (static_cast<int64_t>(b) * ctx.local_experts + le) * ctx.num_ranks + src;
 }
 
@@ -73,7 +72,7 @@ struct Destination {
 __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendParams& p, int64_t t,
                                   bool record, int lane, Destination* dst) {
   const int R = ctx.num_ranks, L = ctx.local_experts, K = ctx.topk, W = ctx.words;
-  const int M = ctx.ll_capacity, H = ctx.hidden, b = p.buffer;
+  const int M = ctx.ll.capacity, H = ctx.hidden, b = p.buffer;
   const int64_t e = lane < K ? device::load_index(p.topk_idx, p.idx_i64, t * K + lane) : -1;
   bool valid = e >= 0 && e < ctx.num_experts;
   for (int j = 0; j < K; ++j) {
@@ -83,18 +82,17 @@ __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendPa
   const unsigned mask = __ballot_sync(kFullMask, valid);
   if (valid) {
     const int d = static_cast<int>(e / L), le = static_cast<int>(e % L);
-    const int32_t pos = layout::bitmap_rank(ctx.local.expert_bitmap + e * W, t);
+    const int32_t pos = layout::bitmap_rank(ctx.layout.expert_bitmap + e * W, t);
     const int64_t slot =
         static_cast<int64_t>(le) * R * M + static_cast<int64_t>(ctx.rank) * M + pos;
     const int at = __popc(mask & device::lanemask_lt());
     const int width = p.fp8 ? H : H * 2;
-    dst[at].x = transport::peer_region<uint8_t>(ctx, d, ctx.sym.ll_x[b]) + slot * width;
+    dst[at].x = transport::peer_region<uint8_t>(ctx, d, ctx.ll.x[b]) + slot * width;
     dst[at].scales =
-        transport::peer_region<float>(ctx, d, ctx.sym.ll_scales[b]) + slot * (H / kFp8Group);
+        transport::peer_region<float>(ctx, d, ctx.ll.scales[b]) + slot * (H / kFp8Group);
     if (record) {
       p.slot_of[t * K + lane] = static_cast<int32_t>(d * static_cast<int64_t>(L) * R * M + slot);
-      transport::peer_region<int32_t>(ctx, d, ctx.sym.ll_src_token[b])[slot] =
-          static_cast<int32_t>(t);
+      transport::peer_region<int32_t>(ctx, d, ctx.ll.src_token[b])[slot] = static_cast<int32_t>(t);
     }
   } else if (record && lane < K) {
     p.slot_of[t * K + lane] = -1;
@@ -121,7 +119,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   const int b = p.buffer;
   const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
   __shared__ Destination dst[kMaxWarps][detail::kMaxTopk];
-  if (blocks.index == 0 && threadIdx.x == 0) ctx.local.ll_seq[b] = seq;
+  if (blocks.index == 0 && threadIdx.x == 0) ctx.ll.dispatch_seq[b] = seq;
 
   // Arrive first, wait after the layout: the peers' arrival overlaps this rank's layout steps.
   transport::announce_arrival(ctx, seq, blocks);
@@ -181,7 +179,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
       const int64_t used_words = (p.num_tokens + 31) / 32;
       for (int e = threadIdx.x; e < E; e += blockDim.x) {
         const uint32_t count = static_cast<uint32_t>(layout::bitmap_count(
-            ctx.local.expert_bitmap + static_cast<int64_t>(e) * ctx.words, used_words));
+            ctx.layout.expert_bitmap + static_cast<int64_t>(e) * ctx.words, used_words));
         sc.store_release(count_word(ctx, e / L, b, e % L, me), (seq << kCountShift) | count);
       }
     }
@@ -201,7 +199,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 /// layout and per-expert counts.
 __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParams& p,
                                uint64_t seq) {
-  const int R = ctx.num_ranks, L = ctx.local_experts, M = ctx.ll_capacity, b = p.buffer;
+  const int R = ctx.num_ranks, L = ctx.local_experts, M = ctx.ll.capacity, b = p.buffer;
   const uint64_t* words = count_word(ctx, ctx.rank, b, 0, 0);
   bool ok = true;
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
@@ -224,15 +222,15 @@ __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParam
 
 __global__ void __launch_bounds__(kRecvThreads)
     dispatch_recv_kernel(DeviceContext ctx, DispatchRecvParams p) {
-  receive_counts(ctx, p, ctx.local.ll_seq[p.buffer]);
+  receive_counts(ctx, p, ctx.ll.dispatch_seq[p.buffer]);
 }
 
 /// One block: tells every peer where this rank's expert outputs y are, for call `seq`.
 __device__ void publish_outputs(const DeviceContext& ctx, int buffer, uint64_t y, uint64_t seq) {
   const int R = ctx.num_ranks, me = ctx.rank;
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.sym.peer_ptrs) +
-                     ((kLlPeerPtrBase + buffer) * R + me) * detail::kPeerPtrs;
+    uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.ll.peer_ptrs) +
+                     (buffer * R + me) * detail::kPeerPtrs;
     slot[0] = y;
     transport::scope(ctx).fence();  // y (written by earlier kernels) and its address
     transport::signal(ctx, d, FlagKind::kCombineReady, seq);
@@ -242,7 +240,7 @@ __device__ void publish_outputs(const DeviceContext& ctx, int buffer, uint64_t y
 __global__ void __launch_bounds__(kCombineSendThreads)
     combine_send_kernel(DeviceContext ctx, CombineSendParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
-  if (threadIdx.x == 0) ctx.local.combine_seq[p.buffer] = seq;
+  if (threadIdx.x == 0) ctx.ll.combine_seq[p.buffer] = seq;
   publish_outputs(ctx, p.buffer, p.y, seq);
   if (threadIdx.x == 0) device::close_call(ctx);  // every thread read seq in read_call_seq
 }
@@ -252,9 +250,9 @@ __global__ void __launch_bounds__(kCombineSendThreads)
 __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& p,
                              device::RankBlocks blocks) {
   const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank, b = p.buffer;
-  const int32_t slots_per_rank = ctx.local_experts * R * ctx.ll_capacity;
+  const int32_t slots_per_rank = ctx.local_experts * R * ctx.ll.capacity;
   // Without a hook the send phase is this kernel's first step; with one it ran in its own kernel.
-  const uint64_t seq = p.publish_y ? device::read_call_seq(ctx) : ctx.local.combine_seq[b];
+  const uint64_t seq = p.publish_y ? device::read_call_seq(ctx) : ctx.ll.combine_seq[b];
   if (p.publish_y && blocks.index == 0) publish_outputs(ctx, b, p.y, seq);
   const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
   __shared__ const uint16_t* y_of[detail::kMaxRanks];
@@ -269,8 +267,8 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
       ok = false;
       continue;
     }
-    const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.sym.peer_ptrs) +
-                           ((kLlPeerPtrBase + b) * R + d) * detail::kPeerPtrs;
+    const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.ll.peer_ptrs) +
+                           (b * R + d) * detail::kPeerPtrs;
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
   }
   ok = __syncthreads_and(ok) != 0;

@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "layout/layout.hpp"
-#include "runtime/device_context.hpp"
+#include "paths/device_context.hpp"
 
 namespace moecomm::ll {
 
@@ -36,11 +36,11 @@ struct DispatchSendParams {
 };
 
 /// Send phase: the layout steps, then every message; with `receive`, the receive phase too.
-/// Closes the call; stores the call's seq in ctx.local.ll_seq[buffer] for the receive phase.
+/// Closes the call; stores the call's seq in ctx.ll.dispatch_seq[buffer] for the receive phase.
 void launch_dispatch_send(const detail::DeviceContext& ctx, const DispatchSendParams& params,
                           int blocks, int threads, cudaStream_t stream);
 
-/// Receive phase: waits for every (local expert, source) count of ll_seq[buffer].
+/// Receive phase: waits for every (local expert, source) count of dispatch_seq[buffer].
 void launch_dispatch_recv(const detail::DeviceContext& ctx, const DispatchRecvParams& params,
                           cudaStream_t stream);
 
@@ -50,7 +50,7 @@ struct CombineSendParams {
 };
 
 /// Send phase of combine: publishes y to every peer. Closes the call; stores its seq in
-/// ctx.local.combine_seq[buffer].
+/// ctx.ll.combine_seq[buffer].
 void launch_combine_send(const detail::DeviceContext& ctx, const CombineSendParams& params,
                          cudaStream_t stream);
 

@@ -11,17 +11,17 @@ namespace moecomm::detail {
 
 void GroupState::allocate(int r) {
   DeviceGuard guard(device_of[r]);
-  MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sym_base[r]), layout.total));
+  MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sym_base[r]), plan.bytes));
   owned_[r] = true;
-  // Flags start at 0 (the first call's seq is 1); data regions need no initial value.
-  MOECOMM_CUDA_CHECK(cudaMemset(sym_base[r], 0, layout.ht_x));
+  // Signals start at 0 (the first call's seq is 1); data regions need no initial value.
+  for (const ByteRange& z : plan.zeroed)
+    MOECOMM_CUDA_CHECK(cudaMemset(sym_base[r] + z.offset, 0, z.bytes));
   MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
-GroupState::GroupState(const Config& cfg, int ranks, int rank, int device)
-    : config(cfg), num_ranks(ranks) {
-  sizes = buffer_sizes(config, num_ranks, /*separate_processes=*/num_ranks > 1);
-  layout = symmetric_layout(config, num_ranks, sizes);
+GroupState::GroupState(const Config& cfg, const RegionShape& region_shape, int rank, int device,
+                       const SymmetricPlan& symmetric)
+    : config(cfg), num_ranks(region_shape.num_ranks), shape(region_shape), plan(symmetric) {
   single_address_space = num_ranks == 1;
   local_ranks = 1;
   device_of.assign(num_ranks, device);
@@ -61,12 +61,11 @@ void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
   }
 }
 
-GroupState::GroupState(const Config& cfg, int ranks, std::vector<int> devices)
-    : config(cfg), num_ranks(ranks) {
-  sizes = buffer_sizes(config, num_ranks, /*separate_processes=*/false);
-  local_ranks = ranks;
+GroupState::GroupState(const Config& cfg, const RegionShape& region_shape, std::vector<int> devices,
+                       const SymmetricPlan& symmetric)
+    : config(cfg), num_ranks(region_shape.num_ranks), shape(region_shape), plan(symmetric) {
+  local_ranks = num_ranks;
   owned_.assign(num_ranks, false);
-  layout = symmetric_layout(config, num_ranks, sizes);
   for (int r = 0; r < num_ranks; ++r) device_of.push_back(devices[r % devices.size()]);
 
   // Peer access between every pair of distinct devices in use.

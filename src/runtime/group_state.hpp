@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "moecomm/config.hpp"
-#include "runtime/symmetric_layout.hpp"
+#include "runtime/arena.hpp"
 
 namespace moecomm::detail {
 
@@ -19,9 +19,13 @@ namespace moecomm::detail {
 /// peers' buffers are mapped into this address space (map_peers).
 class GroupState {
  public:
-  GroupState(const Config& config, int num_ranks, std::vector<int> devices);
+  /// `plan` says how large each rank's symmetric buffer is and what in it starts at zero; the
+  /// paths decide what lies where (paths/regions.hpp).
+  GroupState(const Config& config, const RegionShape& shape, std::vector<int> devices,
+             const SymmetricPlan& plan);
   /// One rank of a process group: allocates this rank's buffer only.
-  GroupState(const Config& config, int num_ranks, int rank, int device);
+  GroupState(const Config& config, const RegionShape& shape, int rank, int device,
+             const SymmetricPlan& plan);
   ~GroupState();
   GroupState(const GroupState&) = delete;
   GroupState& operator=(const GroupState&) = delete;
@@ -29,8 +33,8 @@ class GroupState {
   const Config config;
   const int num_ranks;
   std::vector<int> device_of;  // device of each rank
-  BufferSizes sizes;
-  SymmetricLayout layout;
+  RegionShape shape;
+  SymmetricPlan plan;
   std::vector<uint8_t*> sym_base;  // symmetric buffer of each rank
   /// True when every rank lives in this process (pointers may be published as they are).
   bool single_address_space = true;

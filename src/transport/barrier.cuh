@@ -19,7 +19,7 @@ using device::whole_grid;
 
 /// Every thread calls this after its block's work. Returns true in every thread of the last
 /// block to arrive; by then all other blocks' writes are visible (fence before the ticket).
-__device__ __forceinline__ bool is_last_block(const detail::DeviceContext& ctx,
+__device__ __forceinline__ bool is_last_block(const detail::RankContext& ctx,
                                               RankBlocks blocks = whole_grid()) {
   __shared__ bool last;
   __syncthreads();
@@ -44,7 +44,7 @@ inline constexpr uint32_t kGridBarrierPatience = 2;
 /// arrive resets the count and advances the generation the others wait on, so kernels of any
 /// grid size may use it one after another. Every block must reach every barrier, also after a
 /// failed wait (pass ok = false); the result is ok and the barrier's own wait succeeding.
-__device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, bool ok,
+__device__ __forceinline__ bool grid_barrier(const detail::RankContext& ctx, bool ok,
                                              RankBlocks blocks) {
   __shared__ bool all_ok;
   uint64_t* count = ctx.local.grid_barrier;
@@ -73,7 +73,7 @@ __device__ __forceinline__ bool grid_barrier(const detail::DeviceContext& ctx, b
 
 /// Block 0 of the rank: tells every peer that this rank entered call seq (its buffers of call
 /// seq - 2 are free for the peers to write).
-__device__ __forceinline__ void announce_arrival(const detail::DeviceContext& ctx, uint64_t seq,
+__device__ __forceinline__ void announce_arrival(const detail::RankContext& ctx, uint64_t seq,
                                                  RankBlocks blocks) {
   if (blocks.index == 0)
     for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
@@ -82,7 +82,7 @@ __device__ __forceinline__ void announce_arrival(const detail::DeviceContext& ct
 
 /// Every block: waits until every peer has entered call seq. True in every thread when all
 /// waits succeeded.
-__device__ __forceinline__ bool await_arrivals(const detail::DeviceContext& ctx, uint64_t seq,
+__device__ __forceinline__ bool await_arrivals(const detail::RankContext& ctx, uint64_t seq,
                                                RankBlocks blocks) {
   bool ok = true;
   for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)

@@ -11,26 +11,26 @@
 
 namespace moecomm::transport {
 
-using detail::DeviceContext;
 using detail::DeviceErrorKind;
 using detail::FlagKind;
 using detail::Phase;
+using detail::RankContext;
 
 /// Address of a region `offset` bytes into rank `owner`'s symmetric buffer.
 template <typename T>
-__device__ __forceinline__ T* peer_region(const DeviceContext& ctx, int owner, size_t offset) {
+__device__ __forceinline__ T* peer_region(const RankContext& ctx, int owner, size_t offset) {
   return reinterpret_cast<T*>(ctx.peers[owner] + offset);
 }
 
 /// Flag slot that `src` writes in `owner`'s buffer.
-__device__ __forceinline__ uint64_t* flag_slot(const DeviceContext& ctx, int owner, FlagKind kind,
+__device__ __forceinline__ uint64_t* flag_slot(const RankContext& ctx, int owner, FlagKind kind,
                                                int src) {
   return peer_region<uint64_t>(ctx, owner, ctx.sym.flags) +
          static_cast<int>(kind) * detail::kMaxRanks + src;
 }
 
 /// The address a peer published (see detail::kSymmetricOffsetTag), as this rank sees it.
-__device__ __forceinline__ const void* resolve_address(const DeviceContext& ctx, int owner,
+__device__ __forceinline__ const void* resolve_address(const RankContext& ctx, int owner,
                                                        uint64_t published) {
   if (published & detail::kSymmetricOffsetTag)
     return ctx.peers[owner] + (published & ~detail::kSymmetricOffsetTag);
@@ -40,7 +40,7 @@ __device__ __forceinline__ const void* resolve_address(const DeviceContext& ctx,
 /// Records the first error of this rank (later ones are dropped). A stall also marks the rank
 /// aborted so that its other waits give up at once; bad input does not (the call completes, with
 /// the bad entries treated as -1, and the host raises).
-__device__ inline void record_error(const DeviceContext& ctx, DeviceErrorKind kind, int peer,
+__device__ inline void record_error(const RankContext& ctx, DeviceErrorKind kind, int peer,
                                     Phase phase, int channel, uint64_t seq, int64_t observed,
                                     int64_t a = 0, int64_t b = 0) {
   detail::DeviceError* e = ctx.error;
@@ -60,18 +60,18 @@ __device__ inline void record_error(const DeviceContext& ctx, DeviceErrorKind ki
 }
 
 /// True once any wait of this rank has failed: later waits give up immediately.
-__device__ __forceinline__ bool aborted(const DeviceContext& ctx) {
+__device__ __forceinline__ bool aborted(const RankContext& ctx) {
   return *reinterpret_cast<volatile int*>(ctx.local.aborted) != 0;
 }
 
 /// Memory-ordering scope for this group's signals and fences.
-__device__ __forceinline__ device::Scope scope(const DeviceContext& ctx) {
+__device__ __forceinline__ device::Scope scope(const RankContext& ctx) {
   return device::Scope{ctx.one_gpu != 0};
 }
 
 /// Signals `dst` that this rank reached `seq` of `kind`. Call after a release fence that covers
 /// the data the signal publishes (fence_acq_rel_sys, or a CTA barrier then that fence).
-__device__ __forceinline__ void signal(const DeviceContext& ctx, int dst, FlagKind kind,
+__device__ __forceinline__ void signal(const RankContext& ctx, int dst, FlagKind kind,
                                        uint64_t seq) {
   scope(ctx).store_release(flag_slot(ctx, dst, kind, ctx.rank), seq);
 }
@@ -79,7 +79,7 @@ __device__ __forceinline__ void signal(const DeviceContext& ctx, int dst, FlagKi
 /// Waits until `word` >= `target` (acquire). Gives up after ctx.timeout_ns times `patience`,
 /// recording a stall that names this rank, `peer`, `phase` and `channel`. Returns false on
 /// failure, and at once once another wait of this rank has failed.
-__device__ inline bool wait_geq(const DeviceContext& ctx, const uint64_t* word, uint64_t target,
+__device__ inline bool wait_geq(const RankContext& ctx, const uint64_t* word, uint64_t target,
                                 int peer, Phase phase, int channel, uint32_t patience = 1) {
   const device::Scope sc = scope(ctx);
   uint64_t v = sc.load_acquire(word);
@@ -101,7 +101,7 @@ __device__ inline bool wait_geq(const DeviceContext& ctx, const uint64_t* word, 
 }
 
 /// Waits for `src`'s signal of `kind` to reach `seq`.
-__device__ __forceinline__ bool wait_signal(const DeviceContext& ctx, FlagKind kind, int src,
+__device__ __forceinline__ bool wait_signal(const RankContext& ctx, FlagKind kind, int src,
                                             uint64_t seq, Phase phase, int channel) {
   return wait_geq(ctx, flag_slot(ctx, ctx.rank, kind, src), seq, src, phase, channel);
 }

@@ -1,0 +1,32 @@
+#include "runtime/arena.hpp"
+
+#include <algorithm>
+
+namespace moecomm::detail {
+
+RegionShape region_shape(const Config& config, int num_ranks, bool separate_processes) {
+  RegionShape s;
+  s.num_ranks = num_ranks;
+  s.num_experts = config.num_experts;
+  s.local_experts = config.local_experts(num_ranks);
+  s.topk = config.topk;
+  s.hidden = config.hidden;
+  const int ll_tokens = config.mode != Mode::kHighThroughput ? config.ll_capacity() : 0;
+  s.max_tokens = std::max(config.max_tokens_per_rank, ll_tokens);
+  s.words = (s.max_tokens + 31) / 32;
+  s.separate_processes = separate_processes;
+  return s;
+}
+
+void claim_common_regions(const RegionShape& shape, Arena& symmetric, Arena& local,
+                          RankContext& ctx) {
+  (void)shape;
+  ctx.sym.flags = symmetric.offset<uint64_t>(static_cast<size_t>(FlagKind::kCount) * kMaxRanks,
+                                             /*zeroed=*/true);
+  ctx.local.epoch = local.take<uint64_t>(1);
+  ctx.local.ticket = local.take<uint32_t>(1);
+  ctx.local.grid_barrier = local.take<uint64_t>(2);
+  ctx.local.aborted = local.take<int32_t>(1);
+}
+
+}  // namespace moecomm::detail
