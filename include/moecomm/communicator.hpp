@@ -151,11 +151,12 @@ class MoECommunicator {
   /// Raises any device error recorded so far without waiting.
   void check_errors();
 
-  /// Implementation access (not part of the stable API).
-  explicit MoECommunicator(std::unique_ptr<detail::CommImpl> impl);
-  detail::CommImpl& impl() { return *impl_; }
-
  private:
+  // Communicators are made by the groups (VirtualGroup, ProcessGroupBuilder::connect).
+  friend class VirtualGroup;
+  friend class ProcessGroupBuilder;
+  explicit MoECommunicator(std::unique_ptr<detail::CommImpl> impl);
+
   std::unique_ptr<detail::CommImpl> impl_;
 };
 

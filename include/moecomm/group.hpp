@@ -12,8 +12,9 @@
 namespace moecomm {
 
 namespace detail {
+class CommImpl;
 class GroupState;
-}
+}  // namespace detail
 
 /// R ranks in this process. Rank r lives on devices[r % devices.size()]. Ranks on one device
 /// spin on each other, so their kernels must be resident together: the constructor raises
@@ -54,6 +55,7 @@ class VirtualGroup {
  private:
   void launch_once(const std::function<void(cudaStream_t)>& launch);
   bool on_one_device() const;
+  std::vector<detail::CommImpl*> impls() const;
 
   std::shared_ptr<detail::GroupState> state_;
   std::vector<std::unique_ptr<MoECommunicator>> comms_;

@@ -12,6 +12,7 @@
 namespace moecomm {
 
 namespace detail {
+class CommImpl;
 struct HandleState;
 struct EventState;
 }  // namespace detail
@@ -32,11 +33,12 @@ class Handle {
   /// HT: rows received (N_recv) when known on the host (exact sizing or cached); -1 otherwise.
   int64_t num_recv_tokens() const;
 
-  /// Implementation access (not part of the stable API).
+ private:
+  // Made and read by the communicator that dispatched.
+  friend class detail::CommImpl;
   explicit Handle(std::shared_ptr<detail::HandleState> state) : state_(std::move(state)) {}
   detail::HandleState* state() const { return state_.get(); }
 
- private:
   std::shared_ptr<detail::HandleState> state_;
 };
 
@@ -51,9 +53,10 @@ class Event {
   void stream_wait(cudaStream_t stream) const;
   cudaEvent_t native() const;
 
+ private:
+  friend class detail::CommImpl;  // which records it at the end of an asynchronous call
   explicit Event(std::shared_ptr<detail::EventState> state) : state_(std::move(state)) {}
 
- private:
   std::shared_ptr<detail::EventState> state_;
 };
 

@@ -325,7 +325,7 @@ DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOption
           std::string(mode_name(m)) + " one");
   }
   const bool low_latency = !options.previous_handle && resolve_mode(T) == Mode::kLowLatency;
-  if (group_call_ && !low_latency)
+  if (group_plan_ && !low_latency)
     throw Unsupported(
         "dispatch: one launch for the whole group serves the low-latency path; " +
         std::string(options.previous_handle ? "a cached dispatch" : std::to_string(T) + " tokens") +
@@ -342,7 +342,7 @@ CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle,
   const Mode m = handle.state()->mode;
   HandleState& h = handle_state(handle, m, "combine");
   if (m == Mode::kLowLatency) return combine_ll(args, h, options);
-  if (group_call_)
+  if (group_plan_)
     throw Unsupported(
         "combine: one launch for the whole group serves the low-latency path; the "
         "handle is a high-throughput one");

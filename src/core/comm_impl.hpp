@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "layout/layout.hpp"
+#include "ll/group_plan.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/communicator.hpp"
 #include "paths/device_context.hpp"
@@ -41,16 +42,9 @@ class CommImpl {
   void check_errors();
 
   /// One LL call of every rank of a one-GPU group as one kernel (VirtualGroup::dispatch_all /
-  /// combine_all): while set, an LL call records its rank's kernel parameters here instead of
-  /// launching, and the group launches once. With validate_only the call returns after its
-  /// argument checks, before it changes any state (the group checks every rank first).
-  struct GroupCall {
-    bool validate_only = false;
-    std::vector<DeviceContext> ctx;
-    std::vector<ll::DispatchSendParams> dispatch;
-    std::vector<ll::CombineRecvParams> combine;
-  };
-  void set_group_call(GroupCall* call) { group_call_ = call; }
+  /// combine_all): while set, an LL call checks its arguments and, unless the plan only
+  /// validates, records its kernel parameters in the plan instead of launching.
+  void set_group_plan(ll::GroupPlan* plan) { group_plan_ = plan; }
 
  private:
   struct Streams {
@@ -101,7 +95,7 @@ class CommImpl {
   std::shared_ptr<SlotPool> pool_;
   int64_t ll_calls_ = 0;
   bool failed_ = false;
-  GroupCall* group_call_ = nullptr;
+  ll::GroupPlan* group_plan_ = nullptr;
 };
 
 }  // namespace moecomm::detail

@@ -9,7 +9,7 @@
 #include <thread>
 
 #include "core/comm_impl.hpp"
-#include "ll/ll.hpp"
+#include "ll/group_plan.hpp"
 #include "moecomm/error.hpp"
 #include "paths/regions.hpp"
 #include "runtime/cuda_check.hpp"
@@ -205,8 +205,8 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
   state_ = std::make_shared<detail::GroupState>(config, shape, devices,
                                                 detail::symmetric_plan(config, shape));
   for (int r = 0; r < num_ranks; ++r)
-    comms_.push_back(
-        std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, r)));
+    comms_.push_back(std::unique_ptr<MoECommunicator>(
+        new MoECommunicator(std::make_unique<detail::CommImpl>(state_, r))));
   pool_ = std::make_unique<Pool>(state_->device_of);
 }
 
@@ -252,40 +252,25 @@ void check_group_launch(const char* call, size_t given, int ranks, bool one_devi
                           "call runs on rank 0's stream, ordered with every rank's stream)");
 }
 
-/// Runs `call` on every rank's communicator with `group` collecting instead of launching: first
+/// Runs `call` on every rank's communicator with `plan` recording instead of launching: first
 /// with validate_only on every rank (nothing changes if any argument is bad), then for real.
 template <typename Call>
-void collect(std::vector<std::unique_ptr<MoECommunicator>>& comms,
-             detail::CommImpl::GroupCall& group, const Call& call) {
+void plan_calls(const std::vector<detail::CommImpl*>& impls, ll::GroupPlan& plan,
+                const Call& call) {
   for (int pass = 0; pass < 2; ++pass) {
-    group.validate_only = pass == 0;
-    for (size_t r = 0; r < comms.size(); ++r) {
-      detail::CommImpl& impl = comms[r]->impl();
-      impl.set_group_call(&group);
+    plan.validate_only = pass == 0;
+    for (size_t r = 0; r < impls.size(); ++r) {
+      detail::CommImpl& impl = *impls[r];
+      impl.set_group_plan(&plan);
       try {
         call(static_cast<int>(r));
       } catch (...) {
-        impl.set_group_call(nullptr);
+        impl.set_group_plan(nullptr);
         throw;
       }
-      impl.set_group_call(nullptr);
+      impl.set_group_plan(nullptr);
     }
   }
-}
-
-/// The kernel parameters of one launch for the group: every rank's context and call parameters
-/// (on the heap: about 10 KB).
-template <typename Launch, typename Params>
-std::unique_ptr<Launch> group_params(const Config& config,
-                                     const std::vector<detail::DeviceContext>& ctx,
-                                     const std::vector<Params>& params) {
-  auto out = std::make_unique<Launch>();
-  out->launch = {static_cast<int>(ctx.size()), config.num_sms};
-  for (size_t r = 0; r < ctx.size(); ++r) {
-    out->ctx[r] = ctx[r];
-    out->params[r] = params[r];
-  }
-  return out;
 }
 
 }  // namespace
@@ -308,6 +293,12 @@ void VirtualGroup::launch_once(const std::function<void(cudaStream_t)>& launch) 
   detail::streams_wait(pool_->streams.data() + 1, R - 1, first, pool_->marks[0]);
 }
 
+std::vector<detail::CommImpl*> VirtualGroup::impls() const {
+  std::vector<detail::CommImpl*> out;
+  for (const auto& c : comms_) out.push_back(c->impl_.get());
+  return out;
+}
+
 bool VirtualGroup::on_one_device() const {
   const auto& d = state_->device_of;
   return std::all_of(d.begin(), d.end(), [&](int x) { return x == d[0]; });
@@ -317,12 +308,11 @@ std::vector<DispatchOutput> VirtualGroup::dispatch_all(const std::vector<Dispatc
                                                        const DispatchOptions& options) {
   check_group_launch("dispatch_all", args.size(), size(), on_one_device(), options.stream,
                      options.async, options.return_recv_hook);
-  detail::CommImpl::GroupCall group;
-  std::vector<DispatchOutput> out(size());
-  collect(comms_, group, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); });
   const Config& c = state_->config;
-  const auto params = group_params<ll::GroupDispatchSend>(c, group.ctx, group.dispatch);
-  launch_once([&](cudaStream_t s) { ll::launch_group_dispatch(*params, c.threads_per_block, s); });
+  ll::GroupPlan plan(size(), c.num_sms);
+  std::vector<DispatchOutput> out(size());
+  plan_calls(impls(), plan, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); });
+  launch_once([&](cudaStream_t s) { plan.launch(c.threads_per_block, s); });
   return out;
 }
 
@@ -338,12 +328,12 @@ std::vector<CombineOutput> VirtualGroup::combine_all(const std::vector<CombineAr
     throw InvalidArgument(
         "combine_all: options.out: expected unset (each rank's output is its "
         "own; the call returns them)");
-  detail::CommImpl::GroupCall group;
-  std::vector<CombineOutput> out(size());
-  collect(comms_, group, [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); });
   const Config& c = state_->config;
-  const auto params = group_params<ll::GroupCombineRecv>(c, group.ctx, group.combine);
-  launch_once([&](cudaStream_t s) { ll::launch_group_combine(*params, c.threads_per_block, s); });
+  ll::GroupPlan plan(size(), c.num_sms);
+  std::vector<CombineOutput> out(size());
+  plan_calls(impls(), plan,
+             [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); });
+  launch_once([&](cudaStream_t s) { plan.launch(c.threads_per_block, s); });
   return out;
 }
 
@@ -378,7 +368,8 @@ std::unique_ptr<MoECommunicator> ProcessGroupBuilder::connect(
   if (connected_) throw InvalidArgument("connect: called twice; a builder makes one communicator");
   state_->map_peers(rank_, all_handles);
   connected_ = true;
-  return std::make_unique<MoECommunicator>(std::make_unique<detail::CommImpl>(state_, rank_));
+  return std::unique_ptr<MoECommunicator>(
+      new MoECommunicator(std::make_unique<detail::CommImpl>(state_, rank_)));
 }
 
 }  // namespace moecomm

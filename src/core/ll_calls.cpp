@@ -5,6 +5,7 @@
 #include "core/comm_impl.hpp"
 #include "core/handle_state.hpp"
 #include "core/validate.hpp"
+#include "ll/group_plan.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/streams.hpp"
@@ -31,7 +32,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   if (o.quantize_fp8 && !c.enable_fp8)
     throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
   check_topk(args, T);
-  if (group_call_ && group_call_->validate_only) return {};
+  if (group_plan_ && group_plan_->validate_only) return {};
 
   const Streams s = begin_call(o.stream, o.async);
   auto state = new_handle(Mode::kLowLatency, T);
@@ -54,9 +55,8 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   rp.recv_count = ctx_.ll.recv_count + b * L;
   rp.recv_layout = ctx_.ll.recv_layout + static_cast<size_t>(b) * L * R * 2;
   p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
-  if (group_call_) {
-    group_call_->ctx.push_back(ctx_);
-    group_call_->dispatch.push_back(p);
+  if (group_plan_) {
+    group_plan_->add_dispatch(ctx_, p);
   } else {
     ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
   }
@@ -109,7 +109,7 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   check_absent(args.bias, "bias", "in LL combine");
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
-  if (group_call_ && group_call_->validate_only) return {};
+  if (group_plan_ && group_plan_->validate_only) return {};
 
   const Streams s = begin_call(o.stream, o.async);
   ll::CombineSendParams sp;
@@ -136,9 +136,8 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
       if (st) stream_wait(st, default_stream);  // a hook on another stream follows the send
       ll::launch_combine_recv(ctx, rp, blocks, threads, st ? st : default_stream);
     });
-  } else if (group_call_) {
-    group_call_->ctx.push_back(ctx_);
-    group_call_->combine.push_back(rp);
+  } else if (group_plan_) {
+    group_plan_->add_combine(ctx_, rp);
   } else {
     ll::launch_combine_recv(ctx_, rp, blocks, threads, s.exec);
   }

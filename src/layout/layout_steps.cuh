@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "layout/bitmap.cuh"
 #include "layout/layout.hpp"
 #include "transport/barrier.cuh"
 #include "transport/signal.cuh"

@@ -7,6 +7,7 @@
 #include "device/row_ops.cuh"
 #include "layout/layout.hpp"
 #include "layout/layout_steps.cuh"
+#include "ll/group_params.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "transport/barrier.cuh"

@@ -70,40 +70,6 @@ struct CombineRecvParams {
 void launch_combine_recv(const detail::DeviceContext& ctx, const CombineRecvParams& params,
                          int blocks, int threads, cudaStream_t stream);
 
-// --- One launch for a whole one-GPU group -------------------------------------------------------
-// The ranks of a VirtualGroup on one GPU can run one LL call as a single kernel: block b serves
-// rank b / blocks_per_rank. Plain launches on R streams serialise in the GPU's front end (8 ranks:
-// ~29 us before the last rank's first kernel has run); one launch pays that once. The per-rank
-// contexts and parameters travel by value in the kernel's parameter space.
-
-inline constexpr int kMaxGroupRanks = 8;  // what fits the 32 KB of kernel parameters
-
-struct GroupLaunch {
-  int ranks = 0;
-  int blocks_per_rank = 0;
-};
-
-struct GroupDispatchSend {
-  GroupLaunch launch;
-  detail::DeviceContext ctx[kMaxGroupRanks];
-  DispatchSendParams params[kMaxGroupRanks];  // receive must be set: no hooks in a group launch
-};
-
-struct GroupCombineRecv {
-  GroupLaunch launch;
-  detail::DeviceContext ctx[kMaxGroupRanks];
-  CombineRecvParams params[kMaxGroupRanks];  // publish_y must be set
-};
-
-inline constexpr size_t kMaxKernelParamBytes = 32764;
-static_assert(sizeof(GroupDispatchSend) <= kMaxKernelParamBytes, "group parameters too large");
-static_assert(sizeof(GroupCombineRecv) <= kMaxKernelParamBytes, "group parameters too large");
-
-/// Both phases of dispatch for every rank of the group, one kernel on `stream`.
-void launch_group_dispatch(const GroupDispatchSend& group, int threads, cudaStream_t stream);
-/// Both phases of combine for every rank of the group, one kernel on `stream`.
-void launch_group_combine(const GroupCombineRecv& group, int threads, cudaStream_t stream);
-
 /// Loads this file's kernels now. CUDA loads a kernel lazily at its first launch, and that load
 /// may wait for the device to go idle, which never happens while co-located ranks spin on each
 /// other: so every kernel is loaded when a communicator is built.
