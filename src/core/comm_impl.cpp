@@ -8,6 +8,8 @@
 #include <thread>
 
 #include "core/event_state.hpp"
+#include "core/staging.hpp"
+#include "core/stream_order.hpp"
 #include "core/validate.hpp"
 #include "ht/intranode.hpp"
 #include "layout/layout.hpp"
@@ -95,16 +97,6 @@ const char* phase_name(int phase) {
   return "?";
 }
 
-/// A hook run on another stream than its send phase: that stream waits for the send phase.
-void follow(cudaStream_t send_stream, cudaStream_t hook_stream) {
-  if (!hook_stream || hook_stream == send_stream) return;
-  cudaEvent_t ev;
-  MOECOMM_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-  MOECOMM_CUDA_CHECK(cudaEventRecord(ev, send_stream));
-  MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(hook_stream, ev, 0));
-  MOECOMM_CUDA_CHECK(cudaEventDestroy(ev));
-}
-
 // Carves consecutive, 256-byte aligned pieces out of one allocation.
 class Carver {
  public:
@@ -145,6 +137,7 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
   warm_up_stream(own_stream_);
   warm_up_stream(async_stream_);
+  order_ = std::make_shared<StreamOrder>(device_);
   group_->claim_stream(rank_, own_stream_);
   group_->claim_stream(rank_, async_stream_);
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError),
@@ -268,10 +261,12 @@ void CommImpl::check_errors() {
                             std::to_string(copy.observed) + " twice (again at k " +
                             std::to_string(copy.b) + "); expected distinct experts per row");
     case DeviceErrorKind::kRecvOverflow:
-      e->kind = 0;
-      throw InvalidArgument("Config.max_recv_tokens: rank " + std::to_string(rank_) +
+      e->kind = 0;  // seen by every rank of the call (each checks the whole count matrix)
+      throw InvalidArgument("Config.max_recv_tokens: rank " + std::to_string(copy.peer) +
                             " must receive " + std::to_string(copy.a) + " rows but holds " +
-                            std::to_string(copy.b) + "; raise it (0 = the worst case)");
+                            std::to_string(copy.b) +
+                            "; rows past it were dropped on every rank; raise it (0 = the worst "
+                            "case)");
     case DeviceErrorKind::kNone:
       break;
   }
@@ -321,10 +316,16 @@ CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
     MOECOMM_CUDA_CHECK(cudaEventDestroy(ev));
     s.exec = async_stream_;
   }
+  order_->before(s.exec);
   return s;
 }
 
+void CommImpl::note_stream_work(cudaStream_t stream) {
+  order_->after(stream);
+}
+
 Event CommImpl::end_call(const Streams& s, bool async) {
+  order_->after(s.exec);
   if (!async) return {};
   auto state = std::make_shared<EventState>();
   state->device = device_;
@@ -423,6 +424,7 @@ layout::LayoutParams CommImpl::layout_params(const TensorView& topk_idx, bool ex
   layout::ScanOptions& opt = p.scan;
   opt.exchange_counts = exchange;
   opt.close_call = close;
+  opt.check_capacity = state != nullptr;  // HT dispatch writes rows; get_layout does not
   opt.expert_alignment = config().expert_alignment;
   if (state) {
     opt.recv_rank_prefix = state->recv_rank_prefix;
@@ -455,6 +457,7 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   layout::launch_layout(ctx_,
                         layout_params(topk_idx, /*exchange=*/true, /*close=*/true, nullptr, 0),
                         config().num_sms, config().threads_per_block, s.exec);
+  end_call(s, false);
   const int R = num_ranks(), E = config().num_experts, L = config().local_experts(R);
   Layout out;
   out.num_tokens_per_rank = local_view(ctx_.local.num_tokens_per_rank, DType::kI32, {R});
@@ -530,6 +533,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   }
 
   const Streams s = begin_call(o.stream, o.async);
+  CallStaging staging(s.exec);
   Handle handle;
   if (cached) {
     handle = *o.previous_handle;
@@ -541,7 +545,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   const uint64_t token = ++host_token_;
 
   ht::DispatchParams p;
-  p.x = args.x.data;
+  p.x = staging.input(args.x);
   p.num_tokens = T;
   p.in_row_bytes = static_cast<int>(fp8_in ? H : 2 * H);
   p.out_row_bytes = static_cast<int>(fp8_in || o.quantize_fp8 ? H : 2 * H);
@@ -558,6 +562,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
     p.layout =
         layout_params(args.topk_idx, /*exchange=*/true, /*close=*/false, &h, exact ? token : 0);
   ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  staging.finish();
 
   if (!cached && exact) {
     wait_host_counts(token);
@@ -606,15 +611,19 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   if (o.quantize_fp8 && !c.enable_fp8)
     throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
   check_topk(args, T);
-  if (group_call_ && group_call_->validate_only) return {};
+  if (group_call_ && group_call_->validate_only) {
+    check_errors();  // a pending device error raises here, before any rank's state changes
+    return {};
+  }
 
   const Streams s = begin_call(o.stream, o.async);
+  auto staging = std::make_unique<CallStaging>(s.exec);
   auto state = new_handle(Mode::kLowLatency, T);
-  const int b = static_cast<int>(ll_calls_++ % 2);
+  const int b = static_cast<int>(ll_calls_ % 2);
   state->buffer = b;
 
   ll::DispatchSendParams p;
-  p.x = static_cast<const uint16_t*>(args.x.data);
+  p.x = static_cast<const uint16_t*>(staging->input(args.x));
   p.num_tokens = T;
   p.topk_idx = args.topk_idx.data;
   p.idx_i64 = args.topk_idx.dtype == DType::kI64;
@@ -632,17 +641,23 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   if (group_call_) {
     group_call_->ctx.push_back(ctx_);
     group_call_->dispatch.push_back(p);
+    group_call_->staging.push_back(std::move(staging));  // finished after the group's launch
   } else {
     ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+    staging->finish();
   }
+  ++ll_calls_;  // nothing below throws: the buffer parity advances with the call
 
   DispatchOutput out;
   if (o.return_recv_hook) {
     const DeviceContext ctx = ctx_;
     const cudaStream_t default_stream = s.exec;
-    out.hook = RecvHook([ctx, rp, default_stream](cudaStream_t st) {
-      follow(default_stream, st);
-      ll::launch_dispatch_recv(ctx, rp, st ? st : default_stream);
+    std::shared_ptr<StreamOrder> order = order_;
+    out.hook = RecvHook([ctx, rp, default_stream, order](cudaStream_t st) {
+      const cudaStream_t run = st ? st : default_stream;
+      order->before(run);
+      ll::launch_dispatch_recv(ctx, rp, run);
+      order->after(run);
     });
   }
 
@@ -713,23 +728,25 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
         "return_recv_hook: expected false for HT combine (hooks are a low-latency feature)");
 
   const Streams s = begin_call(o.stream, o.async);
+  CallStaging staging(s.exec);
   ht::CombineParams p;
   const auto& lay = group_->layout;
   const size_t cap = static_cast<size_t>(group_->sizes.ht_capacity);
   const bool staged = group_->sizes.stage_combine;
-  p.y =
-      publish(args.y.data, args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0, "y", s.exec);
+  p.y = publish(staging.input(args.y), args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0,
+                "y", s.exec);
   if (args.recv_topk_weights.present())
     p.recv_weights =
         publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.ht_stage_weights,
                 staged ? cap * K * sizeof(float) : 0, "recv_topk_weights", s.exec);
-  p.bias = args.bias.present() ? static_cast<const uint16_t*>(args.bias.data) : nullptr;
-  p.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
+  p.bias = args.bias.present() ? static_cast<const uint16_t*>(staging.input(args.bias)) : nullptr;
+  p.out = o.out.present() ? static_cast<uint16_t*>(staging.output(o.out)) : combine_out_;
   const bool want_weights = args.recv_topk_weights.present();
   p.combined_weights = want_weights ? combine_weights_ : nullptr;
   p.send_row = h.send_row;
   p.num_tokens = T;
   ht::launch_combine(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  staging.finish();  // peers are done with a staged y: the kernel waited for their reads
 
   CombineOutput out;
   out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
@@ -763,13 +780,18 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   check_absent(args.bias, "bias", "in LL combine");
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
-  if (group_call_ && group_call_->validate_only) return {};
+  if (group_call_ && group_call_->validate_only) {
+    check_errors();  // a pending device error raises here, before any rank's state changes
+    return {};
+  }
 
   const Streams s = begin_call(o.stream, o.async);
+  // Staged y and out live until the receive phase has run (with a hook: inside the hook).
+  std::shared_ptr<CallStaging> staging = std::make_shared<CallStaging>(s.exec);
   ll::CombineSendParams sp;
   const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
-  sp.y = publish(args.y.data, args.y.nbytes(), group_->layout.ll_combine[h.buffer], combine_bytes,
-                 "y", s.exec);
+  sp.y = publish(staging->input(args.y), args.y.nbytes(), group_->layout.ll_combine[h.buffer],
+                 combine_bytes, "y", s.exec);
   sp.buffer = h.buffer;
   if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
 
@@ -780,21 +802,28 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   rp.slot_of = h.ll_slot;
   rp.topk_weights = static_cast<const float*>(args.topk_weights.data);
   rp.num_tokens = T;
-  rp.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
+  rp.out = o.out.present() ? static_cast<uint16_t*>(staging->output(o.out)) : combine_out_;
   CombineOutput out;
   const int blocks = c.num_sms, threads = c.threads_per_block;
   if (o.return_recv_hook) {
     const DeviceContext ctx = ctx_;
     const cudaStream_t default_stream = s.exec;
-    out.hook = RecvHook([ctx, rp, blocks, threads, default_stream](cudaStream_t st) {
-      follow(default_stream, st);
-      ll::launch_combine_recv(ctx, rp, blocks, threads, st ? st : default_stream);
+    std::shared_ptr<StreamOrder> order = order_;
+    out.hook = RecvHook([ctx, rp, blocks, threads, default_stream, order,
+                         staging](cudaStream_t st) {
+      const cudaStream_t run = st ? st : default_stream;
+      order->before(run);
+      ll::launch_combine_recv(ctx, rp, blocks, threads, run);
+      staging->finish(run);
+      order->after(run);
     });
   } else if (group_call_) {
     group_call_->ctx.push_back(ctx_);
     group_call_->combine.push_back(rp);
+    group_call_->staging.push_back(staging);  // finished after the group's launch
   } else {
     ll::launch_combine_recv(ctx_, rp, blocks, threads, s.exec);
+    staging->finish();
   }
   out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
   out.event = end_call(s, o.async);

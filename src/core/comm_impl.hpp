@@ -17,6 +17,8 @@
 namespace moecomm::detail {
 
 class SlotPool;
+class CallStaging;
+class StreamOrder;
 
 /// Device metadata of one dispatch (a slot of the communicator's pool) and what the host knows.
 struct HandleState {
@@ -67,8 +69,16 @@ class CommImpl {
     std::vector<DeviceContext> ctx;
     std::vector<ll::DispatchSendParams> dispatch;
     std::vector<ll::CombineRecvParams> combine;
+    /// Each rank's temporaries (unaligned tensors), finished on its stream after the launch.
+    std::vector<std::shared_ptr<CallStaging>> staging;
   };
   void set_group_call(GroupCall* call) { group_call_ = call; }
+  /// A group dispatch failed on a later rank after this one recorded its call: take back the
+  /// buffer parity it advanced, so that every rank stays in step.
+  void undo_group_dispatch() { --ll_calls_; }
+  /// Work of this rank was enqueued on `stream` outside its own calls (a group launch it joined):
+  /// its next call on another stream follows it.
+  void note_stream_work(cudaStream_t stream);
 
  private:
   struct Streams {
@@ -122,6 +132,7 @@ class CommImpl {
   int64_t ll_calls_ = 0;
   bool failed_ = false;
   GroupCall* group_call_ = nullptr;
+  std::shared_ptr<StreamOrder> order_;  // shared with receive hooks
 };
 
 }  // namespace moecomm::detail

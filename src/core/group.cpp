@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "core/comm_impl.hpp"
+#include "core/staging.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
@@ -249,9 +250,11 @@ void check_group_launch(const char* call, size_t given, int ranks, bool one_devi
 
 /// Runs `call` on every rank's communicator with `group` collecting instead of launching: first
 /// with validate_only on every rank (nothing changes if any argument is bad), then for real.
-template <typename Call>
+/// If a rank still fails in the second pass (a device error that arrived in between, an
+/// allocation), `undo` takes back what the ranks before it recorded, so the ranks stay in step.
+template <typename Call, typename Undo>
 void collect(std::vector<std::unique_ptr<MoECommunicator>>& comms,
-             detail::CommImpl::GroupCall& group, const Call& call) {
+             detail::CommImpl::GroupCall& group, const Call& call, const Undo& undo) {
   for (int pass = 0; pass < 2; ++pass) {
     group.validate_only = pass == 0;
     for (size_t r = 0; r < comms.size(); ++r) {
@@ -261,11 +264,21 @@ void collect(std::vector<std::unique_ptr<MoECommunicator>>& comms,
         call(static_cast<int>(r));
       } catch (...) {
         impl.set_group_call(nullptr);
+        if (!group.validate_only)
+          for (size_t q = 0; q < r; ++q) undo(comms[q]->impl());
         throw;
       }
       impl.set_group_call(nullptr);
     }
   }
+}
+
+/// After the group's launch: each rank's temporaries are copied out and freed on its stream
+/// (which follows the launch).
+void finish_staging(std::vector<std::unique_ptr<MoECommunicator>>& comms,
+                    detail::CommImpl::GroupCall& group) {
+  for (size_t r = 0; r < group.staging.size(); ++r)
+    if (group.staging[r]) group.staging[r]->finish(comms[r]->stream());
 }
 
 /// The kernel parameters of one launch for the group: every rank's context and call parameters
@@ -302,7 +315,9 @@ void VirtualGroup::launch_once(const std::function<void(cudaStream_t)>& launch) 
   MOECOMM_CUDA_CHECK(cudaEventRecord(pool_->marks[0], first));
   for (int r = 1; r < R; ++r)  // and every rank's later work follows the launch
     MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(comms_[r]->stream(), pool_->marks[0], 0));
+  for (int r = 0; r < R; ++r) comms_[r]->impl().note_stream_work(comms_[r]->stream());
 }
+
 
 bool VirtualGroup::on_one_device() const {
   const auto& d = state_->device_of;
@@ -315,10 +330,13 @@ std::vector<DispatchOutput> VirtualGroup::dispatch_all(const std::vector<Dispatc
                      options.async, options.return_recv_hook);
   detail::CommImpl::GroupCall group;
   std::vector<DispatchOutput> out(size());
-  collect(comms_, group, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); });
+  collect(
+      comms_, group, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); },
+      [](detail::CommImpl& impl) { impl.undo_group_dispatch(); });
   const Config& c = state_->config;
   const auto params = group_params<ll::GroupDispatchSend>(c, group.ctx, group.dispatch);
   launch_once([&](cudaStream_t s) { ll::launch_group_dispatch(*params, c.threads_per_block, s); });
+  finish_staging(comms_, group);
   return out;
 }
 
@@ -336,10 +354,14 @@ std::vector<CombineOutput> VirtualGroup::combine_all(const std::vector<CombineAr
         "own; the call returns them)");
   detail::CommImpl::GroupCall group;
   std::vector<CombineOutput> out(size());
-  collect(comms_, group, [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); });
+  collect(
+      comms_, group,
+      [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); },
+      [](detail::CommImpl&) {});  // combine changes no rank state before its launch
   const Config& c = state_->config;
   const auto params = group_params<ll::GroupCombineRecv>(c, group.ctx, group.combine);
   launch_once([&](cudaStream_t s) { ll::launch_group_combine(*params, c.threads_per_block, s); });
+  finish_staging(comms_, group);
   return out;
 }
 
