@@ -299,6 +299,7 @@ void CommImpl::synchronize() {
   DeviceGuard guard(device_);
   MOECOMM_CUDA_CHECK(cudaStreamSynchronize(own_stream_));
   if (async_stream_) MOECOMM_CUDA_CHECK(cudaStreamSynchronize(async_stream_));
+  order_->synchronize();  // a receive hook run on another stream
   check_errors();
 }
 

@@ -32,6 +32,10 @@ void StreamOrder::before(cudaStream_t stream) {
   MOECOMM_CUDA_CHECK(cudaStreamWaitEvent(stream, tail_, 0));
 }
 
+void StreamOrder::synchronize() {
+  if (recorded_ && tail_capture_ == 0) MOECOMM_CUDA_CHECK(cudaEventSynchronize(tail_));
+}
+
 void StreamOrder::after(cudaStream_t stream) {
   MOECOMM_CUDA_CHECK(cudaEventRecord(tail_, stream));
   tail_stream_ = stream;

@@ -21,6 +21,9 @@ class StreamOrder {
   void before(cudaStream_t stream);
   /// After a call's last work on `stream`: that is the tail the next call follows.
   void after(cudaStream_t stream);
+  /// Blocks the host until the last call's tail (wherever it ran: a hook's stream too) is done.
+  /// A tail inside a capture is not work yet: nothing to wait for.
+  void synchronize();
 
  private:
   int device_;
