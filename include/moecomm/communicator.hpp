@@ -145,8 +145,8 @@ class MoECommunicator {
   /// that writes its output here saves a copy (zero-copy combine).
   TensorView combine_buffer(const Handle& handle);
 
-  /// Waits for this rank's stream and raises any recorded device error (stall, overflow, bad
-  /// topk_idx).
+  /// Waits for all of this rank's work (its streams, and receive hooks run on other streams) and
+  /// raises any recorded device error (stall, overflow, bad topk_idx).
   void synchronize();
   /// Raises any device error recorded so far without waiting.
   void check_errors();

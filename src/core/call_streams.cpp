@@ -1,9 +1,11 @@
 // Where a call's kernels run: on the caller's stream, or (async) on the rank's second stream
-// ordered after the caller's work, with an Event that marks the end.
+// ordered after the caller's work, with an Event that marks the end. Every call also follows the
+// rank's previous call when that ran on another stream (core/stream_order.hpp).
 #include <memory>
 
 #include "core/comm_impl.hpp"
 #include "core/event_state.hpp"
+#include "core/stream_order.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/streams.hpp"
 
@@ -19,10 +21,16 @@ CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
     stream_wait(async_stream_, s.caller);
     s.exec = async_stream_;
   }
+  order_->before(s.exec);
   return s;
 }
 
+void CommImpl::note_stream_work(cudaStream_t stream) {
+  order_->after(stream);
+}
+
 Event CommImpl::end_call(const Streams& s, bool async) {
+  order_->after(s.exec);
   if (!async) return {};
   auto state = std::make_shared<EventState>();
   state->device = device_;

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/handle_state.hpp"
+#include "core/stream_order.hpp"
 #include "core/validate.hpp"
 #include "ht/intranode.hpp"
 #include "layout/layout.hpp"
@@ -65,6 +66,7 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
   warm_up_stream(own_stream_);
   warm_up_stream(async_stream_);
+  order_ = std::make_shared<StreamOrder>(device_);
   group_->claim_stream(rank_, own_stream_);
   group_->claim_stream(rank_, async_stream_);
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError),
@@ -168,10 +170,12 @@ void CommImpl::check_errors() {
                             std::to_string(copy.observed) + " twice (again at k " +
                             std::to_string(copy.b) + "); expected distinct experts per row");
     case DeviceErrorKind::kRecvOverflow:
-      e->kind = 0;
-      throw InvalidArgument("Config.max_recv_tokens: rank " + std::to_string(rank_) +
+      e->kind = 0;  // seen by every rank of the call (each checks the whole count matrix)
+      throw InvalidArgument("Config.max_recv_tokens: rank " + std::to_string(copy.peer) +
                             " must receive " + std::to_string(copy.a) + " rows but holds " +
-                            std::to_string(copy.b) + "; raise it (0 = the worst case)");
+                            std::to_string(copy.b) +
+                            "; rows past it were dropped on every rank; raise it (0 = the worst "
+                            "case)");
     case DeviceErrorKind::kNone:
       break;
   }
@@ -204,6 +208,7 @@ void CommImpl::synchronize() {
   DeviceGuard guard(device_);
   MOECOMM_CUDA_CHECK(cudaStreamSynchronize(own_stream_));
   if (async_stream_) MOECOMM_CUDA_CHECK(cudaStreamSynchronize(async_stream_));
+  order_->synchronize();  // a receive hook run on another stream
   check_errors();
 }
 
@@ -263,6 +268,7 @@ layout::LayoutParams CommImpl::layout_params(const TensorView& topk_idx, bool ex
   layout::ScanOptions& opt = p.scan;
   opt.exchange_counts = exchange;
   opt.close_call = close;
+  opt.check_capacity = state != nullptr;  // HT dispatch writes rows; get_layout does not
   opt.expert_alignment = config().expert_alignment;
   if (state) {
     opt.recv_rank_prefix = state->recv_rank_prefix;
@@ -295,6 +301,7 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   layout::launch_layout(ctx_,
                         layout_params(topk_idx, /*exchange=*/true, /*close=*/true, nullptr, 0),
                         config().num_sms, config().threads_per_block, s.exec);
+  end_call(s, false);
   const int R = num_ranks(), E = config().num_experts, L = config().local_experts(R);
   Layout out;
   out.num_tokens_per_rank = local_view(ctx_.layout.num_tokens_per_rank, DType::kI32, {R});
@@ -325,7 +332,7 @@ DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOption
           std::string(mode_name(m)) + " one");
   }
   const bool low_latency = !options.previous_handle && resolve_mode(T) == Mode::kLowLatency;
-  if (group_plan_ && !low_latency)
+  if (group_call_ && !low_latency)
     throw Unsupported(
         "dispatch: one launch for the whole group serves the low-latency path; " +
         std::string(options.previous_handle ? "a cached dispatch" : std::to_string(T) + " tokens") +
@@ -342,7 +349,7 @@ CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle,
   const Mode m = handle.state()->mode;
   HandleState& h = handle_state(handle, m, "combine");
   if (m == Mode::kLowLatency) return combine_ll(args, h, options);
-  if (group_plan_)
+  if (group_call_)
     throw Unsupported(
         "combine: one launch for the whole group serves the low-latency path; the "
         "handle is a high-throughput one");

@@ -17,7 +17,9 @@
 
 namespace moecomm::detail {
 
+class CallStaging;
 class SlotPool;
+class StreamOrder;
 struct HandleState;
 
 class CommImpl {
@@ -43,8 +45,21 @@ class CommImpl {
 
   /// One LL call of every rank of a one-GPU group as one kernel (VirtualGroup::dispatch_all /
   /// combine_all): while set, an LL call checks its arguments and, unless the plan only
-  /// validates, records its kernel parameters in the plan instead of launching.
-  void set_group_plan(ll::GroupPlan* plan) { group_plan_ = plan; }
+  /// validates, records its kernel parameters in the LL path's plan instead of launching. Each
+  /// rank's temporaries (unaligned tensors) wait here to be finished on its stream after the
+  /// group's launch.
+  struct GroupCall {
+    explicit GroupCall(ll::GroupPlan& p) : plan(p) {}
+    ll::GroupPlan& plan;
+    std::vector<std::shared_ptr<CallStaging>> staging;
+  };
+  void set_group_call(GroupCall* call) { group_call_ = call; }
+  /// A group dispatch failed on a later rank after this one recorded its call: take back the
+  /// buffer parity it advanced, so that every rank stays in step.
+  void undo_group_dispatch() { --ll_calls_; }
+  /// Work of this rank was enqueued on `stream` outside its own calls (a group launch it joined):
+  /// its next call on another stream follows it.
+  void note_stream_work(cudaStream_t stream);
 
  private:
   struct Streams {
@@ -95,7 +110,8 @@ class CommImpl {
   std::shared_ptr<SlotPool> pool_;
   int64_t ll_calls_ = 0;
   bool failed_ = false;
-  ll::GroupPlan* group_plan_ = nullptr;
+  GroupCall* group_call_ = nullptr;
+  std::shared_ptr<StreamOrder> order_;  // shared with receive hooks
 };
 
 }  // namespace moecomm::detail

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "core/comm_impl.hpp"
+#include "core/staging.hpp"
 #include "ll/group_plan.hpp"
 #include "moecomm/error.hpp"
 #include "paths/regions.hpp"
@@ -252,25 +253,38 @@ void check_group_launch(const char* call, size_t given, int ranks, bool one_devi
                           "call runs on rank 0's stream, ordered with every rank's stream)");
 }
 
-/// Runs `call` on every rank's communicator with `plan` recording instead of launching: first
-/// with validate_only on every rank (nothing changes if any argument is bad), then for real.
-template <typename Call>
-void plan_calls(const std::vector<detail::CommImpl*>& impls, ll::GroupPlan& plan,
-                const Call& call) {
+/// Runs `call` on every rank's communicator with the LL path's plan recording instead of
+/// launching: first with validate_only on every rank (nothing changes if any argument is bad),
+/// then for real. If a rank still fails in the second pass (a device error that arrived in
+/// between, an allocation), `undo` takes back what the ranks before it recorded, so the ranks
+/// stay in step.
+template <typename Call, typename Undo>
+void plan_calls(const std::vector<detail::CommImpl*>& impls, detail::CommImpl::GroupCall& group,
+                const Call& call, const Undo& undo) {
   for (int pass = 0; pass < 2; ++pass) {
-    plan.validate_only = pass == 0;
+    group.plan.validate_only = pass == 0;
     for (size_t r = 0; r < impls.size(); ++r) {
       detail::CommImpl& impl = *impls[r];
-      impl.set_group_plan(&plan);
+      impl.set_group_call(&group);
       try {
         call(static_cast<int>(r));
       } catch (...) {
-        impl.set_group_plan(nullptr);
+        impl.set_group_call(nullptr);
+        if (!group.plan.validate_only)
+          for (size_t q = 0; q < r; ++q) undo(*impls[q]);
         throw;
       }
-      impl.set_group_plan(nullptr);
+      impl.set_group_call(nullptr);
     }
   }
+}
+
+/// After the group's launch: each rank's temporaries are copied out and freed on its stream
+/// (which follows the launch).
+void finish_staging(const std::vector<std::unique_ptr<MoECommunicator>>& comms,
+                    detail::CommImpl::GroupCall& group) {
+  for (size_t r = 0; r < group.staging.size(); ++r)
+    if (group.staging[r]) group.staging[r]->finish(comms[r]->stream());
 }
 
 }  // namespace
@@ -291,6 +305,7 @@ void VirtualGroup::launch_once(const std::function<void(cudaStream_t)>& launch) 
   launch(first);
   // and every rank's later work follows the launch
   detail::streams_wait(pool_->streams.data() + 1, R - 1, first, pool_->marks[0]);
+  for (detail::CommImpl* impl : impls()) impl->note_stream_work(impl->stream());
 }
 
 std::vector<detail::CommImpl*> VirtualGroup::impls() const {
@@ -310,9 +325,13 @@ std::vector<DispatchOutput> VirtualGroup::dispatch_all(const std::vector<Dispatc
                      options.async, options.return_recv_hook);
   const Config& c = state_->config;
   ll::GroupPlan plan(size(), c.num_sms);
+  detail::CommImpl::GroupCall group(plan);
   std::vector<DispatchOutput> out(size());
-  plan_calls(impls(), plan, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); });
+  plan_calls(
+      impls(), group, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); },
+      [](detail::CommImpl& impl) { impl.undo_group_dispatch(); });
   launch_once([&](cudaStream_t s) { plan.launch(c.threads_per_block, s); });
+  finish_staging(comms_, group);
   return out;
 }
 
@@ -330,10 +349,13 @@ std::vector<CombineOutput> VirtualGroup::combine_all(const std::vector<CombineAr
         "own; the call returns them)");
   const Config& c = state_->config;
   ll::GroupPlan plan(size(), c.num_sms);
+  detail::CommImpl::GroupCall group(plan);
   std::vector<CombineOutput> out(size());
-  plan_calls(impls(), plan,
-             [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); });
+  plan_calls(
+      impls(), group, [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); },
+      [](detail::CommImpl&) {});  // combine changes no rank state before its launch
   launch_once([&](cudaStream_t s) { plan.launch(c.threads_per_block, s); });
+  finish_staging(comms_, group);
   return out;
 }
 

@@ -4,6 +4,7 @@
 
 #include "core/comm_impl.hpp"
 #include "core/handle_state.hpp"
+#include "core/staging.hpp"
 #include "core/validate.hpp"
 #include "ht/intranode.hpp"
 #include "moecomm/error.hpp"
@@ -47,6 +48,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   }
 
   const Streams s = begin_call(o.stream, o.async);
+  CallStaging staging(s.exec);
   Handle handle;
   if (cached) {
     handle = *o.previous_handle;
@@ -58,7 +60,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   const uint64_t token = ++host_token_;
 
   ht::DispatchParams p;
-  p.x = args.x.data;
+  p.x = staging.input(args.x);
   p.num_tokens = T;
   p.in_row_bytes = static_cast<int>(fp8_in ? H : 2 * H);
   p.out_row_bytes = static_cast<int>(fp8_in || o.quantize_fp8 ? H : 2 * H);
@@ -75,6 +77,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
     p.layout =
         layout_params(args.topk_idx, /*exchange=*/true, /*close=*/false, &h, exact ? token : 0);
   ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  staging.finish();
 
   if (!cached && exact) {
     wait_host_counts(token);
@@ -140,21 +143,23 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
         "return_recv_hook: expected false for HT combine (hooks are a low-latency feature)");
 
   const Streams s = begin_call(o.stream, o.async);
+  CallStaging staging(s.exec);
   ht::CombineParams p;
   const ht::Regions& lay = ctx_.ht;
   const size_t staged = static_cast<size_t>(lay.stage_rows);
-  p.y = publish(args.y.data, args.y.nbytes(), lay.stage_y, staged * H * 2, "y", s.exec);
+  p.y = publish(staging.input(args.y), args.y.nbytes(), lay.stage_y, staged * H * 2, "y", s.exec);
   if (args.recv_topk_weights.present())
     p.recv_weights =
         publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.stage_weights,
                 staged * K * sizeof(float), "recv_topk_weights", s.exec);
-  p.bias = args.bias.present() ? static_cast<const uint16_t*>(args.bias.data) : nullptr;
-  p.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
+  p.bias = args.bias.present() ? static_cast<const uint16_t*>(staging.input(args.bias)) : nullptr;
+  p.out = o.out.present() ? static_cast<uint16_t*>(staging.output(o.out)) : combine_out_;
   const bool want_weights = args.recv_topk_weights.present();
   p.combined_weights = want_weights ? combine_weights_ : nullptr;
   p.send_row = h.send_row;
   p.num_tokens = T;
   ht::launch_combine(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  staging.finish();  // peers are done with a staged y: the kernel waited for their reads
 
   CombineOutput out;
   out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});

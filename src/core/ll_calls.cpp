@@ -1,14 +1,16 @@
 // The low-latency path's calls: argument checks, the alternating buffers, receive hooks, and the
 // parameters of the LL kernels (ll/ll.hpp), launched per rank or recorded for one group launch.
+#include <memory>
 #include <string>
 
 #include "core/comm_impl.hpp"
 #include "core/handle_state.hpp"
+#include "core/staging.hpp"
+#include "core/stream_order.hpp"
 #include "core/validate.hpp"
 #include "ll/group_plan.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
-#include "runtime/streams.hpp"
 
 namespace moecomm::detail {
 
@@ -32,15 +34,19 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   if (o.quantize_fp8 && !c.enable_fp8)
     throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
   check_topk(args, T);
-  if (group_plan_ && group_plan_->validate_only) return {};
+  if (group_call_ && group_call_->plan.validate_only) {
+    check_errors();  // a pending device error raises here, before any rank's state changes
+    return {};
+  }
 
   const Streams s = begin_call(o.stream, o.async);
+  auto staging = std::make_unique<CallStaging>(s.exec);
   auto state = new_handle(Mode::kLowLatency, T);
-  const int b = static_cast<int>(ll_calls_++ % 2);
+  const int b = static_cast<int>(ll_calls_ % 2);
   state->buffer = b;
 
   ll::DispatchSendParams p;
-  p.x = static_cast<const uint16_t*>(args.x.data);
+  p.x = static_cast<const uint16_t*>(staging->input(args.x));
   p.num_tokens = T;
   p.topk_idx = args.topk_idx.data;
   p.idx_i64 = args.topk_idx.dtype == DType::kI64;
@@ -55,19 +61,25 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   rp.recv_count = ctx_.ll.recv_count + b * L;
   rp.recv_layout = ctx_.ll.recv_layout + static_cast<size_t>(b) * L * R * 2;
   p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
-  if (group_plan_) {
-    group_plan_->add_dispatch(ctx_, p);
+  if (group_call_) {
+    group_call_->plan.add_dispatch(ctx_, p);
+    group_call_->staging.push_back(std::move(staging));  // finished after the group's launch
   } else {
     ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+    staging->finish();
   }
+  ++ll_calls_;  // nothing below throws: the buffer parity advances with the call
 
   DispatchOutput out;
   if (o.return_recv_hook) {
     const DeviceContext ctx = ctx_;
     const cudaStream_t default_stream = s.exec;
-    out.hook = RecvHook([ctx, rp, default_stream](cudaStream_t st) {
-      if (st) stream_wait(st, default_stream);  // a hook on another stream follows the send
-      ll::launch_dispatch_recv(ctx, rp, st ? st : default_stream);
+    std::shared_ptr<StreamOrder> order = order_;
+    out.hook = RecvHook([ctx, rp, default_stream, order](cudaStream_t st) {
+      const cudaStream_t run = st ? st : default_stream;
+      order->before(run);
+      ll::launch_dispatch_recv(ctx, rp, run);
+      order->after(run);
     });
   }
 
@@ -109,13 +121,18 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   check_absent(args.bias, "bias", "in LL combine");
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
-  if (group_plan_ && group_plan_->validate_only) return {};
+  if (group_call_ && group_call_->plan.validate_only) {
+    check_errors();  // a pending device error raises here, before any rank's state changes
+    return {};
+  }
 
   const Streams s = begin_call(o.stream, o.async);
+  // Staged y and out live until the receive phase has run (with a hook: inside the hook).
+  std::shared_ptr<CallStaging> staging = std::make_shared<CallStaging>(s.exec);
   ll::CombineSendParams sp;
   const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
-  sp.y =
-      publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y", s.exec);
+  sp.y = publish(staging->input(args.y), args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes,
+                 "y", s.exec);
   sp.buffer = h.buffer;
   if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
 
@@ -126,20 +143,27 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   rp.slot_of = h.ll_slot;
   rp.topk_weights = static_cast<const float*>(args.topk_weights.data);
   rp.num_tokens = T;
-  rp.out = o.out.present() ? static_cast<uint16_t*>(o.out.data) : combine_out_;
+  rp.out = o.out.present() ? static_cast<uint16_t*>(staging->output(o.out)) : combine_out_;
   CombineOutput out;
   const int blocks = c.num_sms, threads = c.threads_per_block;
   if (o.return_recv_hook) {
     const DeviceContext ctx = ctx_;
     const cudaStream_t default_stream = s.exec;
-    out.hook = RecvHook([ctx, rp, blocks, threads, default_stream](cudaStream_t st) {
-      if (st) stream_wait(st, default_stream);  // a hook on another stream follows the send
-      ll::launch_combine_recv(ctx, rp, blocks, threads, st ? st : default_stream);
-    });
-  } else if (group_plan_) {
-    group_plan_->add_combine(ctx_, rp);
+    std::shared_ptr<StreamOrder> order = order_;
+    out.hook =
+        RecvHook([ctx, rp, blocks, threads, default_stream, order, staging](cudaStream_t st) {
+          const cudaStream_t run = st ? st : default_stream;
+          order->before(run);
+          ll::launch_combine_recv(ctx, rp, blocks, threads, run);
+          staging->finish(run);
+          order->after(run);
+        });
+  } else if (group_call_) {
+    group_call_->plan.add_combine(ctx_, rp);
+    group_call_->staging.push_back(staging);  // finished after the group's launch
   } else {
     ll::launch_combine_recv(ctx_, rp, blocks, threads, s.exec);
+    staging->finish();
   }
   out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
   out.event = end_call(s, o.async);

@@ -1,5 +1,6 @@
 #include "core/validate.hpp"
 
+#include <cstdint>
 #include <string>
 
 #include "moecomm/error.hpp"
@@ -39,6 +40,13 @@ void check_tensor(const TensorView& v, const TensorSpec& spec, int device) {
   if (!v.is_contiguous()) fail();
   if (v.device != device) fail();
   if (v.data == nullptr && v.numel() > 0) fail();
+  // Kernels load elements at their natural alignment (rows of 16 bytes are staged when a view
+  // starts off a 16-byte boundary); an element split across that boundary cannot be read.
+  if (reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) != 0)
+    throw InvalidArgument(std::string(spec.name) + ": expected data aligned to its element size (" +
+                          std::to_string(dtype_size(v.dtype)) + " bytes for " +
+                          dtype_name(v.dtype) + "), got address " +
+                          std::to_string(reinterpret_cast<uintptr_t>(v.data)));
 }
 
 void check_absent(const TensorView& v, const char* name, const std::string& why) {

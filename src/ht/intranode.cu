@@ -51,12 +51,12 @@ __device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams
              layout::bitmap_position(ctx.layout.rank_bitmap + static_cast<int64_t>(d) * W,
                                      ctx.layout.rank_word_prefix + static_cast<int64_t>(d) * W, t);
     };
-    if (lane < R) record[lane] = r.lo = row_at(lane);
-    if (lane + 32 < R) record[lane + 32] = r.hi = row_at(lane + 32);
+    // Rows past the capacity were reported by the layout (on every rank); they are dropped,
+    // never written, and the handle records them as absent so that combine never reads them.
+    auto kept = [&](int32_t row) { return row >= ctx.ht.capacity ? -1 : row; };
+    if (lane < R) record[lane] = r.lo = kept(row_at(lane));
+    if (lane + 32 < R) record[lane + 32] = r.hi = kept(row_at(lane + 32));
   }
-  // Rows past the capacity were reported by the layout; they are dropped, never written.
-  if (r.lo >= ctx.ht.capacity) r.lo = -1;
-  if (r.hi >= ctx.ht.capacity) r.hi = -1;
   r.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, r.lo >= 0)) |
            (static_cast<uint64_t>(__ballot_sync(kFullMask, r.hi >= 0)) << 32);
   return r;
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     dispatch_kernel(DeviceContext ctx, DispatchParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
-  const int R = ctx.num_ranks, K = ctx.topk, L = ctx.local_experts;
+  const int K = ctx.topk, L = ctx.local_experts;
   const int lane = threadIdx.x & 31;
 
   bool ok = true;
@@ -168,12 +168,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   }
 
   if (transport::is_last_block(ctx)) {
-    if (threadIdx.x < R) {
-      transport::signal(ctx, threadIdx.x, FlagKind::kDispatchDone, seq);
-      transport::wait_signal(ctx, FlagKind::kDispatchDone, threadIdx.x, seq, Phase::kDispatchDone,
-                             0);
-    }
-    __syncthreads();
+    transport::signal_and_wait_all(ctx, FlagKind::kDispatchDone, seq, Phase::kDispatchDone, 0);
     if (threadIdx.x == 0) device::close_call(ctx);
   }
 }
@@ -187,28 +182,38 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   __shared__ const uint16_t* y_of[detail::kMaxRanks];
   __shared__ const float* w_of[detail::kMaxRanks];
 
-  // Publish where this rank's expert outputs are, then learn where every peer's are.
-  if (blockIdx.x == 0 && threadIdx.x < R) {
-    uint64_t* slot = transport::peer_region<uint64_t>(ctx, threadIdx.x, ctx.ht.peer_ptrs) +
-                     (parity * R + me) * detail::kPeerPtrs;
-    slot[0] = p.y;
-    slot[1] = p.recv_weights;
-    transport::signal(ctx, threadIdx.x, FlagKind::kCombineReady, seq);  // release covers slot
+  // Publish where this rank's expert outputs are, then learn where every peer's are. Loops over
+  // peers: a block may have fewer threads than the group has ranks.
+  if (blockIdx.x == 0) {
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.ht.peer_ptrs) +
+                       (parity * R + me) * detail::kPeerPtrs;
+      slot[0] = p.y;
+      slot[1] = p.recv_weights;
+      transport::scope(ctx).fence();  // y (written by earlier kernels) and its address
+      transport::signal(ctx, d, FlagKind::kCombineReady, seq);
+    }
   }
-  if (threadIdx.x < R) {
-    const int d = threadIdx.x;
-    transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady, blockIdx.x);
+  bool ok = true;
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    // A slot is only read once its owner's signal arrived: after a failed wait it may be stale
+    // (or null on a first call), so the block skips the reduction instead.
+    if (!transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
+                                blockIdx.x)) {
+      ok = false;
+      continue;
+    }
     const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.ht.peer_ptrs) +
                            (parity * R + d) * detail::kPeerPtrs;
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
     w_of[d] =
         slot[1] ? static_cast<const float*>(transport::resolve_address(ctx, d, slot[1])) : nullptr;
   }
-  __syncthreads();
+  ok = __syncthreads_and(ok) != 0;
 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const int n16 = H / 8;
-  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < p.num_tokens;
+  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; ok && t < p.num_tokens;
        t += warps) {
     TokenRoute route;
     if (lane < R) route.lo = p.send_row[t * R + lane];
@@ -264,11 +269,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   if (transport::is_last_block(ctx)) {
     // Tell every owner its outputs have been read; wait until every reader is done with ours
     // (the caller may overwrite y as soon as combine returns on its stream).
-    if (threadIdx.x < R) {
-      transport::signal(ctx, threadIdx.x, FlagKind::kCombineDone, seq);
-      transport::wait_signal(ctx, FlagKind::kCombineDone, threadIdx.x, seq, Phase::kCombineDone, 0);
-    }
-    __syncthreads();
+    transport::signal_and_wait_all(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone, 0);
     if (threadIdx.x == 0) device::close_call(ctx);
   }
 }

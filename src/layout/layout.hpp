@@ -20,6 +20,7 @@ struct TopkInput {
 struct ScanOptions {
   bool exchange_counts = false;  // send this rank's counts to every peer and receive theirs
   bool close_call = false;       // the layout kernel ends the call (advances the epoch)
+  bool check_capacity = false;   // HT dispatch: raise on every rank if any receiver overflows
   int expert_alignment = 1;
   // Written when exchange_counts (may be null):
   int32_t* recv_rank_prefix = nullptr;        // [R + 1]

@@ -145,14 +145,8 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
         ctx.layout.num_tokens_per_expert[d * L + le];
   }
   __syncthreads();
-  bool ok = true;
-  if (threadIdx.x < R) {
-    transport::scope(ctx).fence();
-    transport::signal(ctx, threadIdx.x, FlagKind::kLayoutCounts, seq);
-    ok = transport::wait_signal(ctx, FlagKind::kLayoutCounts, threadIdx.x, seq,
-                                Phase::kLayoutCounts, 0);
-  }
-  ok = __syncthreads_and(ok) != 0;
+  const bool ok =
+      transport::signal_and_wait_all(ctx, FlagKind::kLayoutCounts, seq, Phase::kLayoutCounts, 0);
   const int32_t* matrix =
       transport::peer_region<int32_t>(ctx, me, ctx.layout.count_matrix) + parity * R * R;
   const int32_t* per_expert =
@@ -180,9 +174,20 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
     }
     if (opt.recv_rank_prefix) opt.recv_rank_prefix[R] = static_cast<int32_t>(total);
     if (opt.num_recv) *opt.num_recv = static_cast<int32_t>(total);
-    if (total > ctx.ht.capacity)
-      transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, -1, Phase::kNone, 0, seq, 0,
-                              total, ctx.ht.capacity);
+    // Every rank holds the whole count matrix, so every rank sees any receiver's overflow and
+    // raises it: no rank's call "succeeds" with rows dropped elsewhere. (get_layout writes no
+    // rows and checks nothing.) Only after a complete exchange: a failed one has stale counts.
+    if (opt.check_capacity && ok) {
+      for (int d = 0; d < R; ++d) {
+        int64_t rows = 0;
+        for (int s = 0; s < R; ++s) rows += matrix[s * R + d];
+        if (rows > ctx.ht.capacity) {
+          transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, d, Phase::kNone, 0, seq, 0,
+                                  rows, ctx.ht.capacity);
+          break;
+        }
+      }
+    }
   }
   if (opt.host_flag) {
     __syncthreads();  // the padded counts above are written

@@ -129,7 +129,10 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
 
   const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
-  const int row_units = H / kUnitChannels;
+  // Units of 128 channels, the last one partial when H is not a multiple of 128 (bf16 only: fp8
+  // needs whole scale groups, which the config enforces).
+  const int row_units = (H + kUnitChannels - 1) / kUnitChannels;
+  const int row_vectors = H / kBf16PerVec;
   const RowPieces pieces(p.num_tokens, stride, row_units,
                          p.fp8 ? kQuantizeStepUnits : kCopyStepUnits);
   // One warp per piece of a token's row: the piece is read (and quantised) once and written to
@@ -155,18 +158,18 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
             }
           });
     } else {
-      device::copy_vectors(src, units * kVectorsPerUnit, lane,
-                           [&](int base, const int4(&v)[device::kRowCopyUnroll]) {
-                             for (int k = 0; k < n; ++k) {
-                               int4* to =
-                                   reinterpret_cast<int4*>(dst[warp][k].x) + u0 * kVectorsPerUnit;
+      const int vectors = min(units * kVectorsPerUnit, row_vectors - u0 * kVectorsPerUnit);
+      device::copy_vectors(
+          src, vectors, lane, [&](int base, const int4(&v)[device::kRowCopyUnroll]) {
+            for (int k = 0; k < n; ++k) {
+              int4* to = reinterpret_cast<int4*>(dst[warp][k].x) + u0 * kVectorsPerUnit;
 #pragma unroll
-                               for (int u = 0; u < device::kRowCopyUnroll; ++u) {
-                                 const int v16 = base + u * kWarpLanes + lane;
-                                 if (v16 < units * kVectorsPerUnit) to[v16] = v[u];
-                               }
-                             }
-                           });
+              for (int u = 0; u < device::kRowCopyUnroll; ++u) {
+                const int v16 = base + u * kWarpLanes + lane;
+                if (v16 < vectors) to[v16] = v[u];
+              }
+            }
+          });
     }
     __syncwarp();  // dst[warp] is rewritten for the next piece
   }
@@ -276,8 +279,10 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
 
   const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
-  // One warp per piece of a token's output row (one lane step of vectors at least).
-  const RowPieces pieces(p.num_tokens, stride, H / kUnitChannels, kCombineStepUnits);
+  // One warp per piece of a token's output row (one lane step of vectors at least); the last
+  // unit is partial when H is not a multiple of 128 (c_end below stops at H).
+  const RowPieces pieces(p.num_tokens, stride, (H + kUnitChannels - 1) / kUnitChannels,
+                         kCombineStepUnits);
   for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; ok && i < pieces.items;
        i += stride) {
     const int64_t t = i / pieces.count;
@@ -324,12 +329,8 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
 
   if (transport::is_last_block(ctx, blocks)) {
     // Every owner learns its y has been read; y of this rank stays until every reader is done.
-    for (int d = threadIdx.x; d < R; d += blockDim.x)
-      transport::signal(ctx, d, FlagKind::kCombineDone, seq);
-    for (int d = threadIdx.x; d < R; d += blockDim.x)
-      transport::wait_signal(ctx, FlagKind::kCombineDone, d, seq, Phase::kCombineDone,
-                             blocks.index);
-    __syncthreads();
+    transport::signal_and_wait_all(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone,
+                                   blocks.index);
     if (p.publish_y && threadIdx.x == 0) device::close_call(ctx);
   }
 }

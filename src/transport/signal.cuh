@@ -106,4 +106,20 @@ __device__ __forceinline__ bool wait_signal(const RankContext& ctx, FlagKind kin
   return wait_geq(ctx, flag_slot(ctx, ctx.rank, kind, src), seq, src, phase, channel);
 }
 
+/// Every thread of a block: signals `kind` at `seq` to every peer, then waits until every peer
+/// has signalled the same to this rank. The loops run over peers, so a block may have fewer
+/// threads than the group has ranks. Each thread fences before its signals, so that the block's
+/// earlier writes (ordered before the call by a CTA barrier) are published with them. True in
+/// every thread when every wait succeeded.
+__device__ inline bool signal_and_wait_all(const RankContext& ctx, FlagKind kind, uint64_t seq,
+                                           Phase phase, int channel) {
+  const int R = ctx.num_ranks;
+  if (threadIdx.x < R) scope(ctx).fence();
+  for (int d = threadIdx.x; d < R; d += blockDim.x) signal(ctx, d, kind, seq);
+  bool ok = true;
+  for (int d = threadIdx.x; d < R; d += blockDim.x)
+    ok = wait_signal(ctx, kind, d, seq, phase, channel) && ok;
+  return __syncthreads_and(ok) != 0;
+}
+
 }  // namespace moecomm::transport

@@ -25,6 +25,7 @@ struct HtCase {
   Sizing sizing = Sizing::kExact;
   bool check_cached = true;
   bool i32_idx = false;
+  int view_offset = 0;  // elements: x, y, bias and out views start this far into their buffers
 
   std::string name() const {
     std::string s = "R=" + std::to_string(R) + " E=" + std::to_string(E) +
@@ -36,6 +37,7 @@ struct HtCase {
     if (payload != Payload::kBf16) s += scales == ScaleFormat::kPowerOfTwo ? "/pow2" : "/f32";
     s += " align=" + std::to_string(alignment);
     s += sizing == Sizing::kExact ? " exact" : " worst-case";
+    if (view_offset) s += " view_offset=" + std::to_string(view_offset);
     return s;
   }
 };
@@ -47,11 +49,21 @@ Config case_config(const HtCase& c) {
   return cfg;
 }
 
+/// A device copy of `host` that starts `offset` elements into its buffer (a view off a 16-byte
+/// boundary when offset * sizeof(T) is not a multiple of 16).
+template <typename T>
+DeviceBuffer<T> shifted_copy(const std::vector<T>& host, int offset) {
+  std::vector<T> padded(host.size() + static_cast<size_t>(offset), T{});
+  std::copy(host.begin(), host.end(), padded.begin() + offset);
+  return DeviceBuffer<T>(padded);
+}
+
 /// What each rank sends: its payload for the reference and its device-side dispatch inputs.
 struct SendSide {
   std::vector<ref::Payload> payload;
   std::vector<DeviceBuffer<uint8_t>> fp8_x;
   std::vector<DeviceBuffer<float>> fp8_scales;
+  std::vector<DeviceBuffer<uint16_t>> shifted_x;  // bf16 x at view_offset (when set)
 };
 
 SendSide make_send_side(const HtCase& c, const std::vector<RankInput>& in) {
@@ -72,8 +84,10 @@ SendSide make_send_side(const HtCase& c, const std::vector<RankInput>& in) {
     }
     if (c.weights) p.topk_weights = in[r].weights;
     if (c.payload == Payload::kFp8Passthrough) {
-      s.fp8_x.emplace_back(p.x);
+      s.fp8_x.push_back(shifted_copy(p.x, c.view_offset));
       s.fp8_scales.emplace_back(p.x_scales);
+    } else if (c.view_offset) {
+      s.shifted_x.push_back(shifted_copy(in[r].x, c.view_offset));
     }
     s.payload.push_back(std::move(p));
   }
@@ -85,8 +99,10 @@ DispatchArgs dispatch_args(const HtCase& c, const std::vector<RankInput>& in, co
   DispatchArgs a;
   const int64_t T = in[r].routing.num_tokens;
   if (c.payload == Payload::kFp8Passthrough) {
-    a.x = s.fp8_x[r].view(DType::kFP8E4M3, {T, c.H});
+    a.x = TensorView::contiguous(s.fp8_x[r].get() + c.view_offset, DType::kFP8E4M3, {T, c.H}, 0);
     a.x_scales = s.fp8_scales[r].view(DType::kF32, {T, c.H / 128});
+  } else if (c.view_offset) {
+    a.x = TensorView::contiguous(s.shifted_x[r].get() + c.view_offset, DType::kBF16, {T, c.H}, 0);
   } else {
     a.x = in[r].x_view(c.H);
   }
@@ -181,15 +197,16 @@ void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64& rng,
   std::vector<std::vector<uint16_t>> y(c.R), bias(c.R);
   std::vector<std::vector<float>> recv_w(c.R);
   std::vector<DeviceBuffer<uint16_t>> d_y, d_bias, d_out;
+  const int off = c.view_offset;
   for (int r = 0; r < c.R; ++r) {
     y[r] = random_bf16(rng, static_cast<size_t>(want_disp[r].num_recv) * c.H);
-    d_y.emplace_back(y[r]);
+    d_y.push_back(shifted_copy(y[r], off));
     if (c.bias) {
       bias[r] = random_bf16(rng, static_cast<size_t>(in[r].routing.num_tokens) * c.H);
-      d_bias.emplace_back(bias[r]);
+      d_bias.push_back(shifted_copy(bias[r], off));
     }
     if (c.weights) recv_w[r] = want_disp[r].topk_weights;
-    d_out.emplace_back(static_cast<size_t>(in[r].routing.num_tokens) * c.H);
+    d_out.emplace_back(static_cast<size_t>(in[r].routing.num_tokens) * c.H + off);
     d_out.back().poison();
   }
   std::vector<CombineOutput> out(c.R);
@@ -197,13 +214,14 @@ void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64& rng,
     for (int r = 0; r < c.R; ++r) {
       const int64_t T = in[r].routing.num_tokens, N = want_disp[r].num_recv;
       CombineArgs a;
-      a.y = d_y[r].view(DType::kBF16, {N, c.H});
+      a.y = TensorView::contiguous(d_y[r].get() + off, DType::kBF16, {N, c.H}, 0);
       if (c.weights)
         a.recv_topk_weights =
             TensorView::contiguous(disp[r].recv_topk_weights.data, DType::kF32, {N, c.K}, 0);
-      if (c.bias) a.bias = d_bias[r].view(DType::kBF16, {T, c.H});
+      if (c.bias) a.bias = TensorView::contiguous(d_bias[r].get() + off, DType::kBF16, {T, c.H}, 0);
       CombineOptions o;
-      if (c.caller_out) o.out = d_out[r].view(DType::kBF16, {T, c.H});
+      if (c.caller_out)
+        o.out = TensorView::contiguous(d_out[r].get() + off, DType::kBF16, {T, c.H}, 0);
       out[r] = group[r].combine(a, disp[r].handle, o);  // never waits on the host
     }
     group.synchronize();
@@ -262,6 +280,10 @@ void run_case(const HtCase& c, std::mt19937_64& rng, VirtualGroup* shared = null
         run_dispatch(group, c.sizing == Sizing::kExact ? c : cached_case, in, send2, &handles);
     if (c.sizing == Sizing::kExact) verify_dispatch(c, again, want2, tag + " cached");
   }
+}
+
+bool failed_case() {
+  return moecomm::test::state().failures_in_case > 0;
 }
 
 std::vector<int64_t> random_tokens(std::mt19937_64& rng, int R, int max_tokens, bool zero_first) {
@@ -438,6 +460,156 @@ TEST_CASE("HT async dispatch and combine return events that order later work") {
   const auto want_out = ref::ht_combine(shape, routings(in), y_host, {}, {});
   for (int r = 0; r < c.R; ++r)
     expect_equal(copy[r].download(), want_out[r].out, "async combine rank " + std::to_string(r));
+}
+
+TEST_CASE("HT hidden not a multiple of 128 (fp8 off): 1000, 136, 8") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 6);
+  for (int H : {1000, 136, 8}) {
+    HtCase c;
+    c.R = 3;
+    c.E = 12;
+    c.K = 4;
+    c.H = H;
+    c.max_tokens = 100;
+    c.tokens = random_tokens(rng, c.R, c.max_tokens, true);
+    c.routing = Routing::kWithDrops;
+    c.bias = true;
+    c.caller_out = H != 136;
+    run_case(c, rng);
+    c.sizing = Sizing::kWorstCase;
+    run_case(c, rng);
+  }
+}
+
+TEST_CASE("HT x, y, bias and out views that start off a 16-byte boundary") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 7);
+  for (int off : {1, 3, 7}) {
+    HtCase c;
+    c.R = 4;
+    c.E = 16;
+    c.K = 4;
+    c.H = 384;
+    c.max_tokens = 96;
+    c.tokens = random_tokens(rng, c.R, c.max_tokens, off == 3);
+    c.view_offset = off;
+    c.bias = true;
+    c.caller_out = true;
+    run_case(c, rng);
+    c.payload = Payload::kFp8Quantize;
+    c.sizing = Sizing::kWorstCase;
+    c.caller_out = false;
+    run_case(c, rng);
+    c.payload = Payload::kFp8Passthrough;  // fp8 x one byte per element: 1, 3, 7 bytes in
+    c.sizing = Sizing::kExact;
+    run_case(c, rng);
+  }
+}
+
+TEST_CASE("HT receive overflow raises on every rank, naming the receiver; the group goes on") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 8);
+  HtCase c;
+  c.R = 4;
+  c.E = 16;
+  c.K = 2;
+  c.H = 256;
+  c.max_tokens = 64;
+  Config cfg = case_config(c);
+  cfg.max_recv_tokens = 40;  // rank 0 receives every token below: 4 * 64 rows
+  VirtualGroup group(cfg, c.R);
+  c.tokens.assign(c.R, 64);
+  c.routing = Routing::kOneExpert;  // expert 1 lives on rank 0
+  auto in = make_inputs(rng, c.tokens, c.E, c.K, c.H, c.routing);
+  const SendSide send = make_send_side(c, in);
+  for (Sizing sizing : {Sizing::kWorstCase, Sizing::kExact}) {
+    const char* name = sizing == Sizing::kExact ? "exact" : "worst case";
+    std::vector<std::string> errors(c.R);
+    std::vector<DispatchOutput> out(c.R);
+    try {
+      group.parallel_for([&](int r) {
+        DispatchOptions o;
+        o.sizing = sizing;
+        try {
+          out[r] = group[r].dispatch(dispatch_args(c, in, send, r), o);
+          group[r].synchronize();
+        } catch (const InvalidArgument& e) {
+          errors[r] = e.what();
+        }
+      });
+    } catch (const std::exception& e) {
+      CHECK(false) << name << ": unexpected " << e.what();
+    }
+    for (int r = 0; r < c.R; ++r)
+      CHECK(errors[r].find("max_recv_tokens: rank 0 must receive") != std::string::npos)
+          << name << ": rank " << r << " raised '" << errors[r] << "'";
+    // Combine with the overflowing handle must not read past the receive buffers.
+    if (sizing == Sizing::kWorstCase && !failed_case()) {
+      std::vector<DeviceBuffer<uint16_t>> y;
+      for (int r = 0; r < c.R; ++r) y.emplace_back(static_cast<size_t>(40) * c.H);
+      for (int r = 0; r < c.R; ++r) {
+        CombineArgs a;
+        a.y = y[r].view(DType::kBF16, {40, c.H});
+        group[r].combine(a, out[r].handle);
+      }
+      group.synchronize();
+    }
+  }
+  // Routing that fits: the same group gives exact results.
+  HtCase fits = c;
+  fits.routing = Routing::kUniform;
+  fits.max_tokens = 10;  // R * 10 = 40 rows: what the receive buffers hold (and get poisoned)
+  fits.tokens.assign(c.R, 8);
+  run_case(fits, rng, &group);
+}
+
+TEST_CASE("HT async calls followed at once by calls on the rank's own stream stay ordered") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 9);
+  HtCase c;
+  c.R = 4;
+  c.E = 16;
+  c.K = 4;
+  c.H = 1024;
+  c.max_tokens = 256;
+  c.sizing = Sizing::kWorstCase;
+  VirtualGroup group(case_config(c), c.R);
+  for (int i = 0; i < 10 && !failed_case(); ++i) {
+    c.tokens = random_tokens(rng, c.R, c.max_tokens, i % 3 == 0);
+    auto in = make_inputs(rng, c.tokens, c.E, c.K, c.H, c.routing);
+    const SendSide send = make_send_side(c, in);
+    ref::Shape shape{c.R, c.E, c.K, c.H};
+    const auto want = ref::ht_dispatch(shape, routings(in), send.payload, c.alignment);
+    std::vector<std::vector<uint16_t>> y_host(c.R);
+    std::vector<DeviceBuffer<uint16_t>> y;
+    for (int r = 0; r < c.R; ++r) {
+      y_host[r] = random_bf16(rng, static_cast<size_t>(want[r].num_recv) * c.H);
+      y.emplace_back(y_host[r]);
+    }
+    // Dispatch on the internal async stream, combine at once on the rank's own stream: nothing
+    // the caller does orders the two; the library must.
+    std::vector<DispatchOutput> out(c.R);
+    std::vector<CombineOutput> comb(c.R);
+    for (int r = 0; r < c.R; ++r) {
+      DispatchOptions o;
+      o.sizing = Sizing::kWorstCase;
+      o.async = i % 2 == 0;
+      out[r] = group[r].dispatch(dispatch_args(c, in, send, r), o);
+    }
+    for (int r = 0; r < c.R; ++r) {
+      CombineArgs a;
+      a.y = y[r].view(DType::kBF16, {want[r].num_recv, c.H});
+      CombineOptions o;
+      o.async = i % 2 == 1;
+      comb[r] = group[r].combine(a, out[r].handle, o);
+    }
+    group.synchronize();
+    const auto want_out = ref::ht_combine(shape, routings(in), y_host, {}, {});
+    for (int r = 0; r < c.R; ++r)
+      expect_equal(download<uint16_t>(comb[r].out), want_out[r].out,
+                   "iteration " + std::to_string(i) + " rank " + std::to_string(r));
+  }
 }
 
 int main(int argc, char** argv) {

@@ -97,6 +97,22 @@ TEST_CASE("layout on odd rank counts") {
   }
 }
 
+TEST_CASE("get_layout on low-latency and auto communicators (no receive capacity involved)") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 2);
+  for (Mode mode : {Mode::kLowLatency, Mode::kAuto}) {
+    const int R = 4, E = 32, K = 4;
+    Config cfg = test_config(mode, E, K, kHidden, kMaxTokens);
+    cfg.low_latency_max_tokens = 64;  // small LL buffers; get_layout takes up to kMaxTokens
+    VirtualGroup group(cfg, R);
+    for (int64_t T : {int64_t{42}, int64_t{kMaxTokens}}) {
+      auto in = make_inputs(rng, std::vector<int64_t>(R, T), E, K, kHidden, Routing::kWithDrops);
+      check_layout(group, in, E, K, T == 42,
+                   std::string(mode_name(mode)) + " T=" + std::to_string(T));
+    }
+  }
+}
+
 TEST_CASE("bad topk_idx values are reported with rank, token and value") {
   REQUIRE_GPU();
   const int R = 2, E = 8, K = 2;
@@ -207,6 +223,46 @@ TEST_CASE("a peer that never calls: the call ends in TimeoutError naming rank, p
           << what << ": " << m;
     }
   }
+}
+
+TEST_CASE("HT combine with a peer that never calls: TimeoutError, and the process goes on") {
+  REQUIRE_GPU();
+  const int R = 2, E = 8, K = 2, H = 128;
+  std::mt19937_64 rng(seed() + 4);
+  const auto in = make_inputs(rng, {16, 16}, E, K, H, Routing::kUniform);
+  Config cfg = test_config(Mode::kHighThroughput, E, K, H, 64);
+  cfg.timeout_seconds = 0.5;
+  {
+    VirtualGroup group(cfg, R);
+    std::vector<DispatchOutput> out(R);
+    group.parallel_for([&](int r) {
+      DispatchArgs a;
+      a.x = in[r].x_view(H);
+      a.topk_idx = in[r].idx_view(K);
+      out[r] = group[r].dispatch(a);
+    });
+    group.synchronize();
+    // The group's first combine, on rank 0 only: rank 1 never publishes its outputs (its slot
+    // is still empty), so rank 0 must give up without reading it.
+    DeviceBuffer<uint16_t> y(static_cast<size_t>(out[0].num_recv_tokens) * H + 8);
+    CombineArgs a;
+    a.y = y.view(DType::kBF16, {out[0].num_recv_tokens, H});
+    group[0].combine(a, out[0].handle);
+    try {
+      group[0].synchronize();
+      CHECK(false) << "combine: no error although rank 1 never called";
+    } catch (const TimeoutError& e) {
+      const std::string m = e.what();
+      CHECK(m.find("rank 0") != std::string::npos && m.find("peer 1") != std::string::npos &&
+            m.find("combine") != std::string::npos)
+          << m;
+    }
+  }
+  // The CUDA context survived: a new group works.
+  VirtualGroup group(test_config(Mode::kHighThroughput, E, K, H, 64), R);
+  for (int r = 0; r < R; ++r) group[r].get_layout(in[r].idx_view(K));
+  group.synchronize();
+  MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 TEST_CASE("one launch for the group refuses the HT path before any rank's state changes") {

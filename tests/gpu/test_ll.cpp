@@ -35,6 +35,7 @@ struct LlParams {
   ScaleFormat scale_format = ScaleFormat::kFloat32;
   bool idx_i32 = false;
   int threads = 512;
+  int view_offset = 0;  // elements: x, y and out views start this far into their buffers
 };
 
 std::string describe(const LlParams& p) {
@@ -43,6 +44,7 @@ std::string describe(const LlParams& p) {
      << " M=" << p.capacity << (p.idx_i32 ? " idx=i32" : " idx=i64")
      << (p.scale_format == ScaleFormat::kPowerOfTwo ? " scales=pow2" : " scales=f32")
      << " threads=" << p.threads;
+  if (p.view_offset) os << " view_offset=" << p.view_offset;
   return os.str();
 }
 
@@ -56,7 +58,7 @@ Config make_config(const LlParams& p) {
   c.mode = Mode::kLowLatency;
   c.num_sms = kSmsPerRank;
   c.threads_per_block = p.threads;
-  c.enable_fp8 = true;
+  c.enable_fp8 = p.hidden % kFp8Group == 0;  // fp8 needs whole 128-channel groups
   c.scale_format = p.scale_format;
   c.validate_inputs = true;
   return c;
@@ -64,11 +66,12 @@ Config make_config(const LlParams& p) {
 
 /// Options of one dispatch + combine round.
 struct CallMode {
-  bool quantize = false;        // bf16 -> fp8 on the way
-  bool hooks = false;           // return_recv_hook on dispatch and combine, hooks called after
-  bool combine_buffer = false;  // y written into comm.combine_buffer(handle) (zero-copy combine)
-  bool own_out = true;          // combine into a caller-owned tensor, else the library's
-  bool one_launch = false;      // VirtualGroup::dispatch_all / combine_all (one kernel per call)
+  bool quantize = false;           // bf16 -> fp8 on the way
+  bool hooks = false;              // return_recv_hook on dispatch and combine, hooks called after
+  bool combine_buffer = false;     // y written into comm.combine_buffer(handle) (zero-copy combine)
+  bool own_out = true;             // combine into a caller-owned tensor, else the library's
+  bool one_launch = false;         // VirtualGroup::dispatch_all / combine_all (one kernel per call)
+  bool side_stream_hooks = false;  // hooks run on a stream of their own (not the call's)
 };
 
 std::string describe(const CallMode& m) {
@@ -77,6 +80,7 @@ std::string describe(const CallMode& m) {
   if (m.combine_buffer) s += " combine_buffer";
   if (!m.own_out) s += " library_out";
   if (m.one_launch) s += " one_launch";
+  if (m.side_stream_hooks) s += " side_stream_hooks";
   return s;
 }
 
@@ -95,13 +99,18 @@ struct RoutingSpec {
   int64_t active = -1;  // >= 0: tokens from here on select nothing (rows of -1)
 };
 
+/// Copies src to dst from element `offset` on.
 template <typename T>
-void upload_prefix(DeviceBuffer<T>& dst, const std::vector<T>& src) {
-  if (src.size() > dst.size()) throw std::runtime_error("upload_prefix: input larger than buffer");
+void upload_prefix(DeviceBuffer<T>& dst, const std::vector<T>& src, size_t offset = 0) {
+  if (offset + src.size() > dst.size())
+    throw std::runtime_error("upload_prefix: input larger than buffer");
   if (!src.empty())
     MOECOMM_CUDA_CHECK(
-        cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice));
+        cudaMemcpy(dst.get() + offset, src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice));
 }
+
+/// Room for views that start `view_offset` elements into a buffer.
+constexpr size_t kViewPad = 16;
 
 bool has_shape(const TensorView& v, DType dtype, std::initializer_list<int64_t> shape) {
   if (v.dtype != dtype || v.ndim != static_cast<int>(shape.size())) return false;
@@ -135,13 +144,18 @@ class LlRig {
       y_host_[s].resize(R);
       for (int r = 0; r < R; ++r) {
         Buffers& b = bufs_[s][r];
-        b.x = DeviceBuffer<uint16_t>(static_cast<size_t>(M) * H);
+        b.x = DeviceBuffer<uint16_t>(static_cast<size_t>(M) * H + kViewPad);
         b.idx64 = DeviceBuffer<int64_t>(static_cast<size_t>(M) * K);
         b.idx32 = DeviceBuffer<int32_t>(static_cast<size_t>(M) * K);
         b.w = DeviceBuffer<float>(static_cast<size_t>(M) * K);
-        b.y = DeviceBuffer<uint16_t>(y_elems);
-        b.out = DeviceBuffer<uint16_t>(static_cast<size_t>(M) * H);
+        b.y = DeviceBuffer<uint16_t>(y_elems + kViewPad);
+        b.out = DeviceBuffer<uint16_t>(static_cast<size_t>(M) * H + kViewPad);
       }
+    }
+    for (int r = 0; r < R; ++r) {
+      cudaStream_t st = nullptr;
+      MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      side_streams_.push_back(st);
     }
     known_.resize(R);
     // Warm-up (checked too): afterwards both LL buffers' views are known and get poisoned.
@@ -151,6 +165,15 @@ class LlRig {
       round(0, inputs(std::vector<int64_t>(R, M), RoutingSpec{0.1}), mode, "warm-up");
     }
   }
+
+  ~LlRig() {
+    for (cudaStream_t st : side_streams_) {
+      cudaStreamSynchronize(st);
+      cudaStreamDestroy(st);
+    }
+  }
+  LlRig(const LlRig&) = delete;
+  LlRig& operator=(const LlRig&) = delete;
 
   MoECommunicator& comm(int r) { return group_[r]; }
   VirtualGroup& group() { return group_; }
@@ -200,12 +223,12 @@ class LlRig {
     for (int r = 0; r < R; ++r) {
       Buffers& b = bufs_[set][r];
       const RankInput& i = in[r];
-      upload_prefix(b.x, i.x);
+      upload_prefix(b.x, i.x, p_.view_offset);
       upload_prefix(b.idx64, i.idx);
       upload_prefix(b.idx32, std::vector<int32_t>(i.idx.begin(), i.idx.end()));
       upload_prefix(b.w, i.w);
       y_host_[set][r] = test::random_bf16(rng_, y_elems);
-      b.y.upload(y_host_[set][r]);
+      upload_prefix(b.y, y_host_[set][r], p_.view_offset);
     }
     inputs_[set] = std::move(in);
   }
@@ -275,12 +298,13 @@ class LlRig {
     return comb;
   }
 
-  /// Calls every rank's receive hook (rank after rank).
+  /// Calls every rank's receive hook (rank after rank), on the call's stream or on a side
+  /// stream of the rank's own (the library orders it with the rank's other calls).
   template <typename Output>
-  static void call_hooks(const std::vector<Output>& outs) {
+  void call_hooks(const std::vector<Output>& outs, bool side_streams = false) {
     for (size_t r = 0; r < outs.size(); ++r) {
       CHECK(outs[r].hook.valid()) << "no hook returned on rank " << r;
-      if (outs[r].hook.valid()) outs[r].hook();
+      if (outs[r].hook.valid()) outs[r].hook(side_streams ? side_streams_[r] : nullptr);
     }
   }
 
@@ -289,12 +313,12 @@ class LlRig {
     upload(set, std::move(in));
     poison_all();
     const std::vector<DispatchOutput> outs = send_dispatch(set, mode);
-    if (mode.hooks) call_hooks(outs);
+    if (mode.hooks) call_hooks(outs, mode.side_stream_hooks);
     group_.synchronize();
     const std::string label = what + " [" + describe(p_) + ", " + describe(mode) + "]";
     check_dispatch(set, outs, mode.quantize, label);
     const std::vector<CombineOutput> comb = send_combine(set, outs, mode);
-    if (mode.hooks) call_hooks(comb);
+    if (mode.hooks) call_hooks(comb, mode.side_stream_hooks);
     group_.synchronize();
     for (int r = 0; r < R; ++r)
       if (!mode.own_out) remember(r, comb[r].out);
@@ -405,7 +429,8 @@ class LlRig {
       const bool shape_ok = has_shape(out, DType::kBF16, {T, H});
       CHECK(shape_ok) << at << ": combine out " << out.describe();
       if (mode.own_out && T > 0)
-        CHECK(out.data == bufs_[set][r].out.get()) << at << ": out is not the caller's tensor";
+        CHECK(out.data == bufs_[set][r].out.get() + p_.view_offset)
+            << at << ": out is not the caller's tensor";
       if (!shape_ok) continue;
       const auto got = test::download<uint16_t>(out, T * H);
       std::string first;
@@ -417,7 +442,7 @@ class LlRig {
     const Buffers& b = bufs_[set][r];
     const int64_t T = inputs_[set][r].tokens;
     DispatchArgs a;
-    a.x = TensorView::contiguous(b.x.get(), DType::kBF16, {T, H}, kDevice);
+    a.x = TensorView::contiguous(b.x.get() + p_.view_offset, DType::kBF16, {T, H}, kDevice);
     a.topk_idx = p_.idx_i32 ? TensorView::contiguous(b.idx32.get(), DType::kI32, {T, K}, kDevice)
                             : TensorView::contiguous(b.idx64.get(), DType::kI64, {T, K}, kDevice);
     return a;
@@ -427,14 +452,15 @@ class LlRig {
   CombineArgs combine_args(int set, int r) const {
     const Buffers& b = bufs_[set][r];
     CombineArgs a;
-    a.y = TensorView::contiguous(b.y.get(), DType::kBF16, {L, int64_t{R} * M, H}, kDevice);
+    a.y = TensorView::contiguous(b.y.get() + p_.view_offset, DType::kBF16, {L, int64_t{R} * M, H},
+                                 kDevice);
     a.topk_weights =
         TensorView::contiguous(b.w.get(), DType::kF32, {inputs_[set][r].tokens, K}, kDevice);
     return a;
   }
 
   TensorView out_view(int set, int r) const {
-    return TensorView::contiguous(bufs_[set][r].out.get(), DType::kBF16,
+    return TensorView::contiguous(bufs_[set][r].out.get() + p_.view_offset, DType::kBF16,
                                   {inputs_[set][r].tokens, H}, kDevice);
   }
 
@@ -474,6 +500,7 @@ class LlRig {
   }
 
   VirtualGroup group_;
+  std::vector<cudaStream_t> side_streams_;  // one per rank, for hooks run off the call's stream
   std::mt19937_64 rng_;
   std::vector<Buffers> bufs_[kSets];
   std::vector<RankInput> inputs_[kSets];
@@ -680,11 +707,11 @@ TEST_CASE("ll: two calls in flight (both send phases before either hook), hooks 
       const auto a = rig.send_dispatch(0, mode);
       const auto b = rig.send_dispatch(1, mode);
       if (reverse) {
-        LlRig::call_hooks(b);
-        LlRig::call_hooks(a);
+        rig.call_hooks(b);
+        rig.call_hooks(a);
       } else {
-        LlRig::call_hooks(a);
-        LlRig::call_hooks(b);
+        rig.call_hooks(a);
+        rig.call_hooks(b);
       }
       rig.group().synchronize();
       rig.check_dispatch(0, a, quantize, "call A " + label);
@@ -693,11 +720,11 @@ TEST_CASE("ll: two calls in flight (both send phases before either hook), hooks 
       const auto ca = rig.send_combine(0, a, mode);
       const auto cb = rig.send_combine(1, b, mode);
       if (reverse) {
-        LlRig::call_hooks(cb);
-        LlRig::call_hooks(ca);
+        rig.call_hooks(cb);
+        rig.call_hooks(ca);
       } else {
-        LlRig::call_hooks(ca);
-        LlRig::call_hooks(cb);
+        rig.call_hooks(ca);
+        rig.call_hooks(cb);
       }
       rig.group().synchronize();
       rig.check_combine(0, ca, mode, "combine A " + label);
@@ -876,6 +903,103 @@ TEST_CASE("ll: 100 consecutive calls with changing T, routing and options") {
     if (call % 11 == 5) spec.hot_expert = pick_expert(rig.rng());
     rig.round(0, rig.inputs(rig.random_tokens(), spec), mode, "call " + std::to_string(call));
   }
+}
+
+TEST_CASE("ll: hidden not a multiple of 128 (fp8 off): 1000, 136, 64, 8; R = 2, 3, 8") {
+  REQUIRE_GPU();
+  for (int hidden : {1000, 136, 64, 8}) {
+    for (int ranks : {2, 3, 8}) {
+      LlParams p;
+      p.ranks = ranks;
+      p.experts = ranks * 3;
+      p.topk = 3;
+      p.hidden = hidden;
+      p.capacity = 33;
+      p.threads = hidden == 64 ? 128 : 512;
+      LlRig rig(p, 900 + hidden + ranks);
+      for (int round = 0; round < 4 && !failed(); ++round) {
+        CallMode mode;
+        mode.hooks = round == 1;
+        mode.combine_buffer = round == 2;
+        mode.one_launch = round == 3;
+        mode.own_out = round != 3;
+        rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
+                  "round " + std::to_string(round));
+      }
+    }
+  }
+}
+
+TEST_CASE("ll: x, y and out views that start off a 16-byte boundary (1, 3 and 7 elements in)") {
+  REQUIRE_GPU();
+  for (int offset : {1, 3, 7}) {
+    LlParams p;
+    p.ranks = 4;
+    p.experts = 16;
+    p.topk = 4;
+    p.hidden = 384;
+    p.capacity = 24;
+    p.view_offset = offset;
+    LlRig rig(p, 950 + offset);
+    for (int round = 0; round < 4 && !failed(); ++round) {
+      CallMode mode;
+      mode.quantize = round == 1;
+      mode.hooks = round == 2;
+      mode.one_launch = round == 3;
+      mode.own_out = round != 3;
+      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
+                "round " + std::to_string(round));
+    }
+  }
+}
+
+TEST_CASE("ll: hooks run on side streams are ordered with the rank's next calls") {
+  REQUIRE_GPU();
+  LlParams p;
+  p.ranks = 4;
+  p.experts = 16;
+  p.topk = 4;
+  p.hidden = 512;
+  p.capacity = 32;
+  LlRig rig(p, 970);
+  for (int round = 0; round < 12 && !failed(); ++round) {
+    CallMode mode;
+    mode.hooks = true;
+    mode.side_stream_hooks = true;
+    mode.quantize = round % 3 == 1;
+    mode.combine_buffer = round % 4 == 2;
+    rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
+              "round " + std::to_string(round));
+  }
+}
+
+TEST_CASE("ll: a pending device error fails dispatch_all before any rank's state changes") {
+  REQUIRE_GPU();
+  LlParams p;
+  p.ranks = 4;
+  p.experts = 16;
+  p.topk = 4;
+  p.hidden = 256;
+  p.capacity = 16;
+  LlRig rig(p, 990);
+  CallMode one;
+  one.one_launch = true;
+  one.own_out = false;
+  // A call whose routing on rank 2 names an expert out of range: recorded on the device, the
+  // entry treated as -1; the host learns it at rank 2's next check.
+  rig.upload(0, rig.inputs(std::vector<int64_t>(p.ranks, p.capacity), RoutingSpec{}));
+  const int64_t bad = p.experts;
+  MOECOMM_CUDA_CHECK(
+      cudaMemcpy(rig.dispatch_args(0, 2).topk_idx.data, &bad, sizeof(bad), cudaMemcpyHostToDevice));
+  auto outs = rig.send_dispatch(0, one);
+  for (int r = 0; r < p.ranks; ++r) MOECOMM_CUDA_CHECK(cudaStreamSynchronize(rig.comm(r).stream()));
+  // The next group call must raise before any rank advances its LL buffer...
+  CHECK_THROWS(rig.send_dispatch(0, one), InvalidArgument, "rank 2");
+  outs.clear();
+  // ...so that the ranks are still in step: the following calls are exact.
+  for (int round = 0; round < 3 && !failed(); ++round)
+    rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), one,
+              "after the error, round " + std::to_string(round));
 }
 
 int main(int argc, char** argv) {
