@@ -13,13 +13,25 @@ enum class Mode {
   kAuto,            ///< low-latency up to Config::auto_low_latency_max_tokens tokens, else HT
 };
 
+/// "low_latency", "high_throughput" or "auto".
 const char* mode_name(Mode mode);
+/// "ll", "ht" or "auto" (the Python package's spelling).
+const char* mode_short_name(Mode mode);
+/// The mode a name stands for: either spelling ("low_latency" or "ll", "high_throughput" or
+/// "ht", "auto"); false for any other name. Config files and the bindings both parse with this.
+bool mode_from_name(const std::string& name, Mode* mode);
 
 /// How fp8 scales are formed (one fp32 scale per 128 channels).
 enum class ScaleFormat {
   kFloat32,     ///< scale = amax / 448
   kPowerOfTwo,  ///< scale rounded up to a power of two (UE8M0-compatible)
 };
+
+/// "f32" or "pow2".
+const char* scale_format_name(ScaleFormat format);
+/// The scale format a name stands for ("f32" or "float32", "pow2" or "power_of_two"); false for
+/// any other name.
+bool scale_format_from_name(const std::string& name, ScaleFormat* format);
 
 /// Everything a communicator needs to size its buffers and choose its kernels. Validated by
 /// MoECommunicator's constructor; each violation raises InvalidArgument naming the field.

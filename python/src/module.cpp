@@ -98,26 +98,16 @@ uintptr_t as_int(cudaStream_t s) {
 // ---------------------------------------------------------------------------------------------
 // Config: mode and scale_format as strings ("ll", "ht", "auto"; "f32", "pow2").
 Mode parse_mode(const std::string& s) {
-  if (s == "ll" || s == "low_latency") return Mode::kLowLatency;
-  if (s == "ht" || s == "high_throughput") return Mode::kHighThroughput;
-  if (s == "auto") return Mode::kAuto;
-  throw InvalidArgument("Config.mode: expected 'll', 'ht' or 'auto', got '" + s + "'");
-}
-const char* mode_short(Mode m) {
-  switch (m) {
-    case Mode::kLowLatency:
-      return "ll";
-    case Mode::kHighThroughput:
-      return "ht";
-    case Mode::kAuto:
-      return "auto";
-  }
-  return "?";
+  Mode m;
+  if (!mode_from_name(s, &m))
+    throw InvalidArgument("Config.mode: expected 'll', 'ht' or 'auto', got '" + s + "'");
+  return m;
 }
 ScaleFormat parse_scale_format(const std::string& s) {
-  if (s == "f32" || s == "float32") return ScaleFormat::kFloat32;
-  if (s == "pow2" || s == "power_of_two") return ScaleFormat::kPowerOfTwo;
-  throw InvalidArgument("Config.scale_format: expected 'f32' or 'pow2', got '" + s + "'");
+  ScaleFormat f;
+  if (!scale_format_from_name(s, &f))
+    throw InvalidArgument("Config.scale_format: expected 'f32' or 'pow2', got '" + s + "'");
+  return f;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,7 +236,7 @@ nb::dict dispatch(PyComm& self, nb::handle x, nb::handle x_scales, nb::handle to
   OutputOptions oo;
   oo.bf16_as_u16 = bf16_as_u16;
   nb::dict d;
-  d["mode"] = mode_short(out.mode);
+  d["mode"] = mode_short_name(out.mode);
   d["recv_x"] = to_array(out.recv_x, owner, oo);
   d["recv_x_scales"] = to_array(out.recv_x_scales, owner, oo);
   d["recv_topk_idx"] = to_array(out.recv_topk_idx, owner, oo);
@@ -332,7 +322,7 @@ void bind_config(nb::module_& m) {
       .def_rw("topk", &Config::topk)
       .def_rw("max_tokens_per_rank", &Config::max_tokens_per_rank)
       .def_prop_rw(
-          "mode", [](const Config& c) { return std::string(mode_short(c.mode)); },
+          "mode", [](const Config& c) { return std::string(mode_short_name(c.mode)); },
           [](Config& c, const std::string& s) { c.mode = parse_mode(s); })
       .def_rw("num_sms", &Config::num_sms)
       .def_rw("threads_per_block", &Config::threads_per_block)
@@ -365,7 +355,7 @@ void bind_values(nb::module_& m) {
   nb::class_<PyHandle>(m, "Handle", "The routing of one dispatch (moecomm::Handle).")
       .def_prop_ro("valid", [](const PyHandle& h) { return h.value.valid(); })
       .def_prop_ro("mode",
-                   [](const PyHandle& h) { return std::string(mode_short(h.value.mode())); })
+                   [](const PyHandle& h) { return std::string(mode_short_name(h.value.mode())); })
       .def_prop_ro("num_tokens", [](const PyHandle& h) { return h.value.num_tokens(); })
       .def_prop_ro("num_recv_tokens", [](const PyHandle& h) { return h.value.num_recv_tokens(); });
 

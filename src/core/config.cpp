@@ -22,6 +22,43 @@ const char* mode_name(Mode mode) {
   return "?";
 }
 
+const char* mode_short_name(Mode mode) {
+  switch (mode) {
+    case Mode::kLowLatency:
+      return "ll";
+    case Mode::kHighThroughput:
+      return "ht";
+    case Mode::kAuto:
+      return "auto";
+  }
+  return "?";
+}
+
+bool mode_from_name(const std::string& name, Mode* mode) {
+  for (Mode m : {Mode::kLowLatency, Mode::kHighThroughput, Mode::kAuto})
+    if (name == mode_name(m) || name == mode_short_name(m)) {
+      *mode = m;
+      return true;
+    }
+  return false;
+}
+
+const char* scale_format_name(ScaleFormat format) {
+  return format == ScaleFormat::kPowerOfTwo ? "pow2" : "f32";
+}
+
+bool scale_format_from_name(const std::string& name, ScaleFormat* format) {
+  if (name == "f32" || name == "float32") {
+    *format = ScaleFormat::kFloat32;
+    return true;
+  }
+  if (name == "pow2" || name == "power_of_two") {
+    *format = ScaleFormat::kPowerOfTwo;
+    return true;
+  }
+  return false;
+}
+
 namespace {
 
 [[noreturn]] void bad(const std::string& field, const std::string& expected, long long got) {
@@ -96,13 +133,7 @@ const std::vector<Field>& fields() {
       int_field("max_tokens_per_rank", &Config::max_tokens_per_rank),
       {"mode", [](const Config& c) { return std::string(mode_name(c.mode)); },
        [](Config& c, const std::string& v) {
-         if (v == "low_latency")
-           c.mode = Mode::kLowLatency;
-         else if (v == "high_throughput")
-           c.mode = Mode::kHighThroughput;
-         else if (v == "auto")
-           c.mode = Mode::kAuto;
-         else
+         if (!mode_from_name(v, &c.mode))
            throw InvalidArgument(
                "config file: mode: expected low_latency, high_throughput or auto, got '" + v + "'");
        }},
@@ -111,15 +142,9 @@ const std::vector<Field>& fields() {
       int_field("expert_alignment", &Config::expert_alignment),
       int_field("enable_fp8", &Config::enable_fp8),
       {"scale_format",
-       [](const Config& c) {
-         return std::string(c.scale_format == ScaleFormat::kPowerOfTwo ? "pow2" : "f32");
-       },
+       [](const Config& c) { return std::string(scale_format_name(c.scale_format)); },
        [](Config& c, const std::string& v) {
-         if (v == "pow2")
-           c.scale_format = ScaleFormat::kPowerOfTwo;
-         else if (v == "f32")
-           c.scale_format = ScaleFormat::kFloat32;
-         else
+         if (!scale_format_from_name(v, &c.scale_format))
            throw InvalidArgument("config file: scale_format: expected f32 or pow2, got '" + v +
                                  "'");
        }},
