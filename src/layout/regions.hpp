@@ -6,10 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace moecomm::detail {
-class Arena;
-struct RegionShape;
-}  // namespace moecomm::detail
+#include "runtime/arena.hpp"
 
 namespace moecomm::layout {
 

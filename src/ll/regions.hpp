@@ -7,13 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace moecomm {
-struct Config;
-}
-namespace moecomm::detail {
-class Arena;
-struct RegionShape;
-}  // namespace moecomm::detail
+#include "moecomm/config.hpp"
+#include "runtime/arena.hpp"
 
 namespace moecomm::ll {
 
