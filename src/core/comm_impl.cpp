@@ -26,6 +26,7 @@ namespace moecomm::detail {
 
 namespace {
 
+/// How a TimeoutError names the phase a stalled wait was in (transport records only the number).
 const char* phase_name(int phase) {
   switch (static_cast<Phase>(phase)) {
     case Phase::kLayoutCounts:
@@ -59,6 +60,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   const int R = shape.num_ranks, L = shape.local_experts, K = shape.topk, H = shape.hidden;
   const int Tmax = shape.max_tokens;
 
+  // Everything that may wait for the device to go idle happens here, before any rank's kernel
+  // spins: loading the kernels (CUDA loads them lazily at first launch), creating and warming
+  // the streams, mapped host allocations and the device synchronisation at the end.
   layout::preload_kernels();
   ht::preload_kernels();
   ll::preload_kernels();
@@ -69,6 +73,8 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   order_ = std::make_shared<StreamOrder>(device_);
   group_->claim_stream(rank_, own_stream_);
   group_->claim_stream(rank_, async_stream_);
+  // The error record, the exact-sizing counts and their flag live in mapped host memory: the
+  // host reads them without a CUDA call, so it can watch a kernel that is still running.
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError),
                                    cudaHostAllocMapped));
   std::memset(error_host_, 0, sizeof(DeviceError));
@@ -96,6 +102,7 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   MOECOMM_CUDA_CHECK(cudaMemset(local_mem_, 0, measure_local.size()));
   Arena symmetric, local(local_mem_);
   claim(symmetric, local);
+  // The group allocated the symmetric buffers from the same list: a mismatch is a bug.
   if (symmetric.size() != group_->plan.bytes)
     throw Error("internal: the regions of rank " + std::to_string(rank_) +
                 " do not match the group's symmetric buffer");
@@ -116,12 +123,16 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   MOECOMM_CUDA_CHECK(
       cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));
 
+  // A handle slot holds HT send rows [Tmax, R], LL slots [M, K], then the summary copied out in
+  // one piece: N, per-expert counts [L], rank prefix [R + 1].
   const size_t slot_ints = static_cast<size_t>(c.max_tokens_per_rank) * R +
                            static_cast<size_t>(std::max(ctx_.ll.capacity, 1)) * K + 2 + L + R;
   pool_ = std::make_shared<SlotPool>(device_, slot_ints);
   MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+// Errors are ignored here: a destructor must not throw, and a failed group may leave the device
+// in an error state that every call reports.
 CommImpl::~CommImpl() {
   int prev = 0;
   cudaGetDevice(&prev);
@@ -138,14 +149,18 @@ CommImpl::~CommImpl() {
   cudaFreeHost(const_cast<uint64_t*>(host_flag_));
   cudaSetDevice(prev);
 }
+
 // ---------------------------------------------------------------------------------------------
+// A stall leaves the group unusable: peers may be blocked inside a call that will never match,
+// so every later call raises at once. Bad input and overflow are per call: the record is cleared
+// and the communicator stays usable.
 void CommImpl::check_errors() {
   if (failed_)
     throw TimeoutError("rank " + std::to_string(rank_) +
                        ": the group stalled earlier and is unusable; create a new group");
   volatile DeviceError* e = error_host_;
   const int kind = e->kind;
-  if (kind <= 0) return;
+  if (kind <= 0) return;  // -1: a kernel is still writing the record (it publishes kind last)
   const DeviceError copy{e->kind, e->rank, e->peer,     e->phase, e->channel,
                          e->pad,  e->seq,  e->observed, e->a,     e->b};
   switch (static_cast<DeviceErrorKind>(kind)) {
@@ -181,6 +196,9 @@ void CommImpl::check_errors() {
   }
 }
 
+// Exact sizing needs N on the host before dispatch returns. The kernel writes the counts to
+// mapped memory and then the token; polling memory (no CUDA call) keeps this thread from holding
+// a driver lock that a co-located rank's launch may need.
 void CommImpl::wait_host_counts(uint64_t token) {
   // Twice the device time-out: a stalled wait on the device gives up first and still writes.
   const auto limit = std::chrono::steady_clock::now() +
@@ -200,7 +218,7 @@ void CommImpl::wait_host_counts(uint64_t token) {
       std::this_thread::yield();
     }
   }
-  std::atomic_thread_fence(std::memory_order_acquire);
+  std::atomic_thread_fence(std::memory_order_acquire);  // the counts were written before the token
   check_errors();
 }
 
@@ -212,6 +230,9 @@ void CommImpl::synchronize() {
   check_errors();
 }
 
+// Peers read a combine's input straight from its owner. Registered memory is published as an
+// offset (each peer maps the buffer at its own address); in one address space any pointer will
+// do; across processes an unregistered tensor is copied into the staging region first.
 uint64_t CommImpl::publish(const void* ptr, size_t bytes, size_t stage_offset, size_t stage_bytes,
                            const char* name, cudaStream_t stream) {
   const uint8_t* base = group_->sym_base[rank_];
@@ -238,6 +259,7 @@ TensorView CommImpl::sym_view(size_t offset, DType dtype,
   return TensorView::contiguous(group_->sym_base[rank_] + offset, dtype, shape, device_);
 }
 
+// Every rank must resolve a call to the same path (Config::auto_low_latency_max_tokens says so).
 Mode CommImpl::resolve_mode(int64_t num_tokens) const {
   const Config& c = config();
   if (c.mode != Mode::kAuto) return c.mode;
@@ -270,7 +292,7 @@ layout::LayoutParams CommImpl::layout_params(const TensorView& topk_idx, bool ex
   opt.close_call = close;
   opt.check_capacity = state != nullptr;  // HT dispatch writes rows; get_layout does not
   opt.expert_alignment = config().expert_alignment;
-  if (state) {
+  if (state) {  // HT dispatch: the receive summary goes into the handle
     opt.recv_rank_prefix = state->recv_rank_prefix;
     opt.recv_per_expert_padded = state->recv_per_expert;
     opt.num_recv = state->num_recv_dev;
@@ -284,6 +306,9 @@ layout::LayoutParams CommImpl::layout_params(const TensorView& topk_idx, bool ex
 }
 
 // ---------------------------------------------------------------------------------------------
+// The layout alone is a call of its own (it advances the epoch), so every rank must make it.
+// Its outputs are views of this rank's layout regions, valid until the next call that runs the
+// layout steps.
 Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   DeviceGuard guard(device_);
   if (!topk_idx.present() || topk_idx.ndim != 2)
@@ -312,6 +337,9 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   return out;
 }
 
+// The one entry of dispatch: checks what both paths share, then picks the path. A cached
+// dispatch is always HT (the handle holds HT routing); otherwise the Config's mode, or in Auto
+// mode the token count, decides.
 DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOptions& options) {
   DeviceGuard guard(device_);
   if (!args.x.present() || args.x.ndim != 2)
@@ -341,6 +369,7 @@ DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOption
 }
 
 // ---------------------------------------------------------------------------------------------
+// Combine follows the path of the dispatch that made the handle.
 CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle,
                                 const CombineOptions& options) {
   DeviceGuard guard(device_);

@@ -1,3 +1,5 @@
+// Config: the names of its enums (one parser for config files and the bindings), its checks
+// against the limits every layer shares (runtime/limits.hpp), and the config-file format.
 #include "moecomm/config.hpp"
 
 #include <fstream>
@@ -68,6 +70,9 @@ namespace {
 
 }  // namespace
 
+// Each check names the field, what was expected and what came: the first violation raises.
+// The bounds are the kernels' (fixed arrays of kMaxRanks, a warp per token's experts, 16-byte
+// row vectors), so a config that passes here can always launch.
 void Config::validate(int num_ranks) const {
   if (num_ranks < 1 || num_ranks > detail::kMaxRanks)
     throw InvalidArgument("num_ranks: expected 1.." + std::to_string(detail::kMaxRanks) + ", got " +
@@ -82,7 +87,7 @@ void Config::validate(int num_ranks) const {
   if (hidden < 1) bad("hidden", ">= 1", hidden);
   if (enable_fp8 && hidden % detail::kFp8Group != 0)
     bad("hidden", "a multiple of 128 when enable_fp8 is set", hidden);
-  if (hidden % 8 != 0) bad("hidden", "a multiple of 8", hidden);
+  if (hidden % 8 != 0) bad("hidden", "a multiple of 8", hidden);  // rows move as 16-byte vectors
   if (max_tokens_per_rank < 1) bad("max_tokens_per_rank", ">= 1", max_tokens_per_rank);
   if (num_sms < 1) bad("num_sms", ">= 1", num_sms);
   if (threads_per_block < 32 || threads_per_block > 1024 || threads_per_block % 32 != 0)

@@ -1,3 +1,7 @@
+// The groups: VirtualGroup (every rank in this process, each with a host thread of its own, and
+// one-launch LL calls for a one-GPU group) and ProcessGroupBuilder (one rank per process, peers
+// mapped through CUDA IPC). Both lay out the symmetric buffers from every path's regions
+// (paths/regions.hpp) and hand each rank a CommImpl.
 #include "moecomm/group.hpp"
 
 #include <algorithm>
@@ -48,6 +52,8 @@ int cuda_device_count() {
   return n;
 }
 
+// The SM count bounds num_sms: co-located ranks spin on each other, so all their blocks must be
+// resident at once.
 int device_sm_count(int device) {
   const int n = cuda_device_count();
   if (n == 0) throw Unsupported("no CUDA device is visible (a GPU and its driver are needed)");
@@ -175,6 +181,8 @@ struct VirtualGroup::Pool {
   bool stop = false;
 };
 
+// Everything that could make co-located ranks deadlock is refused here, before any buffer
+// exists: too many SMs for the ranks of one device, too few hardware queues for their streams.
 VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int> devices) {
   config.validate(num_ranks);
   if (devices.empty()) throw InvalidArgument("devices: expected at least one CUDA device ordinal");
@@ -211,6 +219,7 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
   pool_ = std::make_unique<Pool>(state_->device_of);
 }
 
+// The threads go first: none may still be inside a call when the communicators are destroyed.
 VirtualGroup::~VirtualGroup() {
   pool_.reset();
   comms_.clear();
@@ -289,6 +298,9 @@ void finish_staging(const std::vector<std::unique_ptr<MoECommunicator>>& comms,
 
 }  // namespace
 
+// One launch for the whole group runs on rank 0's stream, which first joins every rank's stream;
+// every rank's later work then follows the launch. The events are kept: this is the hot path of
+// dispatch_all / combine_all.
 void VirtualGroup::launch_once(const std::function<void(cudaStream_t)>& launch) {
   const int R = size();
   detail::DeviceGuard guard(state_->device_of[0]);
@@ -359,6 +371,8 @@ std::vector<CombineOutput> VirtualGroup::combine_all(const std::vector<CombineAr
   return out;
 }
 
+// Ranks in separate processes cannot read each other's unregistered tensors: the regions then
+// include staging areas for combine inputs (separate_processes).
 ProcessGroupBuilder::ProcessGroupBuilder(const Config& config, int rank, int size, int device)
     : rank_(rank) {
   config.validate(size);
@@ -385,6 +399,7 @@ size_t ProcessGroupBuilder::handle_size() {
   return detail::GroupState::handle_size();
 }
 
+// Every rank's handle must be mapped before the first call: kernels write to peers directly.
 std::unique_ptr<MoECommunicator> ProcessGroupBuilder::connect(
     const std::vector<uint8_t>& all_handles) {
   if (connected_) throw InvalidArgument("connect: called twice; a builder makes one communicator");

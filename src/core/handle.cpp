@@ -1,3 +1,5 @@
+// Handle and Event: small values the caller keeps. Both share ownership of what they refer to,
+// so copying them is cheap and the device memory lives as long as any copy.
 #include "moecomm/handle.hpp"
 
 #include "core/event_state.hpp"

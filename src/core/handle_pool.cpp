@@ -12,10 +12,13 @@
 
 namespace moecomm::detail {
 
+// The slot goes back when the last copy of the Handle goes: the caller decides how long a
+// routing stays reusable (cached dispatch, combine), not the communicator.
 HandleState::~HandleState() {
   if (pool && slot >= 0) pool->release(slot);
 }
 
+// Carves the slot the same way for both paths (a slot fits either), so that one pool serves both.
 std::shared_ptr<HandleState> CommImpl::new_handle(Mode mode, int64_t num_tokens) {
   auto h = std::make_shared<HandleState>();
   const int R = num_ranks(), K = config().topk, L = config().local_experts(R);
@@ -35,6 +38,8 @@ std::shared_ptr<HandleState> CommImpl::new_handle(Mode mode, int64_t num_tokens)
   return h;
 }
 
+// A handle refers to this communicator's device memory: one from another rank or another group
+// would route through the wrong slots, so it is refused rather than trusted.
 HandleState& CommImpl::handle_state(const Handle& handle, Mode expected, const char* call) {
   if (!handle.valid())
     throw InvalidArgument(std::string(call) +

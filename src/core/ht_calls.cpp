@@ -11,6 +11,9 @@
 
 namespace moecomm::detail {
 
+// One kernel per call: the layout steps with the count exchange (unless cached: the handle holds
+// the routing), then the rows. Exact sizing waits on the host for N; the other forms return at
+// once with views sized to the capacity.
 DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOptions& o) {
   const Config& c = config();
   if (c.mode == Mode::kLowLatency)
@@ -39,6 +42,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   }
   check_topk(args, T);
 
+  // A cached dispatch reuses the routing: T must match (the caller promises the same topk_idx).
   const bool cached = o.previous_handle != nullptr;
   if (cached) {
     HandleState& prev = handle_state(*o.previous_handle, Mode::kHighThroughput, "dispatch");
@@ -57,6 +61,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   }
   HandleState& h = *handle.state();
   const bool exact = o.sizing == Sizing::kExact;
+  // Each dispatch gets its own token, so that a late write of an earlier call's counts is never
+  // taken for this one's.
   const uint64_t token = ++host_token_;
 
   ht::DispatchParams p;
@@ -85,6 +91,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
     h.recv_per_expert_host.assign(host_counts_ + 1, host_counts_ + 1 + L);
   }
 
+  // The outputs are views of the registered receive region (zero-copy), valid until the next HT
+  // dispatch; without a host-known N they span the whole capacity.
   DispatchOutput out;
   out.mode = Mode::kHighThroughput;
   const int64_t rows = h.num_recv >= 0 ? h.num_recv : ctx_.ht.capacity;
@@ -106,6 +114,9 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   return out;
 }
 
+// Combine pulls: each rank publishes where its y lies, and every token's owner reads the rows
+// it sent out and reduces them in rank order. y is checked against N when the host knows it,
+// else against the capacity.
 CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
                                    const CombineOptions& o) {
   const Config& c = config();
@@ -153,6 +164,8 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
         publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.stage_weights,
                 staged * K * sizeof(float), "recv_topk_weights", s.exec);
   p.bias = args.bias.present() ? static_cast<const uint16_t*>(staging.input(args.bias)) : nullptr;
+  // Without a caller's out, the result lands in this rank's own buffer (valid until the next
+  // combine).
   p.out = o.out.present() ? static_cast<uint16_t*>(staging.output(o.out)) : combine_out_;
   const bool want_weights = args.recv_topk_weights.present();
   p.combined_weights = want_weights ? combine_weights_ : nullptr;

@@ -14,6 +14,9 @@
 
 namespace moecomm::detail {
 
+// One kernel per call without a hook (send, then receive); with a hook the send kernel returns
+// at once and the hook launches the receive. Consecutive calls alternate between two buffers so
+// that a call's outputs stay valid while the next one is in flight.
 DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOptions& o) {
   const Config& c = config();
   const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, G = H / kFp8Group;
@@ -96,6 +99,8 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   return out;
 }
 
+// Combine reads y in the dispatch's buffer: y is published (send phase), then each token's owner
+// gathers its K slots and weights them (receive phase). Without a hook, one kernel does both.
 CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
                                    const CombineOptions& o) {
   const Config& c = config();
@@ -170,6 +175,8 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   return out;
 }
 
+// The registered region combine reads: an expert MLP that writes its output here saves the copy
+// into the staging area (publish finds it already registered).
 TensorView CommImpl::combine_buffer(const Handle& handle) {
   HandleState& h = handle_state(handle, Mode::kLowLatency, "combine_buffer");
   const int R = num_ranks(), L = config().local_experts(R), H = config().hidden;

@@ -1,3 +1,5 @@
+// TensorView: the non-owning description of a caller's tensor (or of a view into the
+// communicator's buffers) that crosses the API; its element sizes and names.
 #include "moecomm/tensor.hpp"
 
 #include <string>

@@ -1,3 +1,5 @@
+// Argument checks shared by every call: a tensor's dtype, shape, device, contiguity and
+// alignment, with messages that name the argument, what was expected and what came.
 #include "core/validate.hpp"
 
 #include <cstdint>
