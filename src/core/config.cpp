@@ -90,7 +90,8 @@ void Config::validate(int num_ranks) const {
   if (hidden % 8 != 0) bad("hidden", "a multiple of 8", hidden);  // rows move as 16-byte vectors
   if (max_tokens_per_rank < 1) bad("max_tokens_per_rank", ">= 1", max_tokens_per_rank);
   if (num_sms < 1) bad("num_sms", ">= 1", num_sms);
-  if (threads_per_block < 32 || threads_per_block > 1024 || threads_per_block % 32 != 0)
+  if (threads_per_block < 32 || threads_per_block > detail::kMaxBlockThreads ||
+      threads_per_block % 32 != 0)
     bad("threads_per_block", "a multiple of 32 in 32..1024", threads_per_block);
   if (expert_alignment < 1) bad("expert_alignment", ">= 1", expert_alignment);
   if (!(timeout_seconds > 0.0) || timeout_seconds > 3600.0)

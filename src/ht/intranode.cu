@@ -19,8 +19,8 @@ using detail::Phase;
 namespace {
 
 using device::kFullMask;
-constexpr int kCombineBatch = 8;           // source rows loaded before they are summed
-constexpr int kMaxThreadsPerBlock = 1024;  // Config::threads_per_block up to 1024 must launch
+constexpr int kCombineBatch = 8;  // source rows loaded before they are summed
+using detail::kMaxBlockThreads;
 
 /// Destinations of one token, as seen by every lane of the warp: rows at ranks d < 32 live in
 /// lane d's `lo`, rows at ranks 32..63 in lane d-32's `hi`.
@@ -108,7 +108,7 @@ __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, 
       });
 }
 
-__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     dispatch_kernel(DeviceContext ctx, DispatchParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   }
 }
 
-__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     combine_kernel(DeviceContext ctx, CombineParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
   const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank;

@@ -11,9 +11,9 @@ namespace moecomm::layout {
 
 namespace {
 
-constexpr int kMaxThreads = 1024;
+using detail::kMaxBlockThreads;
 
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     layout_kernel(detail::DeviceContext ctx, LayoutParams p) {
   extern __shared__ uint32_t columns[];
   const uint64_t seq = device::read_call_seq(ctx);

@@ -22,10 +22,10 @@ using detail::Phase;
 
 namespace {
 
+using detail::kMaxBlockThreads;
 using device::kFullMask;
 using device::kWarpLanes;
-constexpr int kMaxThreads = 1024;  // largest block of the grid kernels
-constexpr int kMaxWarps = kMaxThreads / kWarpLanes;
+constexpr int kMaxWarps = kMaxBlockThreads / kWarpLanes;
 using device::kBf16PerVec;
 constexpr int kCombineBatch = 8;  // slot rows loaded before they are accumulated
 constexpr int kCountShift = 32;   // ll_count_sig word: (seq << 32) | count
@@ -193,7 +193,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   }
 }
 
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     dispatch_send_kernel(DeviceContext ctx, DispatchSendParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   dispatch_send(ctx, p, device::whole_grid(), columns);
@@ -335,7 +335,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
   }
 }
 
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     combine_recv_kernel(DeviceContext ctx, CombineRecvParams p) {
   combine_recv(ctx, p, device::whole_grid());
 }
@@ -348,26 +348,26 @@ __device__ __forceinline__ device::RankBlocks group_blocks(const GroupLaunch& g)
   return {static_cast<int>(blockIdx.x) % g.blocks_per_rank, g.blocks_per_rank};
 }
 
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     group_dispatch_send_kernel(const __grid_constant__ GroupDispatchSend g) {
   extern __shared__ uint32_t columns[];
   const int r = group_rank(g.launch);
   dispatch_send(g.ctx[r], g.params[r], group_blocks(g.launch), columns);
 }
 
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     group_combine_recv_kernel(const __grid_constant__ GroupCombineRecv g) {
   const int r = group_rank(g.launch);
   combine_recv(g.ctx[r], g.params[r], group_blocks(g.launch));
 }
 
 void check_grid(int blocks, int threads, const char* kernel) {
-  if (blocks < 1 || threads < kWarpLanes || threads > kMaxThreads || threads % kWarpLanes != 0)
+  if (blocks < 1 || threads < kWarpLanes || threads > kMaxBlockThreads || threads % kWarpLanes != 0)
     throw InvalidArgument(std::string(kernel) +
                           ": expected blocks >= 1 and threads a multiple of " +
                           std::to_string(kWarpLanes) + " in " + std::to_string(kWarpLanes) + ".." +
-                          std::to_string(kMaxThreads) + ", got " + std::to_string(blocks) + " x " +
-                          std::to_string(threads));
+                          std::to_string(kMaxBlockThreads) + ", got " + std::to_string(blocks) +
+                          " x " + std::to_string(threads));
 }
 
 }  // namespace
