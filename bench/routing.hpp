@@ -19,7 +19,7 @@ struct RoutingSpec {
 };
 
 /// Draws K distinct experts per token.
-///  - uniform: every expert equally likely (tests/common/random.hpp's random_topk);
+///  - uniform: every expert equally likely (testing/common/random.hpp's random_topk);
 ///  - zipf: expert of popularity rank i (a seeded random permutation) weighs 1 / (i + 1)^s;
 ///    K experts are drawn without replacement in proportion to their weight (Gumbel top-K);
 ///  - group: DeepSeek-V3 style group-limited routing. Every expert gets a random score; a group

@@ -1,4 +1,4 @@
-// bf16 and fp8 on the device, with exactly the rounding of src/reference/numerics.hpp.
+// bf16 and fp8 on the device, with exactly the rounding of testing/reference/numerics.hpp.
 #pragma once
 
 #include <cuda_bf16.h>

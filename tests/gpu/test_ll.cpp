@@ -1,7 +1,7 @@
 // GPU tests of the low-latency path through the public API: virtual ranks on device 0, driven
 // rank after rank from one thread (LL calls never wait on the host), each on its own stream.
 // Every valid slot of dispatch and every element of combine is compared bit for bit with the
-// host reference (src/reference); outputs are poisoned before every call.
+// host reference (testing/reference); outputs are poisoned before every call.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
