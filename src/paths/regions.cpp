@@ -4,7 +4,7 @@ namespace moecomm::detail {
 
 void claim_regions(const Config& config, const RegionShape& shape, Arena& symmetric, Arena& local,
                    DeviceContext& ctx) {
-  claim_common_regions(shape, symmetric, local, ctx);
+  claim_common_regions(symmetric, local, ctx);
   ctx.layout = layout::claim_regions(shape, symmetric, local);
   ctx.ht = ht::claim_regions(config, shape, symmetric);
   ctx.ll = ll::claim_regions(config, shape, symmetric, local);

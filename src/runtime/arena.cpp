@@ -18,9 +18,7 @@ RegionShape region_shape(const Config& config, int num_ranks, bool separate_proc
   return s;
 }
 
-void claim_common_regions(const RegionShape& shape, Arena& symmetric, Arena& local,
-                          RankContext& ctx) {
-  (void)shape;
+void claim_common_regions(Arena& symmetric, Arena& local, RankContext& ctx) {
   ctx.sym.flags = symmetric.offset<uint64_t>(static_cast<size_t>(FlagKind::kCount) * kMaxRanks,
                                              /*zeroed=*/true);
   ctx.local.epoch = local.take<uint64_t>(1);

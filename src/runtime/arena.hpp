@@ -80,7 +80,7 @@ struct SymmetricPlan {
 
 /// The runtime's own regions, laid out before every path's: the signal flags in the symmetric
 /// buffer, and the call epoch, block ticket, grid barrier and abort flag in private memory.
-void claim_common_regions(const RegionShape& shape, Arena& symmetric, Arena& local,
-                          RankContext& ctx);
+/// Their sizes depend on no Config field (flags are kept for kMaxRanks sources).
+void claim_common_regions(Arena& symmetric, Arena& local, RankContext& ctx);
 
 }  // namespace moecomm::detail
