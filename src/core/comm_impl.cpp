@@ -340,7 +340,8 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
 // The one entry of dispatch: checks what both paths share, then picks the path. A cached
 // dispatch is always HT (the handle holds HT routing); otherwise the Config's mode, or in Auto
 // mode the token count, decides.
-DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOptions& options) {
+DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOptions& options,
+                                  GroupCall* group) {
   DeviceGuard guard(device_);
   if (!args.x.present() || args.x.ndim != 2)
     throw InvalidArgument("x: expected [T, " + std::to_string(config().hidden) +
@@ -360,25 +361,25 @@ DispatchOutput CommImpl::dispatch(const DispatchArgs& args, const DispatchOption
           std::string(mode_name(m)) + " one");
   }
   const bool low_latency = !options.previous_handle && resolve_mode(T) == Mode::kLowLatency;
-  if (group_call_ && !low_latency)
+  if (group && !low_latency)
     throw Unsupported(
         "dispatch: one launch for the whole group serves the low-latency path; " +
         std::string(options.previous_handle ? "a cached dispatch" : std::to_string(T) + " tokens") +
         " takes the high-throughput path");
-  return low_latency ? dispatch_ll(args, options) : dispatch_ht(args, options);
+  return low_latency ? dispatch_ll(args, options, group) : dispatch_ht(args, options);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Combine follows the path of the dispatch that made the handle.
 CombineOutput CommImpl::combine(const CombineArgs& args, const Handle& handle,
-                                const CombineOptions& options) {
+                                const CombineOptions& options, GroupCall* group) {
   DeviceGuard guard(device_);
   if (!handle.valid())
     throw InvalidArgument("combine: handle: expected the handle of a dispatch, got an empty one");
   const Mode m = handle.state()->mode;
   HandleState& h = handle_state(handle, m, "combine");
-  if (m == Mode::kLowLatency) return combine_ll(args, h, options);
-  if (group_call_)
+  if (m == Mode::kLowLatency) return combine_ll(args, h, options, group);
+  if (group)
     throw Unsupported(
         "combine: one launch for the whole group serves the low-latency path; the "
         "handle is a high-throughput one");

@@ -33,27 +33,29 @@ class CommImpl {
   const Config& config() const { return group_->config; }
   cudaStream_t stream() const { return own_stream_; }
 
+  /// One LL call of every rank of a one-GPU group as one kernel (VirtualGroup::dispatch_all /
+  /// combine_all). A call given one checks its arguments and, unless the plan only validates,
+  /// records its kernel parameters in the LL path's plan instead of launching. Each rank's
+  /// temporaries (unaligned tensors) wait here to be finished on its stream after the group's
+  /// launch.
+  struct GroupCall {
+    explicit GroupCall(ll::GroupPlan& p) : plan(p) {}
+    ll::GroupPlan& plan;
+    std::vector<std::shared_ptr<CallStaging>> staging;
+  };
+
   Layout get_layout(const TensorView& topk_idx, cudaStream_t stream);
-  DispatchOutput dispatch(const DispatchArgs& args, const DispatchOptions& options);
+  /// With `group`, the call joins a one-launch group call (LL only).
+  DispatchOutput dispatch(const DispatchArgs& args, const DispatchOptions& options,
+                          GroupCall* group = nullptr);
   CombineOutput combine(const CombineArgs& args, const Handle& handle,
-                        const CombineOptions& options);
+                        const CombineOptions& options, GroupCall* group = nullptr);
   TensorView combine_buffer(const Handle& handle);
   void synchronize();
   /// Raises the first recorded device error (TimeoutError for a stall; InvalidArgument for bad
   /// topk_idx or an overflowing receive capacity).
   void check_errors();
 
-  /// One LL call of every rank of a one-GPU group as one kernel (VirtualGroup::dispatch_all /
-  /// combine_all): while set, an LL call checks its arguments and, unless the plan only
-  /// validates, records its kernel parameters in the LL path's plan instead of launching. Each
-  /// rank's temporaries (unaligned tensors) wait here to be finished on its stream after the
-  /// group's launch.
-  struct GroupCall {
-    explicit GroupCall(ll::GroupPlan& p) : plan(p) {}
-    ll::GroupPlan& plan;
-    std::vector<std::shared_ptr<CallStaging>> staging;
-  };
-  void set_group_call(GroupCall* call) { group_call_ = call; }
   /// A group dispatch failed on a later rank after this one recorded its call: take back the
   /// buffer parity it advanced, so that every rank stays in step.
   void undo_group_dispatch() { --ll_calls_; }
@@ -78,9 +80,11 @@ class CommImpl {
   void check_topk(const DispatchArgs& args, int64_t T) const;
 
   DispatchOutput dispatch_ht(const DispatchArgs& args, const DispatchOptions& options);
-  DispatchOutput dispatch_ll(const DispatchArgs& args, const DispatchOptions& options);
+  DispatchOutput dispatch_ll(const DispatchArgs& args, const DispatchOptions& options,
+                             GroupCall* group);
   CombineOutput combine_ht(const CombineArgs& args, HandleState& h, const CombineOptions& o);
-  CombineOutput combine_ll(const CombineArgs& args, HandleState& h, const CombineOptions& o);
+  CombineOutput combine_ll(const CombineArgs& args, HandleState& h, const CombineOptions& o,
+                           GroupCall* group);
 
   /// How peers find a combine input: its offset in this rank's symmetric buffer if it lies
   /// there; else the pointer itself where every rank shares this address space; else (process
@@ -110,7 +114,6 @@ class CommImpl {
   std::shared_ptr<SlotPool> pool_;
   int64_t ll_calls_ = 0;
   bool failed_ = false;
-  GroupCall* group_call_ = nullptr;
   std::shared_ptr<StreamOrder> order_;  // shared with receive hooks
 };
 

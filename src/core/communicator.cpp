@@ -1,5 +1,5 @@
 // MoECommunicator: the public face of one rank. Every call forwards to CommImpl (comm_impl.hpp),
-// which owns the rank's resources; the public header stays free of CUDA and library internals.
+// which owns the rank's resources, so that the public header names no library internals.
 #include "moecomm/communicator.hpp"
 
 #include "core/comm_impl.hpp"

@@ -262,28 +262,23 @@ void check_group_launch(const char* call, size_t given, int ranks, bool one_devi
                           "call runs on rank 0's stream, ordered with every rank's stream)");
 }
 
-/// Runs `call` on every rank's communicator with the LL path's plan recording instead of
-/// launching: first with validate_only on every rank (nothing changes if any argument is bad),
-/// then for real. If a rank still fails in the second pass (a device error that arrived in
-/// between, an allocation), `undo` takes back what the ranks before it recorded, so the ranks
-/// stay in step.
+/// Runs `call(r, group)` for every rank r: first with the plan only validating (nothing changes
+/// if any rank's argument is bad), then for real, each rank recording its call in the LL path's
+/// plan. If a rank still fails in the second pass (a device error that arrived in between, an
+/// allocation), `undo` takes back what the ranks before it recorded, so the ranks stay in step.
 template <typename Call, typename Undo>
 void plan_calls(const std::vector<detail::CommImpl*>& impls, detail::CommImpl::GroupCall& group,
                 const Call& call, const Undo& undo) {
   for (int pass = 0; pass < 2; ++pass) {
     group.plan.validate_only = pass == 0;
     for (size_t r = 0; r < impls.size(); ++r) {
-      detail::CommImpl& impl = *impls[r];
-      impl.set_group_call(&group);
       try {
         call(static_cast<int>(r));
       } catch (...) {
-        impl.set_group_call(nullptr);
         if (!group.plan.validate_only)
           for (size_t q = 0; q < r; ++q) undo(*impls[q]);
         throw;
       }
-      impl.set_group_call(nullptr);
     }
   }
 }
@@ -339,8 +334,9 @@ std::vector<DispatchOutput> VirtualGroup::dispatch_all(const std::vector<Dispatc
   ll::GroupPlan plan(size(), c.num_sms);
   detail::CommImpl::GroupCall group(plan);
   std::vector<DispatchOutput> out(size());
+  const std::vector<detail::CommImpl*> rank_impls = impls();
   plan_calls(
-      impls(), group, [&](int r) { out[r] = comms_[r]->dispatch(args[r], options); },
+      rank_impls, group, [&](int r) { out[r] = rank_impls[r]->dispatch(args[r], options, &group); },
       [](detail::CommImpl& impl) { impl.undo_group_dispatch(); });
   launch_once([&](cudaStream_t s) { plan.launch(c.threads_per_block, s); });
   finish_staging(comms_, group);
@@ -363,8 +359,10 @@ std::vector<CombineOutput> VirtualGroup::combine_all(const std::vector<CombineAr
   ll::GroupPlan plan(size(), c.num_sms);
   detail::CommImpl::GroupCall group(plan);
   std::vector<CombineOutput> out(size());
+  const std::vector<detail::CommImpl*> rank_impls = impls();
   plan_calls(
-      impls(), group, [&](int r) { out[r] = comms_[r]->combine(args[r], handles[r], options); },
+      rank_impls, group,
+      [&](int r) { out[r] = rank_impls[r]->combine(args[r], handles[r], options, &group); },
       [](detail::CommImpl&) {});  // combine changes no rank state before its launch
   launch_once([&](cudaStream_t s) { plan.launch(c.threads_per_block, s); });
   finish_staging(comms_, group);

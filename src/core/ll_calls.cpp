@@ -17,7 +17,8 @@ namespace moecomm::detail {
 // One kernel per call without a hook (send, then receive); with a hook the send kernel returns
 // at once and the hook launches the receive. Consecutive calls alternate between two buffers so
 // that a call's outputs stay valid while the next one is in flight.
-DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOptions& o) {
+DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOptions& o,
+                                     GroupCall* group) {
   const Config& c = config();
   const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, G = H / kFp8Group;
   const int M = ctx_.ll.capacity;
@@ -37,7 +38,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   if (o.quantize_fp8 && !c.enable_fp8)
     throw InvalidArgument("quantize_fp8: needs Config.enable_fp8 = true");
   check_topk(args, T);
-  if (group_call_ && group_call_->plan.validate_only) {
+  if (group && group->plan.validate_only) {
     check_errors();  // a pending device error raises here, before any rank's state changes
     return {};
   }
@@ -64,9 +65,9 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   rp.recv_count = ctx_.ll.recv_count + b * L;
   rp.recv_layout = ctx_.ll.recv_layout + static_cast<size_t>(b) * L * R * 2;
   p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
-  if (group_call_) {
-    group_call_->plan.add_dispatch(ctx_, p);
-    group_call_->staging.push_back(std::move(staging));  // finished after the group's launch
+  if (group) {
+    group->plan.add_dispatch(ctx_, p);
+    group->staging.push_back(std::move(staging));  // finished after the group's launch
   } else {
     ll::launch_dispatch_send(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
     staging->finish();
@@ -101,8 +102,8 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
 
 // Combine reads y in the dispatch's buffer: y is published (send phase), then each token's owner
 // gathers its K slots and weights them (receive phase). Without a hook, one kernel does both.
-CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
-                                   const CombineOptions& o) {
+CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, const CombineOptions& o,
+                                   GroupCall* group) {
   const Config& c = config();
   const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, K = c.topk;
   const int M = ctx_.ll.capacity;
@@ -126,7 +127,7 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   check_absent(args.bias, "bias", "in LL combine");
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (o.out.present()) check_tensor(o.out, {"out", {DType::kBF16}, {T, H}, tag}, device_);
-  if (group_call_ && group_call_->plan.validate_only) {
+  if (group && group->plan.validate_only) {
     check_errors();  // a pending device error raises here, before any rank's state changes
     return {};
   }
@@ -163,9 +164,9 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
           staging->finish(run);
           order->after(run);
         });
-  } else if (group_call_) {
-    group_call_->plan.add_combine(ctx_, rp);
-    group_call_->staging.push_back(staging);  // finished after the group's launch
+  } else if (group) {
+    group->plan.add_combine(ctx_, rp);
+    group->staging.push_back(staging);  // finished after the group's launch
   } else {
     ll::launch_combine_recv(ctx_, rp, blocks, threads, s.exec);
     staging->finish();
