@@ -56,8 +56,8 @@ def device_sm_count(device: int = 0) -> int:
 
 
 def __getattr__(name):
-    # moecomm.autograd needs torch: imported on first use only.
-    if name == "autograd":
+    # moecomm.autograd needs torch, moecomm.deep_ep is DeepEP's API: imported on first use only.
+    if name in ("autograd", "deep_ep"):
         import importlib
 
         return importlib.import_module(".autograd", __name__)
