@@ -60,7 +60,7 @@ def __getattr__(name):
     if name in ("autograd", "deep_ep"):
         import importlib
 
-        return importlib.import_module(".autograd", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'moecomm' has no attribute {name!r}")
 
 
