@@ -15,7 +15,7 @@ from moecomm.deep_ep import Buffer, Config, EventOverlap
 _ = inspect.Parameter.empty
 # DeepEP V1's public signatures (deep_ep/buffer.py), parameter by parameter with defaults.
 DEEP_EP_SIGNATURES = {
-    "__init__": [("group", None), ("num_nvl_bytes", 0), ("num_rdma_bytes", 0),
+    "__init__": [("group", _), ("num_nvl_bytes", 0), ("num_rdma_bytes", 0),
                  ("low_latency_mode", False), ("num_qps_per_rank", 24),
                  ("allow_nvlink_for_low_latency_mode", True), ("allow_mnnvl", False),
                  ("use_fabric", False), ("explicitly_destroy", False), ("enable_shrink", False),
@@ -256,6 +256,8 @@ def test_constructor_refusals():
     with pytest.raises(moecomm.InvalidArgument, match="either 'group' or 'comm'"):
         Buffer(None)
     with pytest.raises(ValueError):  # DeepEP raises ValueError; InvalidArgument is one
+        Buffer(group=None)
+    with pytest.raises(TypeError):  # group has no default, as in DeepEP
         Buffer()
     with pytest.raises(moecomm.Unsupported, match="^comm: moecomm bootstraps over torch"):
         Buffer(None, comm=object())
