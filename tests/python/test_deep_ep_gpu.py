@@ -4,8 +4,6 @@ torch.distributed group on one GPU. Every test draws seeded random inputs (the s
 and named in failures), poisons what it can, and checks every element against the pure-torch
 reference of torch_reference.py."""
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional
 
 from .. import _C
 from . import utils
