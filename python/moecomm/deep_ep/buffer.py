@@ -396,7 +396,7 @@ class Buffer:
             comm._ctx.joiner.add(comm._local, caller.cuda_stream, ev, refs)
         return EventOverlap()
 
-    def _alloc(self, on_comm: bool, shape, dtype, fill=None):
+    def _alloc(self, on_comm: bool, shape, dtype):
         torch = _torch()
         dev = torch.device("cuda", self._device)
         if on_comm:
