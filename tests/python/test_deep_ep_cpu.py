@@ -129,6 +129,23 @@ def test_install_serves_import_deep_ep(clean_modules):
     assert "deep_ep" not in sys.modules and "deep_ep.utils" not in sys.modules
 
 
+def test_install_sets_buffer_defaults(clean_modules):
+    saved = (Buffer.default_max_tokens_per_rank, Buffer.default_timeout_seconds)
+    try:
+        deep_ep.install(max_tokens_per_rank=4096, timeout_seconds=30)
+        b, backend = make_buffer()
+        assert b._max_tokens == 4096 and b._timeout == 30.0
+        assert b._ht_capacity(100) == 4096 and backend.agreements == []
+        b, _ = make_buffer(max_tokens_per_rank=64, timeout_seconds=5.0)  # explicit wins
+        assert b._max_tokens == 64 and b._timeout == 5.0
+        with pytest.raises(moecomm.InvalidArgument, match="^max_tokens_per_rank"):
+            deep_ep.install(max_tokens_per_rank=0)
+    finally:
+        Buffer.default_max_tokens_per_rank, Buffer.default_timeout_seconds = saved
+    b, _ = make_buffer()
+    assert b._max_tokens is None and b._timeout == 10.0
+
+
 def test_install_keeps_a_real_deep_ep_unless_forced(clean_modules):
     import types
 

@@ -35,12 +35,23 @@ def __getattr__(name: str) -> Any:
 _ALIASES = ("deep_ep", "deep_ep.utils", "deep_ep.buffer")
 
 
-def install(force: bool = False) -> types.ModuleType:
+def install(force: bool = False, *, max_tokens_per_rank: Optional[int] = None,
+            timeout_seconds: Optional[float] = None) -> types.ModuleType:
     """Registers this module as ``deep_ep`` (and ``deep_ep.utils``, ``deep_ep.buffer``) in
     ``sys.modules``, so that ``import deep_ep`` / ``from deep_ep import Buffer`` /
     ``from deep_ep.utils import EventOverlap`` get moecomm's implementation. Call it before the
     framework imports deep_ep. A real ``deep_ep`` already imported is kept unless ``force``
-    (raises InvalidArgument then). Returns the module."""
+    (raises InvalidArgument then). Returns the module.
+
+    ``max_tokens_per_rank`` and ``timeout_seconds``, when given, become the defaults of Buffers
+    made without them (``Buffer.default_max_tokens_per_rank``, ``default_timeout_seconds``):
+    a fixed HT capacity spares the per-dispatch agreement of a framework's Buffer."""
+    from .buffer import _int
+
+    if max_tokens_per_rank is not None:
+        Buffer.default_max_tokens_per_rank = _int(max_tokens_per_rank, "max_tokens_per_rank", 1)
+    if timeout_seconds is not None:
+        Buffer.default_timeout_seconds = float(timeout_seconds)
     this = sys.modules[__name__]
     current = sys.modules.get("deep_ep")
     if current is not None and current is not this and not force:

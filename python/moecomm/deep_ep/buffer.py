@@ -138,7 +138,9 @@ class Buffer:
 
     moecomm keywords: ``max_tokens_per_rank`` fixes the HT capacity (tokens per rank per call;
     default: grown on demand, which costs a host all-reduce of the token count over ``group`` per
-    uncached dispatch) and ``timeout_seconds`` (device waits; default 10).
+    uncached dispatch) and ``timeout_seconds`` (device waits; default 10). When they are not
+    given, the class attributes ``default_max_tokens_per_rank`` and ``default_timeout_seconds``
+    apply (set by ``moecomm.deep_ep.install(...)`` for Buffers a framework makes itself).
 
     Attributes as DeepEP: ``rank``, ``group_size``, ``group``, ``num_nvl_bytes``,
     ``num_rdma_bytes``, ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``; class
@@ -146,6 +148,10 @@ class Buffer:
     """
 
     num_sms: int = 20
+    #: moecomm: the HT capacity of Buffers made without ``max_tokens_per_rank`` (None: on demand).
+    default_max_tokens_per_rank: Optional[int] = None
+    #: moecomm: the device time-out of Buffers made without ``timeout_seconds`` (None: 10 s).
+    default_timeout_seconds: Optional[float] = None
 
     def __init__(self, group: Any, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
@@ -198,6 +204,10 @@ class Buffer:
         self.explicitly_destroy: bool = bool(explicitly_destroy)
         self.enable_shrink: bool = bool(enable_shrink)
         self._device: int = backend.device
+        if max_tokens_per_rank is None:
+            max_tokens_per_rank = Buffer.default_max_tokens_per_rank
+        if timeout_seconds is None:
+            timeout_seconds = Buffer.default_timeout_seconds
         self._max_tokens = None if max_tokens_per_rank is None else int(max_tokens_per_rank)
         self._ht_cap: int = self._max_tokens or 0
         self._ht_cap_cfgs: list = []
