@@ -17,6 +17,7 @@
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/stream_warmup.hpp"
+#include "transport/rank_mask.hpp"
 
 namespace moecomm::detail {
 
@@ -133,6 +134,7 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   layout::preload_kernels();
   ht::preload_kernels();
   ll::preload_kernels();
+  transport::preload_rank_mask_kernel();
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
   warm_up_stream(own_stream_);
@@ -143,6 +145,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError),
                                    cudaHostAllocMapped));
   std::memset(error_host_, 0, sizeof(DeviceError));
+  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&masked_by_timeout_),
+                                   sizeof(int32_t) * kMaxRanks, cudaHostAllocMapped));
+  std::memset(masked_by_timeout_, 0, sizeof(int32_t) * kMaxRanks);
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_),
                                    sizeof(int32_t) * (1 + L), cudaHostAllocMapped));
   MOECOMM_CUDA_CHECK(
@@ -164,6 +169,7 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
     s.ll_seq = cv.take<uint64_t>(2);
     s.combine_seq = cv.take<uint64_t>(2);
     s.aborted = cv.take<int32_t>(1);
+    s.rank_mask = cv.take<uint64_t>(1);
     s.expert_bitmap = cv.take<uint32_t>(static_cast<size_t>(E) * W);
     s.expert_word_prefix = cv.take<int32_t>(static_cast<size_t>(E) * W);
     s.rank_bitmap = cv.take<uint32_t>(static_cast<size_t>(R) * W);
@@ -198,6 +204,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   ctx_.ht_capacity = sz.ht_capacity;
   ctx_.ll_capacity = sz.ll_capacity;
   ctx_.timeout_ns = static_cast<uint64_t>(c.timeout_seconds * 1e9);
+  ctx_.mask_on_timeout = c.mask_unresponsive_ranks ? 1 : 0;
+  MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.masked_by_timeout),
+                                              masked_by_timeout_, 0));
   ctx_.one_gpu = 1;  // GPU-scope ordering when every rank shares this device in this process
   for (int r = 0; r < R; ++r)
     if (!group_->single_address_space || group_->device_of[r] != device_) ctx_.one_gpu = 0;
@@ -224,6 +233,7 @@ CommImpl::~CommImpl() {
   }
   cudaFree(local_mem_);
   cudaFreeHost(error_host_);
+  cudaFreeHost(masked_by_timeout_);
   cudaFreeHost(host_counts_);
   cudaFreeHost(const_cast<uint64_t*>(host_flag_));
   cudaSetDevice(prev);
@@ -321,6 +331,44 @@ CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
   return s;
 }
 
+DeviceContext CommImpl::exchange_ctx() const {
+  DeviceContext c = ctx_;
+  c.mask_on_timeout = 0;
+  return c;
+}
+
+void CommImpl::update_mask(uint64_t set, uint64_t clear) {
+  DeviceGuard guard(device_);
+  check_errors();
+  order_->before(own_stream_);
+  transport::launch_update_rank_mask(ctx_.local.rank_mask, set, clear, own_stream_);
+  order_->after(own_stream_);
+}
+
+void CommImpl::mask_rank(int rank, bool masked) {
+  if (rank < 0 || rank >= num_ranks())
+    throw InvalidArgument("mask_rank: rank: expected 0.." + std::to_string(num_ranks() - 1) +
+                          ", got " + std::to_string(rank));
+  const uint64_t bit = 1ull << rank;
+  update_mask(masked ? bit : 0, masked ? 0 : bit);
+  explicit_mask_ = masked ? explicit_mask_ | bit : explicit_mask_ & ~bit;
+  if (!masked) reinterpret_cast<volatile int32_t*>(masked_by_timeout_)[rank] = 0;
+}
+
+void CommImpl::clear_rank_masks() {
+  update_mask(0, ~0ull);
+  explicit_mask_ = 0;
+  for (int r = 0; r < kMaxRanks; ++r) reinterpret_cast<volatile int32_t*>(masked_by_timeout_)[r] = 0;
+}
+
+std::vector<int> CommImpl::masked_ranks() const {
+  std::vector<int> out;
+  const volatile int32_t* by_timeout = masked_by_timeout_;
+  for (int r = 0; r < num_ranks(); ++r)
+    if (((explicit_mask_ >> r) & 1ull) || by_timeout[r]) out.push_back(r);
+  return out;
+}
+
 void CommImpl::note_stream_work(cudaStream_t stream) {
   order_->after(stream);
 }
@@ -340,6 +388,7 @@ std::shared_ptr<HandleState> CommImpl::new_handle(Mode mode, int64_t num_tokens)
   const int R = num_ranks(), K = config().topk, L = config().local_experts(R);
   h->owner = this;
   h->mode = mode;
+  h->mask = explicit_mask_;
   h->num_tokens = num_tokens;
   h->pool = pool_;
   h->slot = pool_->acquire();
@@ -455,7 +504,7 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   a.topk_idx = topk_idx;
   check_topk(a, T);
   const Streams s = begin_call(stream, false);
-  layout::launch_layout(ctx_,
+  layout::launch_layout(exchange_ctx(),
                         layout_params(topk_idx, /*exchange=*/true, /*close=*/true, nullptr, 0),
                         config().num_sms, config().threads_per_block, s.exec);
   end_call(s, false);
@@ -531,6 +580,10 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
     if (prev.num_tokens != T)
       throw InvalidArgument("previous_handle: it routed " + std::to_string(prev.num_tokens) +
                             " tokens, x has " + std::to_string(T) + "; expected the same routing");
+    if (prev.mask != explicit_mask_)
+      throw InvalidArgument(
+          "previous_handle: made while other ranks were masked (mask_rank since); its routing "
+          "is stale: dispatch without it");
   }
 
   const Streams s = begin_call(o.stream, o.async);
@@ -562,7 +615,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   if (!cached)
     p.layout =
         layout_params(args.topk_idx, /*exchange=*/true, /*close=*/false, &h, exact ? token : 0);
-  ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  ht::launch_dispatch(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
   staging.finish();
 
   if (!cached && exact) {
@@ -746,7 +799,7 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   p.combined_weights = want_weights ? combine_weights_ : nullptr;
   p.send_row = h.send_row;
   p.num_tokens = T;
-  ht::launch_combine(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  ht::launch_combine(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
   staging.finish();  // peers are done with a staged y: the kernel waited for their reads
 
   CombineOutput out;

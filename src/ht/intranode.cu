@@ -40,8 +40,10 @@ __device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams
   TokenRoute r;
   int32_t* record = p.send_row + t * R;
   if (p.cached) {
-    if (lane < R) r.lo = record[lane];
-    if (lane + 32 < R) r.hi = record[lane + 32];
+    // A rank masked since the handle was made receives nothing.
+    const uint64_t masked = transport::masked_peers(ctx);
+    if (lane < R && !((masked >> lane) & 1ull)) r.lo = record[lane];
+    if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull)) r.hi = record[lane + 32];
   } else {
     const uint64_t mask = ctx.local.token_rank_mask[t];
     const int W = ctx.words;
@@ -185,8 +187,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 
   // Publish where this rank's expert outputs are, then learn where every peer's are. Loops over
   // peers: a block may have fewer threads than the group has ranks.
+  const uint64_t masked = transport::masked_peers(ctx);  // nothing is read from or published to
   if (blockIdx.x == 0) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if ((masked >> d) & 1ull) continue;
       uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.sym.peer_ptrs) +
                        (parity * R + me) * detail::kPeerPtrs;
       slot[0] = p.y;
@@ -204,6 +208,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
       ok = false;
       continue;
     }
+    if ((masked >> d) & 1ull) {
+      y_of[d] = nullptr;
+      w_of[d] = nullptr;
+      continue;
+    }
     const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.sym.peer_ptrs) +
                            (parity * R + d) * detail::kPeerPtrs;
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
@@ -217,8 +226,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; ok && t < p.num_tokens;
        t += warps) {
     TokenRoute route;
-    if (lane < R) route.lo = p.send_row[t * R + lane];
-    if (lane + 32 < R) route.hi = p.send_row[t * R + lane + 32];
+    if (lane < R && !((masked >> lane) & 1ull)) route.lo = p.send_row[t * R + lane];
+    if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull)) route.hi = p.send_row[t * R + lane + 32];
     route.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, route.lo >= 0)) |
                  (static_cast<uint64_t>(__ballot_sync(kFullMask, route.hi >= 0)) << 32);
     // The loop bound is warp-uniform: every lane takes part in route.row()'s shuffle.

@@ -100,6 +100,7 @@ struct LocalState {
   int32_t* num_recv_per_expert;    // [L] unpadded
   int32_t* send_base;              // [R]: first row of this rank's tokens at each destination
   int32_t* aborted;                // set by the first failed wait: later waits give up
+  uint64_t* rank_mask;             // bit d: rank d is masked (absent) for this rank's calls
 };
 
 struct DeviceContext {
@@ -115,6 +116,8 @@ struct DeviceContext {
   int32_t ll_capacity;  // M
   int32_t one_gpu;      // every rank on this GPU: GPU-scope ordering suffices
   uint64_t timeout_ns;
+  int32_t mask_on_timeout;  // a peer whose wait times out is masked instead of a stall (LL)
+  int32_t* masked_by_timeout;  // [kMaxRanks] host-mapped: 1 where a wait masked that peer
   uint8_t* peers[kMaxRanks];  // symmetric base of every rank (this one included)
   SymmetricLayout sym;
   LocalState local;
