@@ -787,8 +787,11 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   const auto& lay = group_->layout;
   const size_t cap = static_cast<size_t>(group_->sizes.ht_capacity);
   const bool staged = group_->sizes.stage_combine;
-  p.y = publish(staging.input(args.y), args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0,
-                "y", s.exec);
+  // y is read by the peers' kernels, in place (their loads take any 2-byte alignment): a temporary
+  // copy would be used outside the stream that made it, which CUDA's stream-ordered allocations
+  // do not allow.
+  p.y = publish(args.y.data, args.y.nbytes(), lay.ht_stage_y, staged ? cap * H * 2 : 0, "y",
+                s.exec);
   if (args.recv_topk_weights.present())
     p.recv_weights =
         publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.ht_stage_weights,
@@ -800,7 +803,7 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   p.send_row = h.send_row;
   p.num_tokens = T;
   ht::launch_combine(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
-  staging.finish();  // peers are done with a staged y: the kernel waited for their reads
+  staging.finish();
 
   CombineOutput out;
   out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});
@@ -840,12 +843,13 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h,
   }
 
   const Streams s = begin_call(o.stream, o.async);
-  // Staged y and out live until the receive phase has run (with a hook: inside the hook).
+  // A staged out lives until the receive phase has run (with a hook: inside the hook). y is read
+  // in place by the peers (see combine_ht).
   std::shared_ptr<CallStaging> staging = std::make_shared<CallStaging>(s.exec);
   ll::CombineSendParams sp;
   const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
-  sp.y = publish(staging->input(args.y), args.y.nbytes(), group_->layout.ll_combine[h.buffer],
-                 combine_bytes, "y", s.exec);
+  sp.y = publish(args.y.data, args.y.nbytes(), group_->layout.ll_combine[h.buffer], combine_bytes,
+                 "y", s.exec);
   sp.buffer = h.buffer;
   if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
 

@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
           if (!m) break;  // warp-uniform
           const int d = pop_lowest(m);
           const int64_t row = route.row(d);
-          if (active) v[b] = device::ld_peer_16(y_of[d] + row * H + i * 8);
+          if (active) v[b] = device::ld_peer_16_any(y_of[d] + row * H + i * 8);
           loaded = b + 1;
         }
 #pragma unroll

@@ -330,7 +330,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
         int4 v[kCombineBatch];
 #pragma unroll
         for (int u = 0; u < kCombineBatch; ++u)
-          if (k0 + u < n) v[u] = device::ld_peer_16(rows[warp][k0 + u] + c * kBf16PerVec);
+          if (k0 + u < n) v[u] = device::ld_peer_16_any(rows[warp][k0 + u] + c * kBf16PerVec);
 #pragma unroll
         for (int u = 0; u < kCombineBatch; ++u) {
           if (k0 + u >= n) break;

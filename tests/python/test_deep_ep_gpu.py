@@ -156,7 +156,8 @@ def test_ht_dispatch_cached_and_combine(bufs):
     for s in range(R):
         combined, cw, event = out[s]
         assert combined.shape == (Ts[s], H) and combined.dtype == torch.bfloat16
-        bias = b0[s].float() + b1[s].float()
+        # Two biases are summed and rounded to bf16 before the combine adds them (docs/deep_ep.md).
+        bias = (b0[s].float() + b1[s].float()).bfloat16().float()
         assert_bf16_close(combined, ref.ht_combine(ys, idxs, R, L, s, bias=bias),
                           f"seed {seed} combine rank {s}")
         torch.testing.assert_close(cw.cpu(), ref.ht_combine_weights(recv_ws, idxs, R, L, s),
@@ -359,7 +360,11 @@ def test_ll_fp8_scales(bufs):
         what = f"seed {seed} ue8m0 rank {d}"
         assert packed.dtype == torch.int32 and packed.shape == (L, R * M, G // 4), what
         assert packed.stride() == (G // 4 * R * M, 1, R * M), what
-        exps = packed.contiguous().cpu().view(torch.uint8).view(L, R * M, G).to(torch.int32)
+        # A fresh row-major copy: with G // 4 == 1 .contiguous() would keep the column-major
+        # strides (a size-1 dimension counts as contiguous) and the byte view would fail.
+        dense = torch.empty(tuple(packed.shape), dtype=torch.int32)
+        dense.copy_(packed)
+        exps = dense.view(torch.uint8).view(L, R * M, G).to(torch.int32)
         qc = q.view(torch.uint8).cpu()
         for (e, s), tokens in ref.ll_slots(idxs, R, L, M, d).items():
             n = tokens.numel()
