@@ -19,7 +19,7 @@ else
   summary+=("build FAILED for some targets (see build.log)")
 fi
 
-for t in ${GPU_TESTS:-test_gpu_numerics test_transport test_layout test_ht test_ll test_api}; do
+for t in ${GPU_TESTS:-test_gpu_numerics test_transport test_layout test_ht test_ll test_api test_soak}; do
   if [ -x build/tests/$t ]; then
     timeout ${TEST_TIMEOUT:-300} build/tests/$t ${TEST_ARGS:-} >"$out/$t.log" 2>&1
     rc=$?
@@ -35,7 +35,7 @@ if [ -x build/tests/test_process_group ] && [ -z "${SKIP_PROCESS_TEST:-}" ]; the
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   mps=""
   nvidia-cuda-mps-control -d 2>/dev/null && mps=" under MPS"
-  timeout 120 build/tests/test_process_group >"$out/test_process_group.log" 2>&1
+  timeout 180 build/tests/test_process_group >"$out/test_process_group.log" 2>&1
   rc=$?
   [ -n "$mps" ] && echo quit | nvidia-cuda-mps-control
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY

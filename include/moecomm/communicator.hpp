@@ -151,6 +151,22 @@ class MoECommunicator {
   /// Raises any device error recorded so far without waiting.
   void check_errors();
 
+  // --- Masked ranks (fault tolerance) -------------------------------------------------------
+  // A masked rank takes no part in this rank's calls: nothing is sent to it or awaited from it,
+  // tokens routed to its experts are dropped (its experts contribute zero to combine), and it
+  // sends nothing. For high-throughput calls every live rank must mask the same ranks (their
+  // count exchange derives every rank's rows from the same counts). A rank that masks itself is
+  // out of the group: its calls complete alone, in step with the group's, so that clearing the
+  // masks on every rank lets it rejoin. A rank that died cannot rejoin: form a new group.
+
+  /// Masks (or unmasks) `rank` from this rank's next call on; ordered on this rank's stream.
+  void mask_rank(int rank, bool masked = true);
+  /// Ranks masked now: by mask_rank, or by a low-latency wait that timed out under
+  /// Config::mask_unresponsive_ranks (complete once synchronize() has returned). Ascending.
+  std::vector<int> masked_ranks() const;
+  /// Unmasks every rank (from the next call on).
+  void clear_rank_masks();
+
  private:
   // Communicators are made by the groups (VirtualGroup, ProcessGroupBuilder::connect).
   friend class VirtualGroup;

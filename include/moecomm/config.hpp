@@ -57,6 +57,11 @@ struct Config {
 
   /// Any device-side wait longer than this becomes a TimeoutError naming rank, peer and phase.
   double timeout_seconds = 10.0;
+  /// Low-latency calls: a peer that does not answer within timeout_seconds is masked (as
+  /// MoECommunicator::mask_rank does) instead of raising, and the call completes without it;
+  /// masked_ranks() reports it. High-throughput calls still raise: their count exchange needs
+  /// every live rank to agree on who is masked, which a time-out seen by one rank cannot give.
+  bool mask_unresponsive_ranks = false;
 
   /// HT receive capacity in rows per rank; 0 means num_ranks * max_tokens_per_rank (the worst
   /// case, which can never overflow).

@@ -56,11 +56,11 @@ def device_sm_count(device: int = 0) -> int:
 
 
 def __getattr__(name):
-    # moecomm.autograd needs torch: imported on first use only.
-    if name == "autograd":
+    # moecomm.autograd needs torch, moecomm.deep_ep is DeepEP's API: imported on first use only.
+    if name in ("autograd", "deep_ep"):
         import importlib
 
-        return importlib.import_module(".autograd", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'moecomm' has no attribute {name!r}")
 
 

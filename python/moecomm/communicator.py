@@ -20,6 +20,7 @@ Stream rules (see docs/python.md, "Streams"):
 from __future__ import annotations
 
 import collections
+import operator
 import threading
 from typing import Any, List, Optional, Sequence
 
@@ -435,6 +436,21 @@ class MoECommunicator:
     def check_errors(self) -> None:
         """Raises any device error recorded so far without waiting."""
         self._c.check_errors()
+
+    def mask_rank(self, rank: int, masked: bool = True) -> None:
+        """Masks (or unmasks) ``rank`` for this rank's calls from the next one on: nothing is sent
+        to it or awaited from it, and its experts contribute zero. High-throughput calls need every
+        live rank to mask the same ranks. See docs/api.md, "Masked ranks"."""
+        self._c.mask_rank(operator.index(rank), bool(masked))
+
+    def masked_ranks(self) -> list:
+        """Ranks masked now: by :meth:`mask_rank`, or by a low-latency wait that timed out under
+        ``Config.mask_unresponsive_ranks`` (complete after :meth:`synchronize`)."""
+        return list(self._c.masked_ranks())
+
+    def clear_rank_masks(self) -> None:
+        """Unmasks every rank from the next call on."""
+        self._c.clear_rank_masks()
 
     def _check_handle(self, handle: Any, name: str) -> None:
         if not isinstance(handle, Handle):

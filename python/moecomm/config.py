@@ -56,6 +56,7 @@ class MoECommunicatorConfig:
     low_latency_max_tokens: int = 0
     auto_low_latency_max_tokens: int = 128
     validate_inputs: Optional[bool] = None
+    mask_unresponsive_ranks: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str) and self.mode in _MODES:
@@ -94,6 +95,7 @@ class MoECommunicatorConfig:
             raise _C.InvalidArgument(
                 f"Config.timeout_seconds: expected a number, got {self.timeout_seconds!r}") from None
         c.enable_fp8 = bool(self.enable_fp8)
+        c.mask_unresponsive_ranks = bool(self.mask_unresponsive_ranks)
         if self.validate_inputs is not None:
             c.validate_inputs = bool(self.validate_inputs)
         return c

@@ -339,6 +339,7 @@ void bind_config(nb::module_& m) {
       .def_rw("low_latency_max_tokens", &Config::low_latency_max_tokens)
       .def_rw("auto_low_latency_max_tokens", &Config::auto_low_latency_max_tokens)
       .def_rw("validate_inputs", &Config::validate_inputs)
+      .def_rw("mask_unresponsive_ranks", &Config::mask_unresponsive_ranks)
       .def("validate", &Config::validate, "num_ranks"_a)
       .def("local_experts", &Config::local_experts, "num_ranks"_a)
       .def("ll_capacity", &Config::ll_capacity)
@@ -414,7 +415,12 @@ void bind_comm(nb::module_& m) {
       .def(
           "synchronize", [](PyComm& s) { s.get().synchronize(); },
           nb::call_guard<nb::gil_scoped_release>())
-      .def("check_errors", [](PyComm& s) { s.get().check_errors(); });
+      .def("check_errors", [](PyComm& s) { s.get().check_errors(); })
+      .def(
+          "mask_rank", [](PyComm& s, int rank, bool masked) { s.get().mask_rank(rank, masked); },
+          "rank"_a, "masked"_a = true)
+      .def("masked_ranks", [](PyComm& s) { return s.get().masked_ranks(); })
+      .def("clear_rank_masks", [](PyComm& s) { s.get().clear_rank_masks(); });
 
   nb::class_<PyGroup>(m, "VirtualGroup", "moecomm::VirtualGroup: R ranks in this process.")
       .def(

@@ -21,6 +21,7 @@
 #include "runtime/cuda_check.hpp"
 #include "runtime/stream_warmup.hpp"
 #include "runtime/streams.hpp"
+#include "transport/rank_mask.hpp"
 
 namespace moecomm::detail {
 
@@ -66,6 +67,7 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   layout::preload_kernels();
   ht::preload_kernels();
   ll::preload_kernels();
+  transport::preload_rank_mask_kernel();
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
   warm_up_stream(own_stream_);
@@ -78,6 +80,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(DeviceError),
                                    cudaHostAllocMapped));
   std::memset(error_host_, 0, sizeof(DeviceError));
+  MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&masked_by_timeout_),
+                                   sizeof(int32_t) * kMaxRanks, cudaHostAllocMapped));
+  std::memset(masked_by_timeout_, 0, sizeof(int32_t) * kMaxRanks);
   MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_),
                                    sizeof(int32_t) * (1 + L), cudaHostAllocMapped));
   MOECOMM_CUDA_CHECK(
@@ -116,6 +121,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   ctx_.max_tokens = Tmax;
   ctx_.words = shape.words;
   ctx_.timeout_ns = static_cast<uint64_t>(c.timeout_seconds * 1e9);
+  ctx_.mask_on_timeout = c.mask_unresponsive_ranks ? 1 : 0;
+  MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.masked_by_timeout),
+                                              masked_by_timeout_, 0));
   ctx_.one_gpu = 1;  // GPU-scope ordering when every rank shares this device in this process
   for (int r = 0; r < R; ++r)
     if (!group_->single_address_space || group_->device_of[r] != device_) ctx_.one_gpu = 0;
@@ -145,6 +153,7 @@ CommImpl::~CommImpl() {
   }
   cudaFree(local_mem_);
   cudaFreeHost(error_host_);
+  cudaFreeHost(masked_by_timeout_);
   cudaFreeHost(host_counts_);
   cudaFreeHost(const_cast<uint64_t*>(host_flag_));
   cudaSetDevice(prev);
@@ -323,7 +332,7 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   a.topk_idx = topk_idx;
   check_topk(a, T);
   const Streams s = begin_call(stream, false);
-  layout::launch_layout(ctx_,
+  layout::launch_layout(exchange_ctx(),
                         layout_params(topk_idx, /*exchange=*/true, /*close=*/true, nullptr, 0),
                         config().num_sms, config().threads_per_block, s.exec);
   end_call(s, false);

@@ -52,6 +52,10 @@ class CommImpl {
                         const CombineOptions& options, GroupCall* group = nullptr);
   TensorView combine_buffer(const Handle& handle);
   void synchronize();
+  /// Masked ranks (core/rank_masks.cpp).
+  void mask_rank(int rank, bool masked);
+  std::vector<int> masked_ranks() const;
+  void clear_rank_masks();
   /// Raises the first recorded device error (TimeoutError for a stall; InvalidArgument for bad
   /// topk_idx or an overflowing receive capacity).
   void check_errors();
@@ -92,6 +96,11 @@ class CommImpl {
   uint64_t publish(const void* ptr, size_t bytes, size_t stage_offset, size_t stage_bytes,
                    const char* name, cudaStream_t stream);
   TensorView local_view(void* data, DType dtype, std::initializer_list<int64_t> shape) const;
+  /// The context for high-throughput kernels and the layout: never masks on a time-out (their
+  /// count exchange needs every rank to agree on the mask).
+  DeviceContext exchange_ctx() const;
+  /// Changes the device mask word in stream order (bits in `set` on, bits in `clear` off).
+  void update_mask(uint64_t set, uint64_t clear);
   TensorView sym_view(size_t offset, DType dtype, std::initializer_list<int64_t> shape) const;
 
   std::shared_ptr<GroupState> group_;
@@ -104,6 +113,8 @@ class CommImpl {
   void* local_mem_ = nullptr;               // all private scratch, one allocation
   uint16_t* combine_out_ = nullptr;         // [Tmax, H]
   float* combine_weights_ = nullptr;        // [Tmax, K]
+  int32_t* masked_by_timeout_ = nullptr;    // mapped [kMaxRanks]: peers a wait masked
+  uint64_t explicit_mask_ = 0;              // mask_rank's bits (the device word may hold more)
   int32_t* host_counts_ = nullptr;          // mapped: [1 + L], written by the layout kernel
   volatile uint64_t* host_flag_ = nullptr;  // mapped: the token of the last exact dispatch
   int32_t* host_counts_dev_ = nullptr;      // device aliases of the two

@@ -49,4 +49,14 @@ void MoECommunicator::check_errors() {
   impl_->check_errors();
 }
 
+void MoECommunicator::mask_rank(int rank, bool masked) {
+  impl_->mask_rank(rank, masked);
+}
+std::vector<int> MoECommunicator::masked_ranks() const {
+  return impl_->masked_ranks();
+}
+void MoECommunicator::clear_rank_masks() {
+  impl_->clear_rank_masks();
+}
+
 }  // namespace moecomm

@@ -167,6 +167,7 @@ const std::vector<Field>& fields() {
       int_field("low_latency_max_tokens", &Config::low_latency_max_tokens),
       int_field("auto_low_latency_max_tokens", &Config::auto_low_latency_max_tokens),
       int_field("validate_inputs", &Config::validate_inputs),
+      int_field("mask_unresponsive_ranks", &Config::mask_unresponsive_ranks),
   };
   return table;
 }

@@ -24,6 +24,7 @@ std::shared_ptr<HandleState> CommImpl::new_handle(Mode mode, int64_t num_tokens)
   const int R = num_ranks(), K = config().topk, L = config().local_experts(R);
   h->owner = this;
   h->mode = mode;
+  h->mask = explicit_mask_;
   h->num_tokens = num_tokens;
   h->pool = pool_;
   h->slot = pool_->acquire();

@@ -24,6 +24,7 @@ struct HandleState {
   int64_t num_tokens = 0;
   int64_t num_recv = -1;  // HT, host-known N
   int buffer = 0;         // LL buffer
+  uint64_t mask = 0;      // explicit rank mask when it was made (a cached dispatch needs it)
   std::vector<int> recv_per_expert_host;
   // Device arrays inside the slot.
   int32_t* send_row = nullptr;          // HT [T, R]

@@ -49,6 +49,10 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
     if (prev.num_tokens != T)
       throw InvalidArgument("previous_handle: it routed " + std::to_string(prev.num_tokens) +
                             " tokens, x has " + std::to_string(T) + "; expected the same routing");
+    if (prev.mask != explicit_mask_)
+      throw InvalidArgument(
+          "previous_handle: made while other ranks were masked (mask_rank since); its routing "
+          "is stale: dispatch without it");
   }
 
   const Streams s = begin_call(o.stream, o.async);
@@ -82,7 +86,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   if (!cached)
     p.layout =
         layout_params(args.topk_idx, /*exchange=*/true, /*close=*/false, &h, exact ? token : 0);
-  ht::launch_dispatch(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
+  ht::launch_dispatch(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
   staging.finish();
 
   if (!cached && exact) {
@@ -158,7 +162,10 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   ht::CombineParams p;
   const ht::Regions& lay = ctx_.ht;
   const size_t staged = static_cast<size_t>(lay.stage_rows);
-  p.y = publish(staging.input(args.y), args.y.nbytes(), lay.stage_y, staged * H * 2, "y", s.exec);
+  // y is read by the peers' kernels, in place (their loads take any 2-byte alignment): a temporary
+  // copy would be used outside the stream that made it, which CUDA's stream-ordered allocations
+  // do not allow.
+  p.y = publish(args.y.data, args.y.nbytes(), lay.stage_y, staged * H * 2, "y", s.exec);
   if (args.recv_topk_weights.present())
     p.recv_weights =
         publish(args.recv_topk_weights.data, args.recv_topk_weights.nbytes(), lay.stage_weights,
@@ -171,8 +178,8 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   p.combined_weights = want_weights ? combine_weights_ : nullptr;
   p.send_row = h.send_row;
   p.num_tokens = T;
-  ht::launch_combine(ctx_, p, c.num_sms, c.threads_per_block, s.exec);
-  staging.finish();  // peers are done with a staged y: the kernel waited for their reads
+  ht::launch_combine(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
+  staging.finish();
 
   CombineOutput out;
   out.out = o.out.present() ? o.out : local_view(combine_out_, DType::kBF16, {T, H});

@@ -133,12 +133,13 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
   }
 
   const Streams s = begin_call(o.stream, o.async);
-  // Staged y and out live until the receive phase has run (with a hook: inside the hook).
+  // A staged out lives until the receive phase has run (with a hook: inside the hook). y is read
+  // in place by the peers (see combine_ht).
   std::shared_ptr<CallStaging> staging = std::make_shared<CallStaging>(s.exec);
   ll::CombineSendParams sp;
   const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
-  sp.y = publish(staging->input(args.y), args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes,
-                 "y", s.exec);
+  sp.y =
+      publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y", s.exec);
   sp.buffer = h.buffer;
   if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
 

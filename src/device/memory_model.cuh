@@ -97,6 +97,34 @@ __device__ __forceinline__ int4 ld_peer_16(const void* ptr) {
   return v;
 }
 
+/// ld_peer_16 for an address that may be only 2-byte aligned: a peer's bf16 tensor published as
+/// it is, a view that starts inside a larger buffer. Four 4-byte or eight 2-byte loads then; the
+/// test is uniform over a row, so aligned rows pay one predictable branch.
+__device__ __forceinline__ int4 ld_peer_16_any(const void* ptr) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
+  if ((a & 15u) == 0) return ld_peer_16(ptr);
+  uint32_t w[4];
+  if ((a & 3u) == 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      asm volatile("ld.global.u32 %0, [%1];"
+                   : "=r"(w[i])
+                   : "l"(static_cast<const uint32_t*>(ptr) + i)
+                   : "memory");
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      unsigned short lo, hi;
+      const uint16_t* p = static_cast<const uint16_t*>(ptr) + 2 * i;
+      asm volatile("ld.global.u16 %0, [%1];" : "=h"(lo) : "l"(p) : "memory");
+      asm volatile("ld.global.u16 %0, [%1];" : "=h"(hi) : "l"(p + 1) : "memory");
+      w[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
+                   static_cast<int>(w[3]));
+}
+
 /// 16-byte store that does not linger in L1.
 __device__ __forceinline__ void st_stream_16(void* ptr, int4 v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x),

@@ -40,8 +40,10 @@ __device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams
   TokenRoute r;
   int32_t* record = p.send_row + t * R;
   if (p.cached) {
-    if (lane < R) r.lo = record[lane];
-    if (lane + 32 < R) r.hi = record[lane + 32];
+    // A rank masked since the handle was made receives nothing.
+    const uint64_t masked = transport::masked_peers(ctx);
+    if (lane < R && !((masked >> lane) & 1ull)) r.lo = record[lane];
+    if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull)) r.hi = record[lane + 32];
   } else {
     const uint64_t mask = ctx.layout.token_rank_mask[t];
     const int W = ctx.words;
@@ -184,8 +186,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 
   // Publish where this rank's expert outputs are, then learn where every peer's are. Loops over
   // peers: a block may have fewer threads than the group has ranks.
+  const uint64_t masked = transport::masked_peers(ctx);  // nothing is read from or published to
   if (blockIdx.x == 0) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if ((masked >> d) & 1ull) continue;
       uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.ht.peer_ptrs) +
                        (parity * R + me) * detail::kPeerPtrs;
       slot[0] = p.y;
@@ -203,6 +207,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
       ok = false;
       continue;
     }
+    if ((masked >> d) & 1ull) {
+      y_of[d] = nullptr;
+      w_of[d] = nullptr;
+      continue;
+    }
     const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.ht.peer_ptrs) +
                            (parity * R + d) * detail::kPeerPtrs;
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
@@ -216,8 +225,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; ok && t < p.num_tokens;
        t += warps) {
     TokenRoute route;
-    if (lane < R) route.lo = p.send_row[t * R + lane];
-    if (lane + 32 < R) route.hi = p.send_row[t * R + lane + 32];
+    if (lane < R && !((masked >> lane) & 1ull)) route.lo = p.send_row[t * R + lane];
+    if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull))
+      route.hi = p.send_row[t * R + lane + 32];
     route.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, route.lo >= 0)) |
                  (static_cast<uint64_t>(__ballot_sync(kFullMask, route.hi >= 0)) << 32);
     // The loop bound is warp-uniform: every lane takes part in route.row()'s shuffle.
@@ -234,7 +244,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
           if (!m) break;  // warp-uniform
           const int d = pop_lowest(m);
           const int64_t row = route.row(d);
-          if (active) v[b] = device::ld_peer_16(y_of[d] + row * H + i * 8);
+          if (active) v[b] = device::ld_peer_16_any(y_of[d] + row * H + i * 8);
           loaded = b + 1;
         }
 #pragma unroll

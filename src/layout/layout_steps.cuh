@@ -38,6 +38,7 @@ __device__ inline void build_word(const DeviceContext& ctx, const TopkInput& top
   __syncwarp();
 
   uint64_t rank_mask = 0;
+  const uint64_t masked = transport::masked_peers(ctx);  // their experts count as -1
   for (int k0 = 0; k0 < K; k0 += kExpertPrefetch) {
     int64_t chosen[kExpertPrefetch];  // this step's loads are all in flight before any is used
 #pragma unroll
@@ -54,6 +55,7 @@ __device__ inline void build_word(const DeviceContext& ctx, const TopkInput& top
                                 t, k);
         e = -1;
       }
+      if (e >= 0 && ((masked >> (e / L)) & 1ull)) e = -1;  // a masked rank's expert: not an error
       // The token's own bit in the column is set iff an earlier k chose the same expert.
       if (e >= 0 && ((column[e] >> lane) & 1u)) {
         if (validate)
@@ -132,17 +134,24 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
                                        const ScanOptions& opt) {
   const int R = ctx.num_ranks, L = ctx.local_experts, me = ctx.rank;
   const int parity = static_cast<int>(seq & 1);
+  // Masked ranks take no part: nothing is sent to them, and their rows count as zero (stale
+  // otherwise). Every rank with the same mask derives the same bases from the same rows.
+  const uint64_t masked = transport::masked_peers(ctx);
+  auto live = [masked](int r) { return !((masked >> r) & 1ull); };
   // Put this rank's row of the count matrix, and its counts for each peer's experts, into every
   // peer; then signal.
   for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
     const int d = i / R, j = i % R;
-    transport::peer_region<int32_t>(ctx, d, ctx.layout.count_matrix)[(parity * R + me) * R + j] =
-        ctx.layout.num_tokens_per_rank[j];
+    if (live(d))
+      transport::peer_region<int32_t>(ctx, d, ctx.layout.count_matrix)[(parity * R + me) * R + j] =
+          ctx.layout.num_tokens_per_rank[j];
   }
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
     const int d = i / L, le = i % L;
-    transport::peer_region<int32_t>(ctx, d, ctx.layout.expert_counts)[(parity * R + me) * L + le] =
-        ctx.layout.num_tokens_per_expert[d * L + le];
+    if (live(d))
+      transport::peer_region<int32_t>(ctx, d,
+                                      ctx.layout.expert_counts)[(parity * R + me) * L + le] =
+          ctx.layout.num_tokens_per_expert[d * L + le];
   }
   __syncthreads();
   const bool ok =
@@ -151,15 +160,17 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
       transport::peer_region<int32_t>(ctx, me, ctx.layout.count_matrix) + parity * R * R;
   const int32_t* per_expert =
       transport::peer_region<int32_t>(ctx, me, ctx.layout.expert_counts) + parity * R * L;
+  // A row of the matrix as received: zero for a masked source.
+  auto sent = [&](int s, int d) { return live(s) ? matrix[s * R + d] : 0; };
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    ctx.layout.num_recv_per_rank[s] = matrix[s * R + me];
+    ctx.layout.num_recv_per_rank[s] = sent(s, me);
     int32_t base = 0;  // rows that lower ranks send to s come first there
-    for (int q = 0; q < me; ++q) base += matrix[q * R + s];
+    for (int q = 0; q < me; ++q) base += sent(q, s);
     ctx.layout.send_base[s] = base;
   }
   for (int le = threadIdx.x; le < L; le += blockDim.x) {
     int32_t sum = 0;
-    for (int s = 0; s < R; ++s) sum += per_expert[s * L + le];
+    for (int s = 0; s < R; ++s) sum += live(s) ? per_expert[s * L + le] : 0;
     ctx.layout.num_recv_per_expert[le] = sum;
     if (opt.recv_per_expert_padded) {
       const int a = opt.expert_alignment;
@@ -170,7 +181,7 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
     int64_t total = 0;
     for (int s = 0; s < R; ++s) {
       if (opt.recv_rank_prefix) opt.recv_rank_prefix[s] = static_cast<int32_t>(total);
-      total += matrix[s * R + me];
+      total += sent(s, me);
     }
     if (opt.recv_rank_prefix) opt.recv_rank_prefix[R] = static_cast<int32_t>(total);
     if (opt.num_recv) *opt.num_recv = static_cast<int32_t>(total);
@@ -179,8 +190,9 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
     // rows and checks nothing.) Only after a complete exchange: a failed one has stale counts.
     if (opt.check_capacity && ok) {
       for (int d = 0; d < R; ++d) {
+        if (!live(d)) continue;
         int64_t rows = 0;
-        for (int s = 0; s < R; ++s) rows += matrix[s * R + d];
+        for (int s = 0; s < R; ++s) rows += sent(s, d);
         if (rows > ctx.ht.capacity) {
           transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, d, Phase::kNone, 0, seq, 0,
                                   rows, ctx.ht.capacity);

@@ -71,11 +71,11 @@ struct Destination {
 /// slot_of and the source token of the slot at its destination. Whole warp.
 
 __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendParams& p, int64_t t,
-                                  bool record, int lane, Destination* dst) {
+                                  bool record, int lane, uint64_t masked, Destination* dst) {
   const int R = ctx.num_ranks, L = ctx.local_experts, K = ctx.topk, W = ctx.words;
   const int M = ctx.ll.capacity, H = ctx.hidden, b = p.buffer;
   const int64_t e = lane < K ? device::load_index(p.topk_idx, p.idx_i64, t * K + lane) : -1;
-  bool valid = e >= 0 && e < ctx.num_experts;
+  bool valid = e >= 0 && e < ctx.num_experts && !((masked >> (e / L)) & 1ull);
   for (int j = 0; j < K; ++j) {
     const int64_t ej = __shfl_sync(kFullMask, e, j);
     if (j < lane && ej == e) valid = false;
@@ -135,13 +135,15 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   const int row_vectors = H / kBf16PerVec;
   const RowPieces pieces(p.num_tokens, stride, row_units,
                          p.fp8 ? kQuantizeStepUnits : kCopyStepUnits);
+  // Tokens bound for masked ranks are dropped (their slot_of is -1: combine adds nothing).
+  const uint64_t masked = transport::masked_peers(ctx);
   // One warp per piece of a token's row: the piece is read (and quantised) once and written to
   // every destination of the token. T <= M (checked by the host), so every slot exists.
   for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; ok && i < pieces.items;
        i += stride) {
     const int64_t t = i / pieces.count;
     const int piece = static_cast<int>(i % pieces.count);
-    const int n = token_destinations(ctx, p, t, piece == 0, lane, dst[warp]);
+    const int n = token_destinations(ctx, p, t, piece == 0, lane, masked, dst[warp]);
     const int u0 = piece * pieces.units;
     const int units = min(pieces.units, row_units - u0);
     const int4* src = reinterpret_cast<const int4*>(p.x + t * H) + u0 * kVectorsPerUnit;
@@ -182,6 +184,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
       const device::Scope sc = transport::scope(ctx);
       const int64_t used_words = (p.num_tokens + 31) / 32;
       for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        if ((masked >> (e / L)) & 1ull) continue;
         const uint32_t count = static_cast<uint32_t>(layout::bitmap_count(
             ctx.layout.expert_bitmap + static_cast<int64_t>(e) * ctx.words, used_words));
         sc.store_release(count_word(ctx, e / L, b, e % L, me), (seq << kCountShift) | count);
@@ -213,8 +216,10 @@ __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParam
       break;
     }
     p.recv_layout[2 * i] = s * M;
-    p.recv_layout[2 * i + 1] =
-        static_cast<int32_t>(transport::scope(ctx).load_acquire(words + i) & kCountMask);
+    p.recv_layout[2 * i + 1] =  // a masked source (or one masked while waited for) sent nothing
+        transport::is_masked(ctx, s)
+            ? 0
+            : static_cast<int32_t>(transport::scope(ctx).load_acquire(words + i) & kCountMask);
   }
   if (!__syncthreads_and(ok)) return;
   for (int le = threadIdx.x; le < L; le += blockDim.x) {
@@ -232,7 +237,9 @@ __global__ void __launch_bounds__(kRecvThreads)
 /// One block: tells every peer where this rank's expert outputs y are, for call `seq`.
 __device__ void publish_outputs(const DeviceContext& ctx, int buffer, uint64_t y, uint64_t seq) {
   const int R = ctx.num_ranks, me = ctx.rank;
+  const uint64_t masked = transport::masked_peers(ctx);
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    if ((masked >> d) & 1ull) continue;
     uint64_t* slot = transport::peer_region<uint64_t>(ctx, d, ctx.ll.peer_ptrs) +
                      (buffer * R + me) * detail::kPeerPtrs;
     slot[0] = y;
@@ -271,6 +278,10 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
       ok = false;
       continue;
     }
+    if (transport::is_masked(ctx, d)) {  // its experts' outputs contribute nothing
+      y_of[d] = nullptr;
+      continue;
+    }
     const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.ll.peer_ptrs) +
                            (b * R + d) * detail::kPeerPtrs;
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
@@ -291,8 +302,9 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
     float w = 0.0f;
     if (lane < K) {
       const int32_t sl = p.slot_of[t * K + lane];
-      if (sl >= 0) {
-        row = y_of[sl / slots_per_rank] + static_cast<int64_t>(sl % slots_per_rank) * H;
+      const uint16_t* y = sl >= 0 ? y_of[sl / slots_per_rank] : nullptr;
+      if (y) {
+        row = y + static_cast<int64_t>(sl % slots_per_rank) * H;
         w = p.topk_weights ? p.topk_weights[t * K + lane] : 1.0f;
       }
     }
@@ -311,7 +323,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
         int4 v[kCombineBatch];
 #pragma unroll
         for (int u = 0; u < kCombineBatch; ++u)
-          if (k0 + u < n) v[u] = device::ld_peer_16(rows[warp][k0 + u] + c * kBf16PerVec);
+          if (k0 + u < n) v[u] = device::ld_peer_16_any(rows[warp][k0 + u] + c * kBf16PerVec);
 #pragma unroll
         for (int u = 0; u < kCombineBatch; ++u) {
           if (k0 + u >= n) break;

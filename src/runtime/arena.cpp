@@ -25,6 +25,7 @@ void claim_common_regions(Arena& symmetric, Arena& local, RankContext& ctx) {
   ctx.local.ticket = local.take<uint32_t>(1);
   ctx.local.grid_barrier = local.take<uint64_t>(2);
   ctx.local.aborted = local.take<int32_t>(1);
+  ctx.local.rank_mask = local.take<uint64_t>(1);
 }
 
 }  // namespace moecomm::detail

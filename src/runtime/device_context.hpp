@@ -74,6 +74,7 @@ struct CommonLocal {
   uint32_t* ticket;        // last-block election within one kernel
   uint64_t* grid_barrier;  // [2]: arrivals, generation (transport/barrier.cuh: grid_barrier)
   int32_t* aborted;        // set by the first failed wait: later waits give up
+  uint64_t* rank_mask;     // bit d: rank d is masked (absent) for this rank's calls
 };
 
 /// What every kernel knows of its rank whatever the path: the group's shape, the peers'
@@ -90,7 +91,9 @@ struct RankContext {
   int32_t words;       // W = ceil(Tmax / 32)
   int32_t one_gpu;     // every rank on this GPU: GPU-scope ordering suffices
   uint64_t timeout_ns;
-  uint8_t* peers[kMaxRanks];  // symmetric base of every rank (this one included)
+  int32_t mask_on_timeout;     // a peer whose wait times out is masked instead of a stall (LL)
+  int32_t* masked_by_timeout;  // [kMaxRanks] host-mapped: 1 where a wait masked that peer
+  uint8_t* peers[kMaxRanks];   // symmetric base of every rank (this one included)
   CommonSymmetric sym;
   CommonLocal local;
   DeviceError* error;

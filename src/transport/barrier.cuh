@@ -75,9 +75,11 @@ __device__ __forceinline__ bool grid_barrier(const detail::RankContext& ctx, boo
 /// seq - 2 are free for the peers to write).
 __device__ __forceinline__ void announce_arrival(const detail::RankContext& ctx, uint64_t seq,
                                                  RankBlocks blocks) {
-  if (blocks.index == 0)
+  if (blocks.index == 0) {
+    const uint64_t masked = masked_peers(ctx);
     for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
-      signal(ctx, d, detail::FlagKind::kArrive, seq);
+      if (!((masked >> d) & 1ull)) signal(ctx, d, detail::FlagKind::kArrive, seq);
+  }
 }
 
 /// Every block: waits until every peer has entered call seq. True in every thread when all

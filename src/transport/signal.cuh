@@ -64,6 +64,20 @@ __device__ __forceinline__ bool aborted(const RankContext& ctx) {
   return *reinterpret_cast<volatile int*>(ctx.local.aborted) != 0;
 }
 
+/// The peers this rank leaves out of its calls (bit d: rank d), read live: a wait that masked
+/// an unresponsive peer sets its bit for every later wait. A rank whose own bit is set is out of
+/// the group: it treats every other rank as masked, so its calls complete alone (and stay in step
+/// with the group's calls, so that clearing the masks lets it rejoin).
+__device__ __forceinline__ uint64_t masked_peers(const RankContext& ctx) {
+  const uint64_t word = *reinterpret_cast<volatile uint64_t*>(ctx.local.rank_mask);
+  const uint64_t me = 1ull << ctx.rank;
+  return (word & me) ? ~me : word & ~me;
+}
+
+__device__ __forceinline__ bool is_masked(const RankContext& ctx, int peer) {
+  return (masked_peers(ctx) >> peer) & 1ull;
+}
+
 /// Memory-ordering scope for this group's signals and fences.
 __device__ __forceinline__ device::Scope scope(const RankContext& ctx) {
   return device::Scope{ctx.one_gpu != 0};
@@ -76,14 +90,25 @@ __device__ __forceinline__ void signal(const RankContext& ctx, int dst, FlagKind
   scope(ctx).store_release(flag_slot(ctx, dst, kind, ctx.rank), seq);
 }
 
-/// Waits until `word` >= `target` (acquire). Gives up after ctx.timeout_ns times `patience`,
-/// recording a stall that names this rank, `peer`, `phase` and `channel`. Returns false on
-/// failure, and at once once another wait of this rank has failed.
+/// Masks `peer` for this rank's calls from now on and tells the host (masked_by_timeout).
+__device__ inline void mask_peer(const RankContext& ctx, int peer) {
+  atomicOr(reinterpret_cast<unsigned long long*>(ctx.local.rank_mask), 1ull << peer);
+  reinterpret_cast<volatile int32_t*>(ctx.masked_by_timeout)[peer] = 1;
+  __threadfence_system();
+}
+
+/// Waits until `word` >= `target` (acquire). Returns true when it got there, and also when
+/// `peer` is masked (callers that read the peer's data check is_masked afterwards). Gives up
+/// after ctx.timeout_ns times `patience`: with ctx.mask_on_timeout the peer is then masked
+/// (true); otherwise a stall naming this rank, `peer`, `phase` and `channel` is recorded
+/// (false). Returns false at once once another wait of this rank has failed.
 __device__ inline bool wait_geq(const RankContext& ctx, const uint64_t* word, uint64_t target,
                                 int peer, Phase phase, int channel, uint32_t patience = 1) {
   const device::Scope sc = scope(ctx);
+  const bool other = peer >= 0 && peer != ctx.rank;
   uint64_t v = sc.load_acquire(word);
   if (v >= target) return true;
+  if (other && is_masked(ctx, peer)) return true;
   if (aborted(ctx)) return false;
   const uint64_t start = device::global_timer_ns();
   for (uint32_t spin = 0;; ++spin) {
@@ -91,7 +116,12 @@ __device__ inline bool wait_geq(const RankContext& ctx, const uint64_t* word, ui
     if (v >= target) return true;
     if ((spin & 255u) == 255u) {
       if (aborted(ctx)) return false;
+      if (other && is_masked(ctx, peer)) return true;
       if (device::global_timer_ns() - start > ctx.timeout_ns * patience) {
+        if (other && ctx.mask_on_timeout) {
+          mask_peer(ctx, peer);
+          return true;
+        }
         record_error(ctx, DeviceErrorKind::kStall, peer, phase, channel, target,
                      static_cast<int64_t>(v));
         return false;
@@ -114,8 +144,10 @@ __device__ __forceinline__ bool wait_signal(const RankContext& ctx, FlagKind kin
 __device__ inline bool signal_and_wait_all(const RankContext& ctx, FlagKind kind, uint64_t seq,
                                            Phase phase, int channel) {
   const int R = ctx.num_ranks;
+  const uint64_t masked = masked_peers(ctx);  // masked peers are neither signalled nor awaited
   if (threadIdx.x < R) scope(ctx).fence();
-  for (int d = threadIdx.x; d < R; d += blockDim.x) signal(ctx, d, kind, seq);
+  for (int d = threadIdx.x; d < R; d += blockDim.x)
+    if (!((masked >> d) & 1ull)) signal(ctx, d, kind, seq);
   bool ok = true;
   for (int d = threadIdx.x; d < R; d += blockDim.x)
     ok = wait_signal(ctx, kind, d, seq, phase, channel) && ok;

@@ -193,7 +193,8 @@ void verify_dispatch(const HtCase& c, const std::vector<DispatchOutput>& out,
 /// weights; compared with ref::ht_combine.
 void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64& rng,
                    const std::vector<RankInput>& in, const std::vector<DispatchOutput>& disp,
-                   const std::vector<ref::HtReceived>& want_disp, const std::string& tag) {
+                   const std::vector<ref::HtReceived>& want_disp, const std::string& tag,
+                   const std::vector<ref::Routing>* ref_routing = nullptr) {
   std::vector<std::vector<uint16_t>> y(c.R), bias(c.R);
   std::vector<std::vector<float>> recv_w(c.R);
   std::vector<DeviceBuffer<uint16_t>> d_y, d_bias, d_out;
@@ -235,9 +236,9 @@ void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64& rng,
     run();
   }
   ref::Shape shape{c.R, c.E, c.K, c.H};
-  const auto want =
-      ref::ht_combine(shape, routings(in), y, c.bias ? bias : std::vector<std::vector<uint16_t>>{},
-                      c.weights ? recv_w : std::vector<std::vector<float>>{});
+  const auto want = ref::ht_combine(shape, ref_routing ? *ref_routing : routings(in), y,
+                                    c.bias ? bias : std::vector<std::vector<uint16_t>>{},
+                                    c.weights ? recv_w : std::vector<std::vector<float>>{});
   for (int r = 0; r < c.R; ++r) {
     const std::string at = tag + " rank " + std::to_string(r);
     expect_equal(download<uint16_t>(out[r].out), want[r].out, at + " combine out");
@@ -610,6 +611,52 @@ TEST_CASE("HT async calls followed at once by calls on the rank's own stream sta
       expect_equal(download<uint16_t>(comb[r].out), want_out[r].out,
                    "iteration " + std::to_string(i) + " rank " + std::to_string(r));
   }
+}
+
+TEST_CASE("HT masked ranks: out of the group on every rank, cached handles refused, rejoined") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 10);
+  HtCase c;
+  c.R = 4;
+  c.E = 16;
+  c.K = 4;
+  c.H = 256;
+  c.max_tokens = 64;
+  c.bias = true;
+  VirtualGroup group(case_config(c), c.R);
+  ref::Shape shape{c.R, c.E, c.K, c.H};
+  const int L = c.E / c.R, out_rank = 1;
+  c.tokens = random_tokens(rng, c.R, c.max_tokens, false);
+  auto in = make_inputs(rng, c.tokens, c.E, c.K, c.H, Routing::kWithDrops);
+  const SendSide send = make_send_side(c, in);
+  const auto before = run_dispatch(group, c, in, send);  // a handle made before the mask
+
+  for (int r = 0; r < c.R; ++r) group[r].mask_rank(out_rank);
+  // The reference: rank 1 keeps only its own experts, the others drop rank 1's.
+  std::vector<ref::Routing> masked = routings(in);
+  for (int r = 0; r < c.R; ++r)
+    for (int64_t& e : masked[r].topk_idx)
+      if (e >= 0 && ((r == out_rank) != (e / L == out_rank))) e = -1;
+  for (Sizing sizing : {Sizing::kExact, Sizing::kWorstCase}) {
+    HtCase m = c;
+    m.sizing = sizing;
+    const auto want = ref::ht_dispatch(shape, masked, send.payload, c.alignment);
+    poison_receive_buffers(m, run_dispatch(group, m, in, send));
+    const auto out = run_dispatch(group, m, in, send);
+    verify_dispatch(m, out, want, std::string("masked rank 1, ") + m.name());
+    if (sizing == Sizing::kExact)
+      check_combine(group, m, rng, in, out, want, "masked rank 1 combine", &masked);
+  }
+  for (int r = 0; r < c.R; ++r) {
+    CHECK(group[r].masked_ranks() == std::vector<int>{out_rank}) << "rank " << r;
+    DispatchOptions o;
+    o.previous_handle = &before[r].handle;
+    CHECK_THROWS(group[r].dispatch(dispatch_args(c, in, send, r), o), InvalidArgument,
+                 "previous_handle: made while other ranks were masked");
+  }
+  for (int r = 0; r < c.R; ++r) group[r].clear_rank_masks();
+  c.tokens = random_tokens(rng, c.R, c.max_tokens, true);
+  run_case(c, rng, &group);  // rejoined: exact against the whole group's reference
 }
 
 int main(int argc, char** argv) {

@@ -36,6 +36,8 @@ struct LlParams {
   bool idx_i32 = false;
   int threads = 512;
   int view_offset = 0;  // elements: x, y and out views start this far into their buffers
+  bool mask_unresponsive = false;  // Config::mask_unresponsive_ranks
+  double timeout_seconds = 10.0;
 };
 
 std::string describe(const LlParams& p) {
@@ -61,6 +63,8 @@ Config make_config(const LlParams& p) {
   c.enable_fp8 = p.hidden % kFp8Group == 0;  // fp8 needs whole 128-channel groups
   c.scale_format = p.scale_format;
   c.validate_inputs = true;
+  c.mask_unresponsive_ranks = p.mask_unresponsive;
+  c.timeout_seconds = p.timeout_seconds;
   return c;
 }
 
@@ -176,6 +180,37 @@ class LlRig {
   LlRig& operator=(const LlRig&) = delete;
 
   MoECommunicator& comm(int r) { return group_[r]; }
+
+  /// Ranks out of the group from the next call on: every calling rank masks them (they mask
+  /// themselves too, so their calls complete alone). 0 clears every mask.
+  void set_out_of_group(uint64_t out) {
+    for (int r = 0; r < R; ++r) {
+      if (absent(r)) continue;
+      comm(r).clear_rank_masks();
+      for (int d = 0; d < R; ++d)
+        if ((out >> d) & 1ull) comm(r).mask_rank(d);
+    }
+    out_mask_ = out;
+  }
+  /// Ranks that make no calls from now on (a dead peer): the others skip them.
+  void set_absent(uint64_t absent) { absent_ = absent; }
+  bool absent(int r) const { return (absent_ >> r) & 1ull; }
+
+  /// The routing the reference sees for rank r: an absent rank sends nothing; a rank out of the
+  /// group keeps only its own experts; the others drop the experts of ranks out or absent.
+  ref::Routing ref_routing(int set, int r) const {
+    const RankInput& in = inputs_[set][r];
+    if (absent(r)) return ref::Routing{0, {}};
+    const uint64_t gone = out_mask_ | absent_;
+    ref::Routing routing{in.tokens, in.idx};
+    for (int64_t& e : routing.topk_idx) {
+      if (e < 0) continue;
+      const int owner = static_cast<int>(e / L);
+      const bool keep = ((gone >> r) & 1ull) ? owner == r : !((gone >> owner) & 1ull);
+      if (!keep) e = -1;
+    }
+    return routing;
+  }
   VirtualGroup& group() { return group_; }
   std::mt19937_64& rng() { return rng_; }
 
@@ -256,6 +291,7 @@ class LlRig {
       return outs;
     }
     for (int r = 0; r < R; ++r) {
+      if (absent(r)) continue;
       DispatchOptions o;
       o.quantize_fp8 = mode.quantize;
       o.return_recv_hook = mode.hooks;
@@ -271,7 +307,7 @@ class LlRig {
     std::vector<CombineArgs> args(R);
     for (int r = 0; r < R; ++r) {
       args[r] = combine_args(set, r);
-      if (mode.combine_buffer) {
+      if (mode.combine_buffer && !absent(r)) {
         const TensorView cb = comm(r).combine_buffer(outs[r].handle);
         CHECK(has_shape(cb, DType::kBF16, {L, int64_t{R} * M, H}))
             << "combine_buffer is " << cb.describe() << " on rank " << r;
@@ -290,6 +326,7 @@ class LlRig {
       return group_.combine_all(args, handles);
     }
     for (int r = 0; r < R; ++r) {
+      if (absent(r)) continue;
       CombineOptions o;
       o.return_recv_hook = mode.hooks;
       if (mode.own_out) o.out = out_view(set, r);
@@ -303,6 +340,7 @@ class LlRig {
   template <typename Output>
   void call_hooks(const std::vector<Output>& outs, bool side_streams = false) {
     for (size_t r = 0; r < outs.size(); ++r) {
+      if (absent(static_cast<int>(r))) continue;
       CHECK(outs[r].hook.valid()) << "no hook returned on rank " << r;
       if (outs[r].hook.valid()) outs[r].hook(side_streams ? side_streams_[r] : nullptr);
     }
@@ -321,7 +359,7 @@ class LlRig {
     if (mode.hooks) call_hooks(comb, mode.side_stream_hooks);
     group_.synchronize();
     for (int r = 0; r < R; ++r)
-      if (!mode.own_out) remember(r, comb[r].out);
+      if (!mode.own_out && !absent(r)) remember(r, comb[r].out);
     check_combine(set, comb, mode, label);
   }
 
@@ -333,7 +371,7 @@ class LlRig {
     std::vector<ref::Payload> payload(R);
     for (int r = 0; r < R; ++r) {
       const RankInput& in = inputs_[set][r];
-      routing[r] = ref::Routing{in.tokens, in.idx};
+      routing[r] = ref_routing(set, r);
       ref::Payload& pl = payload[r];
       if (quantize) {
         pl.row_bytes = H;
@@ -352,6 +390,7 @@ class LlRig {
     const size_t row_bytes = quantize ? H : 2 * H;
 
     for (int r = 0; r < R; ++r) {
+      if (absent(r)) continue;
       const DispatchOutput& o = outs[r];
       const std::string at = what + " rank " + std::to_string(r);
       CHECK(o.mode == Mode::kLowLatency) << at;
@@ -418,11 +457,12 @@ class LlRig {
     std::vector<ref::Routing> routing(R);
     std::vector<std::vector<float>> weights(R);
     for (int r = 0; r < R; ++r) {
-      routing[r] = ref::Routing{inputs_[set][r].tokens, inputs_[set][r].idx};
-      weights[r] = inputs_[set][r].w;
+      routing[r] = ref_routing(set, r);
+      weights[r] = absent(r) ? std::vector<float>{} : inputs_[set][r].w;
     }
     const auto want = ref::ll_combine(shape(), M, routing, weights, y_host_[set]);
     for (int r = 0; r < R; ++r) {
+      if (absent(r)) continue;
       const std::string at = what + " rank " + std::to_string(r);
       const int64_t T = inputs_[set][r].tokens;
       const TensorView& out = comb[r].out;
@@ -500,6 +540,8 @@ class LlRig {
   }
 
   VirtualGroup group_;
+  uint64_t out_mask_ = 0;  // ranks out of the group (masked by every rank, themselves too)
+  uint64_t absent_ = 0;    // ranks that make no calls
   std::vector<cudaStream_t> side_streams_;  // one per rank, for hooks run off the call's stream
   std::mt19937_64 rng_;
   std::vector<Buffers> bufs_[kSets];
@@ -1000,6 +1042,72 @@ TEST_CASE("ll: a pending device error fails dispatch_all before any rank's state
   for (int round = 0; round < 3 && !failed(); ++round)
     rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), one,
               "after the error, round " + std::to_string(round));
+}
+
+/// Every calling rank reports exactly `want` from masked_ranks().
+void expect_masked(LlRig& rig, const std::vector<int>& want, const std::string& what) {
+  for (int r = 0; r < rig.R; ++r) {
+    if (rig.absent(r)) continue;
+    const std::vector<int> got = rig.comm(r).masked_ranks();
+    std::string text;
+    for (int g : got) text += std::to_string(g) + " ";
+    CHECK(got == want) << what << ": rank " << r << " reports masked ranks [" << text << "]";
+  }
+}
+
+TEST_CASE("ll: masked ranks: out of the group, every mode, then cleared and rejoined") {
+  REQUIRE_GPU();
+  LlParams p;
+  p.ranks = 5;
+  p.experts = 20;
+  p.topk = 4;
+  p.hidden = 384;
+  p.capacity = 24;
+  LlRig rig(p, 1010);
+  for (uint64_t out : {uint64_t{1} << 2, (uint64_t{1} << 0) | (uint64_t{1} << 4)}) {
+    rig.set_out_of_group(out);
+    std::vector<int> want;
+    for (int d = 0; d < p.ranks; ++d)
+      if ((out >> d) & 1ull) want.push_back(d);
+    for (int round = 0; round < 4 && !failed(); ++round) {
+      CallMode mode;
+      mode.quantize = round == 1;
+      mode.hooks = round == 2;
+      mode.one_launch = round == 3;
+      mode.own_out = round != 3;
+      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
+                "masked round " + std::to_string(round));
+    }
+    expect_masked(rig, want, "after masked rounds");
+    rig.set_out_of_group(0);
+    expect_masked(rig, {}, "after clearing");
+    for (int round = 0; round < 2 && !failed(); ++round)
+      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), CallMode{},
+                "rejoined round " + std::to_string(round));
+  }
+}
+
+TEST_CASE("ll: mask_unresponsive_ranks: a rank that stops calling is masked, calls complete") {
+  REQUIRE_GPU();
+  LlParams p;
+  p.ranks = 4;
+  p.experts = 16;
+  p.topk = 4;
+  p.hidden = 256;
+  p.capacity = 16;
+  p.mask_unresponsive = true;
+  p.timeout_seconds = 0.3;
+  LlRig rig(p, 1020);
+  rig.set_absent(uint64_t{1} << 3);  // rank 3 makes no further call
+  for (int round = 0; round < 4 && !failed(); ++round) {
+    CallMode mode;
+    mode.quantize = round == 1;
+    mode.hooks = round == 2;
+    rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
+              "round " + std::to_string(round) + " without rank 3");
+  }
+  expect_masked(rig, {3}, "after rank 3 stopped");
+  for (int r = 0; r < 3; ++r) CHECK_THROWS(rig.comm(r).mask_rank(4), InvalidArgument, "mask_rank");
 }
 
 int main(int argc, char** argv) {

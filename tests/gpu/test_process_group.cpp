@@ -5,6 +5,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
+#include <chrono>
 #include <random>
 
 #include "gpu/ep_fixture.hpp"
@@ -175,6 +177,189 @@ TEST_CASE("a group of processes on one GPU (CUDA IPC): HT and LL against the ref
     skip("no CUDA device");
   else
     CHECK(carried) << "handles could not be carried";
+}
+
+namespace {
+
+constexpr int kKillRanks = 3;
+constexpr int kVictim = 2;
+constexpr double kKillTimeout = 1.0;  // Config::timeout_seconds of the group that loses a rank
+constexpr int kExitTimedOut = 0;      // survivors: TimeoutError in time, new group worked
+constexpr int kExitLate = 4;          // TimeoutError, but later than timeout + 1 s
+constexpr int kExitNoError = 5;       // the call "succeeded" although a peer was dead
+constexpr int kExitNewGroup = 6;      // the new group of the survivors gave wrong results
+
+/// Forms a process group of `ranks` ranks through the parent's pipes.
+std::unique_ptr<MoECommunicator> connect_through(const Config& cfg, int rank, int ranks,
+                                                 int to_parent, int from_parent) {
+  ProcessGroupBuilder builder(cfg, rank, ranks, 0);
+  const std::vector<uint8_t> mine = builder.local_handle();
+  std::vector<uint8_t> all(ProcessGroupBuilder::handle_size() * ranks);
+  if (!write_all(to_parent, mine.data(), mine.size()) ||
+      !read_all(from_parent, all.data(), all.size()))
+    throw std::runtime_error("pipe to the parent broke");
+  return builder.connect(all);
+}
+
+/// One LL dispatch + combine on `comm` checked against the reference (every rank draws every
+/// rank's inputs from the shared seed). Returns true when this rank's outputs match.
+bool ll_round_matches(MoECommunicator& comm, const Config& cfg, int rank, int ranks,
+                      uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto in = make_inputs(rng, std::vector<int64_t>(ranks, 16), E, K, H, Routing::kWithDrops);
+  ref::Shape shape{ranks, E, K, H};
+  std::vector<ref::Payload> payload(ranks);
+  for (int r = 0; r < ranks; ++r) {
+    payload[r].row_bytes = H * 2;
+    payload[r].x.resize(in[r].x.size() * 2);
+    std::memcpy(payload[r].x.data(), in[r].x.data(), payload[r].x.size());
+  }
+  const int M = cfg.ll_capacity();
+  const auto want = ref::ll_dispatch(shape, M, routings(in), payload);
+  DispatchArgs a;
+  a.x = in[rank].x_view(H);
+  a.topk_idx = in[rank].idx_view(K);
+  DispatchOutput d = comm.dispatch(a);
+  comm.synchronize();
+  bool ok = count_mismatches(download<int32_t>(d.recv_count), want[rank].count) == 0;
+  std::vector<std::vector<uint16_t>> y(ranks);
+  for (int r = 0; r < ranks; ++r) y[r] = random_bf16(rng, want[r].x.size() / 2);
+  std::vector<std::vector<float>> w;
+  for (auto& i : in) w.push_back(i.weights);
+  const auto want_out = ref::ll_combine(shape, M, routings(in), w, y);
+  DeviceBuffer<uint16_t> ybuf(y[rank]);
+  CombineArgs c;
+  c.y = ybuf.view(DType::kBF16, {E / ranks, int64_t{ranks} * M, H});
+  c.topk_weights = in[rank].weights_view(K);
+  CombineOutput o = comm.combine(c, d.handle);
+  comm.synchronize();
+  return ok && count_mismatches(download<uint16_t>(o.out), want_out[rank]) == 0;
+}
+
+/// A survivor: one good round, then a call the victim never joins (it is killed): the call must
+/// end in TimeoutError within timeout + 1 s; then the group is destroyed and the survivors form
+/// a new group of two, which must work.
+int run_survivor(int rank, int to_parent, int from_parent, int victim_ready, uint64_t seed) {
+  Config cfg = test_config(Mode::kLowLatency, E, K, H, kMaxTokens);
+  cfg.timeout_seconds = kKillTimeout;
+  {
+    auto comm = connect_through(cfg, rank, kKillRanks, to_parent, from_parent);
+    if (!ll_round_matches(*comm, cfg, rank, kKillRanks, seed)) return 1;
+    char go = 0;  // the parent says the victim is gone
+    if (!read_all(victim_ready, &go, 1)) return 3;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      std::mt19937_64 rng(seed + 1);
+      auto in = make_inputs(rng, std::vector<int64_t>(kKillRanks, 16), E, K, H, Routing::kUniform);
+      DispatchArgs a;
+      a.x = in[rank].x_view(H);
+      a.topk_idx = in[rank].idx_view(K);
+      comm->dispatch(a);
+      comm->synchronize();
+      return kExitNoError;
+    } catch (const TimeoutError& e) {
+      const double s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      std::fprintf(stderr, "rank %d: TimeoutError after %.2f s: %s\n", rank, s, e.what());
+      if (s > kKillTimeout + 1.0) return kExitLate;
+    }
+  }  // the broken group is destroyed here
+  Config fresh = test_config(Mode::kLowLatency, E, K, H, kMaxTokens);
+  auto comm = connect_through(fresh, rank, kKillRanks - 1, to_parent, from_parent);
+  return ll_round_matches(*comm, fresh, rank, kKillRanks - 1, seed + 2) ? kExitTimedOut
+                                                                        : kExitNewGroup;
+}
+
+/// The victim: one good round, then it tells the parent and waits to be killed.
+int run_victim(int rank, int to_parent, int from_parent, uint64_t seed) {
+  Config cfg = test_config(Mode::kLowLatency, E, K, H, kMaxTokens);
+  cfg.timeout_seconds = kKillTimeout;
+  auto comm = connect_through(cfg, rank, kKillRanks, to_parent, from_parent);
+  if (!ll_round_matches(*comm, cfg, rank, kKillRanks, seed)) return 1;
+  const char done = 1;
+  write_all(to_parent, &done, 1);
+  for (;;) pause();
+}
+
+}  // namespace
+
+TEST_CASE("a peer process killed: survivors raise TimeoutError in time, then form a new group") {
+  const uint64_t s = seed();
+  int up[kKillRanks][2], down[kKillRanks][2], go[kKillRanks][2];
+  pid_t pid[kKillRanks];
+  for (int r = 0; r < kKillRanks; ++r) {
+    if (pipe(up[r]) != 0 || pipe(down[r]) != 0 || pipe(go[r]) != 0)
+      throw std::runtime_error("pipe failed");
+    pid[r] = fork();
+    if (pid[r] == 0) {
+      close(up[r][0]);
+      close(down[r][1]);
+      close(go[r][1]);
+      int rc = 2;
+      try {
+        if (cuda_device_count() == 0)
+          rc = kExitNoGpu;
+        else if (r == kVictim)
+          rc = run_victim(r, up[r][1], down[r][0], s);
+        else
+          rc = run_survivor(r, up[r][1], down[r][0], go[r][0], s);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "rank %d: %s\n", r, e.what());
+      }
+      std::fflush(stdout);
+      _exit(rc);
+    }
+    close(up[r][1]);
+    close(down[r][0]);
+    close(go[r][0]);
+  }
+  // Carries one round of handles among `ranks` (the first ranks' pipes).
+  auto carry = [&](int ranks) {
+    std::vector<uint8_t> all;
+    for (int r = 0; r < ranks; ++r) {
+      std::vector<uint8_t> h(ProcessGroupBuilder::handle_size());
+      if (!read_all(up[r][0], h.data(), h.size())) return false;
+      all.insert(all.end(), h.begin(), h.end());
+    }
+    for (int r = 0; r < ranks; ++r)
+      if (!write_all(down[r][1], all.data(), all.size())) return false;
+    return true;
+  };
+  bool ok = carry(kKillRanks);
+  char done = 0;
+  ok = ok && read_all(up[kVictim][0], &done, 1);  // the victim finished its good round
+  if (ok) {
+    kill(pid[kVictim], SIGKILL);
+    int status = 0;
+    waitpid(pid[kVictim], &status, 0);
+    pid[kVictim] = -1;
+    const char g = 1;
+    for (int r = 0; r < kKillRanks; ++r)
+      if (r != kVictim) write_all(go[r][1], &g, 1);
+    ok = carry(kKillRanks - 1);  // the survivors' new group
+  }
+  int no_gpu = 0;
+  for (int r = 0; r < kKillRanks; ++r) {
+    close(up[r][0]);
+    close(down[r][1]);
+    close(go[r][1]);
+    if (pid[r] < 0) continue;
+    int status = 0;
+    waitpid(pid[r], &status, 0);
+    const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    if (rc == kExitNoGpu) {
+      ++no_gpu;
+      continue;
+    }
+    CHECK_EQ(rc, kExitTimedOut) << "survivor " << r
+                                << " (1: first round wrong; 2: error; 3: pipe; 4: TimeoutError "
+                                   "later than timeout + 1 s; 5: no error; 6: new group wrong)";
+  }
+  if (no_gpu > 0) {  // every child found none (the victim too when it exits before its kill)
+    skip("no CUDA device");
+    return;
+  }
+  CHECK(ok) << "handles or the victim's signal could not be carried";
 }
 
 int main(int argc, char** argv) {

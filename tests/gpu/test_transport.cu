@@ -35,14 +35,22 @@ struct BlockGroup {
   DeviceBuffer<uint8_t> sym;
   DeviceBuffer<DeviceError> errors;
   DeviceBuffer<int32_t> aborted;
+  DeviceBuffer<uint64_t> masks;  // no rank masked
   DeviceBuffer<DeviceContext> ctxs;
   DeviceBuffer<int> ok;
 
   BlockGroup(int ranks, double timeout_s)
-      : R(ranks), sym(kFlagBytes * ranks), errors(ranks), aborted(ranks), ctxs(ranks), ok(ranks) {
+      : R(ranks),
+        sym(kFlagBytes * ranks),
+        errors(ranks),
+        aborted(ranks),
+        masks(ranks),
+        ctxs(ranks),
+        ok(ranks) {
     MOECOMM_CUDA_CHECK(cudaMemset(sym.get(), 0, sym.bytes()));
     MOECOMM_CUDA_CHECK(cudaMemset(errors.get(), 0, errors.bytes()));
     MOECOMM_CUDA_CHECK(cudaMemset(aborted.get(), 0, aborted.bytes()));
+    MOECOMM_CUDA_CHECK(cudaMemset(masks.get(), 0, masks.bytes()));
     std::vector<DeviceContext> host(ranks);
     for (int r = 0; r < ranks; ++r) {
       DeviceContext c{};
@@ -53,6 +61,7 @@ struct BlockGroup {
       for (int p = 0; p < ranks; ++p) c.peers[p] = sym.get() + kFlagBytes * p;
       c.sym.flags = 0;
       c.local.aborted = aborted.get() + r;
+      c.local.rank_mask = masks.get() + r;
       c.error = errors.get() + r;
       host[r] = c;
     }
