@@ -1,4 +1,6 @@
-// moecomm._C: the nanobind extension behind the `moecomm` Python package.
+// moecomm._C: the nanobind extension behind the `moecomm` Python package. One file of a little
+// over 500 lines on purpose: every binding of the C++ API is here, so that the Python surface
+// reads in one place (the DLPack conversions are apart, in tensors.cpp).
 //
 // Thin by design: tensors cross as DLPack (tensors.hpp), every call that may wait (exact HT
 // dispatch waits on the host for the counts; synchronize; event waits) releases the GIL, and
