@@ -1,5 +1,9 @@
 // The implementation behind MoECommunicator: owns one rank's streams, private device scratch,
-// handle storage and error record, and turns calls into kernel launches.
+// handle storage and error record, and turns calls into kernel launches. Its definitions are
+// split by concern: comm_impl.cpp (construction, device errors, checks both paths share, the
+// choice of path), ht_calls.cpp and ll_calls.cpp (one path each), handle_pool.cpp (handles),
+// call_streams.cpp (where a call runs) and rank_masks.cpp (masked ranks). It talks to the paths
+// through their host-side headers only; no kernel header is included here.
 #pragma once
 
 #include <cuda_runtime_api.h>
