@@ -182,6 +182,7 @@ TEST_CASE("a group of processes on one GPU (CUDA IPC): HT and LL against the ref
 namespace {
 
 constexpr int kKillRanks = 3;
+constexpr int kKillExperts = 12;  // divisible by the 3 ranks and by the survivors' 2
 constexpr int kVictim = 2;
 constexpr double kKillTimeout = 1.0;  // Config::timeout_seconds of the group that loses a rank
 constexpr int kExitTimedOut = 0;      // survivors: TimeoutError in time, new group worked
@@ -205,6 +206,7 @@ std::unique_ptr<MoECommunicator> connect_through(const Config& cfg, int rank, in
 /// rank's inputs from the shared seed). Returns true when this rank's outputs match.
 bool ll_round_matches(MoECommunicator& comm, const Config& cfg, int rank, int ranks,
                       uint64_t seed) {
+  const int E = cfg.num_experts;
   std::mt19937_64 rng(seed);
   auto in = make_inputs(rng, std::vector<int64_t>(ranks, 16), E, K, H, Routing::kWithDrops);
   ref::Shape shape{ranks, E, K, H};
@@ -240,7 +242,7 @@ bool ll_round_matches(MoECommunicator& comm, const Config& cfg, int rank, int ra
 /// end in TimeoutError within timeout + 1 s; then the group is destroyed and the survivors form
 /// a new group of two, which must work.
 int run_survivor(int rank, int to_parent, int from_parent, int victim_ready, uint64_t seed) {
-  Config cfg = test_config(Mode::kLowLatency, E, K, H, kMaxTokens);
+  Config cfg = test_config(Mode::kLowLatency, kKillExperts, K, H, kMaxTokens);
   cfg.timeout_seconds = kKillTimeout;
   {
     auto comm = connect_through(cfg, rank, kKillRanks, to_parent, from_parent);
@@ -250,7 +252,8 @@ int run_survivor(int rank, int to_parent, int from_parent, int victim_ready, uin
     const auto start = std::chrono::steady_clock::now();
     try {
       std::mt19937_64 rng(seed + 1);
-      auto in = make_inputs(rng, std::vector<int64_t>(kKillRanks, 16), E, K, H, Routing::kUniform);
+      auto in = make_inputs(rng, std::vector<int64_t>(kKillRanks, 16), kKillExperts, K, H,
+                            Routing::kUniform);
       DispatchArgs a;
       a.x = in[rank].x_view(H);
       a.topk_idx = in[rank].idx_view(K);
@@ -264,7 +267,7 @@ int run_survivor(int rank, int to_parent, int from_parent, int victim_ready, uin
       if (s > kKillTimeout + 1.0) return kExitLate;
     }
   }  // the broken group is destroyed here
-  Config fresh = test_config(Mode::kLowLatency, E, K, H, kMaxTokens);
+  Config fresh = test_config(Mode::kLowLatency, kKillExperts, K, H, kMaxTokens);
   auto comm = connect_through(fresh, rank, kKillRanks - 1, to_parent, from_parent);
   return ll_round_matches(*comm, fresh, rank, kKillRanks - 1, seed + 2) ? kExitTimedOut
                                                                         : kExitNewGroup;
@@ -272,7 +275,7 @@ int run_survivor(int rank, int to_parent, int from_parent, int victim_ready, uin
 
 /// The victim: one good round, then it tells the parent and waits to be killed.
 int run_victim(int rank, int to_parent, int from_parent, uint64_t seed) {
-  Config cfg = test_config(Mode::kLowLatency, E, K, H, kMaxTokens);
+  Config cfg = test_config(Mode::kLowLatency, kKillExperts, K, H, kMaxTokens);
   cfg.timeout_seconds = kKillTimeout;
   auto comm = connect_through(cfg, rank, kKillRanks, to_parent, from_parent);
   if (!ll_round_matches(*comm, cfg, rank, kKillRanks, seed)) return 1;
