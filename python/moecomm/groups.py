@@ -216,7 +216,9 @@ def process_group_communicator(config: Union[MoECommunicatorConfig, dict], group
         if len(item) != size_each:
             raise _C.InvalidArgument(
                 f"process_group_communicator: rank {peer} sent a {len(item)}-byte handle, "
-                f"expected {size_each}")
+                f"expected {size_each} (is another moecomm version loaded there?)")
+    # connect() compares every rank's library version and config (a digest in each handle) and
+    # raises the same InvalidArgument on every rank if they differ, so no rank is left waiting.
     comm_c = builder.connect(b"".join(gathered))
     # Every rank has mapped every peer before any rank's first collective call.
     dist.barrier(group=group)
