@@ -36,8 +36,12 @@ EOF
   else
     rm -f "$site/moecomm-torch-env.pth"
   fi
-  build/pyenv/bin/python -m pip install -q --upgrade pip
-  build/pyenv/bin/python -m pip install -q nanobind scikit-build-core pytest numpy
+  # Only what is missing is installed (a torch environment may bring them all, and a machine
+  # without network can then still run this).
+  if ! build/pyenv/bin/python -c "import nanobind, scikit_build_core, pytest, numpy" 2>/dev/null; then
+    build/pyenv/bin/python -m pip install -q --upgrade pip
+    build/pyenv/bin/python -m pip install -q nanobind scikit-build-core pytest numpy
+  fi
   if command -v ccache >/dev/null && [ -z "${MOECOMM_NO_CCACHE:-}" ]; then
     export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"
   fi
