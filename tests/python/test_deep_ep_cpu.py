@@ -497,14 +497,21 @@ def test_masks_reach_every_low_latency_communicator():
     assert c.masked_ranks() == [1, 3] and c.calls[-2:] == [(2, False), (3, True)]
     b._masks_for(a)
     assert a.masked_ranks() == [1, 3]
-    # Unmasking it lifts the time-out mask too, before that communicator's next call.
-    a.explicit.discard(3)  # only the time-out holds it on `a` now
+    # Unmasking it lifts the time-out mask too, at each communicator's next call.
     b.low_latency_update_mask_buffer(3, False)
-    assert b._mask_status() == [0, 1, 0, 0]  # not re-read from `a`'s stale time-out flag
+    assert b._mask_status() == [0, 1, 0, 0]  # not re-read from `a`'s time-out flag
     b._masks_for(a)
-    assert a.masked_ranks() == [1] and a.calls[-1] == (3, False)
+    assert a.masked_ranks() == [1] and a.calls[-1] == (3, False) and not a.timed_out
     b._masks_for(c)
     assert c.masked_ranks() == [1]
+    # A time-out mask unmasked before any call saw it: gone from the status at once.
+    c.timed_out.add(2)
+    b.low_latency_update_mask_buffer(2, False)
+    assert b._mask_status() == [0, 1, 0, 0]
+    b._masks_for(a)
+    assert a.masked_ranks() == [1]
+    b._masks_for(c)
+    assert c.masked_ranks() == [1] and c.calls[-1] == (2, False)
 
     # clean: every mask goes, time-out ones included.
     c.timed_out.add(0)
