@@ -176,8 +176,7 @@ class Buffer:
                  enable_shrink: bool = False, comm: Any = None, *,
                  max_tokens_per_rank: Optional[int] = None,
                  timeout_seconds: Optional[float] = None) -> None:
-        self._check_ctor(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, enable_shrink,
-                         max_tokens_per_rank)
+        self._check_ctor(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, max_tokens_per_rank)
         if group is None and comm is None:
             raise _C.InvalidArgument("group: either 'group' or 'comm' must be provided")
         if group is None:
@@ -195,8 +194,7 @@ class Buffer:
 
     # -- construction ---------------------------------------------------------------------------
     @staticmethod
-    def _check_ctor(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, enable_shrink,
-                    max_tokens_per_rank) -> None:
+    def _check_ctor(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, max_tokens_per_rank) -> None:
         _int(num_nvl_bytes, "num_nvl_bytes", 0)
         _int(num_rdma_bytes, "num_rdma_bytes", 0)
         _int(num_qps_per_rank, "num_qps_per_rank", 1)
@@ -243,7 +241,7 @@ class Buffer:
                     explicitly_destroy=False, enable_shrink=False, max_tokens_per_rank=None,
                     timeout_seconds=None, num_sms=None) -> "Buffer":
         """A Buffer over a backend made elsewhere (virtual ranks; the CPU tests' fake)."""
-        cls._check_ctor(num_nvl_bytes, num_rdma_bytes, 24, enable_shrink, max_tokens_per_rank)
+        cls._check_ctor(num_nvl_bytes, num_rdma_bytes, 24, max_tokens_per_rank)
         b = cls.__new__(cls)
         b._setup(backend, None, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
                  explicitly_destroy, enable_shrink, max_tokens_per_rank, timeout_seconds, num_sms)
