@@ -50,6 +50,27 @@ if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/ep_bench ]; then
   summary+=("ep_bench rc $rc")
 fi
 
+# Before/after: the same ep_bench run on the library of commit $BASELINE (e.g. BASELINE=8d0c660),
+# built from that commit's tree in /tmp (bench only), so that both figures come from one machine.
+if [ -z "${SKIP_BENCH:-}" ] && [ -n "${BASELINE:-}" ]; then
+  base=/tmp/moecomm-baseline
+  rm -rf "$base" && mkdir -p "$base"
+  if git archive "$BASELINE" | tar -x -C "$base" &&
+     cmake -S "$base" -B "$base/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+       -DMOECOMM_BUILD_TESTS=OFF >"$out/baseline_build.log" 2>&1 &&
+     cmake --build "$base/build" -j "$(nproc)" --target ep_bench >>"$out/baseline_build.log" 2>&1; then
+    timeout ${BENCH_TIMEOUT:-240} "$base/build/bench/ep_bench" --json "$out/bench_baseline.json" \
+      ${BENCH_ARGS:-} >"$out/bench_baseline.log" 2>&1
+    rc=$?
+    echo "== ep_bench of $BASELINE (baseline, same machine):"
+    tail -30 "$out/bench_baseline.log"
+    summary+=("ep_bench baseline $BASELINE rc $rc")
+  else
+    tail -5 "$out/baseline_build.log"
+    summary+=("baseline $BASELINE: build FAILED")
+  fi
+fi
+
 # The front-end floor under every plain-launch figure (docs/bench.md).
 if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/launch_floor ]; then
   timeout 120 build/bench/launch_floor >"$out/launch_floor.log" 2>&1

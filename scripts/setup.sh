@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the build needs where it is missing (Debian/Ubuntu), then configures and builds.
+# Installs what the build needs where it is missing (Debian/Ubuntu), then configures and builds
+# (through ccache when it is installed).
 # Usage: scripts/setup.sh [build-dir] [extra cmake args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,13 @@ if ! command -v nvcc >/dev/null; then
 fi
 command -v nvcc >/dev/null || { echo "moecomm: nvcc (CUDA 13 toolkit) not found; install the CUDA toolkit" >&2; exit 1; }
 
+# ccache, where installed, makes rebuilds (another build dir, the Python package's build) cheap.
+# MOECOMM_NO_CCACHE=1 turns it off; launchers given on the command line win (they come later).
+launchers=()
+if [ -z "${MOECOMM_NO_CCACHE:-}" ] && command -v ccache >/dev/null; then
+  launchers=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+fi
+
 jobs=$(nproc)
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launchers[@]}" "$@"
 cmake --build "$build" -j "$jobs"

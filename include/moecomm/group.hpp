@@ -72,6 +72,9 @@ class VirtualGroup {
 ///   std::vector<uint8_t> all = allgather(mine);          // size * handle_size() bytes, rank order
 ///   std::unique_ptr<MoECommunicator> comm = builder.connect(all);
 ///
+/// The ranks of a VirtualGroup share one Config by construction; those of a process group each
+/// pass their own, and connect() checks that they agree.
+///
 /// In such a group, combine reads its inputs from registered memory: dispatch outputs and
 /// MoECommunicator::combine_buffer are registered; other tensors are first copied in.
 class ProcessGroupBuilder {
@@ -81,10 +84,15 @@ class ProcessGroupBuilder {
   ProcessGroupBuilder(const ProcessGroupBuilder&) = delete;
   ProcessGroupBuilder& operator=(const ProcessGroupBuilder&) = delete;
 
-  /// This rank's CUDA IPC handle (handle_size() bytes).
+  /// This rank's handle (handle_size() bytes): a digest of the library version, the rank, the
+  /// group size and every Config field, then the CUDA IPC handle of its buffer.
   std::vector<uint8_t> local_handle() const;
+  /// The same on every rank of every group of this library version.
   static size_t handle_size();
-  /// Maps every peer and returns this rank's communicator. Call once.
+  /// Checks that every rank runs the same library version with the same Config and group size,
+  /// and that all_handles is in rank order; otherwise raises InvalidArgument, the same on every
+  /// rank, naming the field and the ranks ("Config.hidden differs: ranks 0,2 have 7168, rank 1
+  /// has 4096"). Then maps every peer and returns this rank's communicator. Call once.
   std::unique_ptr<MoECommunicator> connect(const std::vector<uint8_t>& all_handles);
 
  private:

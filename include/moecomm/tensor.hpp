@@ -40,13 +40,17 @@ struct TensorView {
   int64_t strides[kMaxTensorDims] = {};
   int device = kHostDevice;
 
-  /// A row-major contiguous view.
+  /// A row-major contiguous view; InvalidArgument for more than kMaxTensorDims dimensions.
   static TensorView contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
                                int device);
 
   bool present() const { return ndim > 0; }
+  /// Number of elements; -1 for a malformed view (ndim above kMaxTensorDims or negative, a
+  /// negative dimension, or a count that overflows int64).
   int64_t numel() const;
+  /// Bytes of a well-formed view (numel() >= 0).
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  /// False for a malformed view.
   bool is_contiguous() const;
   /// "[4096, 7168] bf16 on cuda:0"
   std::string describe() const;

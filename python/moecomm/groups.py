@@ -77,22 +77,7 @@ class VirtualGroup(list):
         The threads inherit the caller's torch current streams and grad mode (and CuPy current
         stream), so work they queue is ordered like the caller's.
         """
-        n = len(self)
-        state = _ThreadState.capture(self._ctx.devices)
-        devices = self._ctx.devices
-        ex = self._ctx.executor()
-        futures = [ex.submit(state.run, devices[r % len(devices)], fn, r) for r in range(n)]
-        results, first = [], None
-        for f in futures:
-            try:
-                results.append(f.result())
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                if first is None:
-                    first = e
-                results.append(None)
-        if first is not None:
-            raise first
-        return results
+        return _run_per_rank(self._ctx.executor(), self._ctx.devices, fn, len(self))
 
     def synchronize(self) -> None:
         """Waits for every rank's streams; raises the first device error."""
@@ -100,6 +85,25 @@ class VirtualGroup(list):
 
     def __repr__(self) -> str:
         return f"moecomm.VirtualGroup(size={len(self)}, devices={self._ctx.devices})"
+
+
+def _run_per_rank(executor, devices: Sequence[int], fn: Callable[[int], Any], n: int) -> List[Any]:
+    """``fn(rank)`` for ranks 0..n-1 on `executor`'s threads (rank r on devices[r % len]), each
+    thread inheriting the caller's current streams and grad mode; results in rank order, and the
+    first exception (by rank) re-raised once every rank has finished."""
+    state = _ThreadState.capture(list(devices))
+    futures = [executor.submit(state.run, devices[r % len(devices)], fn, r) for r in range(n)]
+    results, first = [], None
+    for f in futures:
+        try:
+            results.append(f.result())
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            if first is None:
+                first = e
+            results.append(None)
+    if first is not None:
+        raise first
+    return results
 
 
 class _ThreadState:
@@ -216,7 +220,9 @@ def process_group_communicator(config: Union[MoECommunicatorConfig, dict], group
         if len(item) != size_each:
             raise _C.InvalidArgument(
                 f"process_group_communicator: rank {peer} sent a {len(item)}-byte handle, "
-                f"expected {size_each}")
+                f"expected {size_each} (is another moecomm version loaded there?)")
+    # connect() compares every rank's library version and config (a digest in each handle) and
+    # raises the same InvalidArgument on every rank if they differ, so no rank is left waiting.
     comm_c = builder.connect(b"".join(gathered))
     # Every rank has mapped every peer before any rank's first collective call.
     dist.barrier(group=group)

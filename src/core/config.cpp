@@ -2,8 +2,13 @@
 // against the limits every layer shares (runtime/limits.hpp), and the config-file format.
 #include "moecomm/config.hpp"
 
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <string>
 
@@ -89,6 +94,11 @@ void Config::validate(int num_ranks) const {
     bad("hidden", "a multiple of 128 when enable_fp8 is set", hidden);
   if (hidden % 8 != 0) bad("hidden", "a multiple of 8", hidden);  // rows move as 16-byte vectors
   if (max_tokens_per_rank < 1) bad("max_tokens_per_rank", ">= 1", max_tokens_per_rank);
+  // Enums cast from integers (C++ callers may) would otherwise reach the kernels' selection.
+  if (mode != Mode::kLowLatency && mode != Mode::kHighThroughput && mode != Mode::kAuto)
+    bad("mode", "kLowLatency, kHighThroughput or kAuto", static_cast<long long>(mode));
+  if (scale_format != ScaleFormat::kFloat32 && scale_format != ScaleFormat::kPowerOfTwo)
+    bad("scale_format", "kFloat32 or kPowerOfTwo", static_cast<long long>(scale_format));
   if (num_sms < 1) bad("num_sms", ">= 1", num_sms);
   if (threads_per_block < 32 || threads_per_block > detail::kMaxBlockThreads ||
       threads_per_block % 32 != 0)
@@ -101,6 +111,23 @@ void Config::validate(int num_ranks) const {
   if (low_latency_max_tokens < 0) bad("low_latency_max_tokens", ">= 0", low_latency_max_tokens);
   if (auto_low_latency_max_tokens < 1)
     bad("auto_low_latency_max_tokens", ">= 1", auto_low_latency_max_tokens);
+  // Buffer sizes are products of these fields in size_t. Keep them far from its range: a size
+  // that wrapped would allocate a small buffer that the kernels then overrun. The bound is
+  // generous (every region of both paths, double-buffered, 8 bytes per hidden channel).
+  const long double ht_rows = max_recv_tokens > 0
+                                  ? static_cast<long double>(max_recv_tokens)
+                                  : static_cast<long double>(num_ranks) * max_tokens_per_rank;
+  const long double ll_slots = static_cast<long double>(num_experts) * ll_capacity();
+  const long double row_bytes = 8.0L * hidden + 16.0L * topk + 64.0L;
+  const long double bytes = (ht_rows + 2.0L * ll_slots) * row_bytes;
+  constexpr long double kMaxBytes = 1ULL << 60;
+  if (bytes > kMaxBytes) {
+    char text[64];
+    std::snprintf(text, sizeof(text), "%.3Lg", bytes);
+    throw InvalidArgument(std::string("Config: buffers of about ") + text +
+                          " bytes per rank; expected at most 2^60 (reduce max_tokens_per_rank, "
+                          "max_recv_tokens, low_latency_max_tokens or hidden)");
+  }
 }
 
 int Config::ll_capacity() const {
@@ -118,17 +145,46 @@ struct Field {
   std::function<void(Config&, const std::string&)> set;
 };
 
+// Values must parse completely and fit the field: "12abc" or 2^40 for an int field is an error,
+// never a silently different value. Messages start with the key; load_file adds file and line.
 template <typename T>
 Field int_field(const char* name, T Config::*member) {
   return {name, [member](const Config& c) { return std::to_string(c.*member); },
           [member, name](Config& c, const std::string& v) {
-            try {
-              c.*member = static_cast<T>(std::stoll(v));
-            } catch (const std::exception&) {
-              throw InvalidArgument(std::string("config file: ") + name +
-                                    ": expected an integer, got '" + v + "'");
+            long long parsed = 0;
+            const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), parsed);
+            if (ec == std::errc() && end == v.data() + v.size() &&
+                parsed >= static_cast<long long>(std::numeric_limits<T>::min()) &&
+                parsed <= static_cast<long long>(std::numeric_limits<T>::max())) {
+              c.*member = static_cast<T>(parsed);
+              return;
             }
+            throw InvalidArgument(std::string(name) + ": expected an integer in " +
+                                  std::to_string(std::numeric_limits<T>::min()) + ".." +
+                                  std::to_string(std::numeric_limits<T>::max()) + ", got '" + v +
+                                  "'");
           }};
+}
+
+Field bool_field(const char* name, bool Config::*member) {
+  return {name, [member](const Config& c) { return std::string(c.*member ? "1" : "0"); },
+          [member, name](Config& c, const std::string& v) {
+            if (v == "1" || v == "true")
+              c.*member = true;
+            else if (v == "0" || v == "false")
+              c.*member = false;
+            else
+              throw InvalidArgument(std::string(name) + ": expected 0, 1, true or false, got '" +
+                                    v + "'");
+          }};
+}
+
+/// Shortest text that reads back as the same double (so that save_file/load_file and the
+/// process-group config check see every bit of it).
+std::string double_text(double v) {
+  char buf[64];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), v);
+  return ec == std::errc() ? std::string(buf, end) : std::to_string(v);
 }
 
 const std::vector<Field>& fields() {
@@ -140,34 +196,32 @@ const std::vector<Field>& fields() {
       {"mode", [](const Config& c) { return std::string(mode_name(c.mode)); },
        [](Config& c, const std::string& v) {
          if (!mode_from_name(v, &c.mode))
-           throw InvalidArgument(
-               "config file: mode: expected low_latency, high_throughput or auto, got '" + v + "'");
+           throw InvalidArgument("mode: expected low_latency, high_throughput or auto, got '" + v +
+                                 "'");
        }},
       int_field("num_sms", &Config::num_sms),
       int_field("threads_per_block", &Config::threads_per_block),
       int_field("expert_alignment", &Config::expert_alignment),
-      int_field("enable_fp8", &Config::enable_fp8),
+      bool_field("enable_fp8", &Config::enable_fp8),
       {"scale_format",
        [](const Config& c) { return std::string(scale_format_name(c.scale_format)); },
        [](Config& c, const std::string& v) {
          if (!scale_format_from_name(v, &c.scale_format))
-           throw InvalidArgument("config file: scale_format: expected f32 or pow2, got '" + v +
-                                 "'");
+           throw InvalidArgument("scale_format: expected f32 or pow2, got '" + v + "'");
        }},
-      {"timeout_seconds", [](const Config& c) { return std::to_string(c.timeout_seconds); },
+      {"timeout_seconds", [](const Config& c) { return double_text(c.timeout_seconds); },
        [](Config& c, const std::string& v) {
-         try {
-           c.timeout_seconds = std::stod(v);
-         } catch (const std::exception&) {
-           throw InvalidArgument("config file: timeout_seconds: expected a number, got '" + v +
-                                 "'");
-         }
+         double parsed = 0;
+         const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), parsed);
+         if (ec != std::errc() || end != v.data() + v.size() || !std::isfinite(parsed))
+           throw InvalidArgument("timeout_seconds: expected a finite number, got '" + v + "'");
+         c.timeout_seconds = parsed;
        }},
       int_field("max_recv_tokens", &Config::max_recv_tokens),
       int_field("low_latency_max_tokens", &Config::low_latency_max_tokens),
       int_field("auto_low_latency_max_tokens", &Config::auto_low_latency_max_tokens),
-      int_field("validate_inputs", &Config::validate_inputs),
-      int_field("mask_unresponsive_ranks", &Config::mask_unresponsive_ranks),
+      bool_field("validate_inputs", &Config::validate_inputs),
+      bool_field("mask_unresponsive_ranks", &Config::mask_unresponsive_ranks),
   };
   return table;
 }
@@ -200,15 +254,15 @@ void Config::load_file(const std::string& path) {
       throw InvalidArgument("config file '" + path + "' line " + std::to_string(lineno) +
                             ": expected 'key = value'");
     const std::string key = trim(line.substr(0, eq)), value = trim(line.substr(eq + 1));
-    bool known = false;
-    for (const auto& f : fields())
-      if (key == f.name) {
-        f.set(*this, value);
-        known = true;
-      }
-    if (!known)
-      throw InvalidArgument("config file '" + path + "' line " + std::to_string(lineno) +
-                            ": unknown key '" + key + "'");
+    const std::string where = "config file '" + path + "' line " + std::to_string(lineno) + ": ";
+    const auto f = std::find_if(fields().begin(), fields().end(),
+                                [&](const Field& field) { return key == field.name; });
+    if (f == fields().end()) throw InvalidArgument(where + "unknown key '" + key + "'");
+    try {
+      f->set(*this, value);
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(where + e.what());
+    }
   }
 }
 

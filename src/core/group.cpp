@@ -194,11 +194,12 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
   for (const auto& [device, ranks] : ranks_on) {
     const int sms = device_sm_count(device);
     if (static_cast<long long>(ranks) * config.num_sms > sms)
-      throw InvalidArgument(
-          "Config.num_sms: " + std::to_string(ranks) + " ranks on cuda:" + std::to_string(device) +
-          " need " + std::to_string(ranks) + " x " + std::to_string(config.num_sms) + " = " +
-          std::to_string(ranks * config.num_sms) + " SMs resident together, the device has " +
-          std::to_string(sms) + "; expected num_sms <= " + std::to_string(sms / ranks));
+      throw InvalidArgument("Config.num_sms: " + std::to_string(ranks) +
+                            " ranks on cuda:" + std::to_string(device) + " need " +
+                            std::to_string(ranks) + " x " + std::to_string(config.num_sms) + " = " +
+                            std::to_string(static_cast<long long>(ranks) * config.num_sms) +
+                            " SMs resident together, the device has " + std::to_string(sms) +
+                            "; expected num_sms <= " + std::to_string(sms / ranks));
   }
   int most_on_one_device = 0;
   for (const auto& [device, ranks] : ranks_on)

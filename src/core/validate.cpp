@@ -39,6 +39,7 @@ void check_tensor(const TensorView& v, const TensorSpec& spec, int device) {
     if (v.shape[i] < 0) fail();
     ++i;
   }
+  if (v.numel() < 0) fail();  // an element count past int64
   if (!v.is_contiguous()) fail();
   if (v.device != device) fail();
   if (v.data == nullptr && v.numel() > 0) fail();

@@ -13,7 +13,7 @@ RegionShape region_shape(const Config& config, int num_ranks, bool separate_proc
   s.hidden = config.hidden;
   const int ll_tokens = config.mode != Mode::kHighThroughput ? config.ll_capacity() : 0;
   s.max_tokens = std::max(config.max_tokens_per_rank, ll_tokens);
-  s.words = (s.max_tokens + 31) / 32;
+  s.words = static_cast<int>((static_cast<int64_t>(s.max_tokens) + 31) / 32);  // no int wrap
   s.separate_processes = separate_processes;
   return s;
 }

@@ -1,9 +1,12 @@
 #include "runtime/group_state.hpp"
 
 #include <cstring>
+#include <span>
 #include <string>
 
 #include "moecomm/error.hpp"
+#include "moecomm/version.hpp"
+#include "runtime/config_digest.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/streams.hpp"
 
@@ -30,16 +33,19 @@ GroupState::GroupState(const Config& cfg, const RegionShape& region_shape, int r
   allocate(rank);
 }
 
+// A handle is the rank's config digest (checked by every rank in map_peers), then its buffer's
+// CUDA IPC handle.
 size_t GroupState::handle_size() {
-  return sizeof(cudaIpcMemHandle_t);
+  return kConfigDigestSize + sizeof(cudaIpcMemHandle_t);
 }
 
 std::vector<uint8_t> GroupState::export_handle(int rank) const {
+  std::vector<uint8_t> bytes = encode_config_digest(config, rank, num_ranks, version());
   DeviceGuard guard(device_of[rank]);
   cudaIpcMemHandle_t h;
   MOECOMM_CUDA_CHECK(cudaIpcGetMemHandle(&h, sym_base[rank]));
-  std::vector<uint8_t> bytes(sizeof(h));
-  std::memcpy(bytes.data(), &h, sizeof(h));
+  bytes.resize(handle_size());
+  std::memcpy(bytes.data() + kConfigDigestSize, &h, sizeof(h));
   return bytes;
 }
 
@@ -47,14 +53,20 @@ void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
   if (handles.size() != handle_size() * static_cast<size_t>(num_ranks))
     throw InvalidArgument("all_handles: expected " + std::to_string(num_ranks) + " x " +
                           std::to_string(handle_size()) +
-                          " bytes (one handle per rank, rank "
-                          "order), got " +
-                          std::to_string(handles.size()));
+                          " bytes (one handle per rank, rank order), got " +
+                          std::to_string(handles.size()) +
+                          " (a rank with another moecomm version has another handle size)");
+  // Every rank compares every digest: a mismatch raises the same error on every rank, before
+  // any peer is mapped.
+  std::vector<std::span<const uint8_t>> digests;
+  for (int r = 0; r < num_ranks; ++r)
+    digests.emplace_back(handles.data() + r * handle_size(), kConfigDigestSize);
+  check_config_digests(digests);
   DeviceGuard guard(device_of[rank]);
   for (int r = 0; r < num_ranks; ++r) {
     if (r == rank) continue;
     cudaIpcMemHandle_t h;
-    std::memcpy(&h, handles.data() + r * handle_size(), sizeof(h));
+    std::memcpy(&h, handles.data() + r * handle_size() + kConfigDigestSize, sizeof(h));
     void* ptr = nullptr;
     MOECOMM_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess));
     sym_base[r] = static_cast<uint8_t*>(ptr);

@@ -41,9 +41,12 @@ class GroupState {
   /// Ranks of this group driven from this process.
   int local_ranks = 0;
 
-  /// CUDA IPC handle of `rank`'s buffer (process groups).
+  /// Handle of `rank` (process groups): its config digest (runtime/config_digest.hpp), then the
+  /// CUDA IPC handle of its buffer.
   std::vector<uint8_t> export_handle(int rank) const;
-  /// Maps every other rank's buffer from its IPC handle (handle_size() bytes each, rank order).
+  /// Checks that every rank has this library version and Config (InvalidArgument naming the
+  /// field and the ranks otherwise), then maps every other rank's buffer from its IPC handle
+  /// (handle_size() bytes each, rank order).
   void map_peers(int rank, const std::vector<uint8_t>& handles);
   static size_t handle_size();
 

@@ -32,9 +32,11 @@ void check_shape(const Shape& shape) {
 void check_one_routing(const Shape& shape, const Routing& rt, const std::string& where) {
   const int K = shape.topk;
   if (rt.num_tokens < 0) fail("num_tokens must be >= 0" + where);
-  if (rt.topk_idx.size() != static_cast<size_t>(rt.num_tokens) * K)
-    fail("topk_idx must have num_tokens * topk = " + std::to_string(rt.num_tokens * K) +
-         " entries, got " + std::to_string(rt.topk_idx.size()) + where);
+  // Divide rather than multiply: num_tokens * K may wrap for a huge num_tokens.
+  const size_t n = rt.topk_idx.size();
+  if (n % K != 0 || n / K != static_cast<uint64_t>(rt.num_tokens))
+    fail("topk_idx must have num_tokens * topk = " + std::to_string(rt.num_tokens) + " x " +
+         std::to_string(K) + " entries, got " + std::to_string(n) + where);
   for (int64_t t = 0; t < rt.num_tokens; ++t) {
     for (int k = 0; k < K; ++k) {
       const int64_t e = rt.topk_idx[t * K + k];

@@ -22,6 +22,34 @@ def run(rank, world, init_file):
         dist.destroy_process_group()
 
 
+def run_mismatch(rank, world, init_file):
+    """Rank 1 has hidden 512, the others 256: process_group_communicator raises InvalidArgument on
+    every rank, naming Config.hidden and the ranks on each side."""
+    import torch
+    import torch.distributed as dist
+
+    import moecomm
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        cfg = moecomm.MoECommunicatorConfig(num_experts=8, hidden=512 if rank == 1 else 256,
+                                            topk=2, max_tokens_per_rank=16, num_sms=4)
+        try:
+            moecomm.process_group_communicator(cfg)
+        except moecomm.InvalidArgument as e:
+            others = ",".join(str(r) for r in range(world) if r != 1)
+            want = (f"Config.hidden differs: rank{'s' if world > 2 else ''} {others} "
+                    f"ha{'ve' if world > 2 else 's'} 256, rank 1 has 512")
+            assert want in str(e), str(e)
+        else:
+            raise AssertionError(f"rank {rank}: a config mismatch was not refused")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _check(rank, R, torch, dist, moecomm, ref):
     E, K, H = 8, 2, 256
     L = E // R

@@ -153,6 +153,12 @@ def test_process_group_builder_checks_rank_first():
         _C.ProcessGroupBuilder(make_config()._to_cpp(), 5, 2, 0)
 
 
+def test_process_group_handle_size():
+    # A 2048-byte config digest (version, rank, size, every Config field), then the CUDA IPC
+    # handle: the same on every rank, so that any launcher can gather fixed-size handles.
+    assert _C.ProcessGroupBuilder.handle_size() == 2048 + 64
+
+
 # --- DLPack plumbing (host arrays through the extension and back) ------------------------------
 @pytest.mark.parametrize("dtype,name", [(np.float32, "f32"), (np.int32, "i32"), (np.int64, "i64"),
                                         (np.uint8, "u8"), (np.uint16, "bf16"), (np.int16, "bf16")])

@@ -1,6 +1,6 @@
 """CPU tests of moecomm.deep_ep (no GPU, no torch needed): DeepEP V1's names, argument names and
-defaults, the install switch, Config and the size hints, EventOverlap, and the arguments a
-Buffer refuses before touching a tensor (over a fake backend)."""
+defaults, the install switch, Config and the size hints, EventOverlap, the arguments a Buffer
+refuses before touching a tensor, and shrink mode's mask bookkeeping (over a fake backend)."""
 
 import inspect
 import subprocess
@@ -11,6 +11,7 @@ import pytest
 import moecomm
 import moecomm.deep_ep as deep_ep
 from moecomm.deep_ep import Buffer, Config, EventOverlap
+from moecomm.deep_ep._backends import config_key
 
 _ = inspect.Parameter.empty
 # DeepEP V1's public signatures (deep_ep/buffer.py), parameter by parameter with defaults.
@@ -241,6 +242,32 @@ def test_event_overlap():
 
 
 # --- Buffer refusals over a fake backend --------------------------------------------------------
+class FakeComm:
+    """A communicator's rank masks as moecomm keeps them: explicit ones (mask_rank) and ones a
+    time-out set (``timed_out``, as under Config.mask_unresponsive_ranks); unmasking a rank
+    clears both. ``calls`` records every mask call."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.explicit, self.timed_out, self.calls = set(), set(), []
+
+    def mask_rank(self, rank, masked=True):
+        self.calls.append((rank, masked))
+        if masked:
+            self.explicit.add(rank)
+        else:
+            self.explicit.discard(rank)
+            self.timed_out.discard(rank)
+
+    def masked_ranks(self):
+        return sorted(self.explicit | self.timed_out)
+
+    def clear_rank_masks(self):
+        self.calls.append("clear")
+        self.explicit.clear()
+        self.timed_out.clear()
+
+
 class FakeBackend:
     virtual = False
 
@@ -248,10 +275,15 @@ class FakeBackend:
         self.rank, self.num_ranks, self.device, self.num_nodes = rank, num_ranks, 0, num_nodes
         self.peer_tokens = peer_tokens
         self.made, self.forgotten, self.agreements, self.released = [], [], [], False
+        self.comms = {}
 
     def communicator(self, cfg):
+        """One communicator per config, as the real backends cache them."""
         self.made.append(cfg)
-        return object()
+        key = config_key(cfg)
+        if key not in self.comms:
+            self.comms[key] = FakeComm(cfg)
+        return self.comms[key]
 
     def forget(self, cfg):
         self.forgotten.append(cfg)
@@ -278,8 +310,6 @@ def test_constructor_refusals():
         Buffer()
     with pytest.raises(moecomm.Unsupported, match="^comm: moecomm bootstraps over torch"):
         Buffer(None, comm=object())
-    with pytest.raises(moecomm.Unsupported, match="^enable_shrink: moecomm has no masked"):
-        Buffer(object(), enable_shrink=True)
     with pytest.raises(moecomm.InvalidArgument, match="^num_nvl_bytes: expected an integer >= 0"):
         Buffer(object(), num_nvl_bytes=-1)
     with pytest.raises(moecomm.InvalidArgument, match="^max_tokens_per_rank"):
@@ -295,15 +325,12 @@ def test_attributes_and_accessors():
     assert b.is_available() and not b.is_internode_available()
     assert b.get_num_rdma_ranks() == 1 and b.get_rdma_rank() == 0 and b.get_local_device_id() == 0
     assert "Buffer(rank=0" in repr(b)
+    s, _ = make_buffer(low_latency_mode=True, enable_shrink=True)
+    assert s.enable_shrink
 
 
 def test_refused_features_name_what_is_missing():
     b, _ = make_buffer(low_latency_mode=True)
-    for call in (lambda: b.low_latency_update_mask_buffer(1, True),
-                 lambda: b.low_latency_query_mask_buffer(None),
-                 lambda: b.low_latency_clean_mask_buffer()):
-        with pytest.raises(moecomm.Unsupported, match="no masked .shrunk. ranks"):
-            call()
     with pytest.raises(moecomm.Unsupported, match="^get_local_buffer_tensor"):
         b.get_local_buffer_tensor(None)
     with pytest.raises(moecomm.Unsupported, match="^num_tokens_per_rdma_rank: the internode"):
@@ -408,3 +435,128 @@ def test_virtual_buffers_need_a_gpu():
     pytest.importorskip("torch")
     with pytest.raises(moecomm.Error):
         deep_ep.virtual_buffers(2)
+
+
+# --- shrink mode (masked ranks) -----------------------------------------------------------------
+def test_mask_buffer_needs_shrink_mode():
+    """Without enable_shrink DeepEP asserts (a RuntimeError); moecomm raises InvalidArgument,
+    which is one too."""
+    b, backend = make_buffer(low_latency_mode=True)
+    for what, call in (("low_latency_update_mask_buffer",
+                        lambda: b.low_latency_update_mask_buffer(1, True)),
+                       ("low_latency_query_mask_buffer",
+                        lambda: b.low_latency_query_mask_buffer(None)),
+                       ("low_latency_clean_mask_buffer", b.low_latency_clean_mask_buffer)):
+        with pytest.raises(moecomm.InvalidArgument, match=f"^{what}: .*enable_shrink=False"):
+            call()
+        with pytest.raises(RuntimeError):
+            call()
+    comm = backend.communicator(b._cfg("ll", 16, 256, 2, 64))
+    b._masks_for(comm)  # not in shrink mode: communicators are left alone
+    assert comm.calls == []
+
+
+def test_shrink_mode_communicator_configs():
+    b, _ = make_buffer(low_latency_mode=True, enable_shrink=True)
+    assert b._cfg("ll", 16, 256, 2, 64).mask_unresponsive_ranks  # a silent peer gets masked
+    assert not b._cfg("ht", 16, 256, 2, 64).mask_unresponsive_ranks  # HT never masks
+    plain, _ = make_buffer(low_latency_mode=True)
+    assert not plain._cfg("ll", 16, 256, 2, 64).mask_unresponsive_ranks
+
+
+def test_masks_reach_every_low_latency_communicator():
+    b, backend = make_buffer(backend=FakeBackend(rank=1, num_ranks=4), low_latency_mode=True,
+                             enable_shrink=True)
+    assert b._mask_status() == [0, 0, 0, 0]
+    b.low_latency_update_mask_buffer(2, True)
+    b.low_latency_update_mask_buffer(2, True)  # idempotent
+    assert b._mask_status() == [0, 0, 1, 0]
+    a = backend.communicator(b._cfg("ll", 16, 256, 2, 64))
+    b._masks_for(a)  # a first call of a shape: the current masks are applied first
+    assert a.calls == [(2, True)] and a.masked_ranks() == [2]
+    b._masks_for(a)  # nothing changed: no mask call
+    assert a.calls == [(2, True)]
+
+    # An update reaches a communicator at its next call; a new one gets the whole set.
+    b.low_latency_update_mask_buffer(1, mask=True)  # the rank itself, as DeepEP allows
+    assert a.calls == [(2, True)] and b._mask_status() == [0, 1, 1, 0]
+    c = backend.communicator(b._cfg("ll", 16, 256, 2, 32, pow2=True))
+    b._masks_for(c)
+    assert c.calls == [(1, True), (2, True)]
+    b._masks_for(a)
+    assert a.calls == [(2, True), (1, True)] and a.masked_ranks() == [1, 2]
+    b.low_latency_update_mask_buffer(2)  # mask=False: unmask
+    assert b._mask_status() == [0, 1, 0, 0]
+    b._masks_for(a)
+    assert a.calls[-1] == (2, False) and a.masked_ranks() == [1]
+
+    # A time-out mask of one communicator is reported and spreads to the others.
+    a.timed_out.add(3)
+    assert b._mask_status() == [0, 1, 0, 1]
+    b._masks_for(c)
+    assert c.masked_ranks() == [1, 3] and c.calls[-2:] == [(2, False), (3, True)]
+    b._masks_for(a)
+    assert a.masked_ranks() == [1, 3]
+    # Unmasking it lifts the time-out mask too, at each communicator's next call.
+    b.low_latency_update_mask_buffer(3, False)
+    assert b._mask_status() == [0, 1, 0, 0]  # not re-read from `a`'s time-out flag
+    b._masks_for(a)
+    assert a.masked_ranks() == [1] and a.calls[-1] == (3, False) and not a.timed_out
+    b._masks_for(c)
+    assert c.masked_ranks() == [1]
+    # A time-out mask unmasked before any call saw it: gone from the status at once.
+    c.timed_out.add(2)
+    b.low_latency_update_mask_buffer(2, False)
+    assert b._mask_status() == [0, 1, 0, 0]
+    b._masks_for(a)
+    assert a.masked_ranks() == [1]
+    b._masks_for(c)
+    assert c.masked_ranks() == [1] and c.calls[-1] == (2, False)
+
+    # clean: every mask goes, time-out ones included.
+    c.timed_out.add(0)
+    b.low_latency_clean_mask_buffer()
+    assert b._mask_status() == [0, 0, 0, 0]
+    b._masks_for(a)
+    b._masks_for(c)
+    assert a.masked_ranks() == [] and c.masked_ranks() == []
+    assert b._mask_status() == [0, 0, 0, 0]
+    c.timed_out.add(0)  # a later time-out counts again
+    assert b._mask_status() == [1, 0, 0, 0]
+
+    with pytest.raises(moecomm.InvalidArgument, match=r"^rank_to_mask: expected 0\.\.3, got 4"):
+        b.low_latency_update_mask_buffer(4, True)
+    with pytest.raises(moecomm.InvalidArgument, match="^rank_to_mask: expected an integer >= 0"):
+        b.low_latency_update_mask_buffer(-1, True)
+
+
+def test_mask_buffer_after_destroy():
+    b, backend = make_buffer(low_latency_mode=True, enable_shrink=True, explicitly_destroy=True)
+    b._masks_for(backend.communicator(b._cfg("ll", 16, 256, 2, 64)))
+    b.destroy()
+    assert b._mask_comms == {}
+    with pytest.raises(moecomm.InvalidArgument, match="^low_latency_clean_mask_buffer: the Buffer "
+                                                      "was destroyed"):
+        b.low_latency_clean_mask_buffer()
+
+
+def test_query_mask_buffer_fills_a_tensor():
+    torch = pytest.importorskip("torch")
+    b, backend = make_buffer(backend=FakeBackend(num_ranks=4), low_latency_mode=True,
+                             enable_shrink=True)
+    status = torch.full((4,), 7, dtype=torch.int32)
+    b.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [0, 0, 0, 0]
+    b.low_latency_update_mask_buffer(3, True)
+    a = backend.communicator(b._cfg("ll", 16, 256, 2, 64))
+    b._masks_for(a)
+    a.timed_out.add(1)
+    b.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [0, 1, 0, 1]
+    wide = torch.zeros(1, 4, dtype=torch.int32)  # DeepEP checks the element count only
+    b.low_latency_query_mask_buffer(wide)
+    assert wide.tolist() == [[0, 1, 0, 1]]
+    with pytest.raises(moecomm.InvalidArgument, match="^mask_status: expected a torch.int32"):
+        b.low_latency_query_mask_buffer(torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(moecomm.InvalidArgument, match="^mask_status: expected a torch.int32"):
+        b.low_latency_query_mask_buffer(torch.zeros(3, dtype=torch.int32))

@@ -488,6 +488,135 @@ def test_ll_cuda_graph(bufs):
             assert_bf16_close(outs[r], want, f"seed {seed * 100 + it} graph replay rank {r}")
 
 
+# --- shrink mode (masked ranks) ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shrink_bufs():
+    b = deep_ep.virtual_buffers(R, max_tokens_per_rank=T_MAX, low_latency_mode=True,
+                                num_sms=SMS, timeout_seconds=10.0, enable_shrink=True)
+    yield b
+    b.synchronize()
+
+
+def masked_routing(idxs, masked, viewer):
+    """The routing rank `viewer` takes part in while every rank masks rank `masked`: for another
+    rank, `masked`'s experts are dropped (-1) and `masked` sends nothing; for `masked` itself,
+    which completes its calls alone, only its own tokens to its own experts."""
+    out = []
+    for s, idx in enumerate(idxs):
+        idx = idx.cpu()
+        owner = torch.where(idx >= 0, torch.div(idx, L, rounding_mode="floor"),
+                            torch.full_like(idx, -1))
+        if viewer == masked:
+            keep = (owner == masked) & (s == masked)
+        else:
+            keep = (owner >= 0) & (owner != masked) & (s != masked)
+        out.append(torch.where(keep, idx, torch.full_like(idx, -1)))
+    return out
+
+
+def check_ll_bf16_views(res, xs, views, seed, what):
+    """LL bf16 dispatch outputs of every rank d against the routing views[d] (the valid slots of
+    every source and the counts)."""
+    for d in range(R):
+        recv_x, count = res[d][0], res[d][1]
+        slots = ref.ll_slots(views[d], R, L, M, d)
+        rx, cnt = recv_x.cpu(), count.cpu()
+        for e in range(L):
+            n_e = 0
+            for s in range(R):
+                tokens = slots[(e, s)]
+                n = tokens.numel()
+                assert torch.equal(rx[e, s * M:s * M + n], xs[s].cpu()[tokens]), \
+                    f"seed {seed} {what} rank {d} e{e} s{s}"
+                n_e += n
+            assert int(cnt[e]) == n_e, f"seed {seed} {what} rank {d} expert {e}: count"
+
+
+def ll_round(bufs, xs, idxs, ws, views, seed, what):
+    """LL bf16 dispatch and combine on every rank, checked element by element against the
+    routing each rank takes part in (views[d]). Empty slots of the experts' output are NaN
+    (combine must never read them), and so is `out` before the combine."""
+    res = [bufs[r].low_latency_dispatch(xs[r], idxs[r], M, E, use_fp8=False) for r in range(R)]
+    check_ll_bf16_views(res, xs, views, seed, what)
+    ys = []
+    for d in range(R):
+        mask = valid_slots(views[d], d).cuda()[..., None]
+        ys.append(torch.where(mask, res[d][0].float() * (d + 1),
+                              torch.full((), float("nan"), device="cuda")).bfloat16())
+    outs = [torch.full((x.shape[0], H), float("nan"), dtype=torch.bfloat16, device="cuda")
+            for x in xs]
+    comb = [bufs[r].low_latency_combine(ys[r], idxs[r], ws[r], res[r][2], out=outs[r])
+            for r in range(R)]
+    for s in range(R):
+        assert comb[s][0] is outs[s]
+        assert_bf16_close(outs[s], ref.ll_combine(ys, views[s], ws, R, L, M, s),
+                          f"seed {seed} {what} combine rank {s}")
+
+
+def query_all(bufs):
+    out = []
+    for b in bufs:
+        status = torch.full((R,), -1, dtype=torch.int32, device="cuda")
+        b.low_latency_query_mask_buffer(status)
+        out.append(status.cpu().tolist())
+    return out
+
+
+def test_shrink_mask_one_rank(shrink_bufs):
+    """DeepEP's shrink mode: every rank masks rank 1 (rank 1 too); low-latency results are those
+    without rank 1 (its experts dropped, nothing from it; rank 1 alone with its own experts);
+    query reports the mask, HT ignores it, and after a clean the results are full again."""
+    bufs = shrink_bufs
+    seed = 12
+    m = 1
+    Ts = [32, 20, 9, 27]
+    # Poison: unmasked rounds of other data fill both alternating LL buffers with stale rows.
+    px, pidx, pw = inputs(seed + 1000, Ts)
+    for _ in range(2):
+        ll_round(bufs, [x.mul(1000) for x in px], pidx, pw, [pidx] * R, seed + 1000, "poison")
+    assert query_all(bufs) == [[0] * R] * R
+
+    xs, idxs, ws = inputs(seed, Ts)
+    full_views = [idxs] * R
+    for b in bufs:
+        b.low_latency_update_mask_buffer(m, True)
+    want = [[1 if r == m else 0 for r in range(R)]] * R
+    assert query_all(bufs) == want
+    views = [masked_routing(idxs, m, d) for d in range(R)]
+    for it in range(2):  # both alternating buffers
+        ll_round(bufs, xs, idxs, ws, views, seed, f"rank {m} masked, round {it}")
+    bufs.synchronize()
+    assert query_all(bufs) == want  # and no time-out masked anyone else
+
+    # High-throughput calls ignore the mask (as DeepEP's, which never read it).
+    check_ht(ht_dispatch_all(bufs, xs, idxs, ws), xs, idxs, ws, seed)
+
+    for b in bufs:
+        b.low_latency_clean_mask_buffer()
+    assert query_all(bufs) == [[0] * R] * R
+    ll_round(bufs, xs, idxs, ws, full_views, seed, "after clean")
+
+    # update(mask=False) unmasks as well.
+    for b in bufs:
+        b.low_latency_update_mask_buffer(R - 1, True)
+    ll_round(bufs, xs, idxs, ws, [masked_routing(idxs, R - 1, d) for d in range(R)], seed,
+             f"rank {R - 1} masked")
+    for b in bufs:
+        b.low_latency_update_mask_buffer(R - 1, False)
+    assert query_all(bufs) == [[0] * R] * R
+    ll_round(bufs, xs, idxs, ws, full_views, seed, "after unmask")
+    bufs.synchronize()
+    assert query_all(bufs) == [[0] * R] * R
+
+
+def test_shrink_needs_enable_shrink(bufs):
+    status = torch.zeros(R, dtype=torch.int32, device="cuda")
+    with pytest.raises(moecomm.InvalidArgument, match="enable_shrink=False"):
+        bufs[0].low_latency_query_mask_buffer(status)
+    with pytest.raises(moecomm.InvalidArgument, match="enable_shrink=False"):
+        bufs[0].low_latency_update_mask_buffer(1, True)
+
+
 # --- a two-process group ----------------------------------------------------------------------
 def test_two_process_group(tmp_path):
     """Two processes on cuda:0 over a gloo group: Buffer(group) as frameworks make it."""

@@ -557,6 +557,16 @@ def test_process_group(tmp_path):
     mp.spawn(process_group_worker.run, args=(2, str(init)), nprocs=2, join=True)
 
 
+def test_process_group_config_mismatch(tmp_path):
+    # Rank 1 passes another hidden size: every rank's connect raises, naming the field and ranks.
+    import torch.multiprocessing as mp
+
+    import process_group_worker
+
+    init = tmp_path / "dist_init"
+    mp.spawn(process_group_worker.run_mismatch, args=(2, str(init)), nprocs=2, join=True)
+
+
 def test_outputs_keep_the_group_alive():
     group = moecomm.virtual_group(2, ll_config(num_experts=8))
     gen = torch.Generator().manual_seed(50)

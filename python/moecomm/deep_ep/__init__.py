@@ -109,12 +109,14 @@ class BufferGroup(list):
 def virtual_buffers(num_ranks: int, *, max_tokens_per_rank: int = 1024, num_nvl_bytes: int = 0,
                     num_rdma_bytes: int = 0, low_latency_mode: bool = False,
                     explicitly_destroy: bool = False, num_sms: Optional[int] = None,
-                    device: int = 0, timeout_seconds: Optional[float] = None) -> BufferGroup:
+                    device: int = 0, timeout_seconds: Optional[float] = None,
+                    enable_shrink: bool = False) -> BufferGroup:
     """``num_ranks`` Buffers in this process, ranks of one moecomm virtual group on ``device``
     (the whole expert-parallel group on one GPU). ``max_tokens_per_rank`` is the fixed HT
     capacity (virtual ranks cannot agree on a larger one at run time); ``num_sms``: SMs of each
     rank's kernels (default: ``Buffer.num_sms``, lowered so that the ranks' HT and LL kernels
-    all fit on the GPU at once).
+    all fit on the GPU at once). ``enable_shrink``: DeepEP's shrink mode (masked ranks), as
+    ``Buffer(..., enable_shrink=True)``.
     Import moecomm before anything starts CUDA (``CUDA_DEVICE_MAX_CONNECTIONS``)."""
     import torch
 
@@ -135,6 +137,7 @@ def virtual_buffers(num_ranks: int, *, max_tokens_per_rank: int = 1024, num_nvl_
                                   num_rdma_bytes=num_rdma_bytes,
                                   low_latency_mode=low_latency_mode,
                                   explicitly_destroy=explicitly_destroy,
+                                  enable_shrink=enable_shrink,
                                   max_tokens_per_rank=max_tokens_per_rank,
                                   timeout_seconds=timeout_seconds, num_sms=num_sms)
                for r in range(num_ranks)]

@@ -115,22 +115,9 @@ class VirtualShared:
     def parallel(self, fn: Callable[[int], Any]) -> List[Any]:
         """``fn(rank)`` for every rank on its own host thread, the threads inheriting the
         caller's torch streams and grad mode; results in rank order, first exception re-raised."""
-        from ..groups import _ThreadState
+        from ..groups import _run_per_rank
 
-        state = _ThreadState.capture([self.device])
-        ex = self.executor()
-        futures = [ex.submit(state.run, self.device, fn, r) for r in range(self.num_ranks)]
-        results, first = [], None
-        for f in futures:
-            try:
-                results.append(f.result())
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                if first is None:
-                    first = e
-                results.append(None)
-        if first is not None:
-            raise first
-        return results
+        return _run_per_rank(self.executor(), [self.device], fn, self.num_ranks)
 
     def synchronize(self) -> None:
         with self.lock:

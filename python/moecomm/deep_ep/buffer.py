@@ -123,6 +123,19 @@ class LowLatencyHandle:
                 f"num_max_dispatch_tokens_per_rank={self.num_max_dispatch_tokens_per_rank})")
 
 
+class _MaskState:
+    """A low-latency communicator a shrink-mode Buffer has used: the ranks the Buffer masked on
+    it (``applied``), and the ranks an update or clean unmasked since its last call (``lifted``:
+    a time-out mask of theirs there no longer counts)."""
+
+    __slots__ = ("comm", "applied", "lifted")
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.applied: set = set()
+        self.lifted: set = set()
+
+
 class Buffer:
     """DeepEP's ``deep_ep.Buffer`` on moecomm (see docs/deep_ep.md).
 
@@ -133,8 +146,11 @@ class Buffer:
     device. Collective. The byte counts are recorded (``num_nvl_bytes``, ``num_rdma_bytes``)
     but moecomm sizes its registered memory from the calls' shapes; ``num_qps_per_rank``,
     ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl`` and ``use_fabric`` have no meaning
-    here and are accepted. ``enable_shrink`` and ``comm`` (mpi4py) are refused (no masked ranks,
-    no MPI bootstrap in Python). A group spanning hosts is refused (no internode path yet).
+    here and are accepted. ``enable_shrink=True`` (DeepEP's shrink mode) makes the low-latency
+    communicators mask a silent peer instead of raising, and enables the mask-buffer calls
+    (:meth:`low_latency_update_mask_buffer` and co., on moecomm's masked ranks). ``comm``
+    (mpi4py) is refused (no MPI bootstrap in Python). A group spanning hosts is refused (no
+    internode path yet).
 
     moecomm keywords: ``max_tokens_per_rank`` fixes the HT capacity (tokens per rank per call;
     default: grown on demand, which costs a host all-reduce of the token count over ``group`` per
@@ -160,8 +176,7 @@ class Buffer:
                  enable_shrink: bool = False, comm: Any = None, *,
                  max_tokens_per_rank: Optional[int] = None,
                  timeout_seconds: Optional[float] = None) -> None:
-        self._check_ctor(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, enable_shrink,
-                         max_tokens_per_rank)
+        self._check_ctor(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, max_tokens_per_rank)
         if group is None and comm is None:
             raise _C.InvalidArgument("group: either 'group' or 'comm' must be provided")
         if group is None:
@@ -179,17 +194,12 @@ class Buffer:
 
     # -- construction ---------------------------------------------------------------------------
     @staticmethod
-    def _check_ctor(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, enable_shrink,
-                    max_tokens_per_rank) -> None:
+    def _check_ctor(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, max_tokens_per_rank) -> None:
         _int(num_nvl_bytes, "num_nvl_bytes", 0)
         _int(num_rdma_bytes, "num_rdma_bytes", 0)
         _int(num_qps_per_rank, "num_qps_per_rank", 1)
         if max_tokens_per_rank is not None:
             _int(max_tokens_per_rank, "max_tokens_per_rank", 1)
-        if enable_shrink:
-            raise _C.Unsupported(
-                "enable_shrink: moecomm has no masked (shrunk) ranks yet, so there is no mask "
-                "buffer; construct the Buffer with enable_shrink=False")
 
     def _setup(self, backend, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
                explicitly_destroy, enable_shrink, max_tokens_per_rank, timeout_seconds,
@@ -215,6 +225,10 @@ class Buffer:
         self._num_sms = num_sms
         self._stream = None
         self._alive = True
+        # Shrink mode: the ranks masked out of low-latency calls (DeepEP's mask buffer), and per
+        # low-latency communicator used so far what this Buffer has applied to it.
+        self._mask: set = set()
+        self._mask_comms: dict = {}
         if backend.num_nodes > 1:
             backend.release()
             self._alive = False
@@ -224,13 +238,13 @@ class Buffer:
 
     @classmethod
     def _on_backend(cls, backend, *, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
-                    explicitly_destroy=False, max_tokens_per_rank=None, timeout_seconds=None,
-                    num_sms=None) -> "Buffer":
+                    explicitly_destroy=False, enable_shrink=False, max_tokens_per_rank=None,
+                    timeout_seconds=None, num_sms=None) -> "Buffer":
         """A Buffer over a backend made elsewhere (virtual ranks; the CPU tests' fake)."""
-        cls._check_ctor(num_nvl_bytes, num_rdma_bytes, 24, False, max_tokens_per_rank)
+        cls._check_ctor(num_nvl_bytes, num_rdma_bytes, 24, max_tokens_per_rank)
         b = cls.__new__(cls)
         b._setup(backend, None, num_nvl_bytes, num_rdma_bytes, low_latency_mode,
-                 explicitly_destroy, False, max_tokens_per_rank, timeout_seconds, num_sms)
+                 explicitly_destroy, enable_shrink, max_tokens_per_rank, timeout_seconds, num_sms)
         return b
 
     def destroy(self) -> None:
@@ -245,6 +259,7 @@ class Buffer:
         if self._stream is not None:
             self._stream.synchronize()
         self._backend.release()
+        self._mask_comms.clear()
         self._alive = False
 
     def _check_alive(self, what: str) -> None:
@@ -337,23 +352,94 @@ class Buffer:
             "get_next_low_latency_combine_buffer(handle) instead")
 
     # -- the low-latency mask buffer (DeepEP's shrink mode) -------------------------------------
-    @staticmethod
-    def _no_mask(what: str) -> _C.Unsupported:
-        return _C.Unsupported(
-            f"{what}: moecomm has no masked (shrunk) ranks yet, so there is no mask buffer: every "
-            f"rank of the group takes part in every call")
+    # DeepEP keeps one mask buffer that every low-latency kernel reads and that a time-out in
+    # shrink mode writes. Here the Buffer keeps that set (self._mask) and each low-latency
+    # communicator it has used gets it applied (MoECommunicator.mask_rank) before its next call;
+    # a rank a communicator masked on its own (Config.mask_unresponsive_ranks) joins the set, so
+    # that every other low-latency communicator masks it too, as DeepEP's single buffer does.
+    def _check_shrink(self, what: str) -> None:
+        self._check_alive(what)
+        if not self.enable_shrink:
+            raise _C.InvalidArgument(
+                f"{what}: the Buffer was made with enable_shrink=False; the mask buffer needs "
+                f"shrink mode (Buffer(..., enable_shrink=True)), as DeepEP asserts")
+
+    def _fold_masks(self) -> None:
+        """Adds to the set the ranks the used communicators masked on a time-out (those neither
+        this Buffer applied nor an update or clean lifted since)."""
+        for st in self._mask_comms.values():
+            self._mask.update(set(st.comm.masked_ranks()) - st.applied - st.lifted)
+
+    def _masks_for(self, comm: Any) -> None:
+        """Before a low-latency call of ``comm``: applies the current mask set to it."""
+        if not self.enable_shrink:
+            return
+        st = self._mask_comms.get(id(comm))
+        if st is None:
+            st = self._mask_comms[id(comm)] = _MaskState(comm)
+        self._fold_masks()
+        want = self._mask
+        for r in sorted(set(comm.masked_ranks()) - want):
+            comm.mask_rank(r, False)  # also lifts a time-out mask of r
+        for r in sorted(want - st.applied):
+            comm.mask_rank(r, True)
+        st.applied = set(want)
+        st.lifted = set()
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        """Refused: masking ranks out of low-latency calls is not implemented in moecomm."""
-        raise self._no_mask("low_latency_update_mask_buffer")
+        """Masks (``mask=True``) or unmasks ``rank_to_mask`` for this rank's low-latency calls from
+        the next one on (DeepEP's shrink mode; needs ``enable_shrink=True``): nothing is sent to
+        it or awaited from it, tokens routed to its experts are dropped (they contribute zero to
+        combine) and it sends nothing. As in DeepEP every rank masks the same ranks, the masked
+        one included: a rank that masks itself completes its calls alone (it exchanges only with
+        itself). High-throughput calls ignore the mask, as in DeepEP."""
+        self._check_shrink("low_latency_update_mask_buffer")
+        r = _int(rank_to_mask, "rank_to_mask", 0)
+        if r >= self.group_size:
+            raise _C.InvalidArgument(
+                f"rank_to_mask: expected 0..{self.group_size - 1}, got {r}")
+        self._fold_masks()
+        if mask:
+            self._mask.add(r)
+        else:
+            self._mask.discard(r)
+            for st in self._mask_comms.values():
+                st.lifted.add(r)
 
     def low_latency_query_mask_buffer(self, mask_status: Any) -> None:
-        """Refused: masking ranks out of low-latency calls is not implemented in moecomm."""
-        raise self._no_mask("low_latency_query_mask_buffer")
+        """Writes the mask into ``mask_status`` (int32 with ``num_ranks`` elements, on this
+        Buffer's device or the CPU): 1 where a rank is masked, by
+        :meth:`low_latency_update_mask_buffer` or by a low-latency call that timed out waiting for
+        it (known once that call has completed: synchronize first), 0 elsewhere. Needs
+        ``enable_shrink=True``."""
+        self._check_shrink("low_latency_query_mask_buffer")
+        torch = _torch()
+        R = self.group_size
+        if (not isinstance(mask_status, torch.Tensor) or mask_status.dtype != torch.int32
+                or mask_status.numel() != R):
+            raise _C.InvalidArgument(
+                f"mask_status: expected a torch.int32 tensor of num_ranks={R} elements, got "
+                f"{_describe(mask_status)}")
+        if mask_status.is_cuda and mask_status.device.index != self._device:
+            raise _C.InvalidArgument(
+                f"mask_status: expected a tensor on cuda:{self._device} or the CPU, got one on "
+                f"{mask_status.device}")
+        status = torch.tensor(self._mask_status(), dtype=torch.int32)
+        mask_status.copy_(status.view(mask_status.shape))
+
+    def _mask_status(self) -> List[int]:
+        """[num_ranks]: 1 where a rank is masked for the next low-latency calls."""
+        self._fold_masks()
+        return [1 if r in self._mask else 0 for r in range(self.group_size)]
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Refused: masking ranks out of low-latency calls is not implemented in moecomm."""
-        raise self._no_mask("low_latency_clean_mask_buffer")
+        """Unmasks every rank (masked by an update or by a time-out) for the next low-latency
+        calls. Needs ``enable_shrink=True``."""
+        self._check_shrink("low_latency_clean_mask_buffer")
+        self._mask.clear()
+        everyone = set(range(self.group_size))
+        for st in self._mask_comms.values():
+            st.lifted = set(everyone)
 
     # -- streams --------------------------------------------------------------------------------
     def _comm_stream(self):
@@ -440,7 +526,9 @@ class Buffer:
             mode=mode, num_sms=self._num_sms or Buffer.num_sms,
             enable_fp8=hidden % _FP8_GROUP == 0, scale_format="pow2" if pow2 else "f32",
             timeout_seconds=self._timeout, max_recv_tokens=max_recv_tokens,
-            low_latency_max_tokens=tokens if mode == "ll" else 0)
+            low_latency_max_tokens=tokens if mode == "ll" else 0,
+            # Shrink mode: a silent peer is masked, as DeepEP's LL kernels do; HT never masks.
+            mask_unresponsive_ranks=self.enable_shrink and mode == "ll")
 
     def _ht_capacity(self, num_tokens: int) -> int:
         """Tokens per rank the HT communicator must take: fixed, or agreed by every rank (the
@@ -774,6 +862,7 @@ class Buffer:
                     f"[num_local_experts={L}] torch.int32", self._device)
         cfg = self._cfg("ll", E, H, K, M, pow2=bool(use_fp8 and round_scale))
         comm = self._backend.communicator(cfg)
+        self._masks_for(comm)
         caller = self._fork(None)
         cs = self._comm_stream()
         out, mh = comm.dispatch(x, topk_idx, None, quantize_fp8=bool(use_fp8),
@@ -861,6 +950,7 @@ class Buffer:
         else:
             out = self._alloc(False, (T, H), torch.bfloat16)
         comm = handle.comm
+        self._masks_for(comm)
         caller = self._fork(None)
         res = comm.combine(x, handle.handle, topk_weights=topk_weights, out=out,
                            return_recv_hook=bool(return_recv_hook),
