@@ -11,6 +11,9 @@
 
 namespace moecomm::detail {
 
+// A pending device error raises before anything is enqueued. The caller's stream is claimed for
+// this rank: co-located ranks sharing a stream would serialise behind each other's spinning
+// kernels.
 CommImpl::Streams CommImpl::begin_call(cudaStream_t requested, bool async) {
   check_errors();
   Streams s;
@@ -29,6 +32,8 @@ void CommImpl::note_stream_work(cudaStream_t stream) {
   order_->after(stream);
 }
 
+// Async calls hand back an Event recorded after the kernels, so that the caller can order its own
+// work after them without synchronising.
 Event CommImpl::end_call(const Streams& s, bool async) {
   order_->after(s.exec);
   if (!async) return {};

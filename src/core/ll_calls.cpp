@@ -46,6 +46,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   const Streams s = begin_call(o.stream, o.async);
   auto staging = std::make_unique<CallStaging>(s.exec);
   auto state = new_handle(Mode::kLowLatency, T);
+  // Every rank counts its LL calls the same way, so all ranks pick the same buffer for a call.
   const int b = static_cast<int>(ll_calls_ % 2);
   state->buffer = b;
 
@@ -76,6 +77,8 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
 
   DispatchOutput out;
   if (o.return_recv_hook) {
+    // The hook may run after later calls of this rank: it captures the context and parameters by
+    // value, and waits for the call's own sequence number (stored by the send phase).
     const DeviceContext ctx = ctx_;
     const cudaStream_t default_stream = s.exec;
     std::shared_ptr<StreamOrder> order = order_;
@@ -87,6 +90,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
     });
   }
 
+  // Views of this call's buffer: valid until the call after next reuses it.
   const ll::Regions& lay = ctx_.ll;
   const int64_t slots = static_cast<int64_t>(R) * M;
   out.mode = Mode::kLowLatency;

@@ -13,12 +13,16 @@
 
 namespace moecomm::detail {
 
+// HT and the layout exchange counts that every live rank must read alike: a time-out there stays
+// an error rather than a mask one rank alone decided on.
 DeviceContext CommImpl::exchange_ctx() const {
   DeviceContext c = ctx_;
   c.mask_on_timeout = 0;
   return c;
 }
 
+// A kernel, not a host write: the word may be read by this rank's kernels still queued, and a
+// change must apply from the next call on, in stream order.
 void CommImpl::update_mask(uint64_t set, uint64_t clear) {
   DeviceGuard guard(device_);
   check_errors();
@@ -44,6 +48,8 @@ void CommImpl::clear_rank_masks() {
     reinterpret_cast<volatile int32_t*>(masked_by_timeout_)[r] = 0;
 }
 
+// Explicit masks are known on the host; time-out masks come from the device through mapped
+// memory (complete once the rank's work has been synchronised).
 std::vector<int> CommImpl::masked_ranks() const {
   std::vector<int> out;
   const volatile int32_t* by_timeout = masked_by_timeout_;
