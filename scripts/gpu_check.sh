@@ -55,7 +55,8 @@ fi
 if [ -z "${SKIP_BENCH:-}" ] && [ -n "${BASELINE:-}" ]; then
   base=/tmp/moecomm-baseline
   rm -rf "$base" && mkdir -p "$base"
-  if git archive "$BASELINE" | tar -x -C "$base" &&
+  # BASELINE_TAR: that commit's `git archive` carried along, where the clone lacks the commit.
+  if { if [ -n "${BASELINE_TAR:-}" ]; then tar -xf "$BASELINE_TAR" -C "$base"; else git archive "$BASELINE" | tar -x -C "$base"; fi; } &&
      cmake -S "$base" -B "$base/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
        -DMOECOMM_BUILD_TESTS=OFF >"$out/baseline_build.log" 2>&1 &&
      cmake --build "$base/build" -j "$(nproc)" --target ep_bench >>"$out/baseline_build.log" 2>&1; then
