@@ -208,10 +208,12 @@ __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParam
                                uint64_t seq) {
   const int R = ctx.num_ranks, L = ctx.local_experts, M = ctx.ll.capacity, b = p.buffer;
   const uint64_t* words = count_word(ctx, ctx.rank, b, 0, 0);
+  const uint64_t masked = transport::masked_peers(ctx);
   bool ok = true;
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
     const int le = i / R, s = i % R;
-    if (!transport::wait_geq(ctx, words + i, seq << kCountShift, s, Phase::kLlCounts, le)) {
+    if (!((masked >> s) & 1ull) &&
+        !transport::wait_geq(ctx, words + i, seq << kCountShift, s, Phase::kLlCounts, le)) {
       ok = false;
       break;
     }
@@ -335,8 +337,10 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
   __shared__ float weights[kMaxWarps][detail::kMaxTopk];
 
   bool ok = true, aligned = true;
+  const uint64_t masked = transport::masked_peers(ctx);
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    if (!transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
+    if (!((masked >> d) & 1ull) &&
+        !transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
                                 blocks.index)) {
       ok = false;
       continue;
