@@ -125,19 +125,6 @@ __device__ __forceinline__ int4 ld_peer_16_any(const void* ptr) {
                    static_cast<int>(w[3]));
 }
 
-__device__ __forceinline__ bool is_16_aligned(const void* ptr) {
-  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
-}
-
-/// The two ways of reading a peer's 16 bytes, as types, so that a loop can be instantiated for
-/// each and the alignment test stays out of it.
-struct PeerLoad16 {
-  __device__ __forceinline__ int4 operator()(const void* ptr) const { return ld_peer_16(ptr); }
-};
-struct PeerLoad16Any {
-  __device__ __forceinline__ int4 operator()(const void* ptr) const { return ld_peer_16_any(ptr); }
-};
-
 /// 16-byte store that does not linger in L1.
 __device__ __forceinline__ void st_stream_16(void* ptr, int4 v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x),

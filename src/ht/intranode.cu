@@ -202,8 +202,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     // A slot is only read once its owner's signal arrived: after a failed wait it may be stale
     // (or null on a first call), so the block skips the reduction instead.
-    if (!((masked >> d) & 1ull) &&
-        !transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
+    if (!transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
                                 blockIdx.x)) {
       ok = false;
       continue;

@@ -155,8 +155,7 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
   }
   __syncthreads();
   const bool ok =
-      transport::signal_and_wait_all(ctx, FlagKind::kLayoutCounts, seq, Phase::kLayoutCounts, 0,
-                                     /*publish_block_writes=*/true);
+      transport::signal_and_wait_all(ctx, FlagKind::kLayoutCounts, seq, Phase::kLayoutCounts, 0);
   const int32_t* matrix =
       transport::peer_region<int32_t>(ctx, me, ctx.layout.count_matrix) + parity * R * R;
   const int32_t* per_expert =

@@ -208,12 +208,10 @@ __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParam
                                uint64_t seq) {
   const int R = ctx.num_ranks, L = ctx.local_experts, M = ctx.ll.capacity, b = p.buffer;
   const uint64_t* words = count_word(ctx, ctx.rank, b, 0, 0);
-  const uint64_t masked = transport::masked_peers(ctx);
   bool ok = true;
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
     const int le = i / R, s = i % R;
-    if (!((masked >> s) & 1ull) &&
-        !transport::wait_geq(ctx, words + i, seq << kCountShift, s, Phase::kLlCounts, le)) {
+    if (!transport::wait_geq(ctx, words + i, seq << kCountShift, s, Phase::kLlCounts, le)) {
       ok = false;
       break;
     }
@@ -258,18 +256,38 @@ __global__ void __launch_bounds__(kCombineSendThreads)
   if (threadIdx.x == 0) device::close_call(ctx);  // every thread read seq in read_call_seq
 }
 
-/// The reduction of combine_recv: out[t] = sum_k w * y[slot], one warp per piece of a row.
-/// `load` reads 16 bytes of a peer's y (the plain load when every peer's y is 16-byte aligned:
-/// two instantiations keep the test out of the loop).
-template <typename Load>
-__device__ void combine_tokens(const DeviceContext& ctx, const CombineRecvParams& p,
-                               device::RankBlocks blocks, bool ok,
-                               const uint16_t* const* y_of,
-                               const uint16_t* (*rows)[detail::kMaxTopk],
-                               float (*weights)[detail::kMaxTopk], Load load) {
-  const int K = ctx.topk, H = ctx.hidden;
-  const int32_t slots_per_rank = ctx.local_experts * ctx.num_ranks * ctx.ll.capacity;
+/// The receive phase of combine for one rank, run by `blocks` (with publish_y, the send phase
+/// first).
+__device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& p,
+                             device::RankBlocks blocks) {
+  const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank, b = p.buffer;
+  const int32_t slots_per_rank = ctx.local_experts * R * ctx.ll.capacity;
+  // Without a hook the send phase is this kernel's first step; with one it ran in its own kernel.
+  const uint64_t seq = p.publish_y ? device::read_call_seq(ctx) : ctx.ll.combine_seq[b];
+  if (p.publish_y && blocks.index == 0) publish_outputs(ctx, b, p.y, seq);
   const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
+  __shared__ const uint16_t* y_of[detail::kMaxRanks];
+  // Per warp: the token's valid (slot row, weight) pairs, compacted in k order.
+  __shared__ const uint16_t* rows[kMaxWarps][detail::kMaxTopk];
+  __shared__ float weights[kMaxWarps][detail::kMaxTopk];
+
+  bool ok = true;
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    if (!transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
+                                blocks.index)) {
+      ok = false;
+      continue;
+    }
+    if (transport::is_masked(ctx, d)) {  // its experts' outputs contribute nothing
+      y_of[d] = nullptr;
+      continue;
+    }
+    const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.ll.peer_ptrs) +
+                           (b * R + d) * detail::kPeerPtrs;
+    y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
+  }
+  ok = __syncthreads_and(ok) != 0;
+
   const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
   // One warp per piece of a token's output row (one lane step of vectors at least); the last
@@ -305,7 +323,7 @@ __device__ void combine_tokens(const DeviceContext& ctx, const CombineRecvParams
         int4 v[kCombineBatch];
 #pragma unroll
         for (int u = 0; u < kCombineBatch; ++u)
-          if (k0 + u < n) v[u] = load(rows[warp][k0 + u] + c * kBf16PerVec);
+          if (k0 + u < n) v[u] = device::ld_peer_16_any(rows[warp][k0 + u] + c * kBf16PerVec);
 #pragma unroll
         for (int u = 0; u < kCombineBatch; ++u) {
           if (k0 + u >= n) break;
@@ -320,47 +338,6 @@ __device__ void combine_tokens(const DeviceContext& ctx, const CombineRecvParams
     }
     __syncwarp();  // the lists are rewritten for the next piece
   }
-
-}
-
-/// The receive phase of combine for one rank, run by `blocks` (with publish_y, the send phase
-/// first).
-__device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& p,
-                             device::RankBlocks blocks) {
-  const int R = ctx.num_ranks, me = ctx.rank, b = p.buffer;
-  // Without a hook the send phase is this kernel's first step; with one it ran in its own kernel.
-  const uint64_t seq = p.publish_y ? device::read_call_seq(ctx) : ctx.ll.combine_seq[b];
-  if (p.publish_y && blocks.index == 0) publish_outputs(ctx, b, p.y, seq);
-  __shared__ const uint16_t* y_of[detail::kMaxRanks];
-  // Per warp: the token's valid (slot row, weight) pairs, compacted in k order.
-  __shared__ const uint16_t* rows[kMaxWarps][detail::kMaxTopk];
-  __shared__ float weights[kMaxWarps][detail::kMaxTopk];
-
-  bool ok = true, aligned = true;
-  const uint64_t masked = transport::masked_peers(ctx);
-  for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    if (!((masked >> d) & 1ull) &&
-        !transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
-                                blocks.index)) {
-      ok = false;
-      continue;
-    }
-    if (transport::is_masked(ctx, d)) {  // its experts' outputs contribute nothing
-      y_of[d] = nullptr;
-      continue;
-    }
-    const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.ll.peer_ptrs) +
-                           (b * R + d) * detail::kPeerPtrs;
-    y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
-    aligned = aligned && device::is_16_aligned(y_of[d]);
-  }
-  ok = __syncthreads_and(ok) != 0;
-  // Rows are 16-byte multiples: one test per peer tells whether its loads need the slow path.
-  const bool y_aligned = __syncthreads_and(aligned) != 0;
-  if (y_aligned)
-    combine_tokens(ctx, p, blocks, ok, y_of, rows, weights, device::PeerLoad16{});
-  else
-    combine_tokens(ctx, p, blocks, ok, y_of, rows, weights, device::PeerLoad16Any{});
 
   if (transport::is_last_block(ctx, blocks)) {
     // Every owner learns its y has been read; y of this rank stays until every reader is done.

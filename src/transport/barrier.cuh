@@ -87,12 +87,10 @@ __device__ __forceinline__ void announce_arrival(const detail::RankContext& ctx,
 __device__ __forceinline__ bool await_arrivals(const detail::RankContext& ctx, uint64_t seq,
                                                RankBlocks blocks) {
   bool ok = true;
-  const uint64_t masked = masked_peers(ctx);
   for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x)
-    if (!((masked >> d) & 1ull))
-      ok = wait_signal(ctx, detail::FlagKind::kArrive, d, seq, detail::Phase::kArrive,
-                       blocks.index) &&
-           ok;
+    ok =
+        wait_signal(ctx, detail::FlagKind::kArrive, d, seq, detail::Phase::kArrive, blocks.index) &&
+        ok;
   return __syncthreads_and(ok) != 0;
 }
 

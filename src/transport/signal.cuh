@@ -108,7 +108,7 @@ __device__ inline bool wait_geq(const RankContext& ctx, const uint64_t* word, ui
   const bool other = peer >= 0 && peer != ctx.rank;
   uint64_t v = sc.load_acquire(word);
   if (v >= target) return true;
-  // (Callers skip peers masked before the call; one masked during it is seen below.)
+  if (other && is_masked(ctx, peer)) return true;
   if (aborted(ctx)) return false;
   const uint64_t start = device::global_timer_ns();
   for (uint32_t spin = 0;; ++spin) {
@@ -138,20 +138,19 @@ __device__ __forceinline__ bool wait_signal(const RankContext& ctx, FlagKind kin
 
 /// Every thread of a block: signals `kind` at `seq` to every peer, then waits until every peer
 /// has signalled the same to this rank. The loops run over peers, so a block may have fewer
-/// threads than the group has ranks. With `publish_block_writes` each thread fences before its
-/// signals, so that the block's earlier writes (ordered by a CTA barrier before the call) are
-/// published with them. True in every thread when every wait succeeded.
+/// threads than the group has ranks. Each thread fences before its signals, so that the block's
+/// earlier writes (ordered before the call by a CTA barrier) are published with them. True in
+/// every thread when every wait succeeded.
 __device__ inline bool signal_and_wait_all(const RankContext& ctx, FlagKind kind, uint64_t seq,
-                                           Phase phase, int channel,
-                                           bool publish_block_writes = false) {
+                                           Phase phase, int channel) {
   const int R = ctx.num_ranks;
   const uint64_t masked = masked_peers(ctx);  // masked peers are neither signalled nor awaited
-  if (publish_block_writes && threadIdx.x < R) scope(ctx).fence();
+  if (threadIdx.x < R) scope(ctx).fence();
   for (int d = threadIdx.x; d < R; d += blockDim.x)
     if (!((masked >> d) & 1ull)) signal(ctx, d, kind, seq);
   bool ok = true;
   for (int d = threadIdx.x; d < R; d += blockDim.x)
-    if (!((masked >> d) & 1ull)) ok = wait_signal(ctx, kind, d, seq, phase, channel) && ok;
+    ok = wait_signal(ctx, kind, d, seq, phase, channel) && ok;
   return __syncthreads_and(ok) != 0;
 }
 
