@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common/harness.hpp"
+#include "common/standard_config.hpp"
 #include "moecomm/moecomm.hpp"
 
 using namespace moecomm;
@@ -11,12 +12,7 @@ using namespace moecomm;
 namespace {
 
 Config good() {
-  Config c;
-  c.num_experts = 256;
-  c.hidden = 7168;
-  c.topk = 8;
-  c.max_tokens_per_rank = 4096;
-  return c;
+  return test::standard_config();
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common/harness.hpp"
+#include "common/standard_config.hpp"
 #include "core/validate.hpp"
 #include "moecomm/config.hpp"
 #include "moecomm/error.hpp"
@@ -17,12 +18,7 @@ using namespace moecomm;
 namespace {
 
 Config good() {
-  Config c;
-  c.num_experts = 256;
-  c.hidden = 7168;
-  c.topk = 8;
-  c.max_tokens_per_rank = 4096;
-  return c;
+  return test::standard_config();
 }
 
 }  // namespace
