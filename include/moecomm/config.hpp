@@ -74,6 +74,18 @@ struct Config {
   /// (bench/RESULTS.md, "Auto threshold"). Re-measure for other shapes and machines.
   int auto_low_latency_max_tokens = 128;
 
+  /// Bytes of each rank's RDMA window: the part of its registered buffer that ranks on other nodes
+  /// may write into (through the RDMA engine only). 0: no window, the group must lie in one node
+  /// (a group spanning nodes then raises, naming the size it needs). required_rdma_bytes() gives
+  /// the size a group needs; a larger hint is accepted and the rest left unused.
+  int64_t rdma_bytes = 0;
+  /// The loopback RDMA engine (virtual nodes, or processes of one host declared as nodes) can
+  /// model a NIC: each rank's puts then complete no faster than this many GB/s, each signal no
+  /// sooner than nic_model_latency_us after its data. 0 (the default): puts complete at once, as
+  /// tests want; ep_bench sets 50 GB/s and 2 us (a 400 Gb/s NIC).
+  double nic_model_gbps = 0.0;
+  double nic_model_latency_us = 0.0;
+
   /// Check topk_idx on the device (range, duplicates) before every dispatch. Defaults to on in
   /// debug builds.
 #ifdef NDEBUG
@@ -96,5 +108,10 @@ struct Config {
   void load_file(const std::string& path);
   void save_file(const std::string& path) const;
 };
+
+/// RDMA window bytes (Config::rdma_bytes) each rank needs for a group of num_ranks ranks on
+/// num_nodes nodes (num_ranks / num_nodes ranks each) with this Config (whose own rdma_bytes is
+/// ignored). DeepEP's size hints play this part. Raises InvalidArgument for a bad shape.
+int64_t required_rdma_bytes(const Config& config, int num_ranks, int num_nodes);
 
 }  // namespace moecomm

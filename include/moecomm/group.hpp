@@ -19,14 +19,22 @@ class GroupState;
 /// R ranks in this process. Rank r lives on devices[r % devices.size()]. Ranks on one device
 /// spin on each other, so their kernels must be resident together: the constructor raises
 /// InvalidArgument unless the sum of num_sms over the ranks of each device fits its SM count.
+///
+/// num_nodes > 1 declares virtual nodes: ranks r*G .. r*G+G-1 (G = R / num_nodes) form node r.
+/// Ranks of one node use loads and stores; ranks of different nodes reach each other only
+/// through the RDMA engine (here the loopback engine, with Config's NIC model), exactly as on a
+/// cluster. Needs Config::rdma_bytes >= required_rdma_bytes(config, R, num_nodes).
 class VirtualGroup {
  public:
-  VirtualGroup(const Config& config, int num_ranks, std::vector<int> devices = {0});
+  VirtualGroup(const Config& config, int num_ranks, std::vector<int> devices = {0},
+               int num_nodes = 1);
   ~VirtualGroup();
   VirtualGroup(const VirtualGroup&) = delete;
   VirtualGroup& operator=(const VirtualGroup&) = delete;
 
   int size() const;
+  /// Nodes of the group (1 unless declared).
+  int num_nodes() const;
   MoECommunicator& operator[](int rank);
 
   /// Runs fn(rank) for every rank, each on its own host thread, and waits for all; rethrows the

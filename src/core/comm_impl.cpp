@@ -44,6 +44,12 @@ const char* phase_name(int phase) {
       return "LL dispatch: per-expert counts";
     case Phase::kGridBarrier:
       return "grid barrier (blocks of one kernel)";
+    case Phase::kRdmaCounts:
+      return "internode: counts over RDMA";
+    case Phase::kRdmaData:
+      return "internode: rows or partial sums over RDMA";
+    case Phase::kRdmaArrive:
+      return "internode: arrival over RDMA (peer entering the same call)";
     case Phase::kNone:
       break;
   }
@@ -96,19 +102,19 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
 
   // Private memory, one allocation: every path's regions and this communicator's outputs.
   // Measured first, then carved; the symmetric offsets come out as the group's plan made them.
-  auto claim = [&](Arena& symmetric, Arena& local) {
-    claim_regions(c, shape, symmetric, local, ctx_);
-    combine_out_ = local.take<uint16_t>(static_cast<size_t>(Tmax) * H);
-    combine_weights_ = local.take<float>(static_cast<size_t>(Tmax) * K);
+  auto claim = [&](RankArenas& arenas) {
+    claim_regions(c, shape, arenas, ctx_);
+    combine_out_ = arenas.local.take<uint16_t>(static_cast<size_t>(Tmax) * H);
+    combine_weights_ = arenas.local.take<float>(static_cast<size_t>(Tmax) * K);
   };
-  Arena measure_symmetric, measure_local;
-  claim(measure_symmetric, measure_local);
-  MOECOMM_CUDA_CHECK(cudaMalloc(&local_mem_, measure_local.size()));
-  MOECOMM_CUDA_CHECK(cudaMemset(local_mem_, 0, measure_local.size()));
-  Arena symmetric, local(local_mem_);
-  claim(symmetric, local);
+  RankArenas measure(c);
+  claim(measure);
+  MOECOMM_CUDA_CHECK(cudaMalloc(&local_mem_, measure.local.size()));
+  MOECOMM_CUDA_CHECK(cudaMemset(local_mem_, 0, measure.local.size()));
+  RankArenas arenas(c, local_mem_);
+  claim(arenas);
   // The group allocated the symmetric buffers from the same list: a mismatch is a bug.
-  if (symmetric.size() != group_->plan.bytes)
+  if (arenas.symmetric.size() != group_->plan.bytes)
     throw Error("internal: the regions of rank " + std::to_string(rank_) +
                 " do not match the group's symmetric buffer");
 
@@ -128,6 +134,12 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   for (int r = 0; r < R; ++r)
     if (!group_->single_address_space || group_->device_of[r] != device_) ctx_.one_gpu = 0;
   for (int r = 0; r < R; ++r) ctx_.peers[r] = group_->sym_base[r];
+  ctx_.num_nodes = shape.num_nodes;
+  ctx_.node_size = shape.node_size;
+  ctx_.node = rank_ / shape.node_size;
+  ctx_.rdma.nic_model = c.nic_model_gbps > 0.0 ? 1 : 0;
+  ctx_.rdma.nic_bytes_per_ns = static_cast<float>(c.nic_model_gbps);
+  ctx_.rdma.nic_latency_ns = static_cast<uint64_t>(c.nic_model_latency_us * 1e3);
   MOECOMM_CUDA_CHECK(
       cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));
 
@@ -177,7 +189,7 @@ void CommImpl::check_errors() {
       failed_ = true;
       throw TimeoutError("rank " + std::to_string(copy.rank) + " waited more than " +
                          std::to_string(config().timeout_seconds) + " s for peer " +
-                         std::to_string(copy.peer) + " in phase '" + phase_name(copy.phase) +
+                         std::to_string(copy.peer) + node_of(copy.peer) + " in phase '" + phase_name(copy.phase) +
                          "' (channel " + std::to_string(copy.channel) + ", call " +
                          std::to_string(copy.seq) + ", flag at " + std::to_string(copy.observed) +
                          "); did every rank make the same calls? The group is now unusable");
@@ -200,9 +212,21 @@ void CommImpl::check_errors() {
                             std::to_string(copy.b) +
                             "; rows past it were dropped on every rank; raise it (0 = the worst "
                             "case)");
+    case DeviceErrorKind::kRdmaOutOfWindow:
+      failed_ = true;
+      throw Error("internal: rank " + std::to_string(copy.rank) +
+                  " addressed an RDMA put or signal outside the window (offset " +
+                  std::to_string(copy.a) + ", " + std::to_string(copy.b) + " bytes, window " +
+                  std::to_string(config().rdma_bytes) + " bytes); the group is now unusable");
     case DeviceErrorKind::kNone:
       break;
   }
+}
+
+std::string CommImpl::node_of(int peer) const {
+  const int G = ctx_.node_size;
+  if (ctx_.num_nodes <= 1 || peer < 0 || G <= 0) return "";
+  return " (node " + std::to_string(peer / G) + (peer / G == ctx_.node ? ", this node)" : ")");
 }
 
 // Exact sizing needs N on the host before dispatch returns. The kernel writes the counts to

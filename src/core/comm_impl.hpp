@@ -63,6 +63,8 @@ class CommImpl {
   /// Raises the first recorded device error (TimeoutError for a stall; InvalidArgument for bad
   /// topk_idx or an overflowing receive capacity).
   void check_errors();
+  /// " (node n)" for a peer of a group that spans nodes; empty otherwise.
+  std::string node_of(int peer) const;
 
   /// A group dispatch failed on a later rank after this one recorded its call: take back the
   /// buffer parity it advanced, so that every rank stays in step.

@@ -107,6 +107,13 @@ void Config::validate(int num_ranks) const {
   if (!(timeout_seconds > 0.0) || timeout_seconds > 3600.0)
     throw InvalidArgument("Config.timeout_seconds: expected a value in (0, 3600], got " +
                           std::to_string(timeout_seconds));
+  if (rdma_bytes < 0) bad("rdma_bytes", ">= 0 (0: no RDMA window)", rdma_bytes);
+  if (!(nic_model_gbps >= 0.0) || nic_model_gbps > 1e6)
+    throw InvalidArgument("Config.nic_model_gbps: expected a value in [0, 1e6] (0: no NIC model), "
+                          "got " + std::to_string(nic_model_gbps));
+  if (!(nic_model_latency_us >= 0.0) || nic_model_latency_us > 1e6)
+    throw InvalidArgument("Config.nic_model_latency_us: expected a value in [0, 1e6], got " +
+                          std::to_string(nic_model_latency_us));
   if (max_recv_tokens < 0) bad("max_recv_tokens", ">= 0 (0: worst case)", max_recv_tokens);
   if (low_latency_max_tokens < 0) bad("low_latency_max_tokens", ">= 0", low_latency_max_tokens);
   if (auto_low_latency_max_tokens < 1)
@@ -187,6 +194,18 @@ std::string double_text(double v) {
   return ec == std::errc() ? std::string(buf, end) : std::to_string(v);
 }
 
+Field double_field(const char* name, double Config::*member) {
+  return {name, [member](const Config& c) { return double_text(c.*member); },
+          [member, name](Config& c, const std::string& v) {
+            double parsed = 0;
+            const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), parsed);
+            if (ec != std::errc() || end != v.data() + v.size() || !std::isfinite(parsed))
+              throw InvalidArgument(std::string(name) + ": expected a finite number, got '" + v +
+                                    "'");
+            c.*member = parsed;
+          }};
+}
+
 const std::vector<Field>& fields() {
   static const std::vector<Field> table = {
       int_field("num_experts", &Config::num_experts),
@@ -209,19 +228,15 @@ const std::vector<Field>& fields() {
          if (!scale_format_from_name(v, &c.scale_format))
            throw InvalidArgument("scale_format: expected f32 or pow2, got '" + v + "'");
        }},
-      {"timeout_seconds", [](const Config& c) { return double_text(c.timeout_seconds); },
-       [](Config& c, const std::string& v) {
-         double parsed = 0;
-         const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), parsed);
-         if (ec != std::errc() || end != v.data() + v.size() || !std::isfinite(parsed))
-           throw InvalidArgument("timeout_seconds: expected a finite number, got '" + v + "'");
-         c.timeout_seconds = parsed;
-       }},
+      double_field("timeout_seconds", &Config::timeout_seconds),
       int_field("max_recv_tokens", &Config::max_recv_tokens),
       int_field("low_latency_max_tokens", &Config::low_latency_max_tokens),
       int_field("auto_low_latency_max_tokens", &Config::auto_low_latency_max_tokens),
       bool_field("validate_inputs", &Config::validate_inputs),
       bool_field("mask_unresponsive_ranks", &Config::mask_unresponsive_ranks),
+      int_field("rdma_bytes", &Config::rdma_bytes),
+      double_field("nic_model_gbps", &Config::nic_model_gbps),
+      double_field("nic_model_latency_us", &Config::nic_model_latency_us),
   };
   return table;
 }

@@ -183,8 +183,17 @@ struct VirtualGroup::Pool {
 
 // Everything that could make co-located ranks deadlock is refused here, before any buffer
 // exists: too many SMs for the ranks of one device, too few hardware queues for their streams.
-VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int> devices) {
+VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int> devices,
+                           int num_nodes) {
   config.validate(num_ranks);
+  if (num_nodes < 1 || num_ranks % num_nodes != 0)
+    throw InvalidArgument("num_nodes: expected a divisor of the group size " +
+                          std::to_string(num_ranks) + " (nodes of equal size), got " +
+                          std::to_string(num_nodes));
+  // Host-side checks of the node layout and the RDMA window come before any device is touched.
+  const auto shape =
+      detail::region_shape(config, num_ranks, /*separate_processes=*/false, num_nodes);
+  const detail::SymmetricPlan plan = detail::symmetric_plan(config, shape);
   if (devices.empty()) throw InvalidArgument("devices: expected at least one CUDA device ordinal");
   const int visible = cuda_device_count();
   if (visible == 0)
@@ -211,9 +220,7 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
                           "distinct hardware queues (at least " +
                           std::to_string(2 * most_on_one_device) +
                           "); unset it or set it to 32 before CUDA starts");
-  const auto shape = detail::region_shape(config, num_ranks, /*separate_processes=*/false);
-  state_ = std::make_shared<detail::GroupState>(config, shape, devices,
-                                                detail::symmetric_plan(config, shape));
+  state_ = std::make_shared<detail::GroupState>(config, shape, devices, plan);
   for (int r = 0; r < num_ranks; ++r)
     comms_.push_back(std::unique_ptr<MoECommunicator>(
         new MoECommunicator(std::make_unique<detail::CommImpl>(state_, r))));
@@ -224,6 +231,10 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
 VirtualGroup::~VirtualGroup() {
   pool_.reset();
   comms_.clear();
+}
+
+int VirtualGroup::num_nodes() const {
+  return state_->shape.num_nodes;
 }
 
 int VirtualGroup::size() const {
@@ -406,6 +417,17 @@ std::unique_ptr<MoECommunicator> ProcessGroupBuilder::connect(
   connected_ = true;
   return std::unique_ptr<MoECommunicator>(
       new MoECommunicator(std::make_unique<detail::CommImpl>(state_, rank_)));
+}
+
+int64_t required_rdma_bytes(const Config& config, int num_ranks, int num_nodes) {
+  Config c = config;
+  c.rdma_bytes = 0;
+  c.validate(num_ranks);
+  if (num_nodes < 1 || num_ranks % num_nodes != 0)
+    throw InvalidArgument("num_nodes: expected a divisor of num_ranks " +
+                          std::to_string(num_ranks) + ", got " + std::to_string(num_nodes));
+  const auto shape = detail::region_shape(c, num_ranks, /*separate_processes=*/false, num_nodes);
+  return static_cast<int64_t>(detail::window_bytes_needed(c, shape));
 }
 
 }  // namespace moecomm

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "ht/regions.hpp"
+#include "internode/regions.hpp"
 #include "layout/regions.hpp"
 #include "ll/regions.hpp"
 #include "runtime/device_context.hpp"
@@ -15,6 +16,7 @@ struct DeviceContext : RankContext {
   layout::Regions layout;
   ht::Regions ht;
   ll::Regions ll;
+  internode::Regions internode;
 };
 
 }  // namespace moecomm::detail

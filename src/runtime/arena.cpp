@@ -4,7 +4,8 @@
 
 namespace moecomm::detail {
 
-RegionShape region_shape(const Config& config, int num_ranks, bool separate_processes) {
+RegionShape region_shape(const Config& config, int num_ranks, bool separate_processes,
+                         int num_nodes) {
   RegionShape s;
   s.num_ranks = num_ranks;
   s.num_experts = config.num_experts;
@@ -15,6 +16,8 @@ RegionShape region_shape(const Config& config, int num_ranks, bool separate_proc
   s.max_tokens = std::max(config.max_tokens_per_rank, ll_tokens);
   s.words = static_cast<int>((static_cast<int64_t>(s.max_tokens) + 31) / 32);  // no int wrap
   s.separate_processes = separate_processes;
+  s.num_nodes = num_nodes;
+  s.node_size = num_nodes > 0 ? num_ranks / num_nodes : 0;
   return s;
 }
 
@@ -26,6 +29,7 @@ void claim_common_regions(Arena& symmetric, Arena& local, RankContext& ctx) {
   ctx.local.grid_barrier = local.take<uint64_t>(2);
   ctx.local.aborted = local.take<int32_t>(1);
   ctx.local.rank_mask = local.take<uint64_t>(1);
+  ctx.rdma.nic_busy_until = local.take<uint64_t>(1);
 }
 
 }  // namespace moecomm::detail

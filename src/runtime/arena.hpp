@@ -26,6 +26,13 @@ class Arena {
  public:
   Arena() = default;
   explicit Arena(void* base) : base_(reinterpret_cast<uintptr_t>(base)) {}
+  /// Offsets that start at `origin` (a part of the symmetric buffer that begins past another).
+  static Arena at_offset(size_t origin) {
+    Arena a;
+    a.size_ = (origin + kAlign - 1) / kAlign * kAlign;
+    return a;
+  }
+  static constexpr size_t kAlign = 256;
 
   /// Offset of a new region of `count` elements of T.
   template <typename T>
@@ -51,7 +58,6 @@ class Arena {
   const std::vector<ByteRange>& zeroed() const { return zeroed_; }
 
  private:
-  static constexpr size_t kAlign = 256;
   uintptr_t base_ = 0;
   size_t size_ = 0;
   std::vector<ByteRange> zeroed_;
@@ -68,15 +74,26 @@ struct RegionShape {
   int words = 0;          // W = ceil(Tmax / 32)
   /// Ranks in separate processes: a combine input that is not registered memory must be staged.
   bool separate_processes = false;
+  int num_nodes = 1;  // N: nodes of the group (ranks r*G .. r*G+G-1 form node r)
+  int node_size = 0;  // G = R / N
 };
 
-RegionShape region_shape(const Config& config, int num_ranks, bool separate_processes);
+/// The shape of a group of num_ranks ranks on num_nodes nodes (num_nodes divides num_ranks).
+RegionShape region_shape(const Config& config, int num_ranks, bool separate_processes,
+                         int num_nodes = 1);
 
-/// What a group allocates per rank: the symmetric buffer's size and the ranges to clear.
+/// What a group allocates per rank: the symmetric buffer's size and the ranges to clear. The
+/// buffer starts with the RDMA window (Config::rdma_bytes, cleared whole), then the rest.
 struct SymmetricPlan {
   size_t bytes = 0;
+  size_t window_bytes = 0;
   std::vector<ByteRange> zeroed;
 };
+
+/// The arena of the symmetric regions outside the RDMA window: they start past it.
+inline Arena symmetric_arena(const Config& config) {
+  return Arena::at_offset(static_cast<size_t>(config.rdma_bytes));
+}
 
 /// The runtime's own regions, laid out before every path's: the signal flags in the symmetric
 /// buffer, and the call epoch, block ticket, grid barrier and abort flag in private memory.

@@ -21,6 +21,9 @@ enum class Phase : int32_t {
   kCombineDone,   // combine: a peer finished reading this rank's outputs
   kLlCounts,      // LL dispatch receive: per-(expert, source) count
   kGridBarrier,   // the blocks of one of this rank's kernels meeting between steps
+  kRdmaCounts,    // internode: a remote node's counts (through the RDMA engine)
+  kRdmaData,      // internode: a remote node's rows (dispatch) or partial sums (combine)
+  kRdmaArrive,    // internode: a remote rank entering the call (its window is free)
 };
 
 /// One slot per kind and source rank in each rank's symmetric buffer; values are call sequence
@@ -40,6 +43,7 @@ enum class DeviceErrorKind : int32_t {
   kExpertOutOfRange,  // a = token, b = k, observed = value
   kDuplicateExpert,   // a = token, b = k, observed = value
   kRecvOverflow,      // a = rows needed, b = capacity
+  kRdmaOutOfWindow,   // an RDMA put or signal outside the peer's window: a = offset, b = bytes
 };
 
 /// First device error of a rank, in host-mapped memory (readable without synchronising).
@@ -77,6 +81,16 @@ struct CommonLocal {
   uint64_t* rank_mask;     // bit d: rank d is masked (absent) for this rank's calls
 };
 
+/// The RDMA engine's view of this rank (transport/rdma.cuh): where the window lies in every
+/// rank's symmetric buffer, and the loopback engine's NIC model.
+struct RdmaContext {
+  uint64_t window_bytes;        // the window is [0, window_bytes) of each symmetric buffer
+  uint32_t nic_model;           // 1: puts complete at the modelled bandwidth and latency
+  float nic_bytes_per_ns;       // modelled bandwidth (GB/s == bytes/ns)
+  uint64_t nic_latency_ns;      // modelled latency of a signal after its data
+  uint64_t* nic_busy_until;     // private: global-timer ns at which this rank's NIC is free
+};
+
 /// What every kernel knows of its rank whatever the path: the group's shape, the peers'
 /// symmetric buffers, the runtime's own regions and the error record. Kernels take the
 /// DeviceContext (paths/device_context.hpp), which adds each path's regions to this.
@@ -90,12 +104,16 @@ struct RankContext {
   int32_t max_tokens;  // Tmax: largest T of any call
   int32_t words;       // W = ceil(Tmax / 32)
   int32_t one_gpu;     // every rank on this GPU: GPU-scope ordering suffices
+  int32_t num_nodes;   // N: ranks on different nodes talk only through the RDMA engine
+  int32_t node_size;   // G = R / N ranks per node; rank r is on node r / G
+  int32_t node;        // this rank's node
   uint64_t timeout_ns;
   int32_t mask_on_timeout;     // a peer whose wait times out is masked instead of a stall (LL)
   int32_t* masked_by_timeout;  // [kMaxRanks] host-mapped: 1 where a wait masked that peer
   uint8_t* peers[kMaxRanks];   // symmetric base of every rank (this one included)
   CommonSymmetric sym;
   CommonLocal local;
+  RdmaContext rdma;
   DeviceError* error;
 };
 

@@ -169,9 +169,10 @@ bool one_validate(Rng& rng) {
   // ...and no buffer size wraps: the symmetric buffer holds at least its largest region.
   for (bool separate : {false, true}) {
     const auto shape = detail::region_shape(c, R, separate);
-    detail::Arena symmetric, local;
+    detail::RankArenas arenas(c);
     detail::DeviceContext ctx{};
-    detail::claim_regions(c, shape, symmetric, local, ctx);
+    detail::claim_regions(c, shape, arenas, ctx);
+    const detail::Arena& symmetric = arenas.symmetric;
     const long double ht = static_cast<long double>(ctx.ht.capacity) * c.hidden * 2;
     const long double ll =
         static_cast<long double>(c.local_experts(R)) * R * ctx.ll.capacity * c.hidden * 2;
