@@ -225,9 +225,12 @@ std::vector<HtReceived> ht_dispatch(const Shape& shape, const std::vector<Routin
 std::vector<HtCombined> ht_combine(const Shape& shape, const std::vector<Routing>& routing,
                                    const std::vector<std::vector<bf16_t>>& y,
                                    const std::vector<std::vector<bf16_t>>& bias,
-                                   const std::vector<std::vector<float>>& recv_weights) {
+                                   const std::vector<std::vector<float>>& recv_weights,
+                                   int num_nodes) {
   const std::vector<LayoutResult> lay = layout(shape, routing);
   const int R = shape.num_ranks, K = shape.topk;
+  if (num_nodes < 1 || R % num_nodes != 0) fail("num_nodes must divide the number of ranks");
+  const int G = R / num_nodes;
   const size_t H = shape.hidden;
   const HtRows h = ht_rows(shape, lay, routing);
 
@@ -265,20 +268,44 @@ std::vector<HtCombined> ht_combine(const Shape& shape, const std::vector<Routing
     o.out.resize(T * H);
     if (weights) o.combined_topk_weights.resize(T * K);
     for (int64_t t = 0; t < T; ++t) {
+      // Sum over ranks r of node n ascending (f32), then over nodes ascending: one node's sum
+      // is exact f32 with a single node, and rounded to bf16 before it crosses nodes otherwise.
+      auto node_sum = [&](int n, auto value, bool* any) {
+        float p = 0.0f;
+        *any = false;
+        for (int r = n * G; r < (n + 1) * G; ++r) {
+          const int64_t row = h.rows[s][t * R + r];
+          if (row >= 0) {
+            p += value(r, row);
+            *any = true;
+          }
+        }
+        return p;
+      };
       for (size_t c = 0; c < H; ++c) {
         float acc = 0.0f;
-        for (int r = 0; r < R; ++r) {
-          const int64_t row = h.rows[s][t * R + r];
-          if (row >= 0) acc += bf16_to_float(y[r][row * H + c]);
+        for (int n = 0; n < num_nodes; ++n) {
+          bool any = false;
+          const float p = node_sum(
+              n, [&](int r, int64_t row) { return bf16_to_float(y[r][row * H + c]); }, &any);
+          if (num_nodes == 1)
+            acc = p;
+          else if (any)
+            acc += bf16_to_float(float_to_bf16(p));
         }
         if (has_bias) acc += bf16_to_float(bias[s][t * H + c]);
         o.out[t * H + c] = float_to_bf16(acc);
       }
       for (int k = 0; k < K && weights; ++k) {
         float acc = 0.0f;
-        for (int r = 0; r < R; ++r) {
-          const int64_t row = h.rows[s][t * R + r];
-          if (row >= 0) acc += recv_weights[r][row * K + k];
+        for (int n = 0; n < num_nodes; ++n) {
+          bool any = false;
+          const float p = node_sum(
+              n, [&](int r, int64_t row) { return recv_weights[r][row * K + k]; }, &any);
+          if (num_nodes == 1)
+            acc = p;
+          else if (any)
+            acc += p;
         }
         o.combined_topk_weights[t * K + k] = acc;
       }

@@ -73,10 +73,15 @@ struct HtCombined {
 /// + float(bias[t]) ), accumulated in f32 starting from 0; tokens sent nowhere get bias (or 0).
 /// y[r] is [N_r * H] bf16 in rank r's received-row order; bias[s] ([T*H]) and recv_weights[r]
 /// ([N_r*K]) may be empty vectors. combined_topk_weights[t][k] = sum over r ascending.
+/// num_nodes > 1 (ranks n*G .. n*G+G-1 form node n): the two-level sum of the internode path:
+/// per node, the f32 sum over its ranks ascending, rounded to bf16 (the partial sum that crosses
+/// the RDMA link), then out[t] = bf16(sum over nodes with a destination of t, ascending, of
+/// those partials, + bias); weights likewise without the rounding.
 std::vector<HtCombined> ht_combine(const Shape& shape, const std::vector<Routing>& routing,
                                    const std::vector<std::vector<bf16_t>>& y,
                                    const std::vector<std::vector<bf16_t>>& bias,
-                                   const std::vector<std::vector<float>>& recv_weights);
+                                   const std::vector<std::vector<float>>& recv_weights,
+                                   int num_nodes = 1);
 
 /// LL dispatch output of one rank, capacity M per source rank.
 struct LlReceived {
