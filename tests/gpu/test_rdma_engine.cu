@@ -29,7 +29,7 @@ struct WindowShape {
     return static_cast<uint64_t>(R + dst) * bytes;
   }
   __host__ __device__ uint64_t sig(int src) const { return stage(R) + 8ull * src; }
-  __host__ __device__ uint64_t size() const { return sig(R); }
+  __host__ __device__ uint64_t size() const { return (sig(R) + 255) / 256 * 256; }  // aligned bases
 };
 
 /// Block b is rank b: stages its payload for each peer, puts it with a signal, then waits for
