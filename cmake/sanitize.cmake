@@ -11,11 +11,13 @@ add_library(moecomm_host_san STATIC
   src/core/tensor.cpp
   src/core/validate.cpp
   src/runtime/config_digest.cpp
+  src/runtime/node_layout.cpp
   src/runtime/arena.cpp
   src/paths/regions.cpp
   src/layout/regions.cpp
   src/ht/regions.cpp
-  src/ll/regions.cpp)
+  src/ll/regions.cpp
+  src/internode/regions.cpp)
 target_include_directories(moecomm_host_san PUBLIC
   ${CMAKE_CURRENT_SOURCE_DIR}/include ${CMAKE_CURRENT_SOURCE_DIR}/src)
 target_compile_options(moecomm_host_san PRIVATE -Wall -Wextra)

@@ -127,6 +127,8 @@ class MoECommunicator {
 
   int rank() const;
   int num_ranks() const;
+  /// Nodes the group spans (1 within one node); rank r is on node r / (num_ranks / num_nodes).
+  int num_nodes() const;
   int device() const;
   const Config& config() const;
   /// This rank's own stream (the default for every call).

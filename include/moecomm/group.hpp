@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "moecomm/communicator.hpp"
@@ -83,6 +84,14 @@ class VirtualGroup {
 /// The ranks of a VirtualGroup share one Config by construction; those of a process group each
 /// pass their own, and connect() checks that they agree.
 ///
+/// Nodes: each handle carries the id of the rank's host (by default its host name; set_host_id
+/// overrides it, e.g. to declare processes of one machine as separate nodes in tests). connect()
+/// derives the nodes from them: the ranks of one host form a node, which must be a contiguous
+/// block of ranks (node n holds ranks n*G .. n*G+G-1), and every node must hold the same number
+/// G of ranks. A group of N > 1 nodes needs Config::rdma_bytes >= required_rdma_bytes(config,
+/// size, N). The buffer allocated by the constructor does not depend on N (its RDMA window is
+/// Config::rdma_bytes bytes), so nothing is reallocated when the nodes become known.
+///
 /// In such a group, combine reads its inputs from registered memory: dispatch outputs and
 /// MoECommunicator::combine_buffer are registered; other tensors are first copied in.
 class ProcessGroupBuilder {
@@ -92,20 +101,35 @@ class ProcessGroupBuilder {
   ProcessGroupBuilder(const ProcessGroupBuilder&) = delete;
   ProcessGroupBuilder& operator=(const ProcessGroupBuilder&) = delete;
 
+  /// Replaces the host id this rank reports (default: the host name). Ranks that report the same
+  /// id are one node. 1..255 bytes without NUL, else InvalidArgument; must come before
+  /// local_handle() (InvalidArgument after it).
+  void set_host_id(const std::string& host_id);
+  /// The host id this rank reports.
+  const std::string& host_id() const;
+
   /// This rank's handle (handle_size() bytes): a digest of the library version, the rank, the
-  /// group size and every Config field, then the CUDA IPC handle of its buffer.
+  /// group size and every Config field, then the host id, then the CUDA IPC handle of its buffer.
   std::vector<uint8_t> local_handle() const;
   /// The same on every rank of every group of this library version.
   static size_t handle_size();
   /// Checks that every rank runs the same library version with the same Config and group size,
   /// and that all_handles is in rank order; otherwise raises InvalidArgument, the same on every
   /// rank, naming the field and the ranks ("Config.hidden differs: ranks 0,2 have 7168, rank 1
-  /// has 4096"). Then maps every peer and returns this rank's communicator. Call once.
+  /// has 4096"). Then derives the nodes from the host ids (InvalidArgument naming the hosts and
+  /// their ranks if a host's ranks are not contiguous or hosts hold different numbers of ranks)
+  /// and checks Config::rdma_bytes against them (InvalidArgument naming the size needed when a
+  /// group spanning nodes has too small a window); every rank sees the same bytes, so every rank
+  /// raises the same error. Then maps every peer and returns this rank's communicator. Call once.
   std::unique_ptr<MoECommunicator> connect(const std::vector<uint8_t>& all_handles);
+  /// Nodes of the group: 1 before connect(), then what the host ids gave.
+  int num_nodes() const;
 
  private:
   std::shared_ptr<detail::GroupState> state_;
   int rank_;
+  std::string host_id_;
+  mutable bool exported_ = false;
   bool connected_ = false;
 };
 

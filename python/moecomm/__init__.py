@@ -55,6 +55,19 @@ def device_sm_count(device: int = 0) -> int:
     return _C.device_sm_count(device)
 
 
+def required_rdma_bytes(config, num_ranks: int, num_nodes: int) -> int:
+    """RDMA window bytes (``MoECommunicatorConfig.rdma_bytes``) each rank needs for a group of
+    ``num_ranks`` ranks on ``num_nodes`` nodes with this config (whose own ``rdma_bytes`` is
+    ignored). Raises moecomm.InvalidArgument for a bad shape (``num_nodes`` must divide
+    ``num_ranks``). Needs no GPU."""
+    import operator
+
+    from .groups import _as_config
+
+    return _C.required_rdma_bytes(_as_config(config)._to_cpp(), operator.index(num_ranks),
+                                  operator.index(num_nodes))
+
+
 def __getattr__(name):
     # moecomm.autograd needs torch, moecomm.deep_ep is DeepEP's API: imported on first use only.
     if name in ("autograd", "deep_ep"):
@@ -82,5 +95,6 @@ __all__ = [
     "cuda_device_count",
     "device_sm_count",
     "process_group_communicator",
+    "required_rdma_bytes",
     "virtual_group",
 ]

@@ -315,6 +315,12 @@ class MoECommunicator:
         return self._config
 
     @property
+    def num_nodes(self) -> int:
+        """Nodes the group spans (1 within one node); rank r is on node
+        ``r // (num_ranks // num_nodes)``."""
+        return self._c.num_nodes
+
+    @property
     def local_experts(self) -> int:
         return self.config.num_experts // self.num_ranks
 

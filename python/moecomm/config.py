@@ -22,7 +22,10 @@ _INT_FIELDS = (
     "max_recv_tokens",
     "low_latency_max_tokens",
     "auto_low_latency_max_tokens",
+    "rdma_bytes",
 )
+_INT64_FIELDS = ("max_recv_tokens", "rdma_bytes")
+_FLOAT_FIELDS = ("timeout_seconds", "nic_model_gbps", "nic_model_latency_us")
 
 
 @dataclasses.dataclass
@@ -36,6 +39,11 @@ class MoECommunicatorConfig:
     CUDA-graph capturable) or ``"auto"`` (LL up to ``auto_low_latency_max_tokens`` tokens, HT
     above). ``scale_format``: ``"f32"`` (scale = amax / 448) or ``"pow2"`` (rounded up to a power
     of two). ``validate_inputs=None`` keeps the library default (off in release builds).
+
+    Groups that span nodes: ``rdma_bytes`` is each rank's RDMA window (0: none, the group must
+    lie in one node; :func:`moecomm.required_rdma_bytes` gives the size a group needs);
+    ``nic_model_gbps`` and ``nic_model_latency_us`` make the loopback RDMA engine (virtual nodes,
+    or processes of one host declared as nodes) model a NIC (0: puts complete at once).
 
     The fields are checked when the config is made (and again, with the group size, when a group
     is made); a violation raises :class:`moecomm.InvalidArgument` whose message names the field.
@@ -57,6 +65,9 @@ class MoECommunicatorConfig:
     auto_low_latency_max_tokens: int = 128
     validate_inputs: Optional[bool] = None
     mask_unresponsive_ranks: bool = False
+    rdma_bytes: int = 0
+    nic_model_gbps: float = 0.0
+    nic_model_latency_us: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str) and self.mode in _MODES:
@@ -77,7 +88,11 @@ class MoECommunicatorConfig:
             except TypeError:
                 raise _C.InvalidArgument(
                     f"Config.{name}: expected an integer, got {value!r}") from None
-            if not -(2**31) <= value < 2**31 and name != "max_recv_tokens":
+            if name in _INT64_FIELDS:
+                if not -(2**63) <= value < 2**63:
+                    raise _C.InvalidArgument(
+                        f"Config.{name}: expected a 64-bit integer, got {value}")
+            elif not -(2**31) <= value < 2**31:
                 raise _C.InvalidArgument(f"Config.{name}: expected a 32-bit integer, got {value}")
             setattr(c, name, value)
         mode = _MODES.get(self.mode) if isinstance(self.mode, str) else None
@@ -89,11 +104,13 @@ class MoECommunicatorConfig:
             raise _C.InvalidArgument(
                 f"Config.scale_format: expected 'f32' or 'pow2', got {self.scale_format!r}")
         c.scale_format = fmt
-        try:
-            c.timeout_seconds = float(self.timeout_seconds)
-        except (TypeError, ValueError):
-            raise _C.InvalidArgument(
-                f"Config.timeout_seconds: expected a number, got {self.timeout_seconds!r}") from None
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            try:
+                setattr(c, name, float(value))
+            except (TypeError, ValueError):
+                raise _C.InvalidArgument(
+                    f"Config.{name}: expected a number, got {value!r}") from None
         c.enable_fp8 = bool(self.enable_fp8)
         c.mask_unresponsive_ranks = bool(self.mask_unresponsive_ranks)
         if self.validate_inputs is not None:

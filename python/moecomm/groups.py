@@ -70,6 +70,11 @@ class VirtualGroup(list):
     def devices(self) -> List[int]:
         return list(self._ctx.devices)
 
+    @property
+    def num_nodes(self) -> int:
+        """Virtual nodes of the group (1 unless declared with ``nodes=``)."""
+        return self._ctx.cpp_group.num_nodes
+
     def parallel(self, fn: Callable[[int], Any]) -> List[Any]:
         """Runs ``fn(rank)`` for every rank, each on its own host thread (persistent, one per
         rank), and returns the results in rank order; re-raises the first exception (by rank).
@@ -84,7 +89,9 @@ class VirtualGroup(list):
         self._ctx.cpp_group.synchronize()
 
     def __repr__(self) -> str:
-        return f"moecomm.VirtualGroup(size={len(self)}, devices={self._ctx.devices})"
+        nodes = self.num_nodes
+        return (f"moecomm.VirtualGroup(size={len(self)}, devices={self._ctx.devices}"
+                + (f", nodes={nodes})" if nodes > 1 else ")"))
 
 
 def _run_per_rank(executor, devices: Sequence[int], fn: Callable[[int], Any], n: int) -> List[Any]:
@@ -152,16 +159,23 @@ class _ThreadState:
 
 
 def virtual_group(num_ranks: int, config: Union[MoECommunicatorConfig, dict],
-                  device: Union[int, Sequence[int]] = 0) -> VirtualGroup:
+                  device: Union[int, Sequence[int]] = 0, *, nodes: int = 1) -> VirtualGroup:
     """``num_ranks`` ranks in this process: rank r lives on ``device`` (or on
     ``device[r % len(device)]`` for a list), each with its own stream and ``config.num_sms`` SMs.
     Every kernel runs for real; this is how one GPU holds a whole expert-parallel group.
 
+    ``nodes`` > 1 declares virtual nodes: ranks ``n*G .. n*G+G-1`` (``G = num_ranks // nodes``)
+    form node n, and ranks of different nodes reach each other only through the (loopback) RDMA
+    engine, as on a cluster. It needs ``config.rdma_bytes >= moecomm.required_rdma_bytes(config,
+    num_ranks, nodes)``.
+
     Raises moecomm.InvalidArgument for a config that does not fit (e.g. num_experts not a
-    multiple of num_ranks, or num_ranks * num_sms above the device's SMs) and moecomm.Unsupported
-    without a CUDA device."""
+    multiple of num_ranks, or num_ranks * num_sms above the device's SMs, ``nodes`` not dividing
+    num_ranks, or ``rdma_bytes`` too small for the nodes: the message names the size needed) and
+    moecomm.Unsupported without a CUDA device."""
     cfg = _as_config(config)
     num_ranks = operator.index(num_ranks)
+    nodes = operator.index(nodes)
     devices = [operator.index(device)] if not isinstance(device, (list, tuple)) else [
         operator.index(d) for d in device]
     cfg.validate(num_ranks)
@@ -169,7 +183,7 @@ def virtual_group(num_ranks: int, config: Union[MoECommunicatorConfig, dict],
         per_device = max(sum(1 for r in range(num_ranks) if devices[r % len(devices)] == d)
                          for d in set(devices))
         _check_hardware_queues(per_device)
-    g = _C.VirtualGroup(cfg._to_cpp(), num_ranks, devices)
+    g = _C.VirtualGroup(cfg._to_cpp(), num_ranks, devices, nodes)
     ctx = _GroupContext(g, num_ranks, devices)
     comms = [MoECommunicator(g.comm(r), ctx, r) for r in range(num_ranks)]
     return VirtualGroup(comms, ctx)
@@ -177,13 +191,21 @@ def virtual_group(num_ranks: int, config: Union[MoECommunicatorConfig, dict],
 
 # ---------------------------------------------------------------------------------------------
 def process_group_communicator(config: Union[MoECommunicatorConfig, dict], group: Any = None,
-                               *, device: Optional[int] = None) -> MoECommunicator:
+                               *, device: Optional[int] = None,
+                               host_id: Optional[str] = None) -> MoECommunicator:
     """This process's rank of a group whose ranks are processes, bootstrapped over a
     ``torch.distributed`` process group (``group=None``: the default group). Collective: every
-    rank of ``group`` calls it. Peers' buffers are mapped with CUDA IPC (one node).
+    rank of ``group`` calls it. Peers' buffers are mapped with CUDA IPC.
 
     ``device``: the CUDA device of this rank (default: ``torch.cuda.current_device()``). The
-    handles travel through ``all_gather_object``, so any backend works (gloo included)."""
+    handles travel through ``all_gather_object``, so any backend works (gloo included).
+
+    Nodes come from the host: ranks that report the same ``host_id`` (default: the host name)
+    form a node; each node must be a contiguous block of ranks, all of one size (else
+    moecomm.InvalidArgument naming the hosts and ranks). Pass ``host_id`` to override it, e.g.
+    ``host_id=f"node{rank // 2}"`` declares processes of one machine as nodes in tests. A group
+    of several nodes needs ``config.rdma_bytes >= moecomm.required_rdma_bytes(config, size,
+    nodes)``; the communicator's ``num_nodes`` says how many it found."""
     import torch
     import torch.distributed as dist
 
@@ -200,6 +222,11 @@ def process_group_communicator(config: Union[MoECommunicatorConfig, dict], group
     builder, mine, failure = None, None, None
     try:
         builder = _C.ProcessGroupBuilder(cfg._to_cpp(), rank, size, int(device))
+        if host_id is not None:
+            if not isinstance(host_id, str):
+                raise _C.InvalidArgument(
+                    f"host_id: expected a str, got {type(host_id).__name__}")
+            builder.host_id = host_id
         mine = builder.local_handle()
     except _C.Error as e:
         failure = e

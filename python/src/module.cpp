@@ -342,6 +342,9 @@ void bind_config(nb::module_& m) {
       .def_rw("auto_low_latency_max_tokens", &Config::auto_low_latency_max_tokens)
       .def_rw("validate_inputs", &Config::validate_inputs)
       .def_rw("mask_unresponsive_ranks", &Config::mask_unresponsive_ranks)
+      .def_rw("rdma_bytes", &Config::rdma_bytes)
+      .def_rw("nic_model_gbps", &Config::nic_model_gbps)
+      .def_rw("nic_model_latency_us", &Config::nic_model_latency_us)
       .def("validate", &Config::validate, "num_ranks"_a)
       .def("local_experts", &Config::local_experts, "num_ranks"_a)
       .def("ll_capacity", &Config::ll_capacity)
@@ -395,6 +398,7 @@ void bind_comm(nb::module_& m) {
   nb::class_<PyComm>(m, "Communicator", "One rank's moecomm::MoECommunicator.")
       .def_prop_ro("rank", [](PyComm& s) { return s.get().rank(); })
       .def_prop_ro("num_ranks", [](PyComm& s) { return s.get().num_ranks(); })
+      .def_prop_ro("num_nodes", [](PyComm& s) { return s.get().num_nodes(); })
       .def_prop_ro("device", [](PyComm& s) { return s.get().device(); })
       .def_prop_ro("stream", [](PyComm& s) { return as_int(s.get().stream()); })
       .def_prop_ro("config", [](PyComm& s) { return s.get().config(); })
@@ -427,16 +431,18 @@ void bind_comm(nb::module_& m) {
   nb::class_<PyGroup>(m, "VirtualGroup", "moecomm::VirtualGroup: R ranks in this process.")
       .def(
           "__init__",
-          [](PyGroup* self, const Config& config, int num_ranks, std::vector<int> devices) {
+          [](PyGroup* self, const Config& config, int num_ranks, std::vector<int> devices,
+             int num_nodes) {
             std::shared_ptr<VirtualGroup> g;
             {
               nb::gil_scoped_release release;
-              g = std::make_shared<VirtualGroup>(config, num_ranks, std::move(devices));
+              g = std::make_shared<VirtualGroup>(config, num_ranks, std::move(devices), num_nodes);
             }
             new (self) PyGroup{std::move(g)};
           },
-          "config"_a, "num_ranks"_a, "devices"_a)
+          "config"_a, "num_ranks"_a, "devices"_a, "num_nodes"_a = 1)
       .def_prop_ro("size", [](PyGroup& g) { return g.group->size(); })
+      .def_prop_ro("num_nodes", [](PyGroup& g) { return g.group->num_nodes(); })
       .def(
           "comm",
           [](PyGroup& g, int rank) {
@@ -458,6 +464,8 @@ void bind_comm(nb::module_& m) {
              return nb::bytes(reinterpret_cast<const char*>(h.data()), h.size());
            })
       .def_static("handle_size", &ProcessGroupBuilder::handle_size)
+      .def_prop_rw("host_id", &ProcessGroupBuilder::host_id, &ProcessGroupBuilder::set_host_id)
+      .def_prop_ro("num_nodes", &ProcessGroupBuilder::num_nodes)
       .def(
           "connect",
           [](ProcessGroupBuilder& b, nb::bytes all) {
@@ -492,6 +500,8 @@ NB_MODULE(_C, m) {
   m.def("version", [] { return std::string(moecomm::version()); });
   m.def("cuda_device_count", &moecomm::cuda_device_count);
   m.def("device_sm_count", &moecomm::device_sm_count, "device"_a);
+  m.def("required_rdma_bytes", &moecomm::required_rdma_bytes, "config"_a, "num_ranks"_a,
+        "num_nodes"_a);
   m.def("cuda_runtime_version", [] {
     int v = 0;
     cudaRuntimeGetVersion(&v);

@@ -33,6 +33,7 @@ class CommImpl {
 
   int rank() const { return rank_; }
   int num_ranks() const { return group_->num_ranks; }
+  int num_nodes() const { return group_->shape.num_nodes; }
   int device() const { return device_; }
   const Config& config() const { return group_->config; }
   cudaStream_t stream() const { return own_stream_; }

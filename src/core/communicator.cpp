@@ -15,6 +15,9 @@ int MoECommunicator::rank() const {
 int MoECommunicator::num_ranks() const {
   return impl_->num_ranks();
 }
+int MoECommunicator::num_nodes() const {
+  return impl_->num_nodes();
+}
 int MoECommunicator::device() const {
   return impl_->device();
 }

@@ -19,6 +19,7 @@
 #include "paths/regions.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/group_state.hpp"
+#include "runtime/node_layout.hpp"
 #include "runtime/streams.hpp"
 
 namespace moecomm {
@@ -397,37 +398,64 @@ ProcessGroupBuilder::ProcessGroupBuilder(const Config& config, int rank, int siz
   const auto shape = detail::region_shape(config, size, /*separate_processes=*/size > 1);
   state_ = std::make_shared<detail::GroupState>(config, shape, rank, device,
                                                 detail::symmetric_plan(config, shape));
+  host_id_ = detail::default_host_id();
 }
 
 ProcessGroupBuilder::~ProcessGroupBuilder() = default;
 
+void ProcessGroupBuilder::set_host_id(const std::string& host_id) {
+  if (exported_)
+    throw InvalidArgument("set_host_id: called after local_handle(); set the host id first");
+  detail::check_host_id(host_id);
+  host_id_ = host_id;
+}
+
+const std::string& ProcessGroupBuilder::host_id() const {
+  return host_id_;
+}
+
 std::vector<uint8_t> ProcessGroupBuilder::local_handle() const {
-  return state_->export_handle(rank_);
+  exported_ = true;
+  return state_->export_handle(rank_, host_id_);
 }
 
 size_t ProcessGroupBuilder::handle_size() {
   return detail::GroupState::handle_size();
 }
 
+int ProcessGroupBuilder::num_nodes() const {
+  return state_->shape.num_nodes;
+}
+
 // Every rank's handle must be mapped before the first call: kernels write to peers directly.
+// The nodes are known only here; the checks that depend on them use nothing but the handles,
+// which every rank holds alike, so they raise the same error on every rank before any mapping.
 std::unique_ptr<MoECommunicator> ProcessGroupBuilder::connect(
     const std::vector<uint8_t>& all_handles) {
   if (connected_) throw InvalidArgument("connect: called twice; a builder makes one communicator");
-  state_->map_peers(rank_, all_handles);
+  const detail::NodeLayout nodes = state_->check_handles(all_handles);
+  const Config& config = state_->config;
+  const int size = state_->num_ranks;
+  const auto shape =
+      detail::region_shape(config, size, /*separate_processes=*/size > 1, nodes.num_nodes);
+  // Raises when a group spanning nodes has no or too small an RDMA window (naming the size).
+  const detail::SymmetricPlan plan = detail::symmetric_plan(config, shape);
+  if (plan.bytes != state_->plan.bytes)
+    throw Error("connect: the symmetric buffer for " + std::to_string(nodes.num_nodes) +
+                " node(s) takes " + std::to_string(plan.bytes) + " bytes, the one allocated " +
+                std::to_string(state_->plan.bytes) +
+                " (internal error: it must not depend on "
+                "the node count)");
+  state_->shape = shape;
+  try {
+    state_->map_peers(rank_, all_handles);
+  } catch (...) {
+    state_->shape = detail::region_shape(config, size, /*separate_processes=*/size > 1);
+    throw;
+  }
   connected_ = true;
   return std::unique_ptr<MoECommunicator>(
       new MoECommunicator(std::make_unique<detail::CommImpl>(state_, rank_)));
-}
-
-int64_t required_rdma_bytes(const Config& config, int num_ranks, int num_nodes) {
-  Config c = config;
-  c.rdma_bytes = 0;
-  c.validate(num_ranks);
-  if (num_nodes < 1 || num_ranks % num_nodes != 0)
-    throw InvalidArgument("num_nodes: expected a divisor of num_ranks " +
-                          std::to_string(num_ranks) + ", got " + std::to_string(num_nodes));
-  const auto shape = detail::region_shape(c, num_ranks, /*separate_processes=*/false, num_nodes);
-  return static_cast<int64_t>(detail::window_bytes_needed(c, shape));
 }
 
 }  // namespace moecomm

@@ -33,23 +33,30 @@ GroupState::GroupState(const Config& cfg, const RegionShape& region_shape, int r
   allocate(rank);
 }
 
-// A handle is the rank's config digest (checked by every rank in map_peers), then its buffer's
-// CUDA IPC handle.
+// A handle is the rank's config digest (checked by every rank in check_handles), then the host
+// id of its node, then its buffer's CUDA IPC handle.
+namespace {
+constexpr size_t kHostIdOffset = kConfigDigestSize;
+constexpr size_t kIpcOffset = kHostIdOffset + kHostIdSize;
+}  // namespace
+
 size_t GroupState::handle_size() {
-  return kConfigDigestSize + sizeof(cudaIpcMemHandle_t);
+  return kIpcOffset + sizeof(cudaIpcMemHandle_t);
 }
 
-std::vector<uint8_t> GroupState::export_handle(int rank) const {
+std::vector<uint8_t> GroupState::export_handle(int rank, const std::string& host_id) const {
   std::vector<uint8_t> bytes = encode_config_digest(config, rank, num_ranks, version());
+  const std::vector<uint8_t> host = encode_host_id(host_id);
   DeviceGuard guard(device_of[rank]);
   cudaIpcMemHandle_t h;
   MOECOMM_CUDA_CHECK(cudaIpcGetMemHandle(&h, sym_base[rank]));
   bytes.resize(handle_size());
-  std::memcpy(bytes.data() + kConfigDigestSize, &h, sizeof(h));
+  std::memcpy(bytes.data() + kHostIdOffset, host.data(), host.size());
+  std::memcpy(bytes.data() + kIpcOffset, &h, sizeof(h));
   return bytes;
 }
 
-void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
+NodeLayout GroupState::check_handles(const std::vector<uint8_t>& handles) const {
   if (handles.size() != handle_size() * static_cast<size_t>(num_ranks))
     throw InvalidArgument("all_handles: expected " + std::to_string(num_ranks) + " x " +
                           std::to_string(handle_size()) +
@@ -62,11 +69,24 @@ void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
   for (int r = 0; r < num_ranks; ++r)
     digests.emplace_back(handles.data() + r * handle_size(), kConfigDigestSize);
   check_config_digests(digests);
+  std::vector<std::string> hosts;
+  for (int r = 0; r < num_ranks; ++r)
+    hosts.push_back(decode_host_id(
+        std::span<const uint8_t>(handles.data() + r * handle_size() + kHostIdOffset, kHostIdSize),
+        r));
+  return node_layout(hosts);
+}
+
+void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
+  if (handles.size() != handle_size() * static_cast<size_t>(num_ranks))
+    throw InvalidArgument("all_handles: expected " + std::to_string(num_ranks) + " x " +
+                          std::to_string(handle_size()) + " bytes, got " +
+                          std::to_string(handles.size()));
   DeviceGuard guard(device_of[rank]);
   for (int r = 0; r < num_ranks; ++r) {
     if (r == rank) continue;
     cudaIpcMemHandle_t h;
-    std::memcpy(&h, handles.data() + r * handle_size() + kConfigDigestSize, sizeof(h));
+    std::memcpy(&h, handles.data() + r * handle_size() + kIpcOffset, sizeof(h));
     void* ptr = nullptr;
     MOECOMM_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess));
     sym_base[r] = static_cast<uint8_t*>(ptr);

@@ -10,6 +10,7 @@
 
 #include "moecomm/config.hpp"
 #include "runtime/arena.hpp"
+#include "runtime/node_layout.hpp"
 
 namespace moecomm::detail {
 
@@ -42,11 +43,14 @@ class GroupState {
   int local_ranks = 0;
 
   /// Handle of `rank` (process groups): its config digest (runtime/config_digest.hpp), then the
-  /// CUDA IPC handle of its buffer.
-  std::vector<uint8_t> export_handle(int rank) const;
-  /// Checks that every rank has this library version and Config (InvalidArgument naming the
-  /// field and the ranks otherwise), then maps every other rank's buffer from its IPC handle
-  /// (handle_size() bytes each, rank order).
+  /// host id of its node (runtime/node_layout.hpp), then the CUDA IPC handle of its buffer.
+  std::vector<uint8_t> export_handle(int rank, const std::string& host_id) const;
+  /// Checks every rank's handle (handle_size() bytes each, rank order): the same library version,
+  /// group size and Config on every rank, then host ids that form nodes of equal size, each a
+  /// contiguous block of ranks. Raises InvalidArgument naming the field or hosts and the ranks
+  /// otherwise, identically on every rank (each sees the same bytes). Returns the node layout.
+  NodeLayout check_handles(const std::vector<uint8_t>& handles) const;
+  /// Maps every other rank's buffer from its IPC handle (handles checked by check_handles).
   void map_peers(int rank, const std::vector<uint8_t>& handles);
   static size_t handle_size();
 

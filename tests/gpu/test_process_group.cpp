@@ -365,6 +365,114 @@ TEST_CASE("a peer process killed: survivors raise TimeoutError in time, then for
   CHECK(ok) << "handles or the victim's signal could not be carried";
 }
 
+namespace {
+
+constexpr int kExitWrongNodes = 1;     // the node layout seen differs from the declared one
+constexpr int kExitNoWindowError = 8;  // connect() accepted a spanning group without a window
+
+/// A rank of a group of two processes declared as two nodes through the host-id override
+/// ("node-0", "node-1"): with a window of required_rdma_bytes, connect() must see 2 nodes of 1
+/// rank; without a window, connect() must raise InvalidArgument naming rdma_bytes and the size.
+int run_declared_node(int rank, int to_parent, int from_parent, bool with_window) {
+  if (cuda_device_count() == 0) return kExitNoGpu;
+  Config cfg = test_config(Mode::kHighThroughput, E, K, H, kMaxTokens);
+  const int64_t need = required_rdma_bytes(cfg, kRanks, kRanks);
+  cfg.rdma_bytes = with_window ? need : 0;
+  ProcessGroupBuilder builder(cfg, rank, kRanks, 0);
+  builder.set_host_id("node-" + std::to_string(rank));
+  const std::vector<uint8_t> mine = builder.local_handle();
+  std::vector<uint8_t> all(ProcessGroupBuilder::handle_size() * kRanks);
+  if (!write_all(to_parent, mine.data(), mine.size()) ||
+      !read_all(from_parent, all.data(), all.size()))
+    return 3;
+  if (!with_window) {
+    try {
+      builder.connect(all);
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      const bool named = what.find("Config.rdma_bytes") != std::string::npos &&
+                         what.find(std::to_string(need)) != std::string::npos;
+      if (!named) std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
+      return named ? 0 : kExitNoWindowError;
+    }
+    return kExitNoWindowError;
+  }
+  auto comm = builder.connect(all);
+  if (builder.num_nodes() != kRanks || comm->num_nodes() != kRanks) {
+    std::fprintf(stderr, "rank %d: saw %d node(s) (communicator: %d), declared %d\n", rank,
+                 builder.num_nodes(), comm->num_nodes(), kRanks);
+    return kExitWrongNodes;
+  }
+  return 0;
+}
+
+/// Forks kRanks children running body(rank, to_parent, from_parent), carries their handles, and
+/// returns their exit codes (kExitNoGpu where there is no device).
+template <typename Body>
+std::vector<int> run_children(const Body& body, bool* carried) {
+  int up[kRanks][2], down[kRanks][2];
+  pid_t pid[kRanks];
+  for (int r = 0; r < kRanks; ++r) {
+    if (pipe(up[r]) != 0 || pipe(down[r]) != 0) throw std::runtime_error("pipe failed");
+    pid[r] = fork();
+    if (pid[r] == 0) {
+      close(up[r][0]);
+      close(down[r][1]);
+      int rc = 2;
+      try {
+        rc = body(r, up[r][1], down[r][0]);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "rank %d: %s\n", r, e.what());
+      }
+      std::fflush(stdout);
+      _exit(rc);
+    }
+    close(up[r][1]);
+    close(down[r][0]);
+  }
+  std::vector<uint8_t> all;
+  *carried = true;
+  for (int r = 0; r < kRanks && *carried; ++r) {
+    std::vector<uint8_t> h(ProcessGroupBuilder::handle_size());
+    *carried = read_all(up[r][0], h.data(), h.size());
+    all.insert(all.end(), h.begin(), h.end());
+  }
+  for (int r = 0; r < kRanks && *carried; ++r)
+    *carried = write_all(down[r][1], all.data(), all.size());
+  for (int r = 0; r < kRanks; ++r) {
+    close(up[r][0]);
+    close(down[r][1]);
+  }
+  std::vector<int> rcs(kRanks);
+  for (int r = 0; r < kRanks; ++r) {
+    int status = 0;
+    waitpid(pid[r], &status, 0);
+    rcs[r] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  return rcs;
+}
+
+}  // namespace
+
+TEST_CASE("processes declared as two nodes (host-id override): connect() sees the nodes") {
+  for (bool with_window : {true, false}) {
+    bool carried = false;
+    const std::vector<int> rcs = run_children(
+        [&](int rank, int to_parent, int from_parent) {
+          return run_declared_node(rank, to_parent, from_parent, with_window);
+        },
+        &carried);
+    if (rcs[0] == kExitNoGpu && rcs[1] == kExitNoGpu) {
+      skip("no CUDA device");
+      return;
+    }
+    CHECK(carried) << "handles could not be carried";
+    for (int r = 0; r < kRanks; ++r)
+      CHECK_EQ(rcs[r], 0) << "rank " << r << (with_window ? " with" : " without")
+                          << " a window (1: wrong node layout; 8: no rdma_bytes error; 2: error)";
+  }
+}
+
 int main(int argc, char** argv) {
   return moecomm::test::run_all(argc, argv);
 }

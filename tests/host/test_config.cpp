@@ -12,6 +12,9 @@
 #include "moecomm/config.hpp"
 #include "moecomm/error.hpp"
 #include "moecomm/tensor.hpp"
+#include "paths/regions.hpp"
+#include "runtime/arena.hpp"
+#include "runtime/node_layout.hpp"
 
 using namespace moecomm;
 
@@ -218,6 +221,183 @@ TEST_CASE("check_tensor names the argument and what was expected") {
   deep.ndim = 100;
   CHECK_THROWS(check_tensor(deep, spec, 0), InvalidArgument, "[ndim 100, expected at most 4]");
   check_tensor(TensorView::contiguous(nullptr, DType::kI32, {0, 8}, 0), spec, 0);  // empty: fine
+}
+
+// ---- groups that span nodes: the RDMA window, its size, and nodes from host ids ------------
+
+TEST_CASE("internode fields: validation names the field") {
+  Config c = good();
+  c.rdma_bytes = -1;
+  CHECK_THROWS(c.validate(8), InvalidArgument,
+               "Config.rdma_bytes: expected >= 0 (0: no RDMA window), got -1");
+  c = good();
+  c.nic_model_gbps = -1.0;
+  CHECK_THROWS(c.validate(8), InvalidArgument, "Config.nic_model_gbps: expected a value in");
+  c.nic_model_gbps = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS(c.validate(8), InvalidArgument, "Config.nic_model_gbps");
+  c.nic_model_gbps = std::numeric_limits<double>::infinity();
+  CHECK_THROWS(c.validate(8), InvalidArgument, "Config.nic_model_gbps");
+  c = good();
+  c.nic_model_latency_us = -0.5;
+  CHECK_THROWS(c.validate(8), InvalidArgument, "Config.nic_model_latency_us: expected a value in");
+  c.nic_model_latency_us = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS(c.validate(8), InvalidArgument, "Config.nic_model_latency_us");
+  c = good();
+  c.rdma_bytes = int64_t{1} << 33;
+  c.nic_model_gbps = 50.0;
+  c.nic_model_latency_us = 2.0;
+  c.validate(8);
+}
+
+TEST_CASE("internode fields: round trip through to_text and config files") {
+  Config c = good();
+  c.rdma_bytes = 9000000000;  // past 32 bits
+  c.nic_model_gbps = 48.5;
+  c.nic_model_latency_us = 1.0 / 3.0;
+  const std::string text = c.to_text();
+  CHECK(text.find("rdma_bytes = 9000000000\n") != std::string::npos) << text;
+  CHECK(text.find("nic_model_gbps = 48.5\n") != std::string::npos) << text;
+  CHECK(text.find("nic_model_latency_us = ") != std::string::npos) << text;
+  Config d;
+  load_text(d, text);
+  CHECK_EQ(d.rdma_bytes, int64_t{9000000000});
+  CHECK_EQ(d.nic_model_gbps, 48.5);
+  CHECK_EQ(d.nic_model_latency_us, 1.0 / 3.0);
+  CHECK_EQ(d.to_text(), text);
+  const std::string path = "test_config_internode.cfg";
+  c.save_file(path);
+  Config e;
+  e.load_file(path);
+  std::remove(path.c_str());
+  CHECK_EQ(e.to_text(), text);
+  CHECK_THROWS(load_text(d, "rdma_bytes = 1GB\n"), InvalidArgument,
+               "rdma_bytes: expected an integer");
+  CHECK_THROWS(load_text(d, "nic_model_gbps = nan\n"), InvalidArgument,
+               "nic_model_gbps: expected a finite number");
+}
+
+TEST_CASE("required_rdma_bytes: positive across nodes, growing with tokens and hidden") {
+  for (Mode mode : {Mode::kHighThroughput, Mode::kLowLatency, Mode::kAuto}) {
+    Config c = good();
+    c.mode = mode;
+    c.max_tokens_per_rank = 128;
+    const int64_t base = required_rdma_bytes(c, 16, 2);
+    CHECK(base > 0) << mode_name(mode);
+    CHECK(required_rdma_bytes(c, 16, 4) > 0) << mode_name(mode);
+    Config more = c;
+    more.max_tokens_per_rank = 512;
+    CHECK(required_rdma_bytes(more, 16, 2) > base) << mode_name(mode);
+    Config wider = c;
+    wider.hidden = 2 * c.hidden;
+    CHECK(required_rdma_bytes(wider, 16, 2) > base) << mode_name(mode);
+    // The Config's own rdma_bytes plays no part.
+    Config hinted = c;
+    hinted.rdma_bytes = 12345;
+    CHECK_EQ(required_rdma_bytes(hinted, 16, 2), base);
+  }
+  Config c = good();
+  CHECK_THROWS(required_rdma_bytes(c, 16, 3), InvalidArgument,
+               "num_nodes: expected a divisor of num_ranks 16, got 3");
+  CHECK_THROWS(required_rdma_bytes(c, 16, 0), InvalidArgument, "num_nodes");
+  CHECK_THROWS(required_rdma_bytes(c, 16, 32), InvalidArgument, "num_nodes");
+  Config bad = c;
+  bad.num_experts = 250;
+  CHECK_THROWS(required_rdma_bytes(bad, 16, 2), InvalidArgument, "Config.num_experts");
+}
+
+TEST_CASE("symmetric plan of a group spanning nodes: the window must be large enough") {
+  for (Mode mode : {Mode::kHighThroughput, Mode::kLowLatency}) {
+    Config c = good();
+    c.mode = mode;
+    c.max_tokens_per_rank = 256;
+    const int R = 16, N = 2;
+    const int64_t need = required_rdma_bytes(c, R, N);
+    const std::string needed = std::to_string(need);
+    const auto shape = detail::region_shape(c, R, /*separate_processes=*/true, N);
+    CHECK_THROWS(detail::symmetric_plan(c, shape), InvalidArgument, "Config.rdma_bytes");
+    CHECK_THROWS(detail::symmetric_plan(c, shape), InvalidArgument, needed);
+    c.rdma_bytes = need - 1;
+    CHECK_THROWS(detail::symmetric_plan(c, shape), InvalidArgument,
+                 "Config.rdma_bytes: expected at least " + needed);
+    c.rdma_bytes = need;
+    const detail::SymmetricPlan spanning = detail::symmetric_plan(c, shape);
+    CHECK_EQ(spanning.window_bytes, static_cast<size_t>(need));
+    // The plan does not depend on the node count: a process group allocates before it knows it.
+    const auto one_node = detail::region_shape(c, R, /*separate_processes=*/true, 1);
+    CHECK_EQ(detail::symmetric_plan(c, one_node).bytes, spanning.bytes);
+    c.rdma_bytes = need + 4096;  // a larger hint is accepted
+    detail::symmetric_plan(c, shape);
+  }
+  // One node needs no window.
+  Config c = good();
+  detail::symmetric_plan(c, detail::region_shape(c, 8, false, 1));
+}
+
+TEST_CASE("process groups: every rank derives the same nodes and the same window error") {
+  // What connect() does on each rank with the same handles: node layout from the host ids, then
+  // the plan for that shape. Every rank sees the same bytes, so every rank raises alike.
+  const std::vector<std::string> hosts = {"a", "a", "a", "a", "b", "b", "b", "b"};
+  Config c = good();
+  c.rdma_bytes = 4096;  // far too small
+  std::string first;
+  for (int rank = 0; rank < 8; ++rank) {
+    const detail::NodeLayout nodes = detail::node_layout(hosts);
+    CHECK_EQ(nodes.num_nodes, 2);
+    CHECK_EQ(nodes.node_size, 4);
+    std::string message;
+    try {
+      detail::symmetric_plan(c, detail::region_shape(c, 8, true, nodes.num_nodes));
+    } catch (const InvalidArgument& e) {
+      message = e.what();
+    }
+    CHECK(message.find("Config.rdma_bytes: expected at least " +
+                       std::to_string(required_rdma_bytes(c, 8, 2))) != std::string::npos)
+        << message;
+    if (rank == 0) first = message;
+    CHECK_EQ(message, first);
+  }
+}
+
+TEST_CASE("node layout from host ids") {
+  auto layout = [](std::vector<std::string> hosts) { return detail::node_layout(hosts); };
+  detail::NodeLayout n = layout({"h"});
+  CHECK_EQ(n.num_nodes, 1);
+  CHECK_EQ(n.node_size, 1);
+  n = layout({"h", "h", "h", "h"});  // a single host
+  CHECK_EQ(n.num_nodes, 1);
+  CHECK_EQ(n.node_size, 4);
+  n = layout({"a", "a", "b", "b", "c", "c"});
+  CHECK_EQ(n.num_nodes, 3);
+  CHECK_EQ(n.node_size, 2);
+  n = layout({"z", "y"});  // names need no order
+  CHECK_EQ(n.num_nodes, 2);
+  CHECK_EQ(n.node_size, 1);
+  CHECK_THROWS(layout({"a", "b", "a", "b"}), InvalidArgument,
+               "host ids: the ranks of host 'a' are not contiguous");
+  CHECK_THROWS(layout({"a", "b", "a", "b"}), InvalidArgument,
+               "got hosts 'a' (ranks 0,2), 'b' (ranks 1,3)");
+  CHECK_THROWS(layout({"a", "a", "a", "b"}), InvalidArgument,
+               "hosts hold different numbers of ranks; expected the same number on every host, "
+               "got hosts 'a' (ranks 0-2), 'b' (rank 3)");
+  CHECK_THROWS(layout({}), InvalidArgument, "host ids");
+}
+
+TEST_CASE("host ids in handles: fixed size, checked, never read past") {
+  const std::vector<uint8_t> block = detail::encode_host_id("node-17.cluster");
+  CHECK_EQ(block.size(), detail::kHostIdSize);
+  CHECK_EQ(detail::decode_host_id(block, 0), std::string("node-17.cluster"));
+  const std::string longest(detail::kHostIdSize - 1, 'x');
+  CHECK_EQ(detail::decode_host_id(detail::encode_host_id(longest), 0), longest);
+  CHECK_THROWS(detail::encode_host_id(""), InvalidArgument, "host_id: expected 1..255 bytes");
+  CHECK_THROWS(detail::encode_host_id(std::string(detail::kHostIdSize, 'x')), InvalidArgument,
+               "host_id");
+  CHECK_THROWS(detail::encode_host_id(std::string("a\0b", 3)), InvalidArgument, "host_id");
+  std::vector<uint8_t> unterminated(detail::kHostIdSize, 'x');
+  CHECK_THROWS(detail::decode_host_id(unterminated, 3), InvalidArgument,
+               "all_handles: entry 3 holds no host id");
+  std::vector<uint8_t> empty(detail::kHostIdSize, 0);
+  CHECK_THROWS(detail::decode_host_id(empty, 1), InvalidArgument, "entry 1 holds no host id");
+  CHECK(!detail::default_host_id().empty());
 }
 
 int main(int argc, char** argv) {

@@ -107,6 +107,21 @@ TEST_CASE("every field takes part, the bool and double ones too") {
                "Config.scale_format differs: rank 0 has f32, rank 1 has pow2");
 }
 
+TEST_CASE("the internode fields take part: an rdma_bytes mismatch is reported") {
+  Config a = good(), b = good();
+  a.rdma_bytes = int64_t{1} << 30;
+  b.rdma_bytes = int64_t{1} << 29;
+  CHECK_THROWS(check(digests({a, a, b})), InvalidArgument,
+               "Config.rdma_bytes differs: ranks 0,1 have 1073741824, rank 2 has 536870912");
+  b = a;
+  b.nic_model_gbps = 50.0;
+  CHECK_THROWS(check(digests({a, b})), InvalidArgument,
+               "Config.nic_model_gbps differs: rank 0 has 0, rank 1 has 50");
+  b = a;
+  b.nic_model_latency_us = 2.0;
+  CHECK_THROWS(check(digests({a, b})), InvalidArgument, "Config.nic_model_latency_us differs");
+}
+
 TEST_CASE("a different library version is named first") {
   Config other = good();
   other.hidden = 4096;

@@ -133,6 +133,76 @@ def test_config_from_dict_in_group():
         moecomm.virtual_group(2, 42)
 
 
+# --- groups that span nodes -------------------------------------------------------------------
+def test_internode_fields_mirror_cpp_and_validate():
+    cfg = make_config(rdma_bytes=2**33, nic_model_gbps=50.0, nic_model_latency_us=2.0)
+    cpp = cfg._to_cpp()
+    assert (cpp.rdma_bytes, cpp.nic_model_gbps, cpp.nic_model_latency_us) == (2**33, 50.0, 2.0)
+    with pytest.raises(moecomm.InvalidArgument, match=r"Config\.rdma_bytes: expected >= 0"):
+        make_config(rdma_bytes=-1)
+    with pytest.raises(moecomm.InvalidArgument, match=r"Config\.rdma_bytes: expected an integer"):
+        make_config(rdma_bytes=1.5)
+    with pytest.raises(moecomm.InvalidArgument, match=r"Config\.nic_model_gbps"):
+        make_config(nic_model_gbps=-1.0)
+    with pytest.raises(moecomm.InvalidArgument, match=r"Config\.nic_model_gbps"):
+        make_config(nic_model_gbps=float("nan"))
+    with pytest.raises(moecomm.InvalidArgument, match=r"Config\.nic_model_latency_us"):
+        make_config(nic_model_latency_us=float("nan"))
+    with pytest.raises(moecomm.InvalidArgument, match=r"Config\.nic_model_latency_us"):
+        make_config(nic_model_latency_us="soon")
+
+
+def test_internode_fields_roundtrip(tmp_path):
+    cfg = make_config(rdma_bytes=9_000_000_000, nic_model_gbps=48.5, nic_model_latency_us=1.25)
+    text = cfg.to_text()
+    assert "rdma_bytes = 9000000000" in text and "nic_model_gbps = 48.5" in text
+    assert "nic_model_latency_us = 1.25" in text
+    path = tmp_path / "internode.cfg"
+    cfg.save(path)
+    back = moecomm.MoECommunicatorConfig.load(path)
+    assert (back.rdma_bytes, back.nic_model_gbps, back.nic_model_latency_us) == (
+        9_000_000_000, 48.5, 1.25)
+    assert moecomm.MoECommunicatorConfig.load(path, rdma_bytes=0).rdma_bytes == 0
+
+
+def test_required_rdma_bytes():
+    for mode in ("ht", "ll"):
+        cfg = make_config(mode=mode)
+        base = moecomm.required_rdma_bytes(cfg, 4, 2)
+        assert base > 0
+        assert moecomm.required_rdma_bytes(make_config(mode=mode, max_tokens_per_rank=256),
+                                           4, 2) > base
+        assert moecomm.required_rdma_bytes(make_config(mode=mode, hidden=512), 4, 2) > base
+        # a dict serves too, and the config's own rdma_bytes plays no part
+        assert moecomm.required_rdma_bytes(
+            dict(num_experts=8, hidden=256, topk=2, max_tokens_per_rank=64, mode=mode,
+                 rdma_bytes=1), 4, 2) == base
+    with pytest.raises(moecomm.InvalidArgument, match="num_nodes: expected a divisor"):
+        moecomm.required_rdma_bytes(make_config(), 4, 3)
+
+
+def test_virtual_group_nodes_checked_before_the_device():
+    # The node layout and the window are host-side checks: they raise with or without a GPU.
+    cfg = make_config()
+    with pytest.raises(moecomm.InvalidArgument, match="num_nodes: expected a divisor"):
+        moecomm.virtual_group(4, cfg, nodes=3)
+    need = moecomm.required_rdma_bytes(cfg, 4, 2)
+    with pytest.raises(moecomm.InvalidArgument, match=rf"Config\.rdma_bytes.*{need}"):
+        moecomm.virtual_group(4, cfg, nodes=2)
+    with pytest.raises(moecomm.InvalidArgument, match=rf"expected at least {need}"):
+        moecomm.virtual_group(4, make_config(rdma_bytes=need - 1), nodes=2)
+    if not HAS_GPU:
+        with pytest.raises(moecomm.Unsupported, match="no CUDA device"):
+            moecomm.virtual_group(4, make_config(rdma_bytes=need), nodes=2)
+
+
+def test_process_group_communicator_has_host_id_override():
+    import inspect
+
+    params = inspect.signature(moecomm.process_group_communicator).parameters
+    assert params["host_id"].default is None and params["host_id"].kind == params["host_id"].KEYWORD_ONLY
+
+
 # --- no device --------------------------------------------------------------------------------
 @pytest.mark.skipif(HAS_GPU, reason="a CUDA device is present")
 def test_virtual_group_without_gpu():
@@ -156,7 +226,8 @@ def test_process_group_builder_checks_rank_first():
 def test_process_group_handle_size():
     # A 2048-byte config digest (version, rank, size, every Config field), then the CUDA IPC
     # handle: the same on every rank, so that any launcher can gather fixed-size handles.
-    assert _C.ProcessGroupBuilder.handle_size() == 2048 + 64
+    # A 256-byte host-id block (the rank's node) sits between them.
+    assert _C.ProcessGroupBuilder.handle_size() == 2048 + 256 + 64
 
 
 # --- DLPack plumbing (host arrays through the extension and back) ------------------------------

@@ -2,6 +2,7 @@
 defaults, the install switch, Config and the size hints, EventOverlap, the arguments a Buffer
 refuses before touching a tensor, and shrink mode's mask bookkeeping (over a fake backend)."""
 
+import dataclasses
 import inspect
 import subprocess
 import sys
@@ -314,8 +315,8 @@ def test_constructor_refusals():
         Buffer(object(), num_nvl_bytes=-1)
     with pytest.raises(moecomm.InvalidArgument, match="^max_tokens_per_rank"):
         Buffer(object(), max_tokens_per_rank=0)
-    with pytest.raises(moecomm.Unsupported, match="internode .RDMA. path does not exist"):
-        make_buffer(backend=FakeBackend(num_nodes=2), num_rdma_bytes=1 << 30)
+    with pytest.raises(moecomm.InvalidArgument, match="^num_rdma_bytes: the group spans 2 nodes"):
+        make_buffer(backend=FakeBackend(num_nodes=2))
 
 
 def test_attributes_and_accessors():
@@ -327,6 +328,20 @@ def test_attributes_and_accessors():
     assert "Buffer(rank=0" in repr(b)
     s, _ = make_buffer(low_latency_mode=True, enable_shrink=True)
     assert s.enable_shrink
+
+
+def test_internode_buffer_maps_nodes_and_sizes_the_window():
+    b, backend = make_buffer(backend=FakeBackend(rank=5, num_ranks=8, num_nodes=2),
+                             num_rdma_bytes=1 << 30)
+    assert b.is_internode_available() and b.get_num_rdma_ranks() == 2
+    assert b.get_rdma_rank() == 1 and b.get_root_rdma_rank(True) == 1
+    assert b.get_root_rdma_rank(False) == 0
+    for mode in ("ht", "ll"):
+        cfg = b._cfg(mode, 64, 256, 4, 128)
+        assert cfg.rdma_bytes == moecomm.required_rdma_bytes(
+            dataclasses.replace(cfg, rdma_bytes=0), 8, 2) > 0
+    one, _ = make_buffer(num_rdma_bytes=1 << 30)
+    assert one._cfg("ll", 64, 256, 4, 128).rdma_bytes == 0  # one node: no window
 
 
 def test_refused_features_name_what_is_missing():

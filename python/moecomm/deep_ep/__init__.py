@@ -110,13 +110,15 @@ def virtual_buffers(num_ranks: int, *, max_tokens_per_rank: int = 1024, num_nvl_
                     num_rdma_bytes: int = 0, low_latency_mode: bool = False,
                     explicitly_destroy: bool = False, num_sms: Optional[int] = None,
                     device: int = 0, timeout_seconds: Optional[float] = None,
-                    enable_shrink: bool = False) -> BufferGroup:
+                    enable_shrink: bool = False, num_nodes: int = 1) -> BufferGroup:
     """``num_ranks`` Buffers in this process, ranks of one moecomm virtual group on ``device``
     (the whole expert-parallel group on one GPU). ``max_tokens_per_rank`` is the fixed HT
     capacity (virtual ranks cannot agree on a larger one at run time); ``num_sms``: SMs of each
     rank's kernels (default: ``Buffer.num_sms``, lowered so that the ranks' HT and LL kernels
     all fit on the GPU at once). ``enable_shrink``: DeepEP's shrink mode (masked ranks), as
-    ``Buffer(..., enable_shrink=True)``.
+    ``Buffer(..., enable_shrink=True)``. ``num_nodes`` > 1 declares virtual nodes (as
+    ``moecomm.virtual_group(..., nodes=)``): the Buffers then act as DeepEP's internode mode and
+    need ``num_rdma_bytes > 0``.
     Import moecomm before anything starts CUDA (``CUDA_DEVICE_MAX_CONNECTIONS``)."""
     import torch
 
@@ -132,7 +134,11 @@ def virtual_buffers(num_ranks: int, *, max_tokens_per_rank: int = 1024, num_nvl_
         sms = _C.device_sm_count(device)
         num_sms = max(1, min(Buffer.num_sms, sms // (2 * num_ranks)))
     num_sms = _int(num_sms, "num_sms", 1)
-    shared = VirtualShared(num_ranks, device)
+    num_nodes = _int(num_nodes, "num_nodes", 1)
+    if num_ranks % num_nodes:
+        raise _C.InvalidArgument(
+            f"num_nodes: expected a divisor of num_ranks {num_ranks}, got {num_nodes}")
+    shared = VirtualShared(num_ranks, device, num_nodes)
     buffers = [Buffer._on_backend(VirtualBackend(shared, r), num_nvl_bytes=num_nvl_bytes,
                                   num_rdma_bytes=num_rdma_bytes,
                                   low_latency_mode=low_latency_mode,

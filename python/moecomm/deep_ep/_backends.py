@@ -44,8 +44,9 @@ class ProcessGroupBackend:
         self.rank = dist.get_rank(self.group)
         self.num_ranks = dist.get_world_size(self.group)
         self.device = device
-        # moecomm maps peers with CUDA IPC, so every rank must be on this host: learn the hosts
-        # (a collective, like DeepEP's own exchange of IPC handles at construction).
+        # The ranks of one host form a node (moecomm's communicators find the same from their
+        # handles): learn the hosts (a collective, like DeepEP's own exchange of handles at
+        # construction). The layout rules (contiguous, equal nodes) are checked by connect().
         hosts: List[Any] = [None] * self.num_ranks
         dist.all_gather_object(hosts, socket.gethostname(), group=self.group)
         self.hosts = hosts
@@ -87,9 +88,10 @@ class VirtualShared:
     """What the Buffers of one group of virtual ranks share: the groups built so far (one per
     shape), the device, and the host threads of ``BufferGroup.parallel``."""
 
-    def __init__(self, num_ranks: int, device: int) -> None:
+    def __init__(self, num_ranks: int, device: int, num_nodes: int = 1) -> None:
         self.num_ranks = num_ranks
         self.device = device
+        self.num_nodes = num_nodes
         self.lock = threading.Lock()
         self.groups: Dict[tuple, Any] = {}
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -101,7 +103,7 @@ class VirtualShared:
         with self.lock:
             g = self.groups.get(key)
             if g is None:
-                g = virtual_group(self.num_ranks, cfg, self.device)
+                g = virtual_group(self.num_ranks, cfg, self.device, nodes=self.num_nodes)
                 self.groups[key] = g
             return g
 
@@ -136,7 +138,7 @@ class VirtualBackend:
         self.rank = rank
         self.num_ranks = shared.num_ranks
         self.device = shared.device
-        self.num_nodes = 1
+        self.num_nodes = shared.num_nodes
 
     def communicator(self, cfg: MoECommunicatorConfig):
         return self.shared.group(cfg)[self.rank]

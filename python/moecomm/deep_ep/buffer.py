@@ -149,8 +149,13 @@ class Buffer:
     here and are accepted. ``enable_shrink=True`` (DeepEP's shrink mode) makes the low-latency
     communicators mask a silent peer instead of raising, and enables the mask-buffer calls
     (:meth:`low_latency_update_mask_buffer` and co., on moecomm's masked ranks). ``comm``
-    (mpi4py) is refused (no MPI bootstrap in Python). A group spanning hosts is refused (no
-    internode path yet).
+    (mpi4py) is refused (no MPI bootstrap in Python).
+
+    A group spanning hosts (DeepEP's internode mode: ranks of one host form a node, each a
+    contiguous block of ranks, all of one size) needs ``num_rdma_bytes > 0`` as in DeepEP; each
+    communicator's RDMA window (``MoECommunicatorConfig.rdma_bytes``) is then sized from its
+    shape by ``moecomm.required_rdma_bytes``, so DeepEP's hint is a switch, not a size.
+    ``get_num_rdma_ranks()`` is the number of nodes, ``get_rdma_rank()`` this rank's node.
 
     moecomm keywords: ``max_tokens_per_rank`` fixes the HT capacity (tokens per rank per call;
     default: grown on demand, which costs a host all-reduce of the token count over ``group`` per
@@ -229,12 +234,17 @@ class Buffer:
         # low-latency communicator used so far what this Buffer has applied to it.
         self._mask: set = set()
         self._mask_comms: dict = {}
-        if backend.num_nodes > 1:
+        # Nodes as DeepEP sees them: the ranks of one host (ProcessGroupBackend) or the declared
+        # virtual nodes; node n holds ranks n*G .. n*G+G-1.
+        self._num_nodes: int = int(backend.num_nodes)
+        self._node_size: int = self.group_size // max(self._num_nodes, 1)
+        if self._num_nodes > 1 and self.num_rdma_bytes == 0:
             backend.release()
             self._alive = False
-            raise _unsupported_internode(
-                f"group: its ranks are on {backend.num_nodes} hosts "
-                f"(num_rdma_bytes={self.num_rdma_bytes})")
+            raise _C.InvalidArgument(
+                f"num_rdma_bytes: the group spans {self._num_nodes} nodes, which needs an RDMA "
+                f"buffer; expected > 0 (e.g. Config.get_rdma_buffer_size_hint or "
+                f"Buffer.get_low_latency_rdma_size_hint), got 0")
 
     @classmethod
     def _on_backend(cls, backend, *, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
@@ -322,16 +332,20 @@ class Buffer:
         return self._alive
 
     def is_internode_available(self) -> bool:
-        return False
+        """True when the group spans nodes (DeepEP: the RDMA buffer is in use)."""
+        return self._num_nodes > 1
 
     def get_num_rdma_ranks(self) -> int:
-        return 1
+        """Nodes of the group (DeepEP's RDMA ranks)."""
+        return self._num_nodes
 
     def get_rdma_rank(self) -> int:
-        return 0
+        """This rank's node."""
+        return self.rank // self._node_size
 
     def get_root_rdma_rank(self, global_: bool) -> int:
-        return 0 if not global_ else self.rank
+        """As DeepEP: this rank's index in its node for ``global_``, else 0."""
+        return self.rank % self._node_size if global_ else 0
 
     def get_local_device_id(self) -> int:
         return self._device
@@ -521,7 +535,7 @@ class Buffer:
              pow2: bool = False, max_recv_tokens: int = 0):
         from ..config import MoECommunicatorConfig
 
-        return MoECommunicatorConfig(
+        cfg = MoECommunicatorConfig(
             num_experts=num_experts, hidden=hidden, topk=topk, max_tokens_per_rank=tokens,
             mode=mode, num_sms=self._num_sms or Buffer.num_sms,
             enable_fp8=hidden % _FP8_GROUP == 0, scale_format="pow2" if pow2 else "f32",
@@ -529,6 +543,12 @@ class Buffer:
             low_latency_max_tokens=tokens if mode == "ll" else 0,
             # Shrink mode: a silent peer is masked, as DeepEP's LL kernels do; HT never masks.
             mask_unresponsive_ranks=self.enable_shrink and mode == "ll")
+        if self._num_nodes > 1:
+            # num_rdma_bytes says that the Buffer may use RDMA (DeepEP's layout sizes it); each
+            # communicator's window is what its shape needs (moecomm.required_rdma_bytes).
+            cfg.rdma_bytes = _C.required_rdma_bytes(cfg._to_cpp(), self.group_size,
+                                                    self._num_nodes)
+        return cfg
 
     def _ht_capacity(self, num_tokens: int) -> int:
         """Tokens per rank the HT communicator must take: fixed, or agreed by every rank (the
