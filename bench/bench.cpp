@@ -64,6 +64,11 @@ moecomm::Config make_config(const Options& o, const PointSpec& p) {
   c.enable_fp8 = o.fp8;
   c.max_recv_tokens = 0;         // worst-case receive capacity: never overflows
   c.low_latency_max_tokens = 0;  // LL capacity M = tokens per rank
+  if (o.nodes > 1) {             // virtual nodes: the RDMA window and the NIC model
+    c.nic_model_gbps = o.nic_gbps;
+    c.nic_model_latency_us = o.nic_latency_us;
+    c.rdma_bytes = moecomm::required_rdma_bytes(c, o.ranks, o.nodes);
+  }
   return c;
 }
 
@@ -71,6 +76,7 @@ Shape make_shape(const Options& o, const PointSpec& p) {
   Shape s;
   s.mode = p.mode;
   s.ranks = o.ranks;
+  s.nodes = o.nodes;
   s.tokens = p.tokens;
   s.hidden = p.hidden;
   s.topk = o.topk;
@@ -173,7 +179,9 @@ class WorkloadCache {
   const NaiveTimes& naive(const Shape& shape) {
     Entry& e = entries_[shape.mode];
     get(shape);
-    if (!e.naive) e.naive = time_naive(*e.workload, plan_, options_.graph);
+    if (!e.naive)
+      e.naive = time_naive(*e.workload, plan_, options_.graph,
+                           {options_.nic_gbps, options_.nic_latency_us});
     return *e.naive;
   }
   void drop(Mode mode) { entries_.erase(mode); }
@@ -295,6 +303,7 @@ RunRecord run_benchmark(Options& o) {
     point.shape = shape;
     point.config = make_config(o, spec);
     point.ops = run_moecomm(cache.get(shape), point.config, main_plan(o), extras, naive);
+    point.naive_nic = naive.nic_stage;
     print_progress(i + 1, specs.size(), o, spec, point.ops);
     run.points.push_back(std::move(point));
     if (i + 1 == specs.size() || specs[i + 1].mode != spec.mode) cache.drop(spec.mode);

@@ -30,12 +30,6 @@ int main(int argc, char** argv) {
   try {
     epb::Options options = epb::parse_options(argc, argv);
     epb::apply_config_file(options);
-    if (options.virtual_nodes != 1) {
-      std::fprintf(stderr,
-                   "ep_bench: --virtual-nodes %d: not supported yet: internode path not built\n",
-                   options.virtual_nodes);
-      return kExitUsage;
-    }
     return run(options);
   } catch (const epb::UsageError& e) {
     std::fprintf(stderr, "ep_bench: %s\n(ep_bench --help lists the options)\n", e.what());

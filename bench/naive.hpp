@@ -44,13 +44,21 @@ class NaivePipeline {
   NaivePipeline(const Shape& shape, const std::vector<RankData>& ranks, int device);
 
   /// Issues source rank s's dispatch on `stream`: permute, then a copy to every destination.
-  void dispatch(int s, cudaStream_t stream) const;
+  /// remote = false (virtual nodes): only the copies to ranks on s's own node.
+  void dispatch(int s, cudaStream_t stream, bool remote = true) const;
   /// Issues rank s's combine on `stream`: a copy back from every destination, then unpermute.
-  void combine(int s, cudaStream_t stream) const;
-  /// After one dispatch and one combine: checks the received rows against the inputs and the
-  /// combined outputs against the reference. Throws VerificationError.
+  /// remote = false: only the copies back from ranks on s's own node.
+  void combine(int s, cudaStream_t stream, bool remote = true) const;
+  /// After one dispatch and one combine (remote = true): checks the received rows against the
+  /// inputs and the combined outputs against the reference (its one-level sum). Throws
+  /// VerificationError.
   void verify(const Shape& shape, const std::vector<RankData>& ranks,
               const Expected& expected) const;
+
+  /// Virtual nodes: rows rank r sends in dispatch to ranks on other nodes (it gets as many back
+  /// in combine), and rows it receives from them (it sends as many back in combine).
+  int64_t remote_rows_sent(int r) const;
+  int64_t remote_rows_received(int r) const;
 
  private:
   struct Rank {
@@ -71,7 +79,10 @@ class NaivePipeline {
   void prepare_input(const Shape& shape, const RankData& data, Rank& rank) const;
   void prepare_ll_outputs(const Shape& shape, const std::vector<RankData>& ranks);
 
+  bool same_node(int a, int b) const { return a / node_size_ == b / node_size_; }
+
   int num_ranks_ = 0;
+  int node_size_ = 0;  ///< ranks per virtual node
   int hidden_ = 0;
   int64_t wire_stride_ = 0;  ///< bytes between rows in send/recv buffers (16-byte multiple)
   std::vector<Rank> ranks_;

@@ -71,7 +71,12 @@ the host reference first, and compares with the naive permute -> copies -> unper
   --tune                  search num_sms and threads for the shape, save the best Config
   --tune-out FILE         where --tune writes (default moecomm_tuned.cfg)
   --config FILE           start from a Config file (Config::load_file); options given here win
-  --virtual-nodes N       ranks split into N virtual nodes (only 1 is supported yet)
+  --nodes N               split the ranks into N virtual nodes of R/N ranks (default 1; must
+                          divide R); ranks of different nodes talk only through the loopback
+                          RDMA engine, whose NIC model the next two options set
+  --nic-gbps X            modelled NIC bandwidth per rank, GB/s (default 50: 400 Gb/s)
+  --nic-latency-us X      modelled NIC latency per signal, us (default 2)
+  --virtual-nodes N       the same as --nodes
   --help                  this text
 )";
 }
@@ -92,6 +97,14 @@ double parse_positive(const std::string& flag, const std::string& text) {
   const double v = std::strtod(text.c_str(), &end);
   if (text.empty() || *end != '\0' || !(v > 0.0))
     throw UsageError(flag + ": expected a positive number, got '" + text + "'");
+  return v;
+}
+
+double parse_non_negative(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || !(v >= 0.0))
+    throw UsageError(flag + ": expected a number >= 0, got '" + text + "'");
   return v;
 }
 
@@ -171,9 +184,14 @@ const std::map<std::string, Setter>& value_options() {
       {"--points", [](Options& o, const std::string& v) { o.points = parse_list("--points", v); }},
       {"--tune-out", [](Options& o, const std::string& v) { o.tune_out = v; }},
       {"--config", [](Options& o, const std::string& v) { o.config_path = v; }},
+      {"--nodes", [](Options& o, const std::string& v) { o.nodes = parse_int("--nodes", v, 1); }},
       {"--virtual-nodes",
+       [](Options& o, const std::string& v) { o.nodes = parse_int("--virtual-nodes", v, 1); }},
+      {"--nic-gbps",
+       [](Options& o, const std::string& v) { o.nic_gbps = parse_positive("--nic-gbps", v); }},
+      {"--nic-latency-us",
        [](Options& o, const std::string& v) {
-         o.virtual_nodes = parse_int("--virtual-nodes", v, 1);
+         o.nic_latency_us = parse_non_negative("--nic-latency-us", v);
        }},
   };
   return table;
@@ -198,6 +216,12 @@ void check_consistency(const Options& o) {
     throw UsageError("--points: needs --sweep tokens|hidden|sms");
   if (o.tune && o.sweep != SweepAxis::kNone)
     throw UsageError("--tune: tunes one shape; drop --sweep");
+  if (o.ranks % o.nodes != 0)
+    throw UsageError("--nodes: expected a divisor of --ranks " + std::to_string(o.ranks) +
+                     ", got " + std::to_string(o.nodes));
+  if (o.nodes == 1 && (o.given.count("--nic-gbps") || o.given.count("--nic-latency-us")))
+    throw UsageError(
+        "--nic-gbps / --nic-latency-us: model the NIC between nodes; need --nodes > 1");
 }
 
 }  // namespace

@@ -51,7 +51,11 @@ struct Options {
   bool tune = false;
   std::string tune_out = "moecomm_tuned.cfg";
   std::string config_path;
-  int virtual_nodes = 1;
+  /// Virtual nodes: ranks r*G .. r*G+G-1 (G = ranks / nodes) form node r; ranks of different
+  /// nodes talk only through the loopback RDMA engine and its NIC model.
+  int nodes = 1;
+  double nic_gbps = 50.0;       ///< NIC model (nodes > 1): GB/s (1e9 bytes) per rank
+  double nic_latency_us = 2.0;  ///< NIC model (nodes > 1): added to each signal
 
   /// The fields no option sets (scale format, alignment, time-out...): defaults, or the --config
   /// file. Shape, mode, tokens and resources are filled in per benchmark point.

@@ -154,7 +154,7 @@ Json& add_stats(Json& j, const Stats& s) {
       .set("samples", s.samples);
 }
 
-Json op_json(const OpResult& op, double copy_rate) {
+Json op_json(const OpResult& op, double copy_rate, const PointResult& p) {
   Json j = Json::object().set("op", op_key(op.op));
   add_stats(j, op.time);
   j.set("gbps_per_rank", gbps_per_rank(op.traffic, op.time));
@@ -165,10 +165,29 @@ Json op_json(const OpResult& op, double copy_rate) {
   const double floor_us = op.traffic.hbm_bytes / copy_rate / kUs;
   j.set("floor_us", floor_us);
   j.set("ceiling_gbps_per_rank", op.traffic.convention_bytes_per_rank / (floor_us * kUs) / kGB);
+  // Virtual nodes (null on one node): DeepEP's internode figures and the modelled NIC's load.
+  const bool nodes = p.shape.nodes > 1;
+  const auto node_figure = [&](double v) { return nodes ? Json(v) : Json(); };
+  j.set("rdma_bytes_per_rank", node_figure(op.traffic.rdma_bytes_per_rank));
+  j.set("nvlink_bytes_per_rank", node_figure(op.traffic.nvlink_bytes_per_rank));
+  j.set("rdma_gbps_per_rank", node_figure(rdma_gbps_per_rank(op.traffic, op.time)));
+  j.set("nvl_gbps_per_rank", node_figure(nvl_gbps_per_rank(op.traffic, op.time)));
+  j.set("nic_fraction", node_figure(nic_fraction(op.traffic, op.time, p.config.nic_model_gbps)));
+  if (nodes && p.shape.ht()) {
+    j.set("deepep_rdma_bytes_per_rank", op.traffic.deepep_rdma_bytes_per_rank);
+    j.set("deepep_rdma_gbps_per_rank",
+          op.time.median > 0 ? op.traffic.deepep_rdma_bytes_per_rank / (op.time.median * kUs) / kGB
+                             : 0.0);
+  }
   if (op.naive.samples > 0) {
     Json naive = Json::object();
     add_stats(naive, op.naive);
     naive.set("gbps_per_rank", gbps_per_rank(op.traffic, op.naive));
+    if (nodes) {  // the modelled figure: measured intranode part + the NIC stage
+      naive.set("measured_us", op.naive.median - op.naive_nic_us);
+      naive.set("nic_stage_us", op.naive_nic_us);
+      naive.set("rdma_gbps_per_rank", rdma_gbps_per_rank(op.traffic, op.naive));
+    }
     j.set("naive", std::move(naive));
     j.set("speedup", op.naive.median / op.time.median);
   }
@@ -213,16 +232,44 @@ Json options_json(const Options& o) {
       .set("topk_groups", o.topk_groups)
       .set("cached", o.cached)
       .set("graph", o.graph)
-      .set("config_file", o.config_path);
+      .set("config_file", o.config_path)
+      .set("nodes", o.nodes)
+      .set("nic_gbps", o.nic_gbps)
+      .set("nic_latency_us", o.nic_latency_us);
+}
+
+/// How the naive figures of a point were obtained.
+Json naive_model_json(const PointResult& p) {
+  const NaiveNicStage& st = p.naive_nic;
+  if (!st.on)
+    return Json::object()
+        .set("kind", "measured")
+        .set("description", "permute -> per-peer cudaMemcpyAsync -> unpermute, measured");
+  return Json::object()
+      .set("kind", "measured_intranode_plus_nic_stage")
+      .set("description",
+           "measured time of the naive pipeline with only its copies between ranks of one node "
+           "(permute -> intranode cudaMemcpyAsync -> unpermute), plus a serial NIC stage for "
+           "its copies to other nodes: max over ranks of max(bytes sent to, bytes received "
+           "from other nodes) / nic_gbps + nic_latency_us (once per stage); dispatch rows "
+           "as dispatched (data + scales), combine bf16 rows, one per (token, destination "
+           "rank); round trips pay both stages")
+      .set("nic_gbps", st.nic.gbps)
+      .set("nic_latency_us", st.nic.latency_us)
+      .set("dispatch_nic_bytes_max_rank", st.dispatch_bytes_max_rank)
+      .set("combine_nic_bytes_max_rank", st.combine_bytes_max_rank)
+      .set("dispatch_nic_stage_us", st.dispatch_us)
+      .set("combine_nic_stage_us", st.combine_us);
 }
 
 Json point_json(const PointResult& p, double copy_rate) {
   Json ops = Json::array();
-  for (const OpResult& op : p.ops) ops.push(op_json(op, copy_rate));
+  for (const OpResult& op : p.ops) ops.push(op_json(op, copy_rate, p));
   return Json::object()
       .set("mode", mode_key(p.shape))
       .set("axis_value", p.axis_value)
       .set("ranks", p.shape.ranks)
+      .set("nodes", p.shape.nodes)
       .set("tokens", p.shape.tokens)
       .set("hidden", p.shape.hidden)
       .set("topk", p.shape.topk)
@@ -230,6 +277,7 @@ Json point_json(const PointResult& p, double copy_rate) {
       .set("num_sms", p.config.num_sms)
       .set("threads_per_block", p.config.threads_per_block)
       .set("config", config_json(p.config))
+      .set("naive_model", naive_model_json(p))
       .set("ops", std::move(ops));
 }
 
@@ -261,6 +309,18 @@ double gbps_per_rank(const Traffic& traffic, const Stats& time) {
 double copy_rate_fraction(const Traffic& traffic, const Stats& time, double copy_rate) {
   return time.median > 0 && copy_rate > 0 ? traffic.hbm_bytes / (time.median * kUs) / copy_rate
                                           : 0.0;
+}
+
+double rdma_gbps_per_rank(const Traffic& traffic, const Stats& time) {
+  return time.median > 0 ? traffic.rdma_bytes_per_rank / (time.median * kUs) / kGB : 0.0;
+}
+
+double nvl_gbps_per_rank(const Traffic& traffic, const Stats& time) {
+  return time.median > 0 ? traffic.nvlink_bytes_per_rank / (time.median * kUs) / kGB : 0.0;
+}
+
+double nic_fraction(const Traffic& traffic, const Stats& time, double nic_gbps) {
+  return nic_gbps > 0 ? rdma_gbps_per_rank(traffic, time) / nic_gbps : 0.0;
 }
 
 Machine query_machine(int device) {
@@ -301,21 +361,34 @@ void print_table(const RunRecord& run, const Options& o, std::FILE* out) {
                "seed %llu, %d iterations; device copy rate %.0f GB/s (read + written)\n",
                o.ranks, o.topk, o.experts, o.fp8 ? "fp8" : "bf16", routing_name(o.routing),
                static_cast<unsigned long long>(o.seed), o.iters, run.copy_rate / kGB);
+  const bool nodes = o.nodes > 1;
+  if (nodes)
+    std::fprintf(out,
+                 "%d virtual nodes x %d ranks (loopback RDMA between nodes); NIC model %.1f GB/s "
+                 "per rank, %.1f us per signal\n",
+                 o.nodes, o.ranks / o.nodes, o.nic_gbps, o.nic_latency_us);
   for (const std::string& note : run.notes) std::fprintf(out, "note: %s\n", note.c_str());
-  std::fprintf(out, "\n%-4s %6s %6s %4s %5s  %-24s %10s %17s %9s %7s %10s %8s\n", "mode", "tokens",
+  std::fprintf(out, "\n%-4s %6s %6s %4s %5s  %-24s %10s %17s %9s %7s %10s %8s", "mode", "tokens",
                "hidden", "sms", "thr", "op", "median us", "p10-p90 us", "GB/s/rank", "% copy",
                "naive us", "speed-up");
+  if (nodes) std::fprintf(out, " %9s %8s %6s", "RDMA GB/s", "NVL GB/s", "% NIC");
+  std::fprintf(out, "\n");
   for (const PointResult& p : run.points)
     for (const OpResult& op : p.ops) {
       const std::string spread = format("%.1f", op.time.p10) + "-" + format("%.1f", op.time.p90);
       const bool naive = op.naive.samples > 0;
-      std::fprintf(out, "%-4s %6d %6d %4d %5d  %-24s %10.1f %17s %9.1f %6.1f%% %10s %8s\n",
+      std::fprintf(out, "%-4s %6d %6d %4d %5d  %-24s %10.1f %17s %9.1f %6.1f%% %10s %8s",
                    mode_key(p.shape), p.shape.tokens, p.shape.hidden, p.config.num_sms,
                    p.config.threads_per_block, op_name(op.op), op.time.median, spread.c_str(),
                    gbps_per_rank(op.traffic, op.time),
                    100.0 * copy_rate_fraction(op.traffic, op.time, run.copy_rate),
                    naive ? format("%.1f", op.naive.median).c_str() : "-",
                    naive ? format("%.2fx", op.naive.median / op.time.median).c_str() : "-");
+      if (nodes)
+        std::fprintf(out, " %9.1f %8.1f %5.1f%%", rdma_gbps_per_rank(op.traffic, op.time),
+                     nvl_gbps_per_rank(op.traffic, op.time),
+                     100.0 * nic_fraction(op.traffic, op.time, o.nic_gbps));
+      std::fprintf(out, "\n");
     }
   std::fprintf(out,
                "\nGB/s/rank: HT = rows received per rank x (row + scale bytes) / time (DeepEP); "
@@ -323,6 +396,16 @@ void print_table(const RunRecord& run, const Options& o, std::FILE* out) {
                "EP).\n%% copy: (source rows read once + destination rows written once, all "
                "ranks) / time, over the copy rate. naive: permute -> per-peer cudaMemcpyAsync -> "
                "unpermute, same run.\n");
+  if (nodes)
+    std::fprintf(out,
+                 "RDMA GB/s: bytes a rank sends across nodes / time, per rank (HT: rows as "
+                 "dispatched once per (token, other node), combine bf16 partials the same; LL: "
+                 "(token, expert) messages to other nodes). NVL GB/s: bytes delivered within "
+                 "nodes / time (HT: rows received per rank; LL: messages within the node). %% "
+                 "NIC: RDMA GB/s / %.1f.\nnaive us with nodes: measured naive time with only "
+                 "its intranode copies + a serial NIC stage for its copies to other nodes "
+                 "(busiest rank's bytes / NIC bandwidth + latency); see docs/bench.md.\n",
+                 o.nic_gbps);
   if (run.tuned)
     std::fprintf(out, "tuned: num_sms = %d, threads_per_block = %d, written to %s\n",
                  run.tuned_config.num_sms, run.tuned_config.threads_per_block, o.tune_out.c_str());

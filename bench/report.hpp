@@ -32,6 +32,7 @@ struct PointResult {
   Shape shape;
   moecomm::Config config;
   std::vector<OpResult> ops;
+  NaiveNicStage naive_nic;  ///< nodes > 1: how the naive figures were modelled
 };
 
 struct TuneTrial {
@@ -61,5 +62,10 @@ void write_json(const RunRecord& run, const Options& options, const std::string&
 /// Derived figures of one op.
 double gbps_per_rank(const Traffic& traffic, const Stats& time);
 double copy_rate_fraction(const Traffic& traffic, const Stats& time, double copy_rate);
+/// Virtual nodes: RDMA (across nodes) and NVLink (within nodes) GB/s per rank (DeepEP's
+/// internode convention), and the RDMA figure over the modelled NIC's bandwidth.
+double rdma_gbps_per_rank(const Traffic& traffic, const Stats& time);
+double nvl_gbps_per_rank(const Traffic& traffic, const Stats& time);
+double nic_fraction(const Traffic& traffic, const Stats& time, double nic_gbps);
 
 }  // namespace epb

@@ -182,7 +182,7 @@ void check_combine(const Workload& wl, int r, const TensorView& out, const char*
 class Session {
  public:
   Session(const Workload& wl, const moecomm::Config& config)
-      : wl_(wl), group_(config, wl.shape.ranks, {wl.device}) {}
+      : wl_(wl), group_(config, wl.shape.ranks, {wl.device}, wl.shape.nodes) {}
 
   int ranks() const { return wl_.shape.ranks; }
   VirtualGroup& group() { return group_; }
@@ -420,7 +420,13 @@ OpResult result(Op op, const Stats& time, const Traffic& traffic, const Stats& n
 }
 
 Traffic sum(const Traffic& a, const Traffic& b) {
-  return {a.convention_bytes_per_rank + b.convention_bytes_per_rank, a.hbm_bytes + b.hbm_bytes};
+  Traffic t;
+  t.convention_bytes_per_rank = a.convention_bytes_per_rank + b.convention_bytes_per_rank;
+  t.hbm_bytes = a.hbm_bytes + b.hbm_bytes;
+  t.rdma_bytes_per_rank = a.rdma_bytes_per_rank + b.rdma_bytes_per_rank;
+  t.nvlink_bytes_per_rank = a.nvlink_bytes_per_rank + b.nvlink_bytes_per_rank;
+  t.deepep_rdma_bytes_per_rank = a.deepep_rdma_bytes_per_rank + b.deepep_rdma_bytes_per_rank;
+  return t;
 }
 
 void add_graph_ops(std::vector<OpResult>& out, Session& s, const Workload& wl,
@@ -532,8 +538,8 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
                                      },
                                      [&] { s.combine_each(h, nullptr); }},
                                     [&] { s.sync(); });
-  const Traffic nothing{0, 0};  // the receive phase moves no rows
-  const Stats no_counterpart;   // the naive pipeline has no phases to compare with
+  const Traffic nothing{};     // the receive phase moves no rows
+  const Stats no_counterpart;  // the naive pipeline has no phases to compare with
   out.push_back(result(Op::kDispatchSend, th.phase[0], dt, no_counterpart));
   out.push_back(result(Op::kDispatchRecv, th.phase[1], nothing, no_counterpart));
   if (extras.graph) {
@@ -584,21 +590,86 @@ class StreamSet {
 
 }  // namespace
 
-NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs) {
+namespace {
+
+/// The naive pipeline's serial NIC stage (nodes > 1): each rank's copies to and from other nodes
+/// at the modelled bandwidth (full duplex: the busier direction counts), one latency per stage.
+NaiveNicStage naive_nic_stage(const Workload& wl, const NicModel& nic) {
+  NaiveNicStage st;
+  const Shape& sh = wl.shape;
+  if (sh.nodes <= 1) return st;
+  st.on = true;
+  st.nic = nic;
+  const NaivePipeline& naive = *wl.naive;
+  double rows_max = 0;
+  for (int r = 0; r < sh.ranks; ++r)
+    rows_max = std::max(rows_max, static_cast<double>(std::max(naive.remote_rows_sent(r),
+                                                               naive.remote_rows_received(r))));
+  // Dispatch moves rows as dispatched (with their scales), combine bf16 rows; either way each
+  // rank's busier direction carries rows_max rows (what a rank sends in dispatch comes back in
+  // combine).
+  st.dispatch_bytes_max_rank = rows_max * static_cast<double>(sh.wire_row_bytes());
+  st.combine_bytes_max_rank = rows_max * static_cast<double>(sh.bf16_row_bytes());
+  const auto stage_us = [&](double bytes) {
+    return bytes > 0 ? bytes / (nic.gbps * 1e3) + nic.latency_us : 0.0;  // GB/s = 1e3 bytes/us
+  };
+  st.dispatch_us = stage_us(st.dispatch_bytes_max_rank);
+  st.combine_us = stage_us(st.combine_bytes_max_rank);
+  return st;
+}
+
+Stats shifted(Stats s, double us) {
+  s.median += us;
+  s.p10 += us;
+  s.p90 += us;
+  s.min += us;
+  s.max += us;
+  s.mean += us;
+  return s;
+}
+
+}  // namespace
+
+double naive_nic_us(Op op, const NaiveNicStage& stage) {
+  if (!stage.on) return 0.0;
+  switch (op) {
+    case Op::kCombine:
+    case Op::kGraphCombine:
+    case Op::kOneLaunchCombine:
+    case Op::kOneLaunchGraphCombine:
+      return stage.combine_us;
+    case Op::kRoundTrip:
+    case Op::kGraphRoundTrip:
+    case Op::kOneLaunchGraphRoundTrip:
+      return stage.dispatch_us + stage.combine_us;
+    case Op::kDispatchRecv:  // no naive counterpart
+      return 0.0;
+    default:  // the forms of dispatch
+      return stage.dispatch_us;
+  }
+}
+
+NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs,
+                      const NicModel& nic) {
   MOECOMM_CUDA_CHECK(cudaSetDevice(wl.device));
   const NaivePipeline& naive = *wl.naive;
   const int R = wl.shape.ranks;
   StreamSet streams(R);
-  const Phase dispatch = [&] {
-    for (int s = 0; s < R; ++s) naive.dispatch(s, streams.get()[s]);
+  // Verified with every copy; with virtual nodes timed with the intranode copies only (the
+  // copies to other nodes are charged as the NIC stage below instead of at HBM speed).
+  const auto dispatch_with = [&](bool remote) {
+    for (int s = 0; s < R; ++s) naive.dispatch(s, streams.get()[s], remote);
   };
-  const Phase combine = [&] {
-    for (int s = 0; s < R; ++s) naive.combine(s, streams.get()[s]);
+  const auto combine_with = [&](bool remote) {
+    for (int s = 0; s < R; ++s) naive.combine(s, streams.get()[s], remote);
   };
-  dispatch();
-  combine();
+  dispatch_with(true);
+  combine_with(true);
   streams.sync();
   naive.verify(wl.shape, wl.ranks, wl.expected);
+  const bool remote = wl.shape.nodes <= 1;
+  const Phase dispatch = [&] { dispatch_with(remote); };
+  const Phase combine = [&] { combine_with(remote); };
   const Phase round_trip = [&] {
     dispatch();
     streams.barrier();
@@ -607,13 +678,17 @@ NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs) {
   const auto sync = [&] { streams.sync(); };
   const PhaseTimes t = time_phases(streams.get(), plan, {dispatch, combine, round_trip}, sync);
   NaiveTimes out;
-  out.dispatch = t.phase[0];
-  out.combine = t.phase[1];
-  out.round_trip = t.phase[2];
+  out.nic_stage = naive_nic_stage(wl, nic);
+  const NaiveNicStage& st = out.nic_stage;
+  out.dispatch = shifted(t.phase[0], st.dispatch_us);
+  out.combine = shifted(t.phase[1], st.combine_us);
+  out.round_trip = shifted(t.phase[2], st.dispatch_us + st.combine_us);
   if (graphs) {
-    out.graph.dispatch = GroupGraph(streams.get(), dispatch).time(plan, sync);
-    out.graph.combine = GroupGraph(streams.get(), combine).time(plan, sync);
-    out.graph.round_trip = GroupGraph(streams.get(), round_trip).time(plan, sync);
+    out.graph.dispatch =
+        shifted(GroupGraph(streams.get(), dispatch).time(plan, sync), st.dispatch_us);
+    out.graph.combine = shifted(GroupGraph(streams.get(), combine).time(plan, sync), st.combine_us);
+    out.graph.round_trip = shifted(GroupGraph(streams.get(), round_trip).time(plan, sync),
+                                   st.dispatch_us + st.combine_us);
   }
   return out;
 }
@@ -623,12 +698,17 @@ std::vector<OpResult> run_moecomm(const Workload& wl, const moecomm::Config& con
                                   const NaiveTimes& naive) {
   MOECOMM_CUDA_CHECK(cudaSetDevice(wl.device));
   Session s(wl, config);
+  std::vector<OpResult> out;
   if (wl.shape.ht()) {
     verify_ht(s, wl, extras);
-    return time_ht(s, wl, plan, extras, naive);
+    out = time_ht(s, wl, plan, extras, naive);
+  } else {
+    verify_ll(s, wl);
+    out = time_ll(s, wl, plan, extras, naive);
   }
-  verify_ll(s, wl);
-  return time_ll(s, wl, plan, extras, naive);
+  for (OpResult& op : out)
+    if (op.naive.samples > 0) op.naive_nic_us = naive_nic_us(op.op, naive.nic_stage);
+  return out;
 }
 
 }  // namespace epb

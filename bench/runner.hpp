@@ -39,7 +39,9 @@ struct OpResult {
   Op op = Op::kDispatch;
   Stats time;
   Traffic traffic;
-  Stats naive;  ///< the naive pipeline's counterpart
+  Stats naive;  ///< the naive pipeline's counterpart (with nodes > 1: its modelled time)
+  /// nodes > 1: the modelled NIC stage included in `naive` (0 otherwise).
+  double naive_nic_us = 0;
 };
 
 /// Which figures beyond dispatch and combine to take.
@@ -55,14 +57,36 @@ struct OpTimes {
   Stats dispatch, combine, round_trip;
 };
 
-/// The naive pipeline's times on a workload: plain launches, and (with graphs) each op captured
-/// as one CUDA graph for the whole group.
-struct NaiveTimes : OpTimes {
-  OpTimes graph;
+/// The NIC that ranks of different virtual nodes talk through.
+struct NicModel {
+  double gbps = 0;  ///< GB/s (1e9 bytes) per rank and direction
+  double latency_us = 0;
 };
 
-/// Verifies the naive pipeline's outputs, then times it.
-NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs);
+/// With virtual nodes, the naive figure is modelled: the measured time of the pipeline with
+/// only its intranode copies, plus a serial NIC stage for the copies to other nodes (see
+/// docs/bench.md, "The naive pipeline across nodes").
+struct NaiveNicStage {
+  bool on = false;  ///< nodes > 1
+  NicModel nic;
+  /// max over ranks of max(bytes sent to, bytes received from other nodes)
+  double dispatch_bytes_max_rank = 0, combine_bytes_max_rank = 0;
+  double dispatch_us = 0, combine_us = 0;  ///< bytes / bandwidth + latency (0 without bytes)
+};
+
+/// The naive pipeline's times on a workload: plain launches, and (with graphs) each op captured
+/// as one CUDA graph for the whole group. With nodes > 1 every figure includes the NIC stage.
+struct NaiveTimes : OpTimes {
+  OpTimes graph;
+  NaiveNicStage nic_stage;
+};
+
+/// Verifies the naive pipeline's outputs, then times it (nic: used when the workload spans
+/// nodes).
+NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs, const NicModel& nic);
+
+/// The naive NIC stage an op's naive figure includes (dispatch, combine, or both in a row).
+double naive_nic_us(Op op, const NaiveNicStage& stage);
 
 /// Builds a VirtualGroup with `config`, checks every output of every timed form against the host
 /// reference (throws VerificationError), then times them.

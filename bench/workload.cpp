@@ -42,6 +42,24 @@ ref::Payload make_payload(const Shape& shape, const std::vector<uint16_t>& x,
   return p;
 }
 
+/// Virtual nodes: the (token, node) pairs of rank r's routing (HT: a token crosses to each other
+/// node once) and its selections of experts on other nodes (LL: one message each).
+void count_node_traffic(const Shape& sh, int r, RankData& d) {
+  const int K = sh.topk, own = sh.node_of_rank(r);
+  std::vector<int64_t> seen(sh.nodes, -1);  // last token that reached each node
+  for (int64_t t = 0; t < d.routing.num_tokens; ++t)
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = d.routing.topk_idx[t * K + k];
+      if (e < 0) continue;
+      const int n = sh.node_of_expert(e);
+      if (n != own) ++d.remote_selections;
+      if (seen[n] == t) continue;
+      seen[n] = t;
+      ++d.node_pairs;
+      if (n != own) ++d.remote_node_pairs;
+    }
+}
+
 /// Routing, weights, x and its dispatched form for every rank; uploads what the device needs.
 void make_inputs(Workload& wl, const Options& o) {
   const Shape& sh = wl.shape;
@@ -57,6 +75,8 @@ void make_inputs(Workload& wl, const Options& o) {
     d.valid_selections = std::count_if(d.routing.topk_idx.begin(), d.routing.topk_idx.end(),
                                        [](int64_t e) { return e >= 0; });
   }
+  if (sh.nodes > 1)
+    for (int r = 0; r < R; ++r) count_node_traffic(sh, r, wl.ranks[r]);
   std::vector<std::vector<uint16_t>> x(R,
                                        std::vector<uint16_t>(static_cast<size_t>(T) * sh.hidden));
   for (int r = 0; r < R; ++r) fill_hashed_bf16(x[r], stream_key(o.seed, Stream::kX, r));
@@ -93,8 +113,14 @@ void make_ht_expected(Workload& wl, const Options& o) {
     fill_hashed_bf16(y[r], stream_key(o.seed, Stream::kY, r));
     d.y = DeviceBuffer<uint16_t>(y[r]);
   }
-  auto combined = ref::ht_combine(sh.ref_shape(), routing, y, {}, {});
+  // Spanning nodes, the internode path sums within each node first (one bf16 partial per
+  // (token, node)); the naive pipeline sums every row at once.
+  auto combined = ref::ht_combine(sh.ref_shape(), routing, y, {}, {}, sh.nodes);
   for (auto& c : combined) wl.expected.out.push_back(std::move(c.out));
+  if (sh.nodes > 1) {
+    auto flat = ref::ht_combine(sh.ref_shape(), routing, y, {}, {});
+    for (auto& c : flat) wl.expected.flat_out.push_back(std::move(c.out));
+  }
 }
 
 /// LL: reference dispatch; y = [L, R*M, H] per rank, hashed values in the valid slots (the only
@@ -160,6 +186,10 @@ namespace {
 struct Totals {
   double tokens = 0;      // sum of T over ranks
   double moved_rows = 0;  // HT: rows received; LL: (token, expert) messages
+  // Virtual nodes: rows that cross the NIC (HT: (token, other node) pairs; LL: selections of
+  // experts on other nodes), and HT's (token, node) pairs with the own node (DeepEP's count).
+  double remote_rows = 0;
+  double node_pairs = 0;
 };
 
 Totals totals(const Workload& wl) {
@@ -167,8 +197,21 @@ Totals totals(const Workload& wl) {
   for (const RankData& d : wl.ranks) {
     t.tokens += static_cast<double>(d.routing.num_tokens);
     t.moved_rows += static_cast<double>(wl.shape.ht() ? d.num_recv : d.valid_selections);
+    t.remote_rows += static_cast<double>(wl.shape.ht() ? d.remote_node_pairs : d.remote_selections);
+    t.node_pairs += static_cast<double>(d.node_pairs);
   }
   return t;
+}
+
+/// The node figures of one direction; `row` is the bytes of one row as it travels.
+void set_node_traffic(const Shape& shape, const Totals& t, double row, Traffic& tr) {
+  if (shape.nodes <= 1) return;
+  const double R = shape.ranks;
+  tr.rdma_bytes_per_rank = t.remote_rows * row / R;
+  // HT: every received row is delivered over NVLink (rows from other nodes forwarded by the
+  // rank of the same local index); LL: the messages whose expert is on the sender's node.
+  tr.nvlink_bytes_per_rank = (shape.ht() ? t.moved_rows : t.moved_rows - t.remote_rows) * row / R;
+  tr.deepep_rdma_bytes_per_rank = shape.ht() ? t.node_pairs * row / R : 0.0;
 }
 
 }  // namespace
@@ -184,6 +227,7 @@ Traffic Workload::dispatch_traffic() const {
       shape.ht() ? t.moved_rows * wire / R
                  : t.moved_rows * static_cast<double>(shape.data_row_bytes()) / R;
   tr.hbm_bytes = t.tokens * bf16_row + t.moved_rows * wire;  // bf16 x read, rows written
+  set_node_traffic(shape, t, wire, tr);  // rows with their scales, as dispatched
   return tr;
 }
 
@@ -193,6 +237,7 @@ Traffic Workload::combine_traffic() const {
   Traffic tr;
   tr.convention_bytes_per_rank = t.moved_rows * bf16_row / R;
   tr.hbm_bytes = t.moved_rows * bf16_row + t.tokens * bf16_row;  // y rows read, out written
+  set_node_traffic(shape, t, bf16_row, tr);  // HT: one bf16 partial row per (token, node)
   return tr;
 }
 

@@ -20,6 +20,7 @@ inline constexpr int kScaleGroup = 128;  // channels per fp8 scale
 struct Shape {
   moecomm::Mode mode = moecomm::Mode::kHighThroughput;  ///< kHighThroughput or kLowLatency
   int ranks = 0;
+  int nodes = 1;   ///< virtual nodes (ranks r*G .. r*G+G-1 form node r, G = ranks / nodes)
   int tokens = 0;  ///< T per rank; also the LL capacity M
   int hidden = 0;
   int topk = 0;
@@ -30,6 +31,11 @@ struct Shape {
 
   bool ht() const { return mode == moecomm::Mode::kHighThroughput; }
   int local_experts() const { return experts / ranks; }
+  int node_size() const { return ranks / nodes; }
+  int node_of_rank(int rank) const { return rank / node_size(); }
+  int node_of_expert(int64_t expert) const {
+    return node_of_rank(static_cast<int>(expert / local_experts()));
+  }
   int scale_groups() const { return fp8 ? hidden / kScaleGroup : 0; }
   /// Bytes of one dispatched row's data (fp8 or bf16), without scales.
   int64_t data_row_bytes() const { return fp8 ? hidden : 2 * int64_t{hidden}; }
@@ -50,6 +56,10 @@ struct RankData {
   DeviceBuffer<uint16_t> y;      ///< combine input: HT [N, H] (received order); LL [L, R*M, H]
   int64_t num_recv = 0;          ///< HT: rows this rank receives (N)
   int64_t valid_selections = 0;  ///< (token, expert) pairs with an expert (LL messages sent)
+  // Virtual nodes (all 0 when nodes = 1):
+  int64_t node_pairs = 0;         ///< HT: (token, destination node) pairs, its own node included
+  int64_t remote_node_pairs = 0;  ///< HT: (token, destination node) pairs, other nodes only
+  int64_t remote_selections = 0;  ///< LL: (token, expert) pairs whose expert is on another node
 };
 
 /// The host reference's outputs.
@@ -57,6 +67,9 @@ struct Expected {
   std::vector<moecomm::ref::HtReceived> ht;  ///< HT dispatch, per rank
   std::vector<moecomm::ref::LlReceived> ll;  ///< LL dispatch, per rank
   std::vector<std::vector<uint16_t>> out;    ///< combine out [T*H] bf16, per rank
+  /// HT with nodes > 1: the one-level sum (ascending rank, one rounding) that the naive
+  /// pipeline computes, per rank; empty when it equals `out`.
+  std::vector<std::vector<uint16_t>> flat_out;
 };
 
 class NaivePipeline;
@@ -65,6 +78,11 @@ class NaivePipeline;
 struct Traffic {
   double convention_bytes_per_rank = 0;  ///< DeepEP (HT) / NCCL EP (LL) bandwidth numerator
   double hbm_bytes = 0;  ///< source rows read once + destination rows written once, all ranks
+  // Virtual nodes (nodes > 1; see docs/bench.md, "Groups that span nodes"), means over ranks:
+  double rdma_bytes_per_rank = 0;    ///< bytes that cross the NIC (other nodes only)
+  double nvlink_bytes_per_rank = 0;  ///< bytes delivered to ranks within a node
+  /// HT: DeepEP's RDMA numerator, (token, node) pairs with the own node counted too.
+  double deepep_rdma_bytes_per_rank = 0;
 };
 
 struct Workload {
