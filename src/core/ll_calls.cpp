@@ -33,13 +33,15 @@ void check_ll_internode(const DeviceContext& ctx, const Config& config, uint64_t
         "VirtualGroup::dispatch_all / combine_all: one launch for a group that spans " + nodes +
         " nodes is not supported in low-latency mode; call dispatch / combine on each rank");
   if (config.mask_unresponsive_ranks)
-    throw Unsupported("Config.mask_unresponsive_ranks: not supported by low-latency calls of a "
-                      "group that spans " +
-                      nodes + " nodes");
+    throw Unsupported(
+        "Config.mask_unresponsive_ranks: not supported by low-latency calls of a "
+        "group that spans " +
+        nodes + " nodes");
   if (explicit_mask != 0)
-    throw Unsupported("mask_rank: masked ranks are not supported by low-latency calls of a group "
-                      "that spans " +
-                      nodes + " nodes; clear_rank_masks() first");
+    throw Unsupported(
+        "mask_rank: masked ranks are not supported by low-latency calls of a group "
+        "that spans " +
+        nodes + " nodes; clear_rank_masks() first");
 }
 
 }  // namespace
@@ -185,8 +187,8 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
     if (y >= base && y + combine_bytes <= base + window && (y - base) % 16 == 0)
       offset = static_cast<size_t>(y - base);
     else if (combine_bytes > 0)
-      MOECOMM_CUDA_CHECK(cudaMemcpyAsync(base + offset, y, combine_bytes,
-                                         cudaMemcpyDeviceToDevice, s.exec));
+      MOECOMM_CUDA_CHECK(
+          cudaMemcpyAsync(base + offset, y, combine_bytes, cudaMemcpyDeviceToDevice, s.exec));
     sp.y = static_cast<uint64_t>(offset) | kSymmetricOffsetTag;
   } else {
     sp.y = publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y",

@@ -188,7 +188,7 @@ __device__ void announce(const DeviceContext& ctx, uint64_t seq, device::RankBlo
 
 /// Every block: waits until every peer entered call seq. kInternode: a remote peer's arrival
 /// counter is waited for by every block and consumed once, by the rank's last block
-/// (consume_arrivals): a peer runs at most one dispatch ahead, which leaves its count at 2.
+/// (after its count signals): a peer runs at most one dispatch ahead, which leaves its count at 2.
 template <bool kInternode>
 __device__ bool await_peers(const DeviceContext& ctx, uint64_t seq, device::RankBlocks blocks) {
   if constexpr (!kInternode) {
@@ -196,11 +196,10 @@ __device__ bool await_peers(const DeviceContext& ctx, uint64_t seq, device::Rank
   } else {
     bool ok = true;
     for (int d = threadIdx.x; d < ctx.num_ranks; d += blockDim.x) {
-      ok = (same_node(ctx, d)
-                ? transport::wait_signal(ctx, FlagKind::kArrive, d, seq, Phase::kArrive,
-                                         blocks.index)
-                : rdma::wait_signal(ctx, ctx.ll.sig_arrive + d * sizeof(uint64_t), 1, d,
-                                    Phase::kRdmaArrive, blocks.index)) &&
+      ok = (same_node(ctx, d) ? transport::wait_signal(ctx, FlagKind::kArrive, d, seq,
+                                                       Phase::kArrive, blocks.index)
+                              : rdma::wait_signal(ctx, ctx.ll.sig_arrive + d * sizeof(uint64_t), 1,
+                                                  d, Phase::kRdmaArrive, blocks.index)) &&
            ok;
     }
     return __syncthreads_and(ok) != 0;
@@ -244,8 +243,8 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
     const int64_t t = i / pieces.count;
     const int piece = static_cast<int>(i % pieces.count);
     int remote = 0;
-    const int n =
-        token_destinations<kInternode>(ctx, p, t, piece == 0, lane, masked, dst[warp], port, remote);
+    const int n = token_destinations<kInternode>(ctx, p, t, piece == 0, lane, masked, dst[warp],
+                                                 port, remote);
     const int u0 = piece * pieces.units;
     const int units = min(pieces.units, row_units - u0);
     const int4* src = reinterpret_cast<const int4*>(p.x + t * H) + u0 * kVectorsPerUnit;
@@ -500,9 +499,7 @@ __device__ void push_rows(const DeviceContext& ctx, int b, uint64_t y, device::R
     const int s = static_cast<int>(i / M % R), pos = static_cast<int>(i % M);
     if (same_node(ctx, s) || pos >= layout[2 * (le * R + s) + 1]) continue;
     const int from = remote_index(ctx.rank, s / G, G);
-    port.put(s,
-             ctx.ll.combine_recv[b] +
-                 ((static_cast<uint64_t>(from) * L + le) * M + pos) * row,
+    port.put(s, ctx.ll.combine_recv[b] + ((static_cast<uint64_t>(from) * L + le) * M + pos) * row,
              y_off + static_cast<uint64_t>(i) * row, row);
   }
   port.flush();
@@ -540,8 +537,8 @@ __global__ void __launch_bounds__(kInternode ? kMaxBlockThreads : kCombineSendTh
 /// kInternode end of a combine (the rank's last block): takes back the remote rows' signals,
 /// tells every peer this rank has read what it needed (same node: the kCombineDone flag; other
 /// nodes: a counter signal) and waits for every peer to say the same.
-__device__ bool finish_combine_internode(const DeviceContext& ctx, int b, uint64_t seq,
-                                         int channel, rdma::WarpPort& port) {
+__device__ bool finish_combine_internode(const DeviceContext& ctx, int b, uint64_t seq, int channel,
+                                         rdma::WarpPort& port) {
   const int R = ctx.num_ranks, me = ctx.rank;
   const uint64_t masked = transport::masked_peers(ctx);
   const bool fine = !transport::aborted(ctx);

@@ -22,14 +22,14 @@ struct Regions {
   size_t x[2], scales[2], src_token[2], combine[2];
   // Internode (claimed only when the group spans nodes; window offsets). The engine puts whole
   // 16-byte vectors, so the 4-byte src_token and scale of a slot come through meta instead.
-  int32_t meta_words;   // u64 per slot in meta: src_token, then one scale per 128 channels (fp8)
-  size_t stage;         // [M] rows of 2H bytes: this rank's rows (bf16, or fp8 then f32 scales)
-  size_t meta[2];       // u64 [L][R*M][meta_words]: from remote sources, per slot
+  int32_t meta_words;      // u64 per slot in meta: src_token, then one scale per 128 channels (fp8)
+  size_t stage;            // [M] rows of 2H bytes: this rank's rows (bf16, or fp8 then f32 scales)
+  size_t meta[2];          // u64 [L][R*M][meta_words]: from remote sources, per slot
   size_t combine_recv[2];  // bf16 [R-G][L][M][H]: expert rows pushed by the ranks of other nodes
-  size_t sig_arrive;    // u64 [R]: remote rank entered a dispatch (counter)
-  size_t sig_counts;    // u64 [2][R]: remote source's counts (and rows) of buffer b landed
-  size_t sig_combine;   // u64 [2][R]: remote expert rank's combine rows of buffer b landed
-  size_t sig_done;      // u64 [2][R]: remote rank finished its combine of buffer b
+  size_t sig_arrive;       // u64 [R]: remote rank entered a dispatch (counter)
+  size_t sig_counts;       // u64 [2][R]: remote source's counts (and rows) of buffer b landed
+  size_t sig_combine;      // u64 [2][R]: remote expert rank's combine rows of buffer b landed
+  size_t sig_done;         // u64 [2][R]: remote rank finished its combine of buffer b
   // Private.
   uint64_t* dispatch_seq;  // [2] seq of the dispatch send that filled each buffer (for the hook)
   uint64_t* combine_seq;   // [2] seq of the combine send phase (for its hook)

@@ -24,7 +24,7 @@ namespace {
 using test::DeviceBuffer;
 
 constexpr int kDevice = 0;
-constexpr int kSmsBudget = 128;  // R * num_sms of every group fits an H200's 132 SMs
+constexpr int kSmsBudget = 128;   // R * num_sms of every group fits an H200's 132 SMs
 constexpr int kWarmUpRounds = 2;  // both LL buffers are seen (and can be poisoned) afterwards
 constexpr int kFp8Group = ref::kFp8Group;
 
@@ -38,15 +38,15 @@ struct LlParams {
   ScaleFormat scale_format = ScaleFormat::kFloat32;
   bool idx_i32 = false;
   int threads = 512;
-  int view_offset = 0;  // elements: x, y and out views start this far into their buffers
+  int view_offset = 0;             // elements: x, y and out views start this far into their buffers
   bool mask_unresponsive = false;  // Config::mask_unresponsive_ranks
   double timeout_seconds = 10.0;
 };
 
 std::string describe(const LlParams& p) {
   std::ostringstream os;
-  os << "N=" << p.nodes << " R=" << p.ranks << " E=" << p.experts << " K=" << p.topk << " H=" << p.hidden
-     << " M=" << p.capacity << (p.idx_i32 ? " idx=i32" : " idx=i64")
+  os << "N=" << p.nodes << " R=" << p.ranks << " E=" << p.experts << " K=" << p.topk
+     << " H=" << p.hidden << " M=" << p.capacity << (p.idx_i32 ? " idx=i32" : " idx=i64")
      << (p.scale_format == ScaleFormat::kPowerOfTwo ? " scales=pow2" : " scales=f32")
      << " threads=" << p.threads;
   if (p.view_offset) os << " view_offset=" << p.view_offset;
@@ -589,7 +589,6 @@ struct Graphs {
   std::vector<cudaGraphExec_t> exec;
 };
 
-
 struct Topology {
   int nodes;
   int per_node;  // G
@@ -610,8 +609,8 @@ LlParams topology_params(const Topology& t) {
 
 TEST_CASE("internode ll: nodes 2x4, 4x2, 2x2, 8x1, 2x8; bf16 and fp8, hooks, -1, T = 0 and T = M") {
   REQUIRE_GPU();
-  for (const Topology& t : {Topology{2, 4}, Topology{4, 2}, Topology{2, 2}, Topology{8, 1},
-                            Topology{2, 8}}) {
+  for (const Topology& t :
+       {Topology{2, 4}, Topology{4, 2}, Topology{2, 2}, Topology{8, 1}, Topology{2, 8}}) {
     const LlParams p = topology_params(t);
     LlRig rig(p, 100 + t.nodes * 16 + t.per_node);
     // Consecutive calls alternate the two buffers (and the engine's per-buffer signals).
@@ -644,7 +643,8 @@ TEST_CASE("internode ll: skewed routing (every token to the experts of one node)
     }
     rig.round(0, rig.inputs(std::vector<int64_t>(p.ranks, 0), RoutingSpec{}), CallMode{},
               "T = 0 on every rank");
-    rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.5}), CallMode{}, "half the entries -1");
+    rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.5}), CallMode{},
+              "half the entries -1");
   }
 }
 
@@ -781,7 +781,8 @@ TEST_CASE("internode ll: CUDA graph capture of dispatch -> combine per rank, rep
 // VirtualGroup::dispatch_all / combine_all serve a one-GPU group from one grid: refused for a group
 // that spans nodes (Unsupported naming num_nodes). So are masked ranks. A refused call changes
 // nothing: the group goes on.
-TEST_CASE("internode ll: one launch for the group and masked ranks are refused, the group goes on") {
+TEST_CASE(
+    "internode ll: one launch for the group and masked ranks are refused, the group goes on") {
   REQUIRE_GPU();
   const LlParams p = topology_params(Topology{2, 2});
   LlRig rig(p, 600);
