@@ -11,8 +11,40 @@
 #include "ll/group_plan.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
+#include "runtime/cuda_check.hpp"
 
 namespace moecomm::detail {
+
+// A group that spans nodes runs LL through the RDMA engine for the ranks of other nodes (ll.cu's
+// internode kernels). Not offered there, and refused before any state changes:
+// - one launch for the group (VirtualGroup::dispatch_all / combine_all): its kernel serves every
+//   rank of one GPU from one grid, which an internode group is not meant to be; call each rank;
+// - masked ranks (mask_rank, Config::mask_unresponsive_ranks): the counter signals of the engine
+//   have no way to leave a rank out of a call and let it rejoin.
+namespace {
+
+void check_ll_internode(const DeviceContext& ctx, const Config& config, uint64_t explicit_mask,
+                        bool group_call) {
+  const int N = ctx.num_nodes;
+  if (N <= 1) return;
+  const std::string nodes = "num_nodes = " + std::to_string(N);
+  if (group_call)
+    throw Unsupported(
+        "VirtualGroup::dispatch_all / combine_all: one launch for a group that spans " + nodes +
+        " nodes is not supported in low-latency mode; call dispatch / combine on each rank");
+  if (config.mask_unresponsive_ranks)
+    throw Unsupported(
+        "Config.mask_unresponsive_ranks: not supported by low-latency calls of a "
+        "group that spans " +
+        nodes + " nodes");
+  if (explicit_mask != 0)
+    throw Unsupported(
+        "mask_rank: masked ranks are not supported by low-latency calls of a group "
+        "that spans " +
+        nodes + " nodes; clear_rank_masks() first");
+}
+
+}  // namespace
 
 // One kernel per call without a hook (send, then receive); with a hook the send kernel returns
 // at once and the hook launches the receive. Consecutive calls alternate between two buffers so
@@ -23,6 +55,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   const int R = num_ranks(), L = c.local_experts(R), H = c.hidden, G = H / kFp8Group;
   const int M = ctx_.ll.capacity;
   const int64_t T = args.x.shape[0];
+  check_ll_internode(ctx_, c, explicit_mask_, group != nullptr);
   if (T > M)
     throw InvalidArgument(
         "x: " + std::to_string(T) +
@@ -65,6 +98,7 @@ DispatchOutput CommImpl::dispatch_ll(const DispatchArgs& args, const DispatchOpt
   rp.buffer = b;
   rp.recv_count = ctx_.ll.recv_count + b * L;
   rp.recv_layout = ctx_.ll.recv_layout + static_cast<size_t>(b) * L * R * 2;
+  rp.fp8 = o.quantize_fp8;
   p.receive = !o.return_recv_hook;  // without a hook, one kernel does both phases
   if (group) {
     group->plan.add_dispatch(ctx_, p);
@@ -113,6 +147,7 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
   const int M = ctx_.ll.capacity;
   const int64_t T = h.num_tokens;
   const int64_t slots = static_cast<int64_t>(R) * M;
+  check_ll_internode(ctx_, c, explicit_mask_, group != nullptr);
   check_tensor(args.y,
                {"y",
                 {DType::kBF16},
@@ -142,10 +177,26 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
   std::shared_ptr<CallStaging> staging = std::make_shared<CallStaging>(s.exec);
   ll::CombineSendParams sp;
   const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
-  sp.y =
-      publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y", s.exec);
+  if (ctx_.num_nodes > 1) {
+    // The rows for other nodes are put from this rank's RDMA window: y is used in place when it
+    // lies there (the zero-copy combine_buffer does), else it is copied into combine[buffer].
+    uint8_t* base = group_->sym_base[rank_];
+    const uint8_t* y = static_cast<const uint8_t*>(args.y.data);
+    const size_t window = static_cast<size_t>(c.rdma_bytes);
+    size_t offset = ctx_.ll.combine[h.buffer];
+    if (y >= base && y + combine_bytes <= base + window && (y - base) % 16 == 0)
+      offset = static_cast<size_t>(y - base);
+    else if (combine_bytes > 0)
+      MOECOMM_CUDA_CHECK(
+          cudaMemcpyAsync(base + offset, y, combine_bytes, cudaMemcpyDeviceToDevice, s.exec));
+    sp.y = static_cast<uint64_t>(offset) | kSymmetricOffsetTag;
+  } else {
+    sp.y = publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y",
+                   s.exec);
+  }
   sp.buffer = h.buffer;
-  if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, s.exec);
+  const int blocks = c.num_sms, threads = c.threads_per_block;
+  if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, blocks, threads, s.exec);
 
   ll::CombineRecvParams rp;
   rp.publish_y = !o.return_recv_hook;  // without a hook, one kernel does both phases
@@ -156,7 +207,6 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
   rp.num_tokens = T;
   rp.out = o.out.present() ? static_cast<uint16_t*>(staging->output(o.out)) : combine_out_;
   CombineOutput out;
-  const int blocks = c.num_sms, threads = c.threads_per_block;
   if (o.return_recv_hook) {
     const DeviceContext ctx = ctx_;
     const cudaStream_t default_stream = s.exec;

@@ -19,6 +19,7 @@ struct DispatchRecvParams {
   int buffer = 0;
   int32_t* recv_count = nullptr;   // [L] out
   int32_t* recv_layout = nullptr;  // [L, R, 2] out: (s*M, count)
+  bool fp8 = false;                // the dispatch quantised (internode: scales to move from meta)
 };
 
 struct DispatchSendParams {
@@ -45,14 +46,16 @@ void launch_dispatch_recv(const detail::DeviceContext& ctx, const DispatchRecvPa
                           cudaStream_t stream);
 
 struct CombineSendParams {
-  uint64_t y = 0;  // [L, R*M, H] bf16 of this rank, read by the token owners (published address)
+  uint64_t y = 0;  // [L, R*M, H] bf16 of this rank, read by the token owners (published address;
+                   // a group spanning nodes: a tagged offset into this rank's RDMA window)
   int buffer = 0;  // the dispatch buffer of the handle
 };
 
-/// Send phase of combine: publishes y to every peer. Closes the call; stores its seq in
-/// ctx.ll.combine_seq[buffer].
+/// Send phase of combine: publishes y to every peer (a group spanning nodes: to the peers of this
+/// node, and `blocks` x `threads` push the rows the ranks of other nodes need into their windows;
+/// one block otherwise). Closes the call; stores its seq in ctx.ll.combine_seq[buffer].
 void launch_combine_send(const detail::DeviceContext& ctx, const CombineSendParams& params,
-                         cudaStream_t stream);
+                         int blocks, int threads, cudaStream_t stream);
 
 struct CombineRecvParams {
   int buffer = 0;
