@@ -338,7 +338,7 @@ __device__ void forward_message(const DeviceContext& ctx, const DispatchParams& 
       const bool here = e >= 0 && e / L == d;
       transport::peer_region<int64_t>(ctx, d, ctx.ht.topk_idx)[row * K + lane] =
           here ? e - static_cast<int64_t>(d) * L : -1;
-      if (p.topk_weights)
+      if (p.has_weights)
         transport::peer_region<float>(ctx, d, ctx.ht.topk_weights)[row * K + lane] =
             here ? w : 0.0f;
     }

@@ -55,6 +55,9 @@ struct DispatchParams {
   const void* topk_idx = nullptr;
   bool idx_i64 = true;
   const float* topk_weights = nullptr;  // [T, K] or null
+  // Weights are given (on every rank): forwarders write the received weights even where their
+  // own rank has no tokens (and its topk_weights is null).
+  bool has_weights = false;
   int32_t* send_row = nullptr;  // [T, R]: row at each destination rank (-1: none). Read when cached.
   HandleArrays handle;          // written by a fresh dispatch, read by a cached one
   bool cached = false;          // routing from the handle; no layout in this call
