@@ -124,6 +124,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
     q.topk_idx = p.topk_idx;
     q.idx_i64 = p.idx_i64;
     q.topk_weights = p.topk_weights;
+    q.has_scales = fp8_in || o.quantize_fp8;
     q.has_weights = args.topk_weights.present();
     q.send_row = p.send_row;
     q.handle = internode_arrays(h, ctx_);

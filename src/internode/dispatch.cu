@@ -328,7 +328,6 @@ __device__ void forward_message(const DeviceContext& ctx, const DispatchParams& 
     w = meta.weights[lane];
   }
   const int32_t src_token = *meta.src_token;
-  const bool fp8 = p.quantize || p.x_scales;
   const int groups = ctx.hidden / kFp8Group;
   const float* msg_scales = reinterpret_cast<const float*>(message + p.out_row_bytes);
   for (uint32_t m = mask; m; m &= m - 1) {
@@ -343,7 +342,7 @@ __device__ void forward_message(const DeviceContext& ctx, const DispatchParams& 
             here ? w : 0.0f;
     }
     if (lane == 0) transport::peer_region<int32_t>(ctx, d, ctx.ht.src_token)[row] = src_token;
-    if (fp8) {
+    if (p.has_scales) {
       float* dst = transport::peer_region<float>(ctx, d, ctx.ht.scales) + row * groups;
       for (int s = lane; s < groups; s += 32) dst[s] = msg_scales[s];
     }

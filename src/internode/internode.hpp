@@ -55,8 +55,9 @@ struct DispatchParams {
   const void* topk_idx = nullptr;
   bool idx_i64 = true;
   const float* topk_weights = nullptr;  // [T, K] or null
-  // Weights are given (on every rank): forwarders write the received weights even where their
-  // own rank has no tokens (and its topk_weights is null).
+  // What the call carries on every rank: forwarders write received scales and weights also where
+  // their own rank has no tokens (and its x_scales and topk_weights are null).
+  bool has_scales = false;  // fp8 rows out (passthrough or quantised)
   bool has_weights = false;
   int32_t* send_row = nullptr;  // [T, R]: row at each destination rank (-1: none). Read when cached.
   HandleArrays handle;          // written by a fresh dispatch, read by a cached one
