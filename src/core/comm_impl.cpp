@@ -14,6 +14,7 @@
 #include "core/stream_order.hpp"
 #include "core/validate.hpp"
 #include "ht/intranode.hpp"
+#include "internode/internode.hpp"
 #include "layout/layout.hpp"
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
@@ -72,6 +73,7 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   // the streams, mapped host allocations and the device synchronisation at the end.
   layout::preload_kernels();
   ht::preload_kernels();
+  if (shape.num_nodes > 1) internode::preload_kernels();
   ll::preload_kernels();
   transport::preload_rank_mask_kernel();
   MOECOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
@@ -144,9 +146,12 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
       cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));
 
   // A handle slot holds HT send rows [Tmax, R], LL slots [M, K], then the summary copied out in
-  // one piece: N, per-expert counts [L], rank prefix [R + 1].
-  const size_t slot_ints = static_cast<size_t>(c.max_tokens_per_rank) * R +
-                           static_cast<size_t>(std::max(ctx_.ll.capacity, 1)) * K + 2 + L + R;
+  // one piece: N, per-expert counts [L], rank prefix [R + 1]; then, when the group spans nodes
+  // and serves HT, the internode path's arrays (internode::HandleArrays).
+  const size_t slot_ints =
+      static_cast<size_t>(c.max_tokens_per_rank) * R +
+      static_cast<size_t>(std::max(ctx_.ll.capacity, 1)) * K + 2 + L + R +
+      internode::handle_ints(Tmax, R, ctx_.internode.num_nodes);
   pool_ = std::make_shared<SlotPool>(device_, slot_ints);
   MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }

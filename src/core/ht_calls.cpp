@@ -1,5 +1,6 @@
 // The high-throughput path's calls: argument checks, handle bookkeeping and the parameters of
-// the HT kernels (ht/intranode.hpp); the results are views of the registered buffers.
+// the HT kernels (ht/intranode.hpp, or internode/internode.hpp when the group spans nodes); the
+// results are views of the registered buffers.
 #include <string>
 
 #include "core/comm_impl.hpp"
@@ -7,9 +8,30 @@
 #include "core/staging.hpp"
 #include "core/validate.hpp"
 #include "ht/intranode.hpp"
+#include "internode/internode.hpp"
 #include "moecomm/error.hpp"
 
 namespace moecomm::detail {
+
+namespace {
+
+/// The internode part of a handle's slot: after the intranode part, which ends with the rank
+/// prefix [R + 1] (comm_impl.cpp sizes the slot with internode::handle_ints).
+internode::HandleArrays internode_arrays(const HandleState& h, const DeviceContext& ctx) {
+  return internode::carve_handle(h.recv_rank_prefix + ctx.num_ranks + 1, ctx.max_tokens,
+                                 ctx.num_ranks, ctx.num_nodes);
+}
+
+/// Masked ranks take no part in the count exchange of one node; across nodes they are not
+/// supported yet.
+void refuse_masks_across_nodes(uint64_t mask, const char* call) {
+  if (mask != 0)
+    throw Unsupported(std::string(call) +
+                      ": masked ranks (mask_rank) are not supported on a group that spans nodes "
+                      "(the internode high-throughput path); clear_rank_masks first");
+}
+
+}  // namespace
 
 // One kernel per call: the layout steps with the count exchange (unless cached: the handle holds
 // the routing), then the rows. Exact sizing waits on the host for N; the other forms return at
@@ -22,6 +44,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
         "high_throughput or auto");
   const int R = num_ranks(), L = c.local_experts(R), K = c.topk, H = c.hidden, G = H / kFp8Group;
   const int64_t T = args.x.shape[0];
+  const bool internode = ctx_.internode.num_nodes > 1;
+  if (internode) refuse_masks_across_nodes(explicit_mask_, "dispatch");
   const std::string t_h = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   const bool fp8_in = args.x.dtype == DType::kFP8E4M3;
   check_tensor(args.x, {"x", {DType::kBF16, DType::kFP8E4M3}, {T, H}, t_h}, device_);
@@ -85,8 +109,31 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   p.cached = cached;
   if (!cached)
     p.layout =
-        layout_params(args.topk_idx, /*exchange=*/true, /*close=*/false, &h, exact ? token : 0);
-  ht::launch_dispatch(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
+        layout_params(args.topk_idx, /*exchange=*/!internode, /*close=*/false, &h,
+                      exact ? token : 0);
+  if (internode) {
+    // The same parameters; the internode kernel runs its own count exchange over every rank.
+    internode::DispatchParams q;
+    q.x = p.x;
+    q.num_tokens = p.num_tokens;
+    q.in_row_bytes = p.in_row_bytes;
+    q.out_row_bytes = p.out_row_bytes;
+    q.x_scales = p.x_scales;
+    q.quantize = p.quantize;
+    q.pow2_scales = p.pow2_scales;
+    q.topk_idx = p.topk_idx;
+    q.idx_i64 = p.idx_i64;
+    q.topk_weights = p.topk_weights;
+    q.has_scales = fp8_in || o.quantize_fp8;
+    q.has_weights = args.topk_weights.present();
+    q.send_row = p.send_row;
+    q.handle = internode_arrays(h, ctx_);
+    q.cached = p.cached;
+    q.layout = p.layout;
+    internode::launch_dispatch(exchange_ctx(), q, c.num_sms, c.threads_per_block, s.exec);
+  } else {
+    ht::launch_dispatch(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
+  }
   staging.finish();
 
   if (!cached && exact) {
@@ -126,6 +173,8 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   const Config& c = config();
   const int H = c.hidden, K = c.topk;
   const int64_t T = h.num_tokens;
+  const bool internode = ctx_.internode.num_nodes > 1;
+  if (internode) refuse_masks_across_nodes(explicit_mask_, "combine");
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (h.num_recv >= 0) {
     check_tensor(args.y,
@@ -178,7 +227,20 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   p.combined_weights = want_weights ? combine_weights_ : nullptr;
   p.send_row = h.send_row;
   p.num_tokens = T;
-  ht::launch_combine(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
+  if (internode) {
+    internode::CombineParams q;
+    q.y = p.y;
+    q.recv_weights = p.recv_weights;
+    q.bias = p.bias;
+    q.out = p.out;
+    q.combined_weights = p.combined_weights;
+    q.send_row = p.send_row;
+    q.handle = internode_arrays(h, ctx_);
+    q.num_tokens = p.num_tokens;
+    internode::launch_combine(exchange_ctx(), q, c.num_sms, c.threads_per_block, s.exec);
+  } else {
+    ht::launch_combine(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
+  }
   staging.finish();
 
   CombineOutput out;

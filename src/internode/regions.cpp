@@ -40,6 +40,7 @@ Regions claim_regions(const Config& config, const detail::RegionShape& shape, de
   r.node_bitmap = local.take<uint32_t>(N * W);
   r.node_word_prefix = local.take<int32_t>(N * W);
   r.num_tokens_per_node = local.take<int32_t>(N);
+  r.fresh_dispatches = local.take<uint64_t>(1);
   return r;
 }
 

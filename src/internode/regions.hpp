@@ -26,7 +26,8 @@ struct Regions {
   int64_t part_bytes;   // one combine partial sum: bf16 row then K f32 weights (16-byte multiple)
   // Window (byte offsets from the window's start).
   size_t count_stage;    // i32 [R][count_words]: this rank's message to each rank
-  size_t count_recv;     // i32 [2][R][count_words]: each rank's message to this one (parity)
+  size_t count_recv;     // i32 [2][R][count_words]: each rank's message to this one (parity:
+                         // fresh dispatches so far, not the call's seq)
   size_t dispatch_send;  // [N][Tmax] messages staged for each node
   size_t dispatch_recv;  // [N][Tmax] messages from the same-index rank of each node
   size_t combine_send;   // [N][Tmax] partial sums staged for each node
@@ -39,6 +40,7 @@ struct Regions {
   uint32_t* node_bitmap;       // [N][W]: token t goes to node n
   int32_t* node_word_prefix;   // [N][W]
   int32_t* num_tokens_per_node;  // [N]
+  uint64_t* fresh_dispatches;    // [1]: fresh dispatches so far (count_recv's parity)
 };
 
 /// Appends the path's regions (window ones to `window`) when the group spans nodes and serves HT.

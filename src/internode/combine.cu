@@ -1,0 +1,241 @@
+// Internode HT combine (internode/internode.hpp): each rank publishes its expert outputs to the
+// ranks of its node; as forwarder it sums, for every message it forwarded, the outputs of its
+// node's ranks (f32, ascending ranks, rounded to bf16) and puts the partial sum back to the
+// message's source; as source it adds, per token, the partial sums of every node it went to in
+// ascending node order (its own node's from the outputs directly), then the bias.
+#include "device/memory_model.cuh"
+#include "device/numerics.cuh"
+#include "internode/internode.hpp"
+#include "internode/steps.cuh"
+#include "runtime/cuda_check.hpp"
+
+namespace moecomm::internode {
+
+using detail::kMaxBlockThreads;
+
+namespace {
+
+constexpr int kBf16PerVector = 8;  // bf16 channels in 16 bytes
+
+/// The expert outputs (and received weights) of the ranks of this node, by local index.
+struct NodeOutputs {
+  const uint16_t* const* y;
+  const float* const* w;
+};
+
+/// Adds one bf16 vector (8 channels) to acc in f32.
+__device__ __forceinline__ void add_bf16x8(float (&acc)[kBf16PerVector], const int4& v) {
+  float f[kBf16PerVector];
+  device::unpack_bf16x8(v, f);
+#pragma unroll
+  for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
+}
+
+/// Vector i of the f32 sum, over the ranks g of this node ascending with rows[g] >= 0, of their
+/// output rows: the node's partial sum before it is rounded to bf16.
+__device__ __forceinline__ void node_partial(const DeviceContext& ctx, NodeOutputs outs,
+                                             const int32_t* rows, int i,
+                                             float (&acc)[kBf16PerVector]) {
+  const int64_t H = ctx.hidden;
+#pragma unroll
+  for (int j = 0; j < kBf16PerVector; ++j) acc[j] = 0.0f;
+  for (int g = 0; g < ctx.node_size; ++g) {
+    const int32_t row = rows[g];
+    if (row >= 0) add_bf16x8(acc, device::ld_peer_16_any(outs.y[g] + row * H + i * 8));
+  }
+}
+
+/// Weight k of the node's partial sum (f32, ascending ranks; 0 without published weights).
+__device__ __forceinline__ float node_weight(const DeviceContext& ctx, NodeOutputs outs,
+                                             const int32_t* rows, int k) {
+  float sum = 0.0f;
+  for (int g = 0; g < ctx.node_size; ++g)
+    if (rows[g] >= 0 && outs.w[g]) sum = __fadd_rn(sum, outs.w[g][rows[g] * ctx.topk + k]);
+  return sum;
+}
+
+/// Rounds acc to bf16 and back (what crosses the node boundary).
+__device__ __forceinline__ void round_bf16(float (&acc)[kBf16PerVector]) {
+  device::unpack_bf16x8(device::pack_bf16x8(acc), acc);
+}
+
+/// Every warp, as forwarder: the partial sums of the messages it forwarded from each other node,
+/// one (source node, chunk) at a time, staged in the window and put back to the source.
+__device__ void send_partials(const DeviceContext& ctx, const CombineParams& p, NodeOutputs outs,
+                              int lane) {
+  const int N = ctx.num_nodes, G = ctx.node_size, K = ctx.topk, chunks = ctx.internode.chunks;
+  const internode::Regions& in = ctx.internode;
+  const int n16 = ctx.hidden / kBf16PerVector;
+  rdma::WarpPort port(ctx);
+  for (int64_t u = global_warp(); u < static_cast<int64_t>(N) * chunks; u += grid_warps()) {
+    const int to = static_cast<int>(u / chunks), c = static_cast<int>(u % chunks);
+    if (to == ctx.node) continue;
+    const int n = chunk_entries(p.handle.fwd_expected[to], c);
+    if (n == 0) continue;
+    const int64_t first = static_cast<int64_t>(c) * kChunkTokens;
+    for (int64_t j = first; j < first + n; ++j) {
+      const int32_t* rows = p.handle.fwd_rows + (static_cast<int64_t>(to) * ctx.max_tokens + j) * G;
+      uint8_t* part = window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_send, to, j,
+                                                           in.part_bytes));
+      for (int i = lane; i < n16; i += 32) {
+        float acc[kBf16PerVector];
+        node_partial(ctx, outs, rows, i, acc);
+        reinterpret_cast<int4*>(part)[i] = device::pack_bf16x8(acc);
+      }
+      if (lane < K)
+        reinterpret_cast<float*>(part + 2 * static_cast<int64_t>(ctx.hidden))[lane] =
+            node_weight(ctx, outs, rows, lane);
+    }
+    port.put_signal(partner_on(ctx, to), entry_offset(ctx, in.combine_recv, ctx.node, first,
+                                                      in.part_bytes),
+                    entry_offset(ctx, in.combine_send, to, first, in.part_bytes),
+                    static_cast<uint64_t>(n) * in.part_bytes,
+                    chunk_signal(ctx, in.sig_combine, ctx.node, c), static_cast<uint64_t>(n));
+  }
+  port.flush();
+}
+
+/// Every warp, as source: waits for (and consumes) the partial sums of every chunk of its tokens
+/// that went to another node. False after a failed wait.
+__device__ bool await_partials(const DeviceContext& ctx, const CombineParams& p, int lane) {
+  const int N = ctx.num_nodes, chunks = ctx.internode.chunks;
+  for (int64_t u = global_warp(); u < static_cast<int64_t>(N) * chunks; u += grid_warps()) {
+    const int from = static_cast<int>(u / chunks), c = static_cast<int>(u % chunks);
+    if (from == ctx.node) continue;
+    const int n = chunk_entries(p.handle.send_per_node[from], c);
+    if (n == 0) continue;
+    if (!await_chunk(ctx, chunk_signal(ctx, ctx.internode.sig_combine, from, c), n,
+                     partner_on(ctx, from), c, lane))
+      return false;
+  }
+  return true;
+}
+
+/// One warp: out[t] = bf16(sum over the nodes token t went to, ascending, of their bf16 partial
+/// sums, + bias); combined weights likewise in f32 without rounding.
+__device__ void reduce_token(const DeviceContext& ctx, const CombineParams& p, NodeOutputs outs,
+                             int64_t t, int lane) {
+  const int N = ctx.num_nodes, G = ctx.node_size, K = ctx.topk, H = ctx.hidden;
+  const internode::Regions& in = ctx.internode;
+  const int32_t* local_rows = p.send_row + t * ctx.num_ranks + ctx.node * G;
+  const int32_t* slots = p.handle.node_slot + t * N;
+  bool local_any = false;
+  for (int g = 0; g < G; ++g) local_any = local_any || local_rows[g] >= 0;
+  auto partial_of = [&](int b) {
+    return window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_recv, b, slots[b], in.part_bytes));
+  };
+  const int n16 = H / kBf16PerVector;
+  for (int i = lane; i < n16; i += 32) {
+    float acc[kBf16PerVector] = {};
+    for (int b = 0; b < N; ++b) {
+      float part[kBf16PerVector];
+      if (b == ctx.node) {
+        if (!local_any) continue;
+        node_partial(ctx, outs, local_rows, i, part);
+        round_bf16(part);
+      } else {
+        if (slots[b] < 0) continue;
+        device::unpack_bf16x8(device::ld_peer_16(reinterpret_cast<const int4*>(partial_of(b)) + i),
+                              part);
+      }
+#pragma unroll
+      for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], part[j]);
+    }
+    if (p.bias)
+      add_bf16x8(acc, *reinterpret_cast<const int4*>(p.bias + t * H + i * kBf16PerVector));
+    *reinterpret_cast<int4*>(p.out + t * H + i * kBf16PerVector) = device::pack_bf16x8(acc);
+  }
+  if (p.combined_weights && lane < K) {
+    float sum = 0.0f;
+    for (int b = 0; b < N; ++b) {
+      if (b == ctx.node) {
+        if (local_any) sum = __fadd_rn(sum, node_weight(ctx, outs, local_rows, lane));
+      } else if (slots[b] >= 0) {
+        const volatile float* w = reinterpret_cast<const float*>(partial_of(b) + 2 * H);
+        sum = __fadd_rn(sum, w[lane]);
+      }
+    }
+    p.combined_weights[t * K + lane] = sum;
+  }
+}
+
+/// Every block: publishes this rank's outputs to the ranks of its node (block 0) and learns
+/// theirs. False after a failed wait.
+__device__ bool exchange_outputs(const DeviceContext& ctx, const CombineParams& p, uint64_t seq,
+                                 const uint16_t** y_of, const float** w_of) {
+  const int R = ctx.num_ranks, G = ctx.node_size, first = ctx.node * G, me = ctx.rank;
+  const int parity = static_cast<int>(seq & 1);
+  if (blockIdx.x == 0) {
+    for (int g = threadIdx.x; g < G; g += blockDim.x) {
+      uint64_t* slot = transport::peer_region<uint64_t>(ctx, first + g, ctx.ht.peer_ptrs) +
+                       (parity * R + me) * detail::kPeerPtrs;
+      slot[0] = p.y;
+      slot[1] = p.recv_weights;
+      transport::scope(ctx).fence();  // y (written by earlier kernels) and its address
+      transport::signal(ctx, first + g, FlagKind::kCombineReady, seq);
+    }
+  }
+  bool ok = true;
+  for (int g = threadIdx.x; g < G; g += blockDim.x) {
+    const int d = first + g;
+    if (!transport::wait_signal(ctx, FlagKind::kCombineReady, d, seq, Phase::kCombineReady,
+                                blockIdx.x)) {
+      ok = false;
+      continue;
+    }
+    const uint64_t* slot = transport::peer_region<uint64_t>(ctx, me, ctx.ht.peer_ptrs) +
+                           (parity * R + d) * detail::kPeerPtrs;
+    y_of[g] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
+    w_of[g] =
+        slot[1] ? static_cast<const float*>(transport::resolve_address(ctx, d, slot[1])) : nullptr;
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    combine_kernel(DeviceContext ctx, CombineParams p) {
+  const uint64_t seq = device::read_call_seq(ctx);
+  const int lane = threadIdx.x & 31;
+  __shared__ const uint16_t* y_of[detail::kMaxRanks];
+  __shared__ const float* w_of[detail::kMaxRanks];
+  const NodeOutputs outs{y_of, w_of};
+
+  // This rank's combine_recv is free (its previous combine is over): tell the partners.
+  if (blockIdx.x == 0 && threadIdx.x < 32) announce_remote_arrival(ctx);
+  bool ok = exchange_outputs(ctx, p, seq, y_of, w_of);
+  if (blockIdx.x == 0) ok = await_remote_arrivals(ctx, 0) && ok;
+  ok = transport::grid_barrier(ctx, ok, device::whole_grid()) && !transport::aborted(ctx);
+
+  // Forwarders never wait before they send, so every partial sum a source awaits arrives.
+  if (ok) send_partials(ctx, p, outs, lane);
+  if (ok) ok = await_partials(ctx, p, lane);
+  ok = transport::grid_barrier(ctx, ok, device::whole_grid()) && !transport::aborted(ctx);
+
+  for (int64_t t = global_warp(); ok && t < p.num_tokens; t += grid_warps())
+    reduce_token(ctx, p, outs, t, lane);
+
+  if (transport::is_last_block(ctx)) {
+    // The ranks of this node have read this rank's outputs (the caller may overwrite y as soon
+    // as combine returns on its stream).
+    node_signal_and_wait(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone, 0);
+    if (threadIdx.x == 0) device::close_call(ctx);
+  }
+}
+
+}  // namespace
+
+void launch_combine(const DeviceContext& ctx, const CombineParams& params, int blocks, int threads,
+                    cudaStream_t stream) {
+  combine_kernel<<<blocks, threads, 0, stream>>>(ctx, params);
+  MOECOMM_LAUNCH_CHECK("internode::combine_kernel");
+}
+
+void preload_dispatch_kernel();  // dispatch.cu
+
+void preload_kernels() {
+  preload_dispatch_kernel();
+  cudaFuncAttributes attr;
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel));
+}
+
+}  // namespace moecomm::internode
