@@ -25,6 +25,9 @@ struct Layout {
   TensorView is_token_in_rank;            ///< [T, R] u8: 1 if token t goes to rank r
   TensorView num_recv_tokens_per_rank;    ///< [R] i32: rows this rank receives from each peer
   TensorView num_recv_tokens_per_expert;  ///< [L] i32: received (token, local expert) pairs
+  /// [N] i32: distinct tokens this rank sends to each node (DeepEP's num_tokens_per_rdma_rank);
+  /// a group on one node leaves it absent.
+  TensorView num_tokens_per_node;
 };
 
 /// HT output sizing.

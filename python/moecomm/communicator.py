@@ -282,10 +282,12 @@ class CombineOutput(_Outputs):
 class Layout(_Outputs):
     """Routing layout of one batch (views valid until the next collective call):
     ``num_tokens_per_rank [R]``, ``num_tokens_per_expert [E]``, ``is_token_in_rank [T, R]`` (uint8),
-    ``num_recv_tokens_per_rank [R]``, ``num_recv_tokens_per_expert [L]``."""
+    ``num_recv_tokens_per_rank [R]``, ``num_recv_tokens_per_expert [L]``, and for a group that
+    spans nodes ``num_tokens_per_node [N]`` (distinct tokens bound for each node; None on one
+    node)."""
 
     _TENSORS = ("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank",
-                "num_recv_tokens_per_rank", "num_recv_tokens_per_expert")
+                "num_recv_tokens_per_rank", "num_recv_tokens_per_expert", "num_tokens_per_node")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -311,6 +311,8 @@ nb::dict get_layout(PyComm& self, nb::handle topk_idx, uintptr_t stream) {
   d["is_token_in_rank"] = to_array(l.is_token_in_rank, owner, oo);
   d["num_recv_tokens_per_rank"] = to_array(l.num_recv_tokens_per_rank, owner, oo);
   d["num_recv_tokens_per_expert"] = to_array(l.num_recv_tokens_per_expert, owner, oo);
+  d["num_tokens_per_node"] =
+      l.num_tokens_per_node.present() ? to_array(l.num_tokens_per_node, owner, oo) : nb::none();
   return d;
 }
 

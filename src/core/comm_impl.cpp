@@ -360,10 +360,24 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   DispatchArgs a;
   a.topk_idx = topk_idx;
   check_topk(a, T);
+  refuse_masks_across_nodes(ctx_.num_nodes, explicit_mask_, "get_layout");
   const Streams s = begin_call(stream, false);
-  layout::launch_layout(exchange_ctx(),
-                        layout_params(topk_idx, /*exchange=*/true, /*close=*/true, nullptr, 0),
-                        config().num_sms, config().threads_per_block, s.exec);
+  if (ctx_.num_nodes > 1) {
+    // Across nodes the counts travel through the RDMA engine: the internode dispatch kernel's
+    // layout and count exchange, then the call ends.
+    internode::DispatchParams q;
+    q.num_tokens = T;
+    q.topk_idx = topk_idx.data;
+    q.idx_i64 = topk_idx.dtype == DType::kI64;
+    q.layout_only = true;
+    q.layout = layout_params(topk_idx, /*exchange=*/false, /*close=*/false, nullptr, 0);
+    internode::launch_dispatch(exchange_ctx(), q, config().num_sms, config().threads_per_block,
+                               s.exec);
+  } else {
+    layout::launch_layout(exchange_ctx(),
+                          layout_params(topk_idx, /*exchange=*/true, /*close=*/true, nullptr, 0),
+                          config().num_sms, config().threads_per_block, s.exec);
+  }
   end_call(s, false);
   const int R = num_ranks(), E = config().num_experts, L = config().local_experts(R);
   Layout out;
@@ -372,6 +386,9 @@ Layout CommImpl::get_layout(const TensorView& topk_idx, cudaStream_t stream) {
   out.is_token_in_rank = local_view(ctx_.layout.is_token_in_rank, DType::kU8, {T, R});
   out.num_recv_tokens_per_rank = local_view(ctx_.layout.num_recv_per_rank, DType::kI32, {R});
   out.num_recv_tokens_per_expert = local_view(ctx_.layout.num_recv_per_expert, DType::kI32, {L});
+  if (ctx_.num_nodes > 1)
+    out.num_tokens_per_node =
+        local_view(ctx_.internode.num_tokens_per_node, DType::kI32, {ctx_.num_nodes});
   return out;
 }
 

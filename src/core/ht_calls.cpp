@@ -22,15 +22,6 @@ internode::HandleArrays internode_arrays(const HandleState& h, const DeviceConte
                                  ctx.num_ranks, ctx.num_nodes);
 }
 
-/// Masked ranks take no part in the count exchange of one node; across nodes they are not
-/// supported yet.
-void refuse_masks_across_nodes(uint64_t mask, const char* call) {
-  if (mask != 0)
-    throw Unsupported(std::string(call) +
-                      ": masked ranks (mask_rank) are not supported on a group that spans nodes "
-                      "(the internode high-throughput path); clear_rank_masks first");
-}
-
 }  // namespace
 
 // One kernel per call: the layout steps with the count exchange (unless cached: the handle holds
@@ -45,7 +36,7 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   const int R = num_ranks(), L = c.local_experts(R), K = c.topk, H = c.hidden, G = H / kFp8Group;
   const int64_t T = args.x.shape[0];
   const bool internode = ctx_.internode.num_nodes > 1;
-  if (internode) refuse_masks_across_nodes(explicit_mask_, "dispatch");
+  if (internode) refuse_masks_across_nodes(ctx_.num_nodes, explicit_mask_, "dispatch");
   const std::string t_h = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   const bool fp8_in = args.x.dtype == DType::kFP8E4M3;
   check_tensor(args.x, {"x", {DType::kBF16, DType::kFP8E4M3}, {T, H}, t_h}, device_);
@@ -174,7 +165,7 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   const int H = c.hidden, K = c.topk;
   const int64_t T = h.num_tokens;
   const bool internode = ctx_.internode.num_nodes > 1;
-  if (internode) refuse_masks_across_nodes(explicit_mask_, "combine");
+  if (internode) refuse_masks_across_nodes(ctx_.num_nodes, explicit_mask_, "combine");
   const std::string tag = "[T=" + std::to_string(T) + ", " + std::to_string(H) + "]";
   if (h.num_recv >= 0) {
     check_tensor(args.y,

@@ -37,11 +37,7 @@ void check_ll_internode(const DeviceContext& ctx, const Config& config, uint64_t
         "Config.mask_unresponsive_ranks: not supported by low-latency calls of a "
         "group that spans " +
         nodes + " nodes");
-  if (explicit_mask != 0)
-    throw Unsupported(
-        "mask_rank: masked ranks are not supported by low-latency calls of a group "
-        "that spans " +
-        nodes + " nodes; clear_rank_masks() first");
+  refuse_masks_across_nodes(N, explicit_mask, "low-latency call");
 }
 
 }  // namespace
@@ -177,23 +173,10 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
   std::shared_ptr<CallStaging> staging = std::make_shared<CallStaging>(s.exec);
   ll::CombineSendParams sp;
   const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
-  if (ctx_.num_nodes > 1) {
-    // The rows for other nodes are put from this rank's RDMA window: y is used in place when it
-    // lies there (the zero-copy combine_buffer does), else it is copied into combine[buffer].
-    uint8_t* base = group_->sym_base[rank_];
-    const uint8_t* y = static_cast<const uint8_t*>(args.y.data);
-    const size_t window = static_cast<size_t>(c.rdma_bytes);
-    size_t offset = ctx_.ll.combine[h.buffer];
-    if (y >= base && y + combine_bytes <= base + window && (y - base) % 16 == 0)
-      offset = static_cast<size_t>(y - base);
-    else if (combine_bytes > 0)
-      MOECOMM_CUDA_CHECK(
-          cudaMemcpyAsync(base + offset, y, combine_bytes, cudaMemcpyDeviceToDevice, s.exec));
-    sp.y = static_cast<uint64_t>(offset) | kSymmetricOffsetTag;
-  } else {
-    sp.y = publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y",
-                   s.exec);
-  }
+  // Same-node peers read y in place; with nodes, the rows for other nodes are put from this
+  // rank's window (y itself when it lies there, else each such row copied there first).
+  sp.y = publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y",
+                 s.exec);
   sp.buffer = h.buffer;
   const int blocks = c.num_sms, threads = c.threads_per_block;
   if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, blocks, threads, s.exec);

@@ -23,6 +23,11 @@ struct TensorSpec {
 /// Checks presence, dtype, shape, contiguity and device; `device` is the rank's CUDA device.
 void check_tensor(const TensorView& v, const TensorSpec& spec, int device);
 
+/// Raises Unsupported when ranks are masked (mask_rank) in a group that spans num_nodes > 1
+/// nodes: the engine's counter signals cannot leave a rank out of a call and let it rejoin.
+/// `call` names the call that refuses.
+void refuse_masks_across_nodes(int num_nodes, uint64_t mask, const char* call);
+
 /// Raises unless `v` is absent.
 void check_absent(const TensorView& v, const char* name, const std::string& why);
 

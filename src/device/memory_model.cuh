@@ -78,6 +78,12 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
+/// global_timer_ns() as lane 0 of the warp reads it: the same value in every lane, so that a
+/// decision taken on it is warp-uniform.
+__device__ __forceinline__ uint64_t global_timer_ns_warp() {
+  return __shfl_sync(0xffffffffu, global_timer_ns(), 0);
+}
+
 /// 16-byte global load that bypasses L1 allocation (data read once).
 __device__ __forceinline__ int4 ld_stream_16(const void* ptr) {
   int4 v;

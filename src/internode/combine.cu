@@ -32,16 +32,28 @@ __device__ __forceinline__ void add_bf16x8(float (&acc)[kBf16PerVector], const i
 }
 
 /// Vector i of the f32 sum, over the ranks g of this node ascending with rows[g] >= 0, of their
-/// output rows: the node's partial sum before it is rounded to bf16.
+/// output rows: the node's partial sum before it is rounded to bf16. Up to kNodeBatch rows are
+/// loaded before they are added (in order), so their loads are in flight together.
+constexpr int kNodeBatch = 8;
 __device__ __forceinline__ void node_partial(const DeviceContext& ctx, NodeOutputs outs,
                                              const int32_t* rows, int i,
                                              float (&acc)[kBf16PerVector]) {
   const int64_t H = ctx.hidden;
 #pragma unroll
   for (int j = 0; j < kBf16PerVector; ++j) acc[j] = 0.0f;
-  for (int g = 0; g < ctx.node_size; ++g) {
-    const int32_t row = rows[g];
-    if (row >= 0) add_bf16x8(acc, device::ld_peer_16_any(outs.y[g] + row * H + i * 8));
+  for (int g0 = 0; g0 < ctx.node_size; g0 += kNodeBatch) {
+    int4 v[kNodeBatch];
+    bool has[kNodeBatch];
+#pragma unroll
+    for (int b = 0; b < kNodeBatch; ++b) {
+      const int g = g0 + b;
+      const int32_t row = g < ctx.node_size ? rows[g] : -1;
+      has[b] = row >= 0;
+      if (has[b]) v[b] = device::ld_peer_16_any(outs.y[g] + row * H + i * 8);
+    }
+#pragma unroll
+    for (int b = 0; b < kNodeBatch; ++b)
+      if (has[b]) add_bf16x8(acc, v[b]);
   }
 }
 
@@ -59,21 +71,18 @@ __device__ __forceinline__ void round_bf16(float (&acc)[kBf16PerVector]) {
   device::unpack_bf16x8(device::pack_bf16x8(acc), acc);
 }
 
-/// Every warp, as forwarder: the partial sums of the messages it forwarded from each other node,
-/// one (source node, chunk) at a time, staged in the window and put back to the source.
+/// Every warp, as forwarder: the partial sums of the messages this rank forwarded from each other
+/// node, spread over all warps (message j in order, so that the first chunks leave first), each
+/// staged in the window and put back to its source; the warp goes on while the NIC carries it.
 __device__ void send_partials(const DeviceContext& ctx, const CombineParams& p, NodeOutputs outs,
-                              int lane) {
-  const int N = ctx.num_nodes, G = ctx.node_size, K = ctx.topk, chunks = ctx.internode.chunks;
+                              rdma::WarpPort& port, int lane) {
+  const int N = ctx.num_nodes, G = ctx.node_size, K = ctx.topk;
   const internode::Regions& in = ctx.internode;
   const int n16 = ctx.hidden / kBf16PerVector;
-  rdma::WarpPort port(ctx);
-  for (int64_t u = global_warp(); u < static_cast<int64_t>(N) * chunks; u += grid_warps()) {
-    const int to = static_cast<int>(u / chunks), c = static_cast<int>(u % chunks);
+  for (int to = 0; to < N; ++to) {
     if (to == ctx.node) continue;
-    const int n = chunk_entries(p.handle.fwd_expected[to], c);
-    if (n == 0) continue;
-    const int64_t first = static_cast<int64_t>(c) * kChunkTokens;
-    for (int64_t j = first; j < first + n; ++j) {
+    const int64_t n = p.handle.fwd_expected[to];
+    for (int64_t j = global_warp(); j < n; j += grid_warps()) {
       const int32_t* rows = p.handle.fwd_rows + (static_cast<int64_t>(to) * ctx.max_tokens + j) * G;
       uint8_t* part = window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_send, to, j,
                                                            in.part_bytes));
@@ -85,30 +94,44 @@ __device__ void send_partials(const DeviceContext& ctx, const CombineParams& p, 
       if (lane < K)
         reinterpret_cast<float*>(part + 2 * static_cast<int64_t>(ctx.hidden))[lane] =
             node_weight(ctx, outs, rows, lane);
+      port.put_signal_later(partner_on(ctx, to),
+                            entry_offset(ctx, in.combine_recv, ctx.node, j, in.part_bytes),
+                            entry_offset(ctx, in.combine_send, to, j, in.part_bytes),
+                            static_cast<uint64_t>(in.part_bytes),
+                            chunk_signal(ctx, in.sig_combine, ctx.node, j / kChunkTokens), 1);
     }
-    port.put_signal(partner_on(ctx, to), entry_offset(ctx, in.combine_recv, ctx.node, first,
-                                                      in.part_bytes),
-                    entry_offset(ctx, in.combine_send, to, first, in.part_bytes),
-                    static_cast<uint64_t>(n) * in.part_bytes,
-                    chunk_signal(ctx, in.sig_combine, ctx.node, c), static_cast<uint64_t>(n));
   }
-  port.flush();
 }
 
-/// Every warp, as source: waits for (and consumes) the partial sums of every chunk of its tokens
-/// that went to another node. False after a failed wait.
-__device__ bool await_partials(const DeviceContext& ctx, const CombineParams& p, int lane) {
-  const int N = ctx.num_nodes, chunks = ctx.internode.chunks;
-  for (int64_t u = global_warp(); u < static_cast<int64_t>(N) * chunks; u += grid_warps()) {
-    const int from = static_cast<int>(u / chunks), c = static_cast<int>(u % chunks);
-    if (from == ctx.node) continue;
-    const int n = chunk_entries(p.handle.send_per_node[from], c);
-    if (n == 0) continue;
-    if (!await_chunk(ctx, chunk_signal(ctx, ctx.internode.sig_combine, from, c), n,
-                     partner_on(ctx, from), c, lane))
+/// One warp, as source: waits until the partial sums of token t from every other node it went to
+/// have arrived (its chunk there complete), without consuming (consume_partials does, at the
+/// end). False after a failed wait.
+__device__ bool await_token_partials(const DeviceContext& ctx, const CombineParams& p, int64_t t,
+                                     rdma::WarpPort& port) {
+  const int N = ctx.num_nodes;
+  const int32_t* slots = p.handle.node_slot + t * N;
+  for (int b = 0; b < N; ++b) {
+    if (b == ctx.node || slots[b] < 0) continue;
+    const int c = slots[b] / kChunkTokens;
+    if (!chunk_arrived(ctx, port, chunk_signal(ctx, ctx.internode.sig_combine, b, c),
+                       chunk_entries(p.handle.send_per_node[b], c), partner_on(ctx, b), c))
       return false;
   }
   return true;
+}
+
+/// The last block, once every token is reduced: takes back the counts of every chunk of partial
+/// sums this rank received.
+__device__ void consume_partials(const DeviceContext& ctx, const CombineParams& p) {
+  const int N = ctx.num_nodes, chunks = ctx.internode.chunks;
+  for (int u = threadIdx.x; u < N * chunks; u += blockDim.x) {
+    const int from = u / chunks, c = u % chunks;
+    if (from == ctx.node) continue;
+    const int n = chunk_entries(p.handle.send_per_node[from], c);
+    if (n > 0)
+      rdma::consume_signal(ctx, chunk_signal(ctx, ctx.internode.sig_combine, from, c),
+                           static_cast<uint64_t>(n));
+  }
 }
 
 /// One warp: out[t] = bf16(sum over the nodes token t went to, ascending, of their bf16 partial
@@ -206,15 +229,19 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   if (blockIdx.x == 0) ok = await_remote_arrivals(ctx, 0) && ok;
   ok = transport::grid_barrier(ctx, ok, device::whole_grid()) && !transport::aborted(ctx);
 
-  // Forwarders never wait before they send, so every partial sum a source awaits arrives.
-  if (ok) send_partials(ctx, p, outs, lane);
-  if (ok) ok = await_partials(ctx, p, lane);
-  ok = transport::grid_barrier(ctx, ok, device::whole_grid()) && !transport::aborted(ctx);
-
-  for (int64_t t = global_warp(); ok && t < p.num_tokens; t += grid_warps())
-    reduce_token(ctx, p, outs, t, lane);
+  // Forwarders never wait before they send, so every partial sum a source awaits arrives; a
+  // token is reduced as soon as its partial sums are in (while the NIC still carries this warp's
+  // own: their held signals are delivered as they fall due).
+  rdma::WarpPort port(ctx);
+  if (ok) send_partials(ctx, p, outs, port, lane);
+  for (int64_t t = global_warp(); ok && t < p.num_tokens; t += grid_warps()) {
+    ok = await_token_partials(ctx, p, t, port);
+    if (ok) reduce_token(ctx, p, outs, t, lane);
+  }
+  port.flush();  // the held signals of this warp's partial sums
 
   if (transport::is_last_block(ctx)) {
+    if (!transport::aborted(ctx)) consume_partials(ctx, p);
     // The ranks of this node have read this rank's outputs (the caller may overwrite y as soon
     // as combine returns on its stream).
     node_signal_and_wait(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone, 0);

@@ -91,7 +91,7 @@ __device__ bool exchange_counts(const DeviceContext& ctx, const DispatchParams& 
     for (int q = 0; q < me; ++q) base += sent(q, s);
     ctx.layout.send_base[s] = base;
   }
-  for (int b = threadIdx.x; b < N; b += blockDim.x) {
+  for (int b = threadIdx.x; b < N && p.handle.fwd_expected; b += blockDim.x) {
     // Messages from node b come from this rank's partner there: its count for this node.
     p.handle.fwd_expected[b] = b == ctx.node ? 0 : sent(partner_on(ctx, b), R + ctx.node);
     p.handle.send_per_node[b] = in.num_tokens_per_node[b];
@@ -302,9 +302,10 @@ __device__ void send_token(const DeviceContext& ctx, const DispatchParams& p, in
     const int d = pop_lowest(m);
     if (to.local(d)) continue;
     const int b = d / ctx.node_size, slot = to.slots[b];
-    port.put_signal(d, entry_offset(ctx, in.dispatch_recv, ctx.node, slot, in.msg_bytes),
-                    entry_offset(ctx, in.dispatch_send, b, slot, in.msg_bytes), in.msg_bytes,
-                    chunk_signal(ctx, in.sig_dispatch, ctx.node, slot / kChunkTokens), 1);
+    // The warp goes on to its next token while the (modelled) NIC carries this message.
+    port.put_signal_later(d, entry_offset(ctx, in.dispatch_recv, ctx.node, slot, in.msg_bytes),
+                          entry_offset(ctx, in.dispatch_send, b, slot, in.msg_bytes), in.msg_bytes,
+                          chunk_signal(ctx, in.sig_dispatch, ctx.node, slot / kChunkTokens), 1);
   }
 }
 
@@ -347,38 +348,70 @@ __device__ void forward_message(const DeviceContext& ctx, const DispatchParams& 
       for (int s = lane; s < groups; s += 32) dst[s] = msg_scales[s];
     }
   }
+  // The row, kRowCopyUnroll vectors per lane in flight (the message arrived during this kernel:
+  // coherent loads).
   const int n16 = p.out_row_bytes / 16;
   const int4* src = reinterpret_cast<const int4*>(message);
-  for (int base = 0; base < n16; base += 32) {  // warp-uniform bound: shuffles below
-    const int i = base + lane;
-    const bool active = i < n16;
-    const int4 v = active ? device::ld_peer_16(src + i) : make_int4(0, 0, 0, 0);
+  constexpr int kUnroll = device::kRowCopyUnroll;
+  for (int base = 0; base < n16; base += 32 * kUnroll) {  // warp-uniform bound: shuffles below
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < n16) v[u] = device::ld_peer_16(src + i);
+    }
     for (uint32_t m = mask; m; m &= m - 1) {
       const int g = __ffs(m) - 1, d = me_node * G + g;
       const int64_t row = __shfl_sync(kFullMask, row_of_lane, g);
-      if (active)
-        device::st_stream_16(
-            reinterpret_cast<int4*>(ctx.peers[d] + ctx.ht.x + row * p.out_row_bytes) + i, v);
+      int4* dst = reinterpret_cast<int4*>(ctx.peers[d] + ctx.ht.x + row * p.out_row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < n16) device::st_stream_16(dst + i, v[u]);
+      }
     }
   }
 }
 
-/// Every warp: the chunks of messages this rank forwards, one (source node, chunk) at a time:
-/// wait for the chunk's messages, then copy each. False after a failed wait.
-__device__ bool forward_all(const DeviceContext& ctx, const DispatchParams& p, int lane) {
-  const int N = ctx.num_nodes, chunks = ctx.internode.chunks;
-  for (int64_t u = global_warp(); u < static_cast<int64_t>(N) * chunks; u += grid_warps()) {
-    const int from = static_cast<int>(u / chunks), c = static_cast<int>(u % chunks);
+/// Every warp: the messages this rank forwards, spread over all warps (message j of each other
+/// node, in order, so that the first chunks are forwarded while later ones are still on the
+/// link). A warp waits for the chunk of its message without consuming the signal: many warps
+/// share a chunk; consume_forwarded() takes the counts back once every warp is done. False after
+/// a failed wait.
+__device__ bool forward_all(const DeviceContext& ctx, const DispatchParams& p,
+                            rdma::WarpPort& port, int lane) {
+  const int N = ctx.num_nodes;
+  for (int from = 0; from < N; ++from) {
     if (from == ctx.node) continue;
-    const int n = chunk_entries(p.handle.fwd_expected[from], c);
-    if (n == 0) continue;
-    if (!await_chunk(ctx, chunk_signal(ctx, ctx.internode.sig_dispatch, from, c), n,
-                     partner_on(ctx, from), c, lane))
-      return false;
-    for (int i = 0; i < n; ++i)
-      forward_message(ctx, p, from, static_cast<int64_t>(c) * kChunkTokens + i, lane);
+    const int64_t n = p.handle.fwd_expected[from];
+    int seen_chunk = -1;
+    for (int64_t j = global_warp(); j < n; j += grid_warps()) {
+      const int c = static_cast<int>(j / kChunkTokens);
+      if (c != seen_chunk) {
+        if (!chunk_arrived(ctx, port, chunk_signal(ctx, ctx.internode.sig_dispatch, from, c),
+                           chunk_entries(static_cast<int32_t>(n), c), partner_on(ctx, from), c))
+          return false;
+        seen_chunk = c;
+      }
+      forward_message(ctx, p, from, j, lane);
+    }
   }
   return true;
+}
+
+/// The last block, once every warp has forwarded: takes back the message counts of every chunk
+/// (the signals count what is not yet consumed; the next call's messages come after the next
+/// count exchange, so none is taken here by mistake).
+__device__ void consume_forwarded(const DeviceContext& ctx, const DispatchParams& p) {
+  const int N = ctx.num_nodes, chunks = ctx.internode.chunks;
+  for (int u = threadIdx.x; u < N * chunks; u += blockDim.x) {
+    const int from = u / chunks, c = u % chunks;
+    if (from == ctx.node) continue;
+    const int n = chunk_entries(p.handle.fwd_expected[from], c);
+    if (n > 0)
+      rdma::consume_signal(ctx, chunk_signal(ctx, ctx.internode.sig_dispatch, from, c),
+                           static_cast<uint64_t>(n));
+  }
 }
 
 /// Fresh dispatch: the layout steps (without their count exchange), the node bitmaps, then the
@@ -412,17 +445,24 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   const uint64_t seq = device::read_call_seq(ctx);
   const int lane = threadIdx.x & 31;
   bool ok = p.cached ? cached_arrival(ctx, seq) : fresh_layout(ctx, p, seq, columns, lane);
+  if (p.layout_only) {  // get_layout: every rank has every count; nothing else moves
+    if (transport::is_last_block(ctx) && threadIdx.x == 0) device::close_call(ctx);
+    return;
+  }
 
   rdma::WarpPort port(ctx);
   for (int64_t t = global_warp(); ok && t < p.num_tokens; t += grid_warps()) {
     if (!p.cached) record_route(ctx, p, t, lane);
     send_token(ctx, p, t, lane, port);
   }
-  // Senders never wait on forwarders, so every message this rank forwards arrives.
-  if (ok) forward_all(ctx, p, lane);
+  // Senders never wait on forwarders, so every message this rank forwards arrives. A warp
+  // forwards while the NIC still carries its own messages (their held signals are delivered as
+  // they fall due, also while it waits), then flushes.
+  if (ok) ok = forward_all(ctx, p, port, lane);
   port.flush();
 
   if (transport::is_last_block(ctx)) {
+    if (!transport::aborted(ctx)) consume_forwarded(ctx, p);
     node_signal_and_wait(ctx, FlagKind::kDispatchDone, seq, Phase::kDispatchDone, 0);
     if (threadIdx.x == 0) device::close_call(ctx);
   }

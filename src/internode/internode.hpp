@@ -62,11 +62,13 @@ struct DispatchParams {
   int32_t* send_row = nullptr;  // [T, R]: row at each destination rank (-1: none). Read when cached.
   HandleArrays handle;          // written by a fresh dispatch, read by a cached one
   bool cached = false;          // routing from the handle; no layout in this call
+  bool layout_only = false;     // get_layout: the layout and the count exchange, then the call ends
   layout::LayoutParams layout;  // unless cached: the layout steps (prefix, no count exchange) and
                                 // the receive summary (scan options), which this path computes
 };
 
-/// The dispatch kernel; closes the call.
+/// The dispatch kernel; closes the call. With layout_only (get_layout), it stops after the count
+/// exchange (no rows move; `handle` may be empty).
 void launch_dispatch(const detail::DeviceContext& ctx, const DispatchParams& params, int blocks,
                      int threads, cudaStream_t stream);
 

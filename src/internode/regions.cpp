@@ -11,7 +11,9 @@ size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 Regions claim_regions(const Config& config, const detail::RegionShape& shape, detail::Arena& window,
                       detail::Arena& local) {
   Regions r{};
-  if (shape.num_nodes <= 1 || config.mode == Mode::kLowLatency) return r;
+  if (shape.num_nodes <= 1) return r;
+  // The count exchange serves get_layout in every mode; the rows only HT.
+  const size_t rows = config.mode == Mode::kLowLatency ? 0 : static_cast<size_t>(shape.max_tokens);
   const size_t R = static_cast<size_t>(shape.num_ranks), N = static_cast<size_t>(shape.num_nodes);
   const size_t G = static_cast<size_t>(shape.node_size), L = static_cast<size_t>(shape.local_experts);
   const size_t H = static_cast<size_t>(shape.hidden), K = static_cast<size_t>(shape.topk);
@@ -29,10 +31,10 @@ Regions claim_regions(const Config& config, const detail::RegionShape& shape, de
   const size_t cw = static_cast<size_t>(r.count_words);
   r.count_stage = window.offset<int32_t>(R * cw);
   r.count_recv = window.offset<int32_t>(2 * R * cw);
-  r.dispatch_send = window.offset<uint8_t>(N * Tmax * r.msg_bytes);
-  r.dispatch_recv = window.offset<uint8_t>(N * Tmax * r.msg_bytes);
-  r.combine_send = window.offset<uint8_t>(N * Tmax * r.part_bytes);
-  r.combine_recv = window.offset<uint8_t>(N * Tmax * r.part_bytes);
+  r.dispatch_send = window.offset<uint8_t>(N * rows * r.msg_bytes);
+  r.dispatch_recv = window.offset<uint8_t>(N * rows * r.msg_bytes);
+  r.combine_send = window.offset<uint8_t>(N * rows * r.part_bytes);
+  r.combine_recv = window.offset<uint8_t>(N * rows * r.part_bytes);
   r.sig_counts = window.offset<uint64_t>(R, /*zeroed=*/true);
   r.sig_arrive = window.offset<uint64_t>(R, /*zeroed=*/true);
   r.sig_dispatch = window.offset<uint64_t>(N * r.chunks, /*zeroed=*/true);

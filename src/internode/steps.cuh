@@ -104,18 +104,13 @@ __device__ inline bool await_remote_arrivals(const DeviceContext& ctx, int chann
   return __syncthreads_and(ok) != 0;
 }
 
-/// Lane 0 waits until the chunk signal at `sig` reaches `count` and consumes it; the result is
-/// broadcast to the warp.
-__device__ inline bool await_chunk(const DeviceContext& ctx, uint64_t sig, int count, int peer,
-                                   int channel, int lane) {
-  int ok = 1;
-  if (lane == 0) {
-    ok = rdma::wait_signal(ctx, sig, static_cast<uint64_t>(count), peer, Phase::kRdmaData, channel)
-             ? 1
-             : 0;
-    if (ok) rdma::consume_signal(ctx, sig, static_cast<uint64_t>(count));
-  }
-  return __shfl_sync(kFullMask, ok, 0) != 0;
+/// One warp: waits until the chunk signal `sig` reaches `count`, without consuming it (several
+/// warps may wait for one chunk), delivering the warp's held signals meanwhile. False after a
+/// failed wait.
+__device__ inline bool chunk_arrived(const DeviceContext& ctx, rdma::WarpPort& port, uint64_t sig,
+                                     int count, int peer, int channel) {
+  return rdma::wait_signal_delivering(ctx, port, sig, static_cast<uint64_t>(count), peer,
+                                      Phase::kRdmaData, channel);
 }
 
 __device__ __forceinline__ int pop_lowest(uint64_t& m) {

@@ -439,19 +439,33 @@ __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParam
     const volatile uint64_t* meta = transport::peer_region<uint64_t>(ctx, ctx.rank, ctx.ll.meta[b]);
     int32_t* src = transport::peer_region<int32_t>(ctx, ctx.rank, ctx.ll.src_token[b]);
     float* scales = transport::peer_region<float>(ctx, ctx.rank, ctx.ll.scales[b]);
-    for (int i = 0; i < L * R; ++i) {  // block-uniform
+    // One warp per (expert, remote source), kMetaUnroll words per lane in flight: the block's
+    // warps and lanes all copy at once (a loop of dependent loads would cost a latency each).
+    constexpr int kMetaUnroll = 4;
+    const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
+    for (int i = warp; i < L * R; i += blockDim.x / kWarpLanes) {
       const int s = i % R;
       if (same_node(ctx, s)) continue;
       const int64_t first = static_cast<int64_t>(i / R) * R * M + static_cast<int64_t>(s) * M;
-      const int count = p.recv_layout[2 * i + 1];
-      for (int j = threadIdx.x; j < count * words_per; j += blockDim.x) {
-        const int64_t slot = first + j / words_per;
-        const int w = j % words_per;
-        const uint64_t v = meta[slot * meta_words + w];
-        if (w == 0)
-          src[slot] = static_cast<int32_t>(static_cast<uint32_t>(v));
-        else
-          scales[slot * (H / kFp8Group) + w - 1] = __uint_as_float(static_cast<uint32_t>(v));
+      const int n = p.recv_layout[2 * i + 1] * words_per;
+      for (int j0 = lane; j0 < n; j0 += kWarpLanes * kMetaUnroll) {
+        uint64_t v[kMetaUnroll];
+#pragma unroll
+        for (int u = 0; u < kMetaUnroll; ++u) {
+          const int j = j0 + u * kWarpLanes;
+          if (j < n) v[u] = meta[(first + j / words_per) * meta_words + j % words_per];
+        }
+#pragma unroll
+        for (int u = 0; u < kMetaUnroll; ++u) {
+          const int j = j0 + u * kWarpLanes;
+          if (j >= n) break;
+          const int64_t slot = first + j / words_per;
+          const int w = j % words_per;
+          if (w == 0)
+            src[slot] = static_cast<int32_t>(static_cast<uint32_t>(v[u]));
+          else
+            scales[slot * (H / kFp8Group) + w - 1] = __uint_as_float(static_cast<uint32_t>(v[u]));
+        }
       }
     }
   }
@@ -481,26 +495,40 @@ __device__ void publish_outputs(const DeviceContext& ctx, int buffer, uint64_t y
   }
 }
 
-/// Internode combine send, every block of the rank: puts each row of y (in this rank's window
-/// at y & ~kSymmetricOffsetTag) that a source on another node will read into that source's
-/// combine_recv[b] ([rank among those off its node][le][position]). The slots' counts are those
-/// of the dispatch's receive phase. Flushes the warp's port.
+/// Internode combine send, every block of the rank: puts each row of y that a source on another
+/// node will read into that source's combine_recv[b] ([rank among those off its node][le]
+/// [position]). A put starts in this rank's window: y is used in place when it lies there (the
+/// zero-copy combine_buffer), else each row is first copied to its slot of combine[b] (only the
+/// rows bound for other nodes). The slots' counts are those of the dispatch's receive phase.
+/// Flushes the warp's port.
 __device__ void push_rows(const DeviceContext& ctx, int b, uint64_t y, device::RankBlocks blocks,
                           rdma::WarpPort& port) {
   const int R = ctx.num_ranks, L = ctx.local_experts, M = ctx.ll.capacity, G = ctx.node_size;
   const uint64_t row = static_cast<uint64_t>(ctx.hidden) * 2;
+  const int64_t items = static_cast<int64_t>(L) * R * M;  // y's slots: le, source, position
   const uint64_t y_off = y & ~detail::kSymmetricOffsetTag;
+  const bool in_window = (y & detail::kSymmetricOffsetTag) && y_off % 16 == 0 &&
+                         y_off + static_cast<uint64_t>(items) * row <= ctx.rdma.window_bytes;
+  const uint8_t* y_local = static_cast<const uint8_t*>(transport::resolve_address(ctx, ctx.rank, y));
   const int32_t* layout = ctx.ll.recv_layout + static_cast<size_t>(b) * L * R * 2;
   const int warps = blockDim.x / kWarpLanes, warp = threadIdx.x / kWarpLanes;
-  const int64_t items = static_cast<int64_t>(L) * R * M;  // y's slots: le, source, position
+  const int lane = threadIdx.x % kWarpLanes;
   for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; i < items;
        i += static_cast<int64_t>(blocks.count) * warps) {
     const int le = static_cast<int>(i / (static_cast<int64_t>(R) * M));
     const int s = static_cast<int>(i / M % R), pos = static_cast<int>(i % M);
     if (same_node(ctx, s) || pos >= layout[2 * (le * R + s) + 1]) continue;
+    uint64_t from_off = y_off + static_cast<uint64_t>(i) * row;
+    if (!in_window) {
+      from_off = ctx.ll.combine[b] + static_cast<uint64_t>(i) * row;
+      const uint8_t* src = y_local + static_cast<uint64_t>(i) * row;
+      int4* dst = transport::peer_region<int4>(ctx, ctx.rank, from_off);
+      for (uint64_t v = lane; v < row / 16; v += kWarpLanes)
+        dst[v] = device::ld_peer_16_any(src + v * 16);
+    }
     const int from = remote_index(ctx.rank, s / G, G);
     port.put(s, ctx.ll.combine_recv[b] + ((static_cast<uint64_t>(from) * L + le) * M + pos) * row,
-             y_off + static_cast<uint64_t>(i) * row, row);
+             from_off, row);
   }
   port.flush();
 }

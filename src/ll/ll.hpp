@@ -47,7 +47,7 @@ void launch_dispatch_recv(const detail::DeviceContext& ctx, const DispatchRecvPa
 
 struct CombineSendParams {
   uint64_t y = 0;  // [L, R*M, H] bf16 of this rank, read by the token owners (published address;
-                   // a group spanning nodes: a tagged offset into this rank's RDMA window)
+                   // a group spanning nodes puts the rows for other nodes from the RDMA window)
   int buffer = 0;  // the dispatch buffer of the handle
 };
 

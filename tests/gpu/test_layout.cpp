@@ -16,7 +16,7 @@ constexpr int kMaxTokens = 4096;
 /// every output with ref::layout. Outputs are poisoned first.
 void check_layout(VirtualGroup& group, const std::vector<RankInput>& in, int E, int K, bool i32_idx,
                   const std::string& what) {
-  const int R = group.size(), L = E / R;
+  const int R = group.size(), L = E / R, N = group.num_nodes(), G = R / N;
   // A first run tells where each rank's outputs live; poison them all, run again, check.
   std::vector<Layout> out(R);
   for (int r = 0; r < R; ++r) out[r] = group[r].get_layout(in[r].idx_view(K, i32_idx));
@@ -27,6 +27,7 @@ void check_layout(VirtualGroup& group, const std::vector<RankInput>& in, int E, 
     poison(out[r].is_token_in_rank, static_cast<int64_t>(kMaxTokens) * R);
     poison(out[r].num_recv_tokens_per_rank);
     poison(out[r].num_recv_tokens_per_expert);
+    if (N > 1) poison(out[r].num_tokens_per_node);
   }
   for (int r = 0; r < R; ++r) out[r] = group[r].get_layout(in[r].idx_view(K, i32_idx));
   group.synchronize();
@@ -50,6 +51,21 @@ void check_layout(VirtualGroup& group, const std::vector<RankInput>& in, int E, 
     CHECK(count_mismatches(download<int32_t>(out[r].num_recv_tokens_per_expert),
                            want[r].num_recv_tokens_per_expert, &first) == 0)
         << what << " rank " << r << " num_recv_tokens_per_expert " << first << " (L=" << L << ")";
+    if (N == 1) {
+      CHECK(!out[r].num_tokens_per_node.present()) << what << ": per-node counts on one node";
+      continue;
+    }
+    // Tokens bound for node n: those with a destination among its ranks.
+    const int64_t T = in[r].routing.num_tokens;
+    std::vector<int32_t> per_node(N, 0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int n = 0; n < N; ++n) {
+        bool any = false;
+        for (int d = n * G; d < (n + 1) * G; ++d) any = any || want[r].is_token_in_rank[t * R + d];
+        per_node[n] += any ? 1 : 0;
+      }
+    CHECK(count_mismatches(download<int32_t>(out[r].num_tokens_per_node), per_node, &first) == 0)
+        << what << " rank " << r << " num_tokens_per_node " << first;
   }
 }
 
@@ -109,6 +125,33 @@ TEST_CASE("get_layout on low-latency and auto communicators (no receive capacity
       auto in = make_inputs(rng, std::vector<int64_t>(R, T), E, K, kHidden, Routing::kWithDrops);
       check_layout(group, in, E, K, T == 42,
                    std::string(mode_name(mode)) + " T=" + std::to_string(T));
+    }
+  }
+}
+
+TEST_CASE("get_layout across virtual nodes: the counts through the RDMA engine, per-node counts") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 3);
+  struct Shape {
+    int R, N;
+    Mode mode;
+  };
+  for (Shape sh : {Shape{4, 2, Mode::kHighThroughput}, Shape{8, 4, Mode::kHighThroughput},
+                   Shape{8, 8, Mode::kLowLatency}, Shape{6, 3, Mode::kAuto}}) {
+    const int E = 48, K = 6;
+    Config cfg = test_config(sh.mode, E, K, kHidden, 1024);
+    cfg.low_latency_max_tokens = 64;
+    cfg.num_sms = 8;
+    cfg.rdma_bytes = required_rdma_bytes(cfg, sh.R, sh.N);
+    VirtualGroup group(cfg, sh.R, {0}, sh.N);
+    const std::string name = std::to_string(sh.N) + "x" + std::to_string(sh.R / sh.N) + " " +
+                             mode_name(sh.mode);
+    std::vector<int64_t> tokens(sh.R);
+    for (int r = 0; r < sh.R; ++r) tokens[r] = r == 1 ? 0 : (r * 389) % 1024 + 1;
+    for (Routing kind : {Routing::kUniform, Routing::kWithDrops, Routing::kFirstRanksOnly}) {
+      auto in = make_inputs(rng, tokens, E, K, kHidden, kind);
+      check_layout(group, in, E, K, kind == Routing::kWithDrops,
+                   name + " " + routing_name(kind));
     }
   }
 }

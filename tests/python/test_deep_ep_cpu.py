@@ -348,8 +348,6 @@ def test_refused_features_name_what_is_missing():
     b, _ = make_buffer(low_latency_mode=True)
     with pytest.raises(moecomm.Unsupported, match="^get_local_buffer_tensor"):
         b.get_local_buffer_tensor(None)
-    with pytest.raises(moecomm.Unsupported, match="^num_tokens_per_rdma_rank: the internode"):
-        b.dispatch(None, num_tokens_per_rdma_rank=object())
     with pytest.raises(moecomm.Unsupported, match="^dispatch_wait_recv_cost_stats"):
         b.low_latency_dispatch(None, None, 128, 16, dispatch_wait_recv_cost_stats=object())
     with pytest.raises(moecomm.Unsupported, match="^combine_wait_recv_cost_stats"):

@@ -2,6 +2,7 @@
 the pure-torch reference of tests/python/torch_reference.py, on virtual ranks of one GPU, plus CuPy,
 JAX and a two-process group bootstrapped over torch.distributed."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # if JAX is used below
@@ -41,16 +42,25 @@ def ll_config(**kw):
     return moecomm.MoECommunicatorConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def ht_group():
-    g = moecomm.virtual_group(R, ht_config())
+def spanning(cfg, nodes):
+    """cfg with the RDMA window a group of R ranks on `nodes` virtual nodes needs."""
+    if nodes == 1:
+        return cfg
+    return dataclasses.replace(cfg, rdma_bytes=moecomm.required_rdma_bytes(cfg, R, nodes))
+
+
+# Every test that takes these groups runs on one node and on two virtual nodes (2 x 2 ranks: the
+# ranks of the other node reached through the RDMA engine only).
+@pytest.fixture(scope="module", params=[1, 2], ids=["1node", "2nodes"])
+def ht_group(request):
+    g = moecomm.virtual_group(R, spanning(ht_config(), request.param), nodes=request.param)
     yield g
     g.synchronize()
 
 
-@pytest.fixture(scope="module")
-def ll_group():
-    g = moecomm.virtual_group(R, ll_config())
+@pytest.fixture(scope="module", params=[1, 2], ids=["1node", "2nodes"])
+def ll_group(request):
+    g = moecomm.virtual_group(R, spanning(ll_config(), request.param), nodes=request.param)
     yield g
     g.synchronize()
 

@@ -45,12 +45,6 @@ def _int(value: Any, name: str, minimum: int) -> int:
     return v
 
 
-def _unsupported_internode(what: str) -> _C.Unsupported:
-    return _C.Unsupported(
-        f"{what}: the internode (RDMA) path does not exist in moecomm yet; a Buffer serves one "
-        f"node (every rank reachable over NVLink/CUDA IPC)")
-
-
 def _describe(t: Any) -> str:
     shape = getattr(t, "shape", None)
     if shape is None:
@@ -573,8 +567,9 @@ class Buffer:
     def get_dispatch_layout(self, topk_idx: Any, num_experts: int, previous_event: Any = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """The routing layout of ``topk_idx`` ([num_tokens, num_topk] int64, -1: none), computed
-        locally (no communication). Returns ``(num_tokens_per_rank [R] int32, None,
-        num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool, event)``."""
+        locally (no communication). Returns ``(num_tokens_per_rank [R] int32,
+        num_tokens_per_rdma_rank [num_nodes] int32 (None on one node), num_tokens_per_expert [E]
+        int32, is_token_in_rank [T, R] bool, event)``."""
         self._check_alive("get_dispatch_layout")
         self._check_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
         R = self.group_size
@@ -590,11 +585,17 @@ class Buffer:
         per_rank = self._alloc(allocate_on_comm_stream, (R,), torch.int32)
         per_expert = self._alloc(allocate_on_comm_stream, (E,), torch.int32)
         in_rank = self._alloc(allocate_on_comm_stream, (T, R), torch.bool)
+        per_node = None
+        if self._num_nodes > 1:
+            per_node = self._alloc(allocate_on_comm_stream, (self._num_nodes,), torch.int32)
         with torch.cuda.stream(self._comm_stream()):
             _layout(torch, topk_idx, E, R, per_rank, per_expert, in_rank)
+            if per_node is not None:  # tokens with a destination among each node's ranks
+                per_node.copy_(in_rank.view(T, self._num_nodes, self._node_size).any(dim=2)
+                               .sum(dim=0, dtype=torch.int32))
         event = self._join(None, caller, async_finish,
                            (topk_idx, per_rank, per_expert, in_rank))
-        return per_rank, None, per_expert, in_rank, event
+        return per_rank, per_node, per_expert, in_rank, event
 
     def dispatch(self, x: Any, handle: Optional[DispatchHandle] = None,
                  num_tokens_per_rank: Any = None, num_tokens_per_rdma_rank: Any = None,
@@ -620,8 +621,8 @@ class Buffer:
         """
         self._check_alive("dispatch")
         self._check_config(config)
-        if num_tokens_per_rdma_rank is not None:
-            raise _unsupported_internode("num_tokens_per_rdma_rank")
+        # num_tokens_per_rdma_rank (DeepEP's internode layout hint) is accepted like the other
+        # layout hints: the communicator derives every count from topk_idx itself.
         self._check_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
         alignment = _int(expert_alignment, "expert_alignment", 1)
         worst = _int(num_worst_tokens, "num_worst_tokens", 0)

@@ -50,28 +50,43 @@ __device__ __forceinline__ void put_value(const RankContext& ctx, int peer, uint
   if ((threadIdx.x & 31) == 0) *reinterpret_cast<uint64_t*>(ctx.peers[peer] + dst) = value;
 }
 
-/// Every lane: returns once `bytes` put by this warp would have left a modelled NIC (at once
-/// without the model). The warp's reservations on its rank's NIC timeline are serialised with
-/// every other warp's of the rank, so a rank's puts share the modelled bandwidth.
-__device__ __forceinline__ void complete(const RankContext& ctx, uint64_t bytes) {
-  if (!ctx.rdma.nic_model) return;
+/// Every lane: the global-timer time at which `bytes` put by this warp will have left a modelled
+/// NIC, plus the latency (0 without the model or without bytes). The rank's NIC is one timeline
+/// (the time it is busy until): a warp's bytes take the next `bytes / bandwidth` of it with one
+/// atomic add, so a rank's warps share the modelled bandwidth without contending on a
+/// compare-and-swap loop. When the NIC was idle (the timeline lies in the past) the reservation
+/// starts now; warps that reserve in the same instant of such a restart may overlap by one
+/// reservation each (the model's only slack).
+__device__ __forceinline__ uint64_t reserve(const RankContext& ctx, uint64_t bytes) {
+  if (!ctx.rdma.nic_model) return 0;
+  uint64_t due = 0;
   if ((threadIdx.x & 31) == 0) {
     const uint64_t now = device::global_timer_ns();
     const uint64_t busy = static_cast<uint64_t>(static_cast<double>(bytes) /
                                                 static_cast<double>(ctx.rdma.nic_bytes_per_ns));
     auto* word = reinterpret_cast<unsigned long long*>(ctx.rdma.nic_busy_until);
-    unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(word), want;
-    do {
-      want = (seen > now ? seen : now) + busy;
-      const unsigned long long got = atomicCAS(word, seen, want);
-      if (got == seen) break;
-      seen = got;
-    } while (true);
-    const uint64_t done = want + ctx.rdma.nic_latency_ns;
-    while (device::global_timer_ns() < done) {
-    }  // bounded: the modelled time is known
+    const uint64_t before = atomicAdd(word, static_cast<unsigned long long>(busy));
+    uint64_t end = before + busy;
+    if (before < now) {  // the NIC was idle: start now, and move the timeline there
+      end = now + busy;
+      atomicMax(word, static_cast<unsigned long long>(end));
+    }
+    due = end + ctx.rdma.nic_latency_ns;
   }
+  return __shfl_sync(0xffffffffu, due, 0);
+}
+
+/// Every lane: returns once the global timer has passed `due` (bounded: the time is known).
+__device__ __forceinline__ void wait_until(uint64_t due) {
+  if ((threadIdx.x & 31) == 0)
+    while (device::global_timer_ns() < due) {
+    }
   __syncwarp();
+}
+
+/// Every lane: returns once `bytes` put by this warp would have left a modelled NIC.
+__device__ __forceinline__ void complete(const RankContext& ctx, uint64_t bytes) {
+  if (ctx.rdma.nic_model) wait_until(reserve(ctx, bytes));
 }
 
 /// Every lane: adds `value` to the peer's signal word at `sig` after the warp's earlier writes.
