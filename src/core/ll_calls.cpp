@@ -15,7 +15,7 @@
 
 namespace moecomm::detail {
 
-// A group that spans nodes runs LL through the RDMA engine for the ranks of other nodes (ll.cu's
+// A group that spans nodes runs LL through the RDMA engine for the ranks of other nodes (ll/*.cu's
 // internode kernels). Not offered there, and refused before any state changes:
 // - one launch for the group (VirtualGroup::dispatch_all / combine_all): its kernel serves every
 //   rank of one GPU from one grid, which an internode group is not meant to be; call each rank;
