@@ -1,5 +1,6 @@
 // The kernel parameters of one LL call for a whole one-GPU group (ll/group_plan.hpp), shared by
-// the plan that fills them and the kernels that read them (ll/dispatch.cu, ll/combine.cu). Internal to the LL path.
+// the plan that fills them and the kernels that read them (ll/dispatch.cu, ll/combine.cu).
+// Internal to the LL path.
 #pragma once
 
 #include <cuda_runtime_api.h>
