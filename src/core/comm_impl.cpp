@@ -148,10 +148,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   // A handle slot holds HT send rows [Tmax, R], LL slots [M, K], then the summary copied out in
   // one piece: N, per-expert counts [L], rank prefix [R + 1]; then, when the group spans nodes
   // and serves HT, the internode path's arrays (internode::HandleArrays).
-  const size_t slot_ints =
-      static_cast<size_t>(c.max_tokens_per_rank) * R +
-      static_cast<size_t>(std::max(ctx_.ll.capacity, 1)) * K + 2 + L + R +
-      internode::handle_ints(Tmax, R, ctx_.internode.num_nodes);
+  const size_t slot_ints = static_cast<size_t>(c.max_tokens_per_rank) * R +
+                           static_cast<size_t>(std::max(ctx_.ll.capacity, 1)) * K + 2 + L + R +
+                           internode::handle_ints(Tmax, R, ctx_.internode.num_nodes);
   pool_ = std::make_shared<SlotPool>(device_, slot_ints);
   MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }
@@ -194,9 +193,10 @@ void CommImpl::check_errors() {
       failed_ = true;
       throw TimeoutError("rank " + std::to_string(copy.rank) + " waited more than " +
                          std::to_string(config().timeout_seconds) + " s for peer " +
-                         std::to_string(copy.peer) + node_of(copy.peer) + " in phase '" + phase_name(copy.phase) +
-                         "' (channel " + std::to_string(copy.channel) + ", call " +
-                         std::to_string(copy.seq) + ", flag at " + std::to_string(copy.observed) +
+                         std::to_string(copy.peer) + node_of(copy.peer) + " in phase '" +
+                         phase_name(copy.phase) + "' (channel " + std::to_string(copy.channel) +
+                         ", call " + std::to_string(copy.seq) + ", flag at " +
+                         std::to_string(copy.observed) +
                          "); did every rank make the same calls? The group is now unusable");
     case DeviceErrorKind::kExpertOutOfRange:
       e->kind = 0;

@@ -109,8 +109,10 @@ void Config::validate(int num_ranks) const {
                           std::to_string(timeout_seconds));
   if (rdma_bytes < 0) bad("rdma_bytes", ">= 0 (0: no RDMA window)", rdma_bytes);
   if (!(nic_model_gbps >= 0.0) || nic_model_gbps > 1e6)
-    throw InvalidArgument("Config.nic_model_gbps: expected a value in [0, 1e6] (0: no NIC model), "
-                          "got " + std::to_string(nic_model_gbps));
+    throw InvalidArgument(
+        "Config.nic_model_gbps: expected a value in [0, 1e6] (0: no NIC model), "
+        "got " +
+        std::to_string(nic_model_gbps));
   if (!(nic_model_latency_us >= 0.0) || nic_model_latency_us > 1e6)
     throw InvalidArgument("Config.nic_model_latency_us: expected a value in [0, 1e6], got " +
                           std::to_string(nic_model_latency_us));
@@ -195,15 +197,15 @@ std::string double_text(double v) {
 }
 
 Field double_field(const char* name, double Config::*member) {
-  return {name, [member](const Config& c) { return double_text(c.*member); },
-          [member, name](Config& c, const std::string& v) {
-            double parsed = 0;
-            const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), parsed);
-            if (ec != std::errc() || end != v.data() + v.size() || !std::isfinite(parsed))
-              throw InvalidArgument(std::string(name) + ": expected a finite number, got '" + v +
-                                    "'");
-            c.*member = parsed;
-          }};
+  return {
+      name, [member](const Config& c) { return double_text(c.*member); },
+      [member, name](Config& c, const std::string& v) {
+        double parsed = 0;
+        const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), parsed);
+        if (ec != std::errc() || end != v.data() + v.size() || !std::isfinite(parsed))
+          throw InvalidArgument(std::string(name) + ": expected a finite number, got '" + v + "'");
+        c.*member = parsed;
+      }};
 }
 
 const std::vector<Field>& fields() {

@@ -99,9 +99,8 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   p.send_row = h.send_row;
   p.cached = cached;
   if (!cached)
-    p.layout =
-        layout_params(args.topk_idx, /*exchange=*/!internode, /*close=*/false, &h,
-                      exact ? token : 0);
+    p.layout = layout_params(args.topk_idx, /*exchange=*/!internode, /*close=*/false, &h,
+                             exact ? token : 0);
   if (internode) {
     // The same parameters; the internode kernel runs its own count exchange over every rank.
     internode::DispatchParams q;

@@ -175,8 +175,8 @@ CombineOutput CommImpl::combine_ll(const CombineArgs& args, HandleState& h, cons
   const size_t combine_bytes = static_cast<size_t>(L) * slots * H * 2;
   // Same-node peers read y in place; with nodes, the rows for other nodes are put from this
   // rank's window (y itself when it lies there, else each such row copied there first).
-  sp.y = publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y",
-                 s.exec);
+  sp.y =
+      publish(args.y.data, args.y.nbytes(), ctx_.ll.combine[h.buffer], combine_bytes, "y", s.exec);
   sp.buffer = h.buffer;
   const int blocks = c.num_sms, threads = c.threads_per_block;
   if (o.return_recv_hook) ll::launch_combine_send(ctx_, sp, blocks, threads, s.exec);

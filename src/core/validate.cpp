@@ -59,9 +59,10 @@ void check_absent(const TensorView& v, const char* name, const std::string& why)
 
 void refuse_masks_across_nodes(int num_nodes, uint64_t mask, const char* call) {
   if (num_nodes > 1 && mask != 0)
-    throw Unsupported(std::string(call) + ": masked ranks (mask_rank) are not supported on a group "
-                      "that spans " + std::to_string(num_nodes) +
-                      " nodes; clear_rank_masks() first");
+    throw Unsupported(std::string(call) +
+                      ": masked ranks (mask_rank) are not supported on a group "
+                      "that spans " +
+                      std::to_string(num_nodes) + " nodes; clear_rank_masks() first");
 }
 
 }  // namespace moecomm::detail

@@ -84,8 +84,8 @@ __device__ void send_partials(const DeviceContext& ctx, const CombineParams& p, 
     const int64_t n = p.handle.fwd_expected[to];
     for (int64_t j = global_warp(); j < n; j += grid_warps()) {
       const int32_t* rows = p.handle.fwd_rows + (static_cast<int64_t>(to) * ctx.max_tokens + j) * G;
-      uint8_t* part = window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_send, to, j,
-                                                           in.part_bytes));
+      uint8_t* part =
+          window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_send, to, j, in.part_bytes));
       for (int i = lane; i < n16; i += 32) {
         float acc[kBf16PerVector];
         node_partial(ctx, outs, rows, i, acc);

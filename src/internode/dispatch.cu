@@ -193,13 +193,12 @@ struct Targets {
   __device__ bool local(int d) const { return d / ctx.node_size == ctx.node; }
   __device__ uint8_t* message(int d) const {
     const int b = d / ctx.node_size;
-    return window_at<uint8_t>(ctx, entry_offset(ctx, ctx.internode.dispatch_send, b, slots[b],
-                                                ctx.internode.msg_bytes));
+    return window_at<uint8_t>(
+        ctx, entry_offset(ctx, ctx.internode.dispatch_send, b, slots[b], ctx.internode.msg_bytes));
   }
   /// The received row (data) of target d.
   __device__ uint8_t* data(int d) const {
-    if (local(d))
-      return ctx.peers[d] + ctx.ht.x + static_cast<int64_t>(rows[d]) * out_row_bytes;
+    if (local(d)) return ctx.peers[d] + ctx.ht.x + static_cast<int64_t>(rows[d]) * out_row_bytes;
     return message(d);
   }
   /// The row's scales (fp8) of target d.
@@ -215,8 +214,8 @@ struct Targets {
 /// Metadata of token t to every target: local ids, weights and the source token at the ranks of
 /// this node; global ids, weights, source token and the rows at the destination node's ranks in
 /// each message.
-__device__ void write_metadata(const DeviceContext& ctx, const DispatchParams& p,
-                               const Targets& to, int64_t t, int lane) {
+__device__ void write_metadata(const DeviceContext& ctx, const DispatchParams& p, const Targets& to,
+                               int64_t t, int lane) {
   const int K = ctx.topk, L = ctx.local_experts, G = ctx.node_size, E = ctx.num_experts;
   int32_t e = -1;
   float w = 0.0f;
@@ -262,18 +261,17 @@ __device__ void write_row(const DeviceContext& ctx, const DispatchParams& p, con
                           int64_t t, int lane) {
   const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
   if (p.quantize) {
-    device::quantize_groups(reinterpret_cast<const int4*>(src), ctx.hidden / kFp8Group,
-                            p.pow2_scales, lane,
-                            [&](int g, int sub, uint4 q, float scale, bool valid) {
-                              if (!valid) return;
-                              for (uint64_t m = to.mask; m;) {
-                                const int d = pop_lowest(m);
-                                uint8_t* dst = to.data(d) + g * kFp8Group +
-                                               sub * device::kChannelsPerLane;
-                                *reinterpret_cast<uint4*>(dst) = q;
-                                if (sub == 0) to.scales(d)[g] = scale;
-                              }
-                            });
+    device::quantize_groups(
+        reinterpret_cast<const int4*>(src), ctx.hidden / kFp8Group, p.pow2_scales, lane,
+        [&](int g, int sub, uint4 q, float scale, bool valid) {
+          if (!valid) return;
+          for (uint64_t m = to.mask; m;) {
+            const int d = pop_lowest(m);
+            uint8_t* dst = to.data(d) + g * kFp8Group + sub * device::kChannelsPerLane;
+            *reinterpret_cast<uint4*>(dst) = q;
+            if (sub == 0) to.scales(d)[g] = scale;
+          }
+        });
     return;
   }
   const int n16 = p.in_row_bytes / 16;
@@ -315,8 +313,8 @@ __device__ void forward_message(const DeviceContext& ctx, const DispatchParams& 
                                 int64_t j, int lane) {
   const int K = ctx.topk, L = ctx.local_experts, G = ctx.node_size, me_node = ctx.node;
   const internode::Regions& in = ctx.internode;
-  uint8_t* message = window_at<uint8_t>(ctx, entry_offset(ctx, in.dispatch_recv, from, j,
-                                                          in.msg_bytes));
+  uint8_t* message =
+      window_at<uint8_t>(ctx, entry_offset(ctx, in.dispatch_recv, from, j, in.msg_bytes));
   const MessageMeta meta(ctx, message);
   const int32_t row_of_lane = lane < G ? meta.rows[lane] : -1;
   if (lane < G && !p.cached)
@@ -378,8 +376,8 @@ __device__ void forward_message(const DeviceContext& ctx, const DispatchParams& 
 /// link). A warp waits for the chunk of its message without consuming the signal: many warps
 /// share a chunk; consume_forwarded() takes the counts back once every warp is done. False after
 /// a failed wait.
-__device__ bool forward_all(const DeviceContext& ctx, const DispatchParams& p,
-                            rdma::WarpPort& port, int lane) {
+__device__ bool forward_all(const DeviceContext& ctx, const DispatchParams& p, rdma::WarpPort& port,
+                            int lane) {
   const int N = ctx.num_nodes;
   for (int from = 0; from < N; ++from) {
     if (from == ctx.node) continue;

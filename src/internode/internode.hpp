@@ -59,10 +59,11 @@ struct DispatchParams {
   // their own rank has no tokens (and its x_scales and topk_weights are null).
   bool has_scales = false;  // fp8 rows out (passthrough or quantised)
   bool has_weights = false;
-  int32_t* send_row = nullptr;  // [T, R]: row at each destination rank (-1: none). Read when cached.
-  HandleArrays handle;          // written by a fresh dispatch, read by a cached one
-  bool cached = false;          // routing from the handle; no layout in this call
-  bool layout_only = false;     // get_layout: the layout and the count exchange, then the call ends
+  int32_t* send_row =
+      nullptr;               // [T, R]: row at each destination rank (-1: none). Read when cached.
+  HandleArrays handle;       // written by a fresh dispatch, read by a cached one
+  bool cached = false;       // routing from the handle; no layout in this call
+  bool layout_only = false;  // get_layout: the layout and the count exchange, then the call ends
   layout::LayoutParams layout;  // unless cached: the layout steps (prefix, no count exchange) and
                                 // the receive summary (scan options), which this path computes
 };
@@ -73,10 +74,10 @@ void launch_dispatch(const detail::DeviceContext& ctx, const DispatchParams& par
                      int threads, cudaStream_t stream);
 
 struct CombineParams {
-  uint64_t y = 0;             // [N, H] bf16 of this rank, read by its node's ranks (published)
-  uint64_t recv_weights = 0;  // [N, K] f32 of this rank, or 0 (published)
-  const uint16_t* bias = nullptr;     // [T, H] or null
-  uint16_t* out = nullptr;            // [T, H]
+  uint64_t y = 0;                  // [N, H] bf16 of this rank, read by its node's ranks (published)
+  uint64_t recv_weights = 0;       // [N, K] f32 of this rank, or 0 (published)
+  const uint16_t* bias = nullptr;  // [T, H] or null
+  uint16_t* out = nullptr;         // [T, H]
   float* combined_weights = nullptr;  // [T, K] or null (needs recv_weights on every rank)
   const int32_t* send_row = nullptr;  // [T, R] from the dispatch handle
   HandleArrays handle;                // from the dispatch handle

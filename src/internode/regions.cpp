@@ -5,7 +5,9 @@
 namespace moecomm::internode {
 
 namespace {
-size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+size_t round16(size_t n) {
+  return (n + 15) / 16 * 16;
+}
 }  // namespace
 
 Regions claim_regions(const Config& config, const detail::RegionShape& shape, detail::Arena& window,
@@ -15,7 +17,8 @@ Regions claim_regions(const Config& config, const detail::RegionShape& shape, de
   // The count exchange serves get_layout in every mode; the rows only HT.
   const size_t rows = config.mode == Mode::kLowLatency ? 0 : static_cast<size_t>(shape.max_tokens);
   const size_t R = static_cast<size_t>(shape.num_ranks), N = static_cast<size_t>(shape.num_nodes);
-  const size_t G = static_cast<size_t>(shape.node_size), L = static_cast<size_t>(shape.local_experts);
+  const size_t G = static_cast<size_t>(shape.node_size),
+               L = static_cast<size_t>(shape.local_experts);
   const size_t H = static_cast<size_t>(shape.hidden), K = static_cast<size_t>(shape.topk);
   const size_t W = static_cast<size_t>(shape.words), Tmax = static_cast<size_t>(shape.max_tokens);
   r.num_nodes = shape.num_nodes;

@@ -37,8 +37,8 @@ struct Regions {
   size_t sig_dispatch;   // u64 [N][chunks]: dispatch messages received per chunk
   size_t sig_combine;    // u64 [N][chunks]: partial sums received per chunk
   // Private.
-  uint32_t* node_bitmap;       // [N][W]: token t goes to node n
-  int32_t* node_word_prefix;   // [N][W]
+  uint32_t* node_bitmap;         // [N][W]: token t goes to node n
+  int32_t* node_word_prefix;     // [N][W]
   int32_t* num_tokens_per_node;  // [N]
   uint64_t* fresh_dispatches;    // [1]: fresh dispatches so far (count_recv's parity)
 };

@@ -42,12 +42,11 @@ void claim_regions(const Config& config, const RegionShape& shape, RankArenas& a
                           " bytes per rank (required_rdma_bytes), got 0 (intranode only)");
   claim_all(config, shape, arenas, ctx);
   if (arenas.has_window && arenas.window.size() > static_cast<size_t>(config.rdma_bytes))
-    throw InvalidArgument("Config.rdma_bytes: expected at least " +
-                          std::to_string(arenas.window.size()) + " bytes per rank for " +
-                          std::to_string(shape.num_ranks) + " ranks on " +
-                          std::to_string(shape.num_nodes) +
-                          " node(s) with this Config (required_rdma_bytes), got " +
-                          std::to_string(config.rdma_bytes));
+    throw InvalidArgument(
+        "Config.rdma_bytes: expected at least " + std::to_string(arenas.window.size()) +
+        " bytes per rank for " + std::to_string(shape.num_ranks) + " ranks on " +
+        std::to_string(shape.num_nodes) + " node(s) with this Config (required_rdma_bytes), got " +
+        std::to_string(config.rdma_bytes));
   ctx.rdma.window_bytes = static_cast<uint64_t>(config.rdma_bytes);
 }
 

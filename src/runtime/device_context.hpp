@@ -84,11 +84,11 @@ struct CommonLocal {
 /// The RDMA engine's view of this rank (transport/rdma.cuh): where the window lies in every
 /// rank's symmetric buffer, and the loopback engine's NIC model.
 struct RdmaContext {
-  uint64_t window_bytes;        // the window is [0, window_bytes) of each symmetric buffer
-  uint32_t nic_model;           // 1: puts complete at the modelled bandwidth and latency
-  float nic_bytes_per_ns;       // modelled bandwidth (GB/s == bytes/ns)
-  uint64_t nic_latency_ns;      // modelled latency of a signal after its data
-  uint64_t* nic_busy_until;     // private: global-timer ns at which this rank's NIC is free
+  uint64_t window_bytes;     // the window is [0, window_bytes) of each symmetric buffer
+  uint32_t nic_model;        // 1: puts complete at the modelled bandwidth and latency
+  float nic_bytes_per_ns;    // modelled bandwidth (GB/s == bytes/ns)
+  uint64_t nic_latency_ns;   // modelled latency of a signal after its data
+  uint64_t* nic_busy_until;  // private: global-timer ns at which this rank's NIC is free
 };
 
 /// What every kernel knows of its rank whatever the path: the group's shape, the peers'

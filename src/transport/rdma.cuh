@@ -131,8 +131,7 @@ __device__ __forceinline__ bool wait_signal(const RankContext& ctx, uint64_t sig
 /// may be waiting for them while this warp waits for it). Bounded like wait_signal; does not
 /// consume. False after a failed wait (recorded as a stall naming `peer`).
 __device__ inline bool wait_signal_delivering(const RankContext& ctx, WarpPort& port, uint64_t sig,
-                                              uint64_t target, int peer, Phase phase,
-                                              int channel) {
+                                              uint64_t target, int peer, Phase phase, int channel) {
   const uint64_t* word = signal_word(ctx, sig);
   const bool leader = (threadIdx.x & 31) == 0;
   const uint64_t start = device::global_timer_ns_warp();

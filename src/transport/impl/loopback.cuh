@@ -15,8 +15,7 @@
 namespace moecomm::transport::loopback {
 
 /// True when [offset, offset + bytes) lies in a window; else the error is recorded.
-__device__ __forceinline__ bool in_window(const RankContext& ctx, uint64_t offset,
-                                          uint64_t bytes) {
+__device__ __forceinline__ bool in_window(const RankContext& ctx, uint64_t offset, uint64_t bytes) {
   if (offset + bytes <= ctx.rdma.window_bytes && offset + bytes >= offset) return true;
   record_error(ctx, DeviceErrorKind::kRdmaOutOfWindow, -1, Phase::kNone, 0, 0, 0,
                static_cast<int64_t>(offset), static_cast<int64_t>(bytes));
