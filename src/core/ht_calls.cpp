@@ -104,22 +104,10 @@ DispatchOutput CommImpl::dispatch_ht(const DispatchArgs& args, const DispatchOpt
   if (internode) {
     // The same parameters; the internode kernel runs its own count exchange over every rank.
     internode::DispatchParams q;
-    q.x = p.x;
-    q.num_tokens = p.num_tokens;
-    q.in_row_bytes = p.in_row_bytes;
-    q.out_row_bytes = p.out_row_bytes;
-    q.x_scales = p.x_scales;
-    q.quantize = p.quantize;
-    q.pow2_scales = p.pow2_scales;
-    q.topk_idx = p.topk_idx;
-    q.idx_i64 = p.idx_i64;
-    q.topk_weights = p.topk_weights;
+    static_cast<ht::DispatchParams&>(q) = p;
     q.has_scales = fp8_in || o.quantize_fp8;
     q.has_weights = args.topk_weights.present();
-    q.send_row = p.send_row;
     q.handle = internode_arrays(h, ctx_);
-    q.cached = p.cached;
-    q.layout = p.layout;
     internode::launch_dispatch(exchange_ctx(), q, c.num_sms, c.threads_per_block, s.exec);
   } else {
     ht::launch_dispatch(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);
@@ -219,14 +207,8 @@ CombineOutput CommImpl::combine_ht(const CombineArgs& args, HandleState& h,
   p.num_tokens = T;
   if (internode) {
     internode::CombineParams q;
-    q.y = p.y;
-    q.recv_weights = p.recv_weights;
-    q.bias = p.bias;
-    q.out = p.out;
-    q.combined_weights = p.combined_weights;
-    q.send_row = p.send_row;
+    static_cast<ht::CombineParams&>(q) = p;
     q.handle = internode_arrays(h, ctx_);
-    q.num_tokens = p.num_tokens;
     internode::launch_combine(exchange_ctx(), q, c.num_sms, c.threads_per_block, s.exec);
   } else {
     ht::launch_combine(exchange_ctx(), p, c.num_sms, c.threads_per_block, s.exec);

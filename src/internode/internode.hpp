@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "ht/intranode.hpp"
 #include "layout/layout.hpp"
 #include "paths/device_context.hpp"
 
@@ -44,28 +45,17 @@ inline HandleArrays carve_handle(int32_t* base, int max_tokens, int num_ranks, i
   return h;
 }
 
-struct DispatchParams {
-  const void* x = nullptr;  // [T, H] bf16, or fp8 bytes
-  int64_t num_tokens = 0;
-  int in_row_bytes = 0;             // bytes of one x row
-  int out_row_bytes = 0;            // bytes of one received row
-  const float* x_scales = nullptr;  // fp8 passthrough: [T, H/128]
-  bool quantize = false;            // bf16 in, fp8 + scales out
-  bool pow2_scales = false;
-  const void* topk_idx = nullptr;
-  bool idx_i64 = true;
-  const float* topk_weights = nullptr;  // [T, K] or null
+/// The intranode path's parameters (the same inputs, the same handle routing) and what the two
+/// levels add.
+struct DispatchParams : ht::DispatchParams {
   // What the call carries on every rank: forwarders write received scales and weights also where
   // their own rank has no tokens (and its x_scales and topk_weights are null).
   bool has_scales = false;  // fp8 rows out (passthrough or quantised)
   bool has_weights = false;
-  int32_t* send_row =
-      nullptr;               // [T, R]: row at each destination rank (-1: none). Read when cached.
   HandleArrays handle;       // written by a fresh dispatch, read by a cached one
-  bool cached = false;       // routing from the handle; no layout in this call
   bool layout_only = false;  // get_layout: the layout and the count exchange, then the call ends
-  layout::LayoutParams layout;  // unless cached: the layout steps (prefix, no count exchange) and
-                                // the receive summary (scan options), which this path computes
+  // `layout` (unless cached): the layout steps (prefix, no count exchange) and the receive summary
+  // (scan options), which this path computes with its own count exchange.
 };
 
 /// The dispatch kernel; closes the call. With layout_only (get_layout), it stops after the count
@@ -73,15 +63,9 @@ struct DispatchParams {
 void launch_dispatch(const detail::DeviceContext& ctx, const DispatchParams& params, int blocks,
                      int threads, cudaStream_t stream);
 
-struct CombineParams {
-  uint64_t y = 0;                  // [N, H] bf16 of this rank, read by its node's ranks (published)
-  uint64_t recv_weights = 0;       // [N, K] f32 of this rank, or 0 (published)
-  const uint16_t* bias = nullptr;  // [T, H] or null
-  uint16_t* out = nullptr;         // [T, H]
-  float* combined_weights = nullptr;  // [T, K] or null (needs recv_weights on every rank)
-  const int32_t* send_row = nullptr;  // [T, R] from the dispatch handle
-  HandleArrays handle;                // from the dispatch handle
-  int64_t num_tokens = 0;
+/// The intranode path's parameters and the dispatch handle's internode arrays.
+struct CombineParams : ht::CombineParams {
+  HandleArrays handle;  // from the dispatch handle
 };
 
 /// The combine kernel; closes the call.
