@@ -88,7 +88,17 @@ void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
     cudaIpcMemHandle_t h;
     std::memcpy(&h, handles.data() + r * handle_size() + kIpcOffset, sizeof(h));
     void* ptr = nullptr;
-    MOECOMM_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess));
+    const cudaError_t err = cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it
+      // Most often a peer on another host: CUDA IPC maps buffers of one host only.
+      throw Unsupported("rank " + std::to_string(rank) + ": the buffer of rank " +
+                        std::to_string(r) + " cannot be mapped through CUDA IPC (" +
+                        cudaGetErrorName(err) +
+                        "); every rank of a process group must run on this host (a group across "
+                        "hosts needs a network RDMA engine, which this build does not have; "
+                        "processes of one host may be declared as nodes with set_host_id)");
+    }
     sym_base[r] = static_cast<uint8_t*>(ptr);
   }
 }
