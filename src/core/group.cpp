@@ -187,10 +187,7 @@ struct VirtualGroup::Pool {
 VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int> devices,
                            int num_nodes) {
   config.validate(num_ranks);
-  if (num_nodes < 1 || num_ranks % num_nodes != 0)
-    throw InvalidArgument("num_nodes: expected a divisor of the group size " +
-                          std::to_string(num_ranks) + " (nodes of equal size), got " +
-                          std::to_string(num_nodes));
+  detail::check_node_count(num_ranks, num_nodes);
   // Host-side checks of the node layout and the RDMA window come before any device is touched.
   const auto shape =
       detail::region_shape(config, num_ranks, /*separate_processes=*/false, num_nodes);

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "moecomm/error.hpp"
+#include "runtime/node_layout.hpp"
 
 namespace moecomm::detail {
 
@@ -74,9 +75,7 @@ int64_t required_rdma_bytes(const Config& config, int num_ranks, int num_nodes) 
   Config c = config;
   c.rdma_bytes = 0;
   c.validate(num_ranks);
-  if (num_nodes < 1 || num_ranks % num_nodes != 0)
-    throw InvalidArgument("num_nodes: expected a divisor of num_ranks " +
-                          std::to_string(num_ranks) + ", got " + std::to_string(num_nodes));
+  detail::check_node_count(num_ranks, num_nodes);
   const auto shape = detail::region_shape(c, num_ranks, /*separate_processes=*/false, num_nodes);
   return static_cast<int64_t>(detail::window_bytes_needed(c, shape));
 }

@@ -13,9 +13,15 @@ namespace moecomm::detail {
 
 namespace {
 
-/// "'a' (ranks 0-3)": a host and its ranks.
-std::string host_and_ranks(const std::string& host, const std::vector<int>& ranks) {
-  return "'" + host + "' (" + (ranks.size() == 1 ? "rank " : "ranks ") + rank_list(ranks) + ")";
+using HostRanks = std::vector<std::pair<std::string, std::vector<int>>>;
+
+/// "'a' (ranks 0-3), 'b' (rank 4)": every host and its ranks.
+std::string hosts_text(const HostRanks& hosts) {
+  std::string text;
+  for (const auto& [host, ranks] : hosts)
+    text += (text.empty() ? "'" : ", '") + host + "' (" + (ranks.size() == 1 ? "rank " : "ranks ") +
+            rank_list(ranks) + ")";
+  return text;
 }
 
 }  // namespace
@@ -23,7 +29,7 @@ std::string host_and_ranks(const std::string& host, const std::vector<int>& rank
 NodeLayout node_layout(const std::vector<std::string>& host_ids) {
   if (host_ids.empty()) throw InvalidArgument("host ids: expected one per rank, got none");
   // Hosts in order of their first rank, each with its ranks.
-  std::vector<std::pair<std::string, std::vector<int>>> hosts;
+  HostRanks hosts;
   for (size_t r = 0; r < host_ids.size(); ++r) {
     auto it = hosts.begin();
     while (it != hosts.end() && it->first != host_ids[r]) ++it;
@@ -34,25 +40,25 @@ NodeLayout node_layout(const std::vector<std::string>& host_ids) {
     it->second.push_back(static_cast<int>(r));
   }
   for (const auto& [host, ranks] : hosts)
-    if (ranks.back() - ranks.front() + 1 != static_cast<int>(ranks.size())) {
-      std::string text;
-      for (const auto& [h, rs] : hosts) text += (text.empty() ? "" : ", ") + host_and_ranks(h, rs);
+    if (ranks.back() - ranks.front() + 1 != static_cast<int>(ranks.size()))
       throw InvalidArgument("host ids: the ranks of host '" + host +
                             "' are not contiguous; expected every host's ranks to be consecutive "
                             "(node n holds ranks n*G..n*G+G-1), got hosts " +
-                            text);
-    }
+                            hosts_text(hosts));
   const size_t node_size = hosts.front().second.size();
   for (const auto& [host, ranks] : hosts)
-    if (ranks.size() != node_size) {
-      std::string text;
-      for (const auto& [h, rs] : hosts) text += (text.empty() ? "" : ", ") + host_and_ranks(h, rs);
+    if (ranks.size() != node_size)
       throw InvalidArgument(
           "host ids: hosts hold different numbers of ranks; expected the same "
           "number on every host, got hosts " +
-          text);
-    }
+          hosts_text(hosts));
   return {static_cast<int>(hosts.size()), static_cast<int>(node_size)};
+}
+
+void check_node_count(int num_ranks, int num_nodes) {
+  if (num_nodes < 1 || num_ranks % num_nodes != 0)
+    throw InvalidArgument("num_nodes: expected a divisor of num_ranks " +
+                          std::to_string(num_ranks) + ", got " + std::to_string(num_nodes));
 }
 
 void check_host_id(const std::string& host_id) {

@@ -26,6 +26,10 @@ struct NodeLayout {
 /// 1: expected the ranks of each host to be contiguous". Raises for an empty list.
 NodeLayout node_layout(const std::vector<std::string>& host_ids);
 
+/// Raises InvalidArgument unless num_nodes divides num_ranks (nodes of equal size, at least one):
+/// "num_nodes: expected a divisor of num_ranks 16, got 3".
+void check_node_count(int num_ranks, int num_nodes);
+
 /// Raises InvalidArgument unless `host_id` can name a host in a handle: 1..kHostIdSize-1 bytes,
 /// no NUL byte.
 void check_host_id(const std::string& host_id);
