@@ -72,6 +72,26 @@ if [ -z "${SKIP_BENCH:-}" ] && [ -n "${BASELINE:-}" ]; then
   fi
 fi
 
+# INTERNODE=1: the 2 virtual nodes x 4 ranks figures (#12), with the default NIC model and with it
+# effectively off (what the kernels alone cost on the one GPU). INTERNODE_BIN: another ep_bench.
+if [ -z "${SKIP_BENCH:-}" ] && [ -n "${INTERNODE:-}" ]; then
+  ib=${INTERNODE_BIN:-build/bench/ep_bench}
+  tag=${INTERNODE_TAG:-internode}
+  for m in ht ll; do
+    extra=""; [ $m = ll ] && extra="--graph --iters 30"
+    timeout ${BENCH_TIMEOUT:-240} $ib --ranks 8 --nodes 2 --mode $m --iters 20 --warmup 3 $extra \
+      --json "$out/${tag}_$m.json" >"$out/${tag}_$m.log" 2>&1
+    rc1=$?
+    timeout ${BENCH_TIMEOUT:-240} $ib --ranks 8 --nodes 2 --mode $m --iters 20 --warmup 3 $extra \
+      --nic-gbps 100000 --nic-latency-us 0 >"$out/${tag}_${m}_nicoff.log" 2>&1
+    rc2=$?
+    echo "== $tag $m (NIC model on, then off):"
+    grep -E "^(ht|ll) " "$out/${tag}_$m.log" | head -12
+    grep -E "^(ht|ll) " "$out/${tag}_${m}_nicoff.log" | head -12
+    summary+=("$tag $m rc $rc1/$rc2")
+  done
+fi
+
 # The front-end floor under every plain-launch figure (docs/bench.md).
 if [ -z "${SKIP_BENCH:-}" ] && [ -x build/bench/launch_floor ]; then
   timeout 120 build/bench/launch_floor >"$out/launch_floor.log" 2>&1

@@ -31,29 +31,51 @@ __device__ __forceinline__ void add_bf16x8(float (&acc)[kBf16PerVector], const i
   for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
 }
 
-/// Vector i of the f32 sum, over the ranks g of this node ascending with rows[g] >= 0, of their
+/// Where one message's (or token's) rows lie at the ranks of this node: lane g holds the row at
+/// local rank g (lo: g < 32, hi: g >= 32; -1: none), so that the rows are read once per message
+/// instead of once per vector (the loads of a vector then wait for nothing but each other).
+struct NodeRows {
+  int32_t lo = -1, hi = -1;
+  uint64_t mask = 0;  // bit g: rank g of this node holds a row
+
+  /// Every lane: rows[g] for the node's G ranks (a pointer to G i32).
+  __device__ NodeRows(const int32_t* rows, int G, int lane) {
+    if (lane < G) lo = rows[lane];
+    if (lane + 32 < G) hi = rows[lane + 32];
+    mask = static_cast<uint64_t>(__ballot_sync(kFullMask, lo >= 0)) |
+           (static_cast<uint64_t>(__ballot_sync(kFullMask, hi >= 0)) << 32);
+  }
+  /// Every lane (warp-uniform g): the row at rank g.
+  __device__ int64_t row(int g) const { return __shfl_sync(kFullMask, g < 32 ? lo : hi, g & 31); }
+};
+
+/// Vector i of the f32 sum, over the ranks g of this node ascending that hold a row, of their
 /// output rows: the node's partial sum before it is rounded to bf16. Up to kNodeBatch rows are
-/// loaded before they are added (in order), so their loads are in flight together.
+/// loaded before they are added (in order), so their loads are in flight together. Every lane
+/// (warp-uniform: the rows' shuffles); `active` false: nothing is loaded, acc is unspecified.
 constexpr int kNodeBatch = 8;
 __device__ __forceinline__ void node_partial(const DeviceContext& ctx, NodeOutputs outs,
-                                             const int32_t* rows, int i,
+                                             const NodeRows& rows, int i, bool active,
                                              float (&acc)[kBf16PerVector]) {
   const int64_t H = ctx.hidden;
 #pragma unroll
   for (int j = 0; j < kBf16PerVector; ++j) acc[j] = 0.0f;
-  for (int g0 = 0; g0 < ctx.node_size; g0 += kNodeBatch) {
+  for (uint64_t m = rows.mask; m;) {
     int4 v[kNodeBatch];
-    bool has[kNodeBatch];
+    int loaded = 0;
 #pragma unroll
     for (int b = 0; b < kNodeBatch; ++b) {
-      const int g = g0 + b;
-      const int32_t row = g < ctx.node_size ? rows[g] : -1;
-      has[b] = row >= 0;
-      if (has[b]) v[b] = device::ld_peer_16_any(outs.y[g] + row * H + i * 8);
+      if (!m) break;  // warp-uniform
+      const int g = pop_lowest(m);
+      const int64_t row = rows.row(g);
+      if (active) v[b] = device::ld_peer_16_any(outs.y[g] + row * H + i * 8);
+      loaded = b + 1;
     }
 #pragma unroll
-    for (int b = 0; b < kNodeBatch; ++b)
-      if (has[b]) add_bf16x8(acc, v[b]);
+    for (int b = 0; b < kNodeBatch; ++b) {
+      if (b >= loaded || !active) break;
+      add_bf16x8(acc, v[b]);
+    }
   }
 }
 
@@ -86,10 +108,12 @@ __device__ void send_partials(const DeviceContext& ctx, const CombineParams& p, 
       const int32_t* rows = p.handle.fwd_rows + (static_cast<int64_t>(to) * ctx.max_tokens + j) * G;
       uint8_t* part =
           window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_send, to, j, in.part_bytes));
-      for (int i = lane; i < n16; i += 32) {
+      const NodeRows route(rows, G, lane);
+      for (int base = 0; base < n16; base += 32) {  // warp-uniform: the rows' shuffles
+        const int i = base + lane;
         float acc[kBf16PerVector];
-        node_partial(ctx, outs, rows, i, acc);
-        reinterpret_cast<int4*>(part)[i] = device::pack_bf16x8(acc);
+        node_partial(ctx, outs, route, i, i < n16, acc);
+        if (i < n16) reinterpret_cast<int4*>(part)[i] = device::pack_bf16x8(acc);
       }
       if (lane < K)
         reinterpret_cast<float*>(part + 2 * static_cast<int64_t>(ctx.hidden))[lane] =
@@ -135,50 +159,100 @@ __device__ void consume_partials(const DeviceContext& ctx, const CombineParams& 
 }
 
 /// One warp: out[t] = bf16(sum over the nodes token t went to, ascending, of their bf16 partial
-/// sums, + bias); combined weights likewise in f32 without rounding.
+/// sums, + bias); combined weights likewise in f32 without rounding. The partial sums that came
+/// back from up to kPrefetchNodes other nodes are loaded before this node's rows, so that every
+/// load of a vector is in flight at once; the sum's order is unchanged.
+constexpr int kPrefetchNodes = 1;
 __device__ void reduce_token(const DeviceContext& ctx, const CombineParams& p, NodeOutputs outs,
                              int64_t t, int lane) {
   const int N = ctx.num_nodes, G = ctx.node_size, K = ctx.topk, H = ctx.hidden;
   const internode::Regions& in = ctx.internode;
   const int32_t* local_rows = p.send_row + t * ctx.num_ranks + ctx.node * G;
   const int32_t* slots = p.handle.node_slot + t * N;
-  bool local_any = false;
-  for (int g = 0; g < G; ++g) local_any = local_any || local_rows[g] >= 0;
-  auto partial_of = [&](int b) {
-    return window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_recv, b, slots[b], in.part_bytes));
+  const NodeRows route(local_rows, G, lane);
+  const bool local_any = route.mask != 0;
+  // The other nodes that sent a partial sum, ascending (bit b), and where this node's own
+  // partial comes among them.
+  const int32_t slot_lo = lane < N ? slots[lane] : -1;
+  const int32_t slot_hi = lane + 32 < N ? slots[lane + 32] : -1;
+  const uint64_t own = 1ull << ctx.node;
+  const uint64_t remote = (static_cast<uint64_t>(__ballot_sync(kFullMask, slot_lo >= 0)) |
+                           (static_cast<uint64_t>(__ballot_sync(kFullMask, slot_hi >= 0)) << 32)) &
+                          ~own;
+  auto partial_of = [&](int b) {  // every lane (warp-uniform b)
+    const int32_t slot = __shfl_sync(kFullMask, b < 32 ? slot_lo : slot_hi, b & 31);
+    return window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_recv, b, slot, in.part_bytes));
   };
-  const int n16 = H / kBf16PerVector;
-  for (int i = lane; i < n16; i += 32) {
-    float acc[kBf16PerVector] = {};
-    for (int b = 0; b < N; ++b) {
-      float part[kBf16PerVector];
-      if (b == ctx.node) {
-        if (!local_any) continue;
-        node_partial(ctx, outs, local_rows, i, part);
-        round_bf16(part);
-      } else {
-        if (slots[b] < 0) continue;
-        device::unpack_bf16x8(device::ld_peer_16(reinterpret_cast<const int4*>(partial_of(b)) + i),
-                              part);
-      }
+  const int n_remote = __popcll(remote);
+  const int own_at = __popcll(remote & (own - 1));   // remote partials added before this node's
+  const bool prefetch = n_remote <= kPrefetchNodes;  // warp-uniform
+  const int4* pre_at[kPrefetchNodes] = {};
+  if (prefetch) {
+    uint64_t m = remote;
 #pragma unroll
-      for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], part[j]);
+    for (int k = 0; k < kPrefetchNodes; ++k)
+      if (m) pre_at[k] = reinterpret_cast<const int4*>(partial_of(pop_lowest(m)));
+  }
+  const int n16 = H / kBf16PerVector;
+  for (int base = 0; base < n16; base += 32) {  // warp-uniform: the shuffles
+    const int i = base + lane;
+    const bool active = i < n16;
+    float acc[kBf16PerVector] = {};
+    if (prefetch) {
+      int4 pre[kPrefetchNodes];
+#pragma unroll
+      for (int k = 0; k < kPrefetchNodes; ++k)
+        if (k < n_remote && active) pre[k] = device::ld_peer_16(pre_at[k] + i);
+      float part[kBf16PerVector];
+      if (local_any) node_partial(ctx, outs, route, i, active, part);
+      if (active) {
+#pragma unroll
+        for (int k = 0; k <= kPrefetchNodes; ++k) {
+          if (k == own_at && local_any) {
+            round_bf16(part);
+#pragma unroll
+            for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], part[j]);
+          }
+          if (k < n_remote) {
+            float f[kBf16PerVector];
+            device::unpack_bf16x8(pre[k], f);
+#pragma unroll
+            for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
+          }
+        }
+      }
+    } else {
+      for (int b = 0; b < N; ++b) {
+        float part[kBf16PerVector];
+        if (b == ctx.node) {
+          if (!local_any) continue;
+          node_partial(ctx, outs, route, i, active, part);
+          round_bf16(part);
+        } else {
+          if (!((remote >> b) & 1ull)) continue;
+          const int4* at = reinterpret_cast<const int4*>(partial_of(b));
+          if (active) device::unpack_bf16x8(device::ld_peer_16(at + i), part);
+        }
+#pragma unroll
+        for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], part[j]);
+      }
     }
+    if (!active) continue;
     if (p.bias)
       add_bf16x8(acc, *reinterpret_cast<const int4*>(p.bias + t * H + i * kBf16PerVector));
     *reinterpret_cast<int4*>(p.out + t * H + i * kBf16PerVector) = device::pack_bf16x8(acc);
   }
-  if (p.combined_weights && lane < K) {
+  if (p.combined_weights) {
     float sum = 0.0f;
-    for (int b = 0; b < N; ++b) {
+    for (int b = 0; b < N; ++b) {  // warp-uniform: partial_of shuffles
       if (b == ctx.node) {
-        if (local_any) sum = __fadd_rn(sum, node_weight(ctx, outs, local_rows, lane));
-      } else if (slots[b] >= 0) {
+        if (local_any && lane < K) sum = __fadd_rn(sum, node_weight(ctx, outs, local_rows, lane));
+      } else if ((remote >> b) & 1ull) {
         const volatile float* w = reinterpret_cast<const float*>(partial_of(b) + 2 * H);
-        sum = __fadd_rn(sum, w[lane]);
+        if (lane < K) sum = __fadd_rn(sum, w[lane]);
       }
     }
-    p.combined_weights[t * K + lane] = sum;
+    if (lane < K) p.combined_weights[t * K + lane] = sum;
   }
 }
 
@@ -216,7 +290,7 @@ __device__ bool exchange_outputs(const DeviceContext& ctx, const CombineParams& 
 }
 
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    combine_kernel(DeviceContext ctx, CombineParams p) {
+    combine_kernel(const __grid_constant__ DeviceContext ctx, const CombineParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
   const int lane = threadIdx.x & 31;
   __shared__ const uint16_t* y_of[detail::kMaxRanks];

@@ -329,6 +329,13 @@ __device__ void forward_message(const DeviceContext& ctx, const DispatchParams& 
   const int32_t src_token = *meta.src_token;
   const int groups = ctx.hidden / kFp8Group;
   const float* msg_scales = reinterpret_cast<const float*>(message + p.out_row_bytes);
+  // The scales, read once (lane s: groups s and s + 32) rather than once per destination, where
+  // every read would wait behind the stores to the previous destination.
+  float scale_lo = 0.0f, scale_hi = 0.0f;
+  if (p.has_scales) {
+    if (lane < groups) scale_lo = msg_scales[lane];
+    if (lane + 32 < groups) scale_hi = msg_scales[lane + 32];
+  }
   for (uint32_t m = mask; m; m &= m - 1) {
     const int g = __ffs(m) - 1, d = me_node * G + g;
     const int64_t row = __shfl_sync(kFullMask, row_of_lane, g);
@@ -343,7 +350,9 @@ __device__ void forward_message(const DeviceContext& ctx, const DispatchParams& 
     if (lane == 0) transport::peer_region<int32_t>(ctx, d, ctx.ht.src_token)[row] = src_token;
     if (p.has_scales) {
       float* dst = transport::peer_region<float>(ctx, d, ctx.ht.scales) + row * groups;
-      for (int s = lane; s < groups; s += 32) dst[s] = msg_scales[s];
+      if (lane < groups) dst[lane] = scale_lo;
+      if (lane + 32 < groups) dst[lane + 32] = scale_hi;
+      for (int s = lane + 64; s < groups; s += 32) dst[s] = msg_scales[s];
     }
   }
   // The row, kRowCopyUnroll vectors per lane in flight (the message arrived during this kernel:
@@ -438,7 +447,7 @@ __device__ bool cached_arrival(const DeviceContext& ctx, uint64_t seq) {
 }
 
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    dispatch_kernel(DeviceContext ctx, DispatchParams p) {
+    dispatch_kernel(const __grid_constant__ DeviceContext ctx, const DispatchParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
   const int lane = threadIdx.x & 31;

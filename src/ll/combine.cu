@@ -30,7 +30,11 @@ __device__ void publish_outputs(const DeviceContext& ctx, int buffer, uint64_t y
 /// [position]). A put starts in this rank's window: y is used in place when it lies there (the
 /// zero-copy combine_buffer), else each row is first copied to its slot of combine[b] (only the
 /// rows bound for other nodes). The slots' counts are those of the dispatch's receive phase.
-/// Flushes the warp's port.
+/// Only the rows that exist are visited: they are numbered in (le, source, position) order and
+/// dealt round robin to every warp of the rank's blocks (a warp finds its rows by a warp-wide scan
+/// of the counts, 32 (le, source) pairs at a time), so the few hundred rows of a call spread over
+/// all warps instead of falling, position by position, on the few warps whose index matches a
+/// small position. Flushes the warp's port.
 __device__ void push_rows(const DeviceContext& ctx, int b, uint64_t y, device::RankBlocks blocks,
                           rdma::WarpPort& port) {
   const int R = ctx.num_ranks, L = ctx.local_experts, M = ctx.ll.capacity, G = ctx.node_size;
@@ -44,22 +48,53 @@ __device__ void push_rows(const DeviceContext& ctx, int b, uint64_t y, device::R
   const int32_t* layout = ctx.ll.recv_layout + static_cast<size_t>(b) * L * R * 2;
   const int warps = blockDim.x / kWarpLanes, warp = threadIdx.x / kWarpLanes;
   const int lane = threadIdx.x % kWarpLanes;
-  for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; i < items;
-       i += static_cast<int64_t>(blocks.count) * warps) {
-    const int le = static_cast<int>(i / (static_cast<int64_t>(R) * M));
-    const int s = static_cast<int>(i / M % R), pos = static_cast<int>(i % M);
-    if (same_node(ctx, s) || pos >= layout[2 * (le * R + s) + 1]) continue;
-    uint64_t from_off = y_off + static_cast<uint64_t>(i) * row;
-    if (!in_window) {
-      from_off = ctx.ll.combine[b] + static_cast<uint64_t>(i) * row;
-      const uint8_t* src = y_local + static_cast<uint64_t>(i) * row;
-      int4* dst = transport::peer_region<int4>(ctx, ctx.rank, from_off);
-      for (uint64_t v = lane; v < row / 16; v += kWarpLanes)
-        dst[v] = device::ld_peer_16_any(src + v * 16);
+  const int pairs = L * R;  // (le, source) pairs, le-major: pair = le * R + source
+  const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
+  int64_t next = static_cast<int64_t>(blocks.index) * warps + warp;  // this warp's next row
+  int64_t before = 0;  // rows of the pairs before this group of 32
+  for (int c0 = 0; c0 < pairs; c0 += kWarpLanes) {
+    const int mine = c0 + lane;
+    int32_t n = 0;
+    if (mine < pairs && !same_node(ctx, mine % R)) n = layout[2 * mine + 1];
+    int32_t incl = n;  // inclusive prefix over the group's lanes
+#pragma unroll
+    for (int off = 1; off < kWarpLanes; off <<= 1) {
+      const int32_t v = __shfl_up_sync(kFullMask, incl, off);
+      if (lane >= off) incl += v;
     }
-    const int from = remote_index(ctx.rank, s / G, G);
-    port.put(s, ctx.ll.combine_recv[b] + ((static_cast<uint64_t>(from) * L + le) * M + pos) * row,
-             from_off, row);
+    const int32_t total = __shfl_sync(kFullMask, incl, kWarpLanes - 1);
+    for (; next < before + total; next += stride) {  // warp-uniform
+      const int32_t r = static_cast<int32_t>(next - before);
+      const int owner = __ffs(__ballot_sync(kFullMask, incl > r)) - 1;
+      const int32_t first = __shfl_sync(kFullMask, incl - n, owner);
+      const int pair = c0 + owner, le = pair / R, s = pair % R, pos = r - first;
+      const int64_t i = static_cast<int64_t>(pair) * M + pos;  // y's slot
+      uint64_t from_off = y_off + static_cast<uint64_t>(i) * row;
+      if (!in_window) {  // the row to its staging slot, kRowCopyUnroll vectors per lane in flight
+        from_off = ctx.ll.combine[b] + static_cast<uint64_t>(i) * row;
+        const uint8_t* src = y_local + static_cast<uint64_t>(i) * row;
+        int4* dst = transport::peer_region<int4>(ctx, ctx.rank, from_off);
+        const int n16 = static_cast<int>(row / 16);
+        constexpr int kUnroll = device::kRowCopyUnroll;
+        for (int v0 = 0; v0 < n16; v0 += kWarpLanes * kUnroll) {
+          int4 v[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int k = v0 + u * kWarpLanes + lane;
+            if (k < n16) v[u] = device::ld_peer_16_any(src + static_cast<uint64_t>(k) * 16);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int k = v0 + u * kWarpLanes + lane;
+            if (k < n16) dst[k] = v[u];
+          }
+        }
+      }
+      const int from = remote_index(ctx.rank, s / G, G);
+      port.put(s, ctx.ll.combine_recv[b] + ((static_cast<uint64_t>(from) * L + le) * M + pos) * row,
+               from_off, row);
+    }
+    before += total;
   }
   port.flush();
 }
@@ -74,7 +109,7 @@ __device__ void signal_rows_pushed(const DeviceContext& ctx, int b, rdma::WarpPo
 
 template <bool kInternode>
 __global__ void __launch_bounds__(kInternode ? kMaxBlockThreads : kCombineSendThreads)
-    combine_send_kernel(DeviceContext ctx, CombineSendParams p) {
+    combine_send_kernel(const __grid_constant__ DeviceContext ctx, const CombineSendParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) ctx.ll.combine_seq[p.buffer] = seq;
@@ -255,7 +290,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
 
 template <bool kInternode>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    combine_recv_kernel(DeviceContext ctx, CombineRecvParams p) {
+    combine_recv_kernel(const __grid_constant__ DeviceContext ctx, const CombineRecvParams p) {
   combine_recv<kInternode>(ctx, p, device::whole_grid());
 }
 

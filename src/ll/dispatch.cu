@@ -158,7 +158,11 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
       if (staged && p.fp8) {  // the piece's e4m3 bytes, then its scales through the meta words
         __syncwarp();         // every lane's staged bytes and scales
         const uint64_t from = ctx.ll.stage + t * stage_row + u0 * kFp8Group;
-        const uint32_t* scales = reinterpret_cast<const uint32_t*>(staged + H);
+        const volatile uint32_t* scales = reinterpret_cast<const uint32_t*>(staged + H) + u0;
+        // The piece's scales, read once into registers (lane j: unit u0 + j, and u0 + 32 + j):
+        // a load per (destination, unit) would put a dependent load before every put_value.
+        const uint32_t scale_lo = lane < units ? scales[lane] : 0u;
+        const uint32_t scale_hi = lane + kWarpLanes < units ? scales[lane + kWarpLanes] : 0u;
         for (int k = 0; k < n; ++k) {
           const Destination& to = dst[warp][k];
           if (to.peer < 0) continue;
@@ -166,9 +170,14 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
                    static_cast<uint64_t>(units) * kFp8Group);
           const uint64_t meta = ctx.ll.meta[b] + static_cast<uint64_t>(to.slot) *
                                                      ctx.ll.meta_words * sizeof(uint64_t);
-          for (int u = u0; u < u0 + units; ++u)
-            port.put_value(to.peer, meta + (1 + u) * sizeof(uint64_t),
-                           *reinterpret_cast<const volatile uint32_t*>(scales + u));
+          for (int u = 0; u < units; ++u) {  // warp-uniform: the shuffle
+            const uint32_t scale =
+                __shfl_sync(kFullMask, u < kWarpLanes ? scale_lo : scale_hi, u % kWarpLanes);
+            if (u < 2 * kWarpLanes)
+              port.put_value(to.peer, meta + (1 + u0 + u) * sizeof(uint64_t), scale);
+            else  // a piece of more than 64 units (H > 8192 with one piece per row)
+              port.put_value(to.peer, meta + (1 + u0 + u) * sizeof(uint64_t), scales[u]);
+          }
         }
       }
     }
@@ -199,14 +208,22 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
         const int R = ctx.num_ranks, warps = blockDim.x / kWarpLanes;
         for (int d = warp; d < R; d += warps) {
           if (same_node(ctx, d)) continue;
-          for (int le = 0; le < L; ++le) {
-            const int64_t e = static_cast<int64_t>(d) * L + le;
-            const uint32_t count = static_cast<uint32_t>(
-                layout::bitmap_count(ctx.layout.expert_bitmap + e * ctx.words, used_words));
-            port.put_value(d,
-                           ctx.ll.count_sig +
-                               ((static_cast<uint64_t>(b) * L + le) * R + me) * sizeof(uint64_t),
-                           (seq << kCountShift) | count);
+          for (int le0 = 0; le0 < L; le0 += kWarpLanes) {
+            // Lane j counts expert le0 + j (the counts' loads in flight together), then the
+            // counts are put one by one from registers.
+            uint32_t mine = 0;
+            if (le0 + lane < L)
+              mine = static_cast<uint32_t>(layout::bitmap_count(
+                  ctx.layout.expert_bitmap + (static_cast<int64_t>(d) * L + le0 + lane) * ctx.words,
+                  used_words));
+            const int last = min(L, le0 + kWarpLanes);
+            for (int le = le0; le < last; ++le) {
+              const uint32_t count = __shfl_sync(kFullMask, mine, le - le0);
+              port.put_value(d,
+                             ctx.ll.count_sig +
+                                 ((static_cast<uint64_t>(b) * L + le) * R + me) * sizeof(uint64_t),
+                             (seq << kCountShift) | count);
+            }
           }
           port.signal(d, signal_at(ctx, ctx.ll.sig_counts, b, me), 1);
         }
@@ -224,7 +241,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
 
 template <bool kInternode>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    dispatch_send_kernel(DeviceContext ctx, DispatchSendParams p) {
+    dispatch_send_kernel(const __grid_constant__ DeviceContext ctx, const DispatchSendParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   dispatch_send<kInternode>(ctx, p, device::whole_grid(), columns);
 }
@@ -285,11 +302,17 @@ __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParam
     float* scales = transport::peer_region<float>(ctx, ctx.rank, ctx.ll.scales[b]);
     // One warp per (expert, remote source), kMetaUnroll words per lane in flight: the block's
     // warps and lanes all copy at once (a loop of dependent loads would cost a latency each).
+    // Only the remote pairs are dealt to the warps (pair q: expert q / (R - G), the (q % (R -
+    // G))-th rank off this node), so that every warp has a share: dealing all L * R pairs by a
+    // stride of the warp count (a multiple of R) gave each warp one source, and the warps of this
+    // node's sources nothing.
     constexpr int kMetaUnroll = 4;
     const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
-    for (int i = warp; i < L * R; i += blockDim.x / kWarpLanes) {
-      const int s = i % R;
-      if (same_node(ctx, s)) continue;
+    const int G = ctx.node_size, off_node = R - G;
+    for (int q = warp; q < L * off_node; q += blockDim.x / kWarpLanes) {
+      const int r = q % off_node;
+      const int s = r < ctx.node * G ? r : r + G;  // the r-th rank not on this node
+      const int i = (q / off_node) * R + s;
       const int64_t first = static_cast<int64_t>(i / R) * R * M + static_cast<int64_t>(s) * M;
       const int n = p.recv_layout[2 * i + 1] * words_per;
       for (int j0 = lane; j0 < n; j0 += kWarpLanes * kMetaUnroll) {
@@ -317,7 +340,7 @@ __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParam
 
 template <bool kInternode>
 __global__ void __launch_bounds__(kRecvThreads)
-    dispatch_recv_kernel(DeviceContext ctx, DispatchRecvParams p) {
+    dispatch_recv_kernel(const __grid_constant__ DeviceContext ctx, const DispatchRecvParams p) {
   receive_counts<kInternode>(ctx, p, ctx.ll.dispatch_seq[p.buffer]);
 }
 
