@@ -33,6 +33,8 @@ struct InCase : HtCase {
     if (payload != Payload::kBf16) s += scales == ScaleFormat::kPowerOfTwo ? "/pow2" : "/f32";
     s += sizing == Sizing::kExact ? " exact" : " worst-case";
     if (i32_idx) s += " idx=i32";
+    if (view_offset) s += " view_offset=" + std::to_string(view_offset);
+    if (view_offset && offset_routing) s += " (routing too)";
     return s;
   }
 };
@@ -224,6 +226,40 @@ TEST_CASE("Internode HT on 3 nodes (3x2, 3x1): -1 experts, a rank with T = 0, bf
         run_case(c, rng, &group);
       }
     }
+  }
+}
+
+// Views that start at odd element offsets into larger allocations, on 2 nodes of 4 ranks: x (bf16,
+// or fp8 one byte per element), x_scales, topk_idx (i64 and i32), topk_weights, y, bias, out and
+// combine's recv_topk_weights; rows off a 16-byte boundary are staged by the library.
+TEST_CASE("Internode HT 2x4: x, topk_idx, weights, y, bias and out views at odd element offsets") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 8);
+  InCase base;
+  base.R = 8;
+  base.N = 2;
+  base.E = 32;
+  base.K = 6;
+  base.H = 384;
+  base.routing = Routing::kWithDrops;
+  base.bias = true;
+  base.offset_routing = true;
+  VirtualGroup group(case_config(base), base.R, {0}, base.N);
+  for (int off : {1, 3, 7}) {
+    if (failed_case()) return;
+    InCase c = base;
+    c.view_offset = off;
+    c.i32_idx = off == 3;
+    c.caller_out = true;
+    c.tokens = random_tokens(rng, c.R, c.max_tokens, off == 3);
+    run_case(c, rng, &group);
+    c.payload = Payload::kFp8Quantize;
+    c.sizing = Sizing::kWorstCase;
+    c.caller_out = false;
+    run_case(c, rng, &group);
+    c.payload = Payload::kFp8Passthrough;  // fp8 x one byte per element: 1, 3, 7 bytes in
+    c.sizing = Sizing::kExact;
+    run_case(c, rng, &group);
   }
 }
 

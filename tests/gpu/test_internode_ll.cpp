@@ -134,6 +134,30 @@ TEST_CASE("internode ll: 3 nodes (3x2, 3x1), 8 experts per rank, top-8, -1, T = 
   }
 }
 
+// Views that start at odd element offsets into larger allocations, on 2 nodes of 4 ranks: x, y and
+// out (bf16: 2, 6, 14 bytes off a 16-byte boundary), topk_idx (i64, and i32 at offset 3) and
+// topk_weights.
+TEST_CASE("internode ll 2x4: x, topk_idx, weights, y and out views at odd element offsets") {
+  REQUIRE_GPU();
+  for (int offset : {1, 3, 7}) {
+    LlParams p = topology_params(Topology{2, 4});
+    p.hidden = 384;
+    p.capacity = 24;
+    p.view_offset = offset;
+    p.offset_routing = true;
+    p.idx_i32 = offset == 3;
+    LlRig rig(p, 900 + offset);
+    for (int round = 0; round < 4 && !failed(); ++round) {
+      CallMode mode;
+      mode.quantize = round % 2 == 1;
+      mode.hooks = round >= 2;
+      mode.own_out = round != 3;
+      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.15}), mode,
+                "round " + std::to_string(round));
+    }
+  }
+}
+
 TEST_CASE("internode ll: zero-copy combine buffer, and two calls in flight with hooks either way") {
   REQUIRE_GPU();
   const LlParams p = topology_params(Topology{2, 4});
