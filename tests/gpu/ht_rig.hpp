@@ -197,41 +197,43 @@ void expect_equal(const std::vector<T>& got, const std::vector<T>& want, const s
   CHECK(bad == 0) << what << ": " << bad << " of " << want.size() << " differ, first " << first;
 }
 
+/// Checks one rank's dispatch output against its reference (`at` names the rank in messages).
+inline void verify_rank_dispatch(const HtCase& c, const DispatchOutput& o, const ref::HtReceived& w,
+                                 const std::string& at) {
+  const int G = c.H / 128;
+  int64_t n = o.num_recv_tokens;
+  const int64_t n_dev = download<int32_t>(o.num_recv_tokens_device)[0];
+  if (c.sizing == Sizing::kExact) {
+    CHECK_EQ(n, w.num_recv) << at;
+    CHECK_EQ(o.recv_x.shape[0], w.num_recv) << at;
+    CHECK(
+        o.num_recv_tokens_per_expert_host ==
+        std::vector<int>(w.num_recv_tokens_per_expert.begin(), w.num_recv_tokens_per_expert.end()))
+        << at << " host per-expert counts";
+  } else {
+    CHECK_EQ(n, -1) << at;
+    n = n_dev;
+  }
+  CHECK_EQ(n_dev, w.num_recv) << at;
+  if (n != w.num_recv) return;
+  const int row_bytes = c.payload == Payload::kBf16 ? c.H * 2 : c.H;
+  expect_equal(download<uint8_t>(o.recv_x, n * row_bytes), w.x, at + " recv_x");
+  if (c.payload != Payload::kBf16)
+    expect_equal(download<float>(o.recv_x_scales, n * G), w.x_scales, at + " recv_x_scales");
+  expect_equal(download<int64_t>(o.recv_topk_idx, n * c.K), w.topk_idx, at + " recv_topk_idx");
+  if (c.weights)
+    expect_equal(download<float>(o.recv_topk_weights, n * c.K), w.topk_weights,
+                 at + " recv_topk_weights");
+  expect_equal(download<int32_t>(o.recv_src_token, n), w.src_token, at + " recv_src_token");
+  expect_equal(download<int32_t>(o.recv_rank_prefix), w.rank_prefix, at + " recv_rank_prefix");
+  expect_equal(download<int32_t>(o.num_recv_tokens_per_expert), w.num_recv_tokens_per_expert,
+               at + " num_recv_tokens_per_expert");
+}
+
 inline void verify_dispatch(const HtCase& c, const std::vector<DispatchOutput>& out,
                             const std::vector<ref::HtReceived>& want, const std::string& tag) {
-  const int G = c.H / 128;
-  for (int r = 0; r < c.R; ++r) {
-    const auto& o = out[r];
-    const auto& w = want[r];
-    const std::string at = tag + " rank " + std::to_string(r);
-    int64_t n = o.num_recv_tokens;
-    const int64_t n_dev = download<int32_t>(o.num_recv_tokens_device)[0];
-    if (c.sizing == Sizing::kExact) {
-      CHECK_EQ(n, w.num_recv) << at;
-      CHECK_EQ(o.recv_x.shape[0], w.num_recv) << at;
-      CHECK(o.num_recv_tokens_per_expert_host ==
-            std::vector<int>(w.num_recv_tokens_per_expert.begin(),
-                             w.num_recv_tokens_per_expert.end()))
-          << at << " host per-expert counts";
-    } else {
-      CHECK_EQ(n, -1) << at;
-      n = n_dev;
-    }
-    CHECK_EQ(n_dev, w.num_recv) << at;
-    if (n != w.num_recv) continue;
-    const int row_bytes = c.payload == Payload::kBf16 ? c.H * 2 : c.H;
-    expect_equal(download<uint8_t>(o.recv_x, n * row_bytes), w.x, at + " recv_x");
-    if (c.payload != Payload::kBf16)
-      expect_equal(download<float>(o.recv_x_scales, n * G), w.x_scales, at + " recv_x_scales");
-    expect_equal(download<int64_t>(o.recv_topk_idx, n * c.K), w.topk_idx, at + " recv_topk_idx");
-    if (c.weights)
-      expect_equal(download<float>(o.recv_topk_weights, n * c.K), w.topk_weights,
-                   at + " recv_topk_weights");
-    expect_equal(download<int32_t>(o.recv_src_token, n), w.src_token, at + " recv_src_token");
-    expect_equal(download<int32_t>(o.recv_rank_prefix), w.rank_prefix, at + " recv_rank_prefix");
-    expect_equal(download<int32_t>(o.num_recv_tokens_per_expert), w.num_recv_tokens_per_expert,
-                 at + " num_recv_tokens_per_expert");
-  }
+  for (int r = 0; r < c.R; ++r)
+    verify_rank_dispatch(c, out[r], want[r], tag + " rank " + std::to_string(r));
 }
 
 /// Combine of random expert outputs y (N_r rows on each rank), optional bias, and the received
