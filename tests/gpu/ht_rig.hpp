@@ -31,6 +31,9 @@ struct HtCase {
   bool check_cached = true;
   bool i32_idx = false;
   int view_offset = 0;  // elements: x, y, bias and out views start this far into their buffers
+  // The routing inputs too: topk_idx, topk_weights, fp8 x_scales and combine's recv_topk_weights
+  // views start view_offset elements into buffers of their own.
+  bool offset_routing = false;
   bool poison_device_count = false;  // a fresh dispatch's poison covers num_recv_tokens_device
 
   std::string name() const {
@@ -44,6 +47,7 @@ struct HtCase {
     s += " align=" + std::to_string(alignment);
     s += sizing == Sizing::kExact ? " exact" : " worst-case";
     if (view_offset) s += " view_offset=" + std::to_string(view_offset);
+    if (view_offset && offset_routing) s += " (routing too)";
     return s;
   }
 };
@@ -75,11 +79,21 @@ struct SendSide {
   std::vector<DeviceBuffer<uint8_t>> fp8_x;
   std::vector<DeviceBuffer<float>> fp8_scales;
   std::vector<DeviceBuffer<uint16_t>> shifted_x;  // bf16 x at view_offset (when set)
+  // topk_idx (i64, i32) and topk_weights at view_offset (HtCase::offset_routing)
+  std::vector<DeviceBuffer<int64_t>> shifted_idx;
+  std::vector<DeviceBuffer<int32_t>> shifted_idx32;
+  std::vector<DeviceBuffer<float>> shifted_weights;
 };
+
+/// True when the routing inputs are views at view_offset (HtCase::offset_routing).
+inline bool routing_shifted(const HtCase& c) {
+  return c.offset_routing && c.view_offset != 0;
+}
 
 inline SendSide make_send_side(const HtCase& c, const std::vector<RankInput>& in) {
   SendSide s;
   const int G = c.H / 128;
+  const int routing_off = routing_shifted(c) ? c.view_offset : 0;
   for (int r = 0; r < c.R; ++r) {
     const int64_t T = in[r].routing.num_tokens;
     ref::Payload p;
@@ -96,9 +110,16 @@ inline SendSide make_send_side(const HtCase& c, const std::vector<RankInput>& in
     if (c.weights) p.topk_weights = in[r].weights;
     if (c.payload == Payload::kFp8Passthrough) {
       s.fp8_x.push_back(shifted_copy(p.x, c.view_offset));
-      s.fp8_scales.emplace_back(p.x_scales);
+      s.fp8_scales.push_back(shifted_copy(p.x_scales, routing_off));
     } else if (c.view_offset) {
       s.shifted_x.push_back(shifted_copy(in[r].x, c.view_offset));
+    }
+    if (routing_shifted(c)) {
+      const std::vector<int64_t>& idx = in[r].routing.topk_idx;
+      s.shifted_idx.push_back(shifted_copy(idx, routing_off));
+      s.shifted_idx32.push_back(
+          shifted_copy(std::vector<int32_t>(idx.begin(), idx.end()), routing_off));
+      s.shifted_weights.push_back(shifted_copy(in[r].weights, routing_off));
     }
     s.payload.push_back(std::move(p));
   }
@@ -111,11 +132,23 @@ inline DispatchArgs dispatch_args(const HtCase& c, const std::vector<RankInput>&
   const int64_t T = in[r].routing.num_tokens;
   if (c.payload == Payload::kFp8Passthrough) {
     a.x = TensorView::contiguous(s.fp8_x[r].get() + c.view_offset, DType::kFP8E4M3, {T, c.H}, 0);
-    a.x_scales = s.fp8_scales[r].view(DType::kF32, {T, c.H / 128});
+    a.x_scales =
+        TensorView::contiguous(s.fp8_scales[r].get() + (routing_shifted(c) ? c.view_offset : 0),
+                               DType::kF32, {T, c.H / 128}, 0);
   } else if (c.view_offset) {
     a.x = TensorView::contiguous(s.shifted_x[r].get() + c.view_offset, DType::kBF16, {T, c.H}, 0);
   } else {
     a.x = in[r].x_view(c.H);
+  }
+  if (routing_shifted(c)) {
+    const int off = c.view_offset;
+    a.topk_idx =
+        c.i32_idx ? TensorView::contiguous(s.shifted_idx32[r].get() + off, DType::kI32, {T, c.K}, 0)
+                  : TensorView::contiguous(s.shifted_idx[r].get() + off, DType::kI64, {T, c.K}, 0);
+    if (c.weights)
+      a.topk_weights =
+          TensorView::contiguous(s.shifted_weights[r].get() + off, DType::kF32, {T, c.K}, 0);
+    return a;
   }
   a.topk_idx = in[r].idx_view(c.K, c.i32_idx);
   if (c.weights) a.topk_weights = in[r].weights_view(c.K);
@@ -164,41 +197,43 @@ void expect_equal(const std::vector<T>& got, const std::vector<T>& want, const s
   CHECK(bad == 0) << what << ": " << bad << " of " << want.size() << " differ, first " << first;
 }
 
+/// Checks one rank's dispatch output against its reference (`at` names the rank in messages).
+inline void verify_rank_dispatch(const HtCase& c, const DispatchOutput& o, const ref::HtReceived& w,
+                                 const std::string& at) {
+  const int G = c.H / 128;
+  int64_t n = o.num_recv_tokens;
+  const int64_t n_dev = download<int32_t>(o.num_recv_tokens_device)[0];
+  if (c.sizing == Sizing::kExact) {
+    CHECK_EQ(n, w.num_recv) << at;
+    CHECK_EQ(o.recv_x.shape[0], w.num_recv) << at;
+    CHECK(
+        o.num_recv_tokens_per_expert_host ==
+        std::vector<int>(w.num_recv_tokens_per_expert.begin(), w.num_recv_tokens_per_expert.end()))
+        << at << " host per-expert counts";
+  } else {
+    CHECK_EQ(n, -1) << at;
+    n = n_dev;
+  }
+  CHECK_EQ(n_dev, w.num_recv) << at;
+  if (n != w.num_recv) return;
+  const int row_bytes = c.payload == Payload::kBf16 ? c.H * 2 : c.H;
+  expect_equal(download<uint8_t>(o.recv_x, n * row_bytes), w.x, at + " recv_x");
+  if (c.payload != Payload::kBf16)
+    expect_equal(download<float>(o.recv_x_scales, n * G), w.x_scales, at + " recv_x_scales");
+  expect_equal(download<int64_t>(o.recv_topk_idx, n * c.K), w.topk_idx, at + " recv_topk_idx");
+  if (c.weights)
+    expect_equal(download<float>(o.recv_topk_weights, n * c.K), w.topk_weights,
+                 at + " recv_topk_weights");
+  expect_equal(download<int32_t>(o.recv_src_token, n), w.src_token, at + " recv_src_token");
+  expect_equal(download<int32_t>(o.recv_rank_prefix), w.rank_prefix, at + " recv_rank_prefix");
+  expect_equal(download<int32_t>(o.num_recv_tokens_per_expert), w.num_recv_tokens_per_expert,
+               at + " num_recv_tokens_per_expert");
+}
+
 inline void verify_dispatch(const HtCase& c, const std::vector<DispatchOutput>& out,
                             const std::vector<ref::HtReceived>& want, const std::string& tag) {
-  const int G = c.H / 128;
-  for (int r = 0; r < c.R; ++r) {
-    const auto& o = out[r];
-    const auto& w = want[r];
-    const std::string at = tag + " rank " + std::to_string(r);
-    int64_t n = o.num_recv_tokens;
-    const int64_t n_dev = download<int32_t>(o.num_recv_tokens_device)[0];
-    if (c.sizing == Sizing::kExact) {
-      CHECK_EQ(n, w.num_recv) << at;
-      CHECK_EQ(o.recv_x.shape[0], w.num_recv) << at;
-      CHECK(o.num_recv_tokens_per_expert_host ==
-            std::vector<int>(w.num_recv_tokens_per_expert.begin(),
-                             w.num_recv_tokens_per_expert.end()))
-          << at << " host per-expert counts";
-    } else {
-      CHECK_EQ(n, -1) << at;
-      n = n_dev;
-    }
-    CHECK_EQ(n_dev, w.num_recv) << at;
-    if (n != w.num_recv) continue;
-    const int row_bytes = c.payload == Payload::kBf16 ? c.H * 2 : c.H;
-    expect_equal(download<uint8_t>(o.recv_x, n * row_bytes), w.x, at + " recv_x");
-    if (c.payload != Payload::kBf16)
-      expect_equal(download<float>(o.recv_x_scales, n * G), w.x_scales, at + " recv_x_scales");
-    expect_equal(download<int64_t>(o.recv_topk_idx, n * c.K), w.topk_idx, at + " recv_topk_idx");
-    if (c.weights)
-      expect_equal(download<float>(o.recv_topk_weights, n * c.K), w.topk_weights,
-                   at + " recv_topk_weights");
-    expect_equal(download<int32_t>(o.recv_src_token, n), w.src_token, at + " recv_src_token");
-    expect_equal(download<int32_t>(o.recv_rank_prefix), w.rank_prefix, at + " recv_rank_prefix");
-    expect_equal(download<int32_t>(o.num_recv_tokens_per_expert), w.num_recv_tokens_per_expert,
-                 at + " num_recv_tokens_per_expert");
-  }
+  for (int r = 0; r < c.R; ++r)
+    verify_rank_dispatch(c, out[r], want[r], tag + " rank " + std::to_string(r));
 }
 
 /// Combine of random expert outputs y (N_r rows on each rank), optional bias, and the received
@@ -210,6 +245,7 @@ inline void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64&
   std::vector<std::vector<uint16_t>> y(c.R), bias(c.R);
   std::vector<std::vector<float>> recv_w(c.R);
   std::vector<DeviceBuffer<uint16_t>> d_y, d_bias, d_out;
+  std::vector<DeviceBuffer<float>> d_recv_w;  // the received weights at view_offset
   const int off = c.view_offset;
   for (int r = 0; r < c.R; ++r) {
     y[r] = random_bf16(rng, static_cast<size_t>(want_disp[r].num_recv) * c.H);
@@ -219,6 +255,9 @@ inline void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64&
       d_bias.push_back(shifted_copy(bias[r], off));
     }
     if (c.weights) recv_w[r] = want_disp[r].topk_weights;
+    // Offset routing: the received weights (as checked against the reference) from a view at
+    // view_offset, instead of the dispatch's own output.
+    if (c.weights && routing_shifted(c)) d_recv_w.push_back(shifted_copy(recv_w[r], off));
     d_out.emplace_back(static_cast<size_t>(in[r].routing.num_tokens) * c.H + off);
     d_out.back().poison();
   }
@@ -230,7 +269,9 @@ inline void check_combine(VirtualGroup& group, const HtCase& c, std::mt19937_64&
       a.y = TensorView::contiguous(d_y[r].get() + off, DType::kBF16, {N, c.H}, 0);
       if (c.weights)
         a.recv_topk_weights =
-            TensorView::contiguous(disp[r].recv_topk_weights.data, DType::kF32, {N, c.K}, 0);
+            TensorView::contiguous(routing_shifted(c) ? static_cast<void*>(d_recv_w[r].get() + off)
+                                                      : disp[r].recv_topk_weights.data,
+                                   DType::kF32, {N, c.K}, 0);
       if (c.bias) a.bias = TensorView::contiguous(d_bias[r].get() + off, DType::kBF16, {T, c.H}, 0);
       CombineOptions o;
       if (c.caller_out)

@@ -38,6 +38,7 @@ struct LlParams {
   int threads = 512;
   int num_sms = 4;                 // Config::num_sms of every rank
   int view_offset = 0;             // elements: x, y and out views start this far into their buffers
+  bool offset_routing = false;     // topk_idx and topk_weights views start view_offset in too
   bool mask_unresponsive = false;  // Config::mask_unresponsive_ranks
   double timeout_seconds = 10.0;
 };
@@ -50,6 +51,7 @@ inline std::string describe(const LlParams& p) {
      << (p.scale_format == ScaleFormat::kPowerOfTwo ? " scales=pow2" : " scales=f32")
      << " threads=" << p.threads;
   if (p.view_offset) os << " view_offset=" << p.view_offset;
+  if (p.view_offset && p.offset_routing) os << " (routing too)";
   return os.str();
 }
 
@@ -155,9 +157,9 @@ class LlRig {
       for (int r = 0; r < R; ++r) {
         Buffers& b = bufs_[s][r];
         b.x = DeviceBuffer<uint16_t>(static_cast<size_t>(M) * H + kViewPad);
-        b.idx64 = DeviceBuffer<int64_t>(static_cast<size_t>(M) * K);
-        b.idx32 = DeviceBuffer<int32_t>(static_cast<size_t>(M) * K);
-        b.w = DeviceBuffer<float>(static_cast<size_t>(M) * K);
+        b.idx64 = DeviceBuffer<int64_t>(static_cast<size_t>(M) * K + kViewPad);
+        b.idx32 = DeviceBuffer<int32_t>(static_cast<size_t>(M) * K + kViewPad);
+        b.w = DeviceBuffer<float>(static_cast<size_t>(M) * K + kViewPad);
         b.y = DeviceBuffer<uint16_t>(y_elems + kViewPad);
         b.out = DeviceBuffer<uint16_t>(static_cast<size_t>(M) * H + kViewPad);
       }
@@ -272,9 +274,9 @@ class LlRig {
       Buffers& b = bufs_[set][r];
       const RankInput& i = in[r];
       upload_prefix(b.x, i.x, p_.view_offset);
-      upload_prefix(b.idx64, i.idx);
-      upload_prefix(b.idx32, std::vector<int32_t>(i.idx.begin(), i.idx.end()));
-      upload_prefix(b.w, i.w);
+      upload_prefix(b.idx64, i.idx, routing_offset());
+      upload_prefix(b.idx32, std::vector<int32_t>(i.idx.begin(), i.idx.end()), routing_offset());
+      upload_prefix(b.w, i.w, routing_offset());
       y_host_[set][r] = test::random_bf16(rng_, y_elems);
       upload_prefix(b.y, y_host_[set][r], p_.view_offset);
     }
@@ -496,8 +498,10 @@ class LlRig {
     const int64_t T = inputs_[set][r].tokens;
     DispatchArgs a;
     a.x = TensorView::contiguous(b.x.get() + p_.view_offset, DType::kBF16, {T, H}, kDevice);
-    a.topk_idx = p_.idx_i32 ? TensorView::contiguous(b.idx32.get(), DType::kI32, {T, K}, kDevice)
-                            : TensorView::contiguous(b.idx64.get(), DType::kI64, {T, K}, kDevice);
+    const size_t ro = routing_offset();
+    a.topk_idx = p_.idx_i32
+                     ? TensorView::contiguous(b.idx32.get() + ro, DType::kI32, {T, K}, kDevice)
+                     : TensorView::contiguous(b.idx64.get() + ro, DType::kI64, {T, K}, kDevice);
     return a;
   }
 
@@ -507,8 +511,8 @@ class LlRig {
     CombineArgs a;
     a.y = TensorView::contiguous(b.y.get() + p_.view_offset, DType::kBF16, {L, int64_t{R} * M, H},
                                  kDevice);
-    a.topk_weights =
-        TensorView::contiguous(b.w.get(), DType::kF32, {inputs_[set][r].tokens, K}, kDevice);
+    a.topk_weights = TensorView::contiguous(b.w.get() + routing_offset(), DType::kF32,
+                                            {inputs_[set][r].tokens, K}, kDevice);
     return a;
   }
 
@@ -535,6 +539,10 @@ class LlRig {
   };
 
   ref::Shape shape() const { return ref::Shape{R, E, K, H}; }
+  /// Elements into their buffers at which the topk_idx and topk_weights views start.
+  size_t routing_offset() const {
+    return p_.offset_routing ? static_cast<size_t>(p_.view_offset) : 0;
+  }
 
   void remember(int r, const TensorView& v) {
     if (!v.present() || !v.data || v.nbytes() == 0) return;

@@ -32,6 +32,9 @@ struct InCase : HtCase {
                                                : " fp8-quant";
     if (payload != Payload::kBf16) s += scales == ScaleFormat::kPowerOfTwo ? "/pow2" : "/f32";
     s += sizing == Sizing::kExact ? " exact" : " worst-case";
+    if (i32_idx) s += " idx=i32";
+    if (view_offset) s += " view_offset=" + std::to_string(view_offset);
+    if (view_offset && offset_routing) s += " (routing too)";
     return s;
   }
 };
@@ -72,13 +75,16 @@ void run_case(const InCase& c, std::mt19937_64& rng, VirtualGroup* shared = null
 
 }  // namespace
 
-TEST_CASE("Internode HT over node shapes 2x4, 4x2, 2x2, 8x1, 2x8: bf16, weights, bias, cached") {
+TEST_CASE(
+    "Internode HT over node shapes 2x4, 4x2, 2x2, 8x1, 2x8, 3x2, 3x1: bf16, weights, bias, "
+    "cached") {
   REQUIRE_GPU();
   std::mt19937_64 rng(seed());
   struct Shape {
     int N, G;
   };
-  for (const Shape s : {Shape{2, 4}, Shape{4, 2}, Shape{2, 2}, Shape{8, 1}, Shape{2, 8}}) {
+  for (const Shape s : {Shape{2, 4}, Shape{4, 2}, Shape{2, 2}, Shape{8, 1}, Shape{2, 8},
+                        Shape{3, 2}, Shape{3, 1}}) {
     InCase c;
     c.N = s.N;
     c.R = s.N * s.G;
@@ -182,6 +188,77 @@ TEST_CASE("Internode HT 30 consecutive calls with changing routing, sizes and pa
     c.payload = i % 5 == 0 ? Payload::kFp8Quantize : Payload::kBf16;
     c.bias = i % 3 == 0;
     c.check_cached = i % 4 == 0;
+    run_case(c, rng, &group);
+  }
+}
+
+// An odd number of nodes: 3 nodes of 2 ranks, and 3 nodes of 1 rank (every row crosses nodes).
+// Each payload and sizing, with -1 entries (some rows all -1) and one rank with no tokens (a
+// different one each time), in one group per shape.
+TEST_CASE("Internode HT on 3 nodes (3x2, 3x1): -1 experts, a rank with T = 0, bf16 and fp8") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 7);
+  struct Shape {
+    int N, G;
+  };
+  for (const Shape s : {Shape{3, 2}, Shape{3, 1}}) {
+    InCase c;
+    c.N = s.N;
+    c.R = s.N * s.G;
+    c.E = 8 * c.R;  // 48 or 24 experts: 8 per rank
+    c.K = 8;
+    c.H = 512;
+    c.alignment = 4;
+    c.routing = Routing::kWithDrops;
+    VirtualGroup group(case_config(c), c.R, {0}, c.N);
+    int quiet = 0;  // the rank that sends nothing
+    for (Payload payload : {Payload::kBf16, Payload::kFp8Quantize, Payload::kFp8Passthrough}) {
+      for (Sizing sizing : {Sizing::kExact, Sizing::kWorstCase}) {
+        if (failed_case()) return;
+        c.payload = payload;
+        c.sizing = sizing;
+        c.tokens = random_tokens(rng, c.R, c.max_tokens, false);
+        c.tokens[quiet] = 0;
+        quiet = (quiet + 1) % c.R;
+        c.bias = sizing == Sizing::kExact;
+        c.caller_out = sizing == Sizing::kWorstCase;
+        c.i32_idx = payload == Payload::kFp8Passthrough;
+        run_case(c, rng, &group);
+      }
+    }
+  }
+}
+
+// Views that start at odd element offsets into larger allocations, on 2 nodes of 4 ranks: x (bf16,
+// or fp8 one byte per element), x_scales, topk_idx (i64 and i32), topk_weights, y, bias, out and
+// combine's recv_topk_weights; rows off a 16-byte boundary are staged by the library.
+TEST_CASE("Internode HT 2x4: x, topk_idx, weights, y, bias and out views at odd element offsets") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 8);
+  InCase base;
+  base.R = 8;
+  base.N = 2;
+  base.E = 32;
+  base.K = 6;
+  base.H = 384;
+  base.routing = Routing::kWithDrops;
+  base.bias = true;
+  base.offset_routing = true;
+  VirtualGroup group(case_config(base), base.R, {0}, base.N);
+  for (int off : {1, 3, 7}) {
+    if (failed_case()) return;
+    InCase c = base;
+    c.view_offset = off;
+    c.i32_idx = off == 3;
+    c.caller_out = true;
+    c.tokens = random_tokens(rng, c.R, c.max_tokens, off == 3);
+    run_case(c, rng, &group);
+    c.payload = Payload::kFp8Quantize;
+    c.sizing = Sizing::kWorstCase;
+    c.caller_out = false;
+    run_case(c, rng, &group);
+    c.payload = Payload::kFp8Passthrough;  // fp8 x one byte per element: 1, 3, 7 bytes in
+    c.sizing = Sizing::kExact;
     run_case(c, rng, &group);
   }
 }

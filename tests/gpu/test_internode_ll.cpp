@@ -39,10 +39,12 @@ LlParams topology_params(const Topology& t) {
 
 }  // namespace
 
-TEST_CASE("internode ll: nodes 2x4, 4x2, 2x2, 8x1, 2x8; bf16 and fp8, hooks, -1, T = 0 and T = M") {
+TEST_CASE(
+    "internode ll: nodes 2x4, 4x2, 2x2, 8x1, 2x8, 3x2, 3x1; bf16 and fp8, hooks, -1, T = 0 and "
+    "T = M") {
   REQUIRE_GPU();
-  for (const Topology& t :
-       {Topology{2, 4}, Topology{4, 2}, Topology{2, 2}, Topology{8, 1}, Topology{2, 8}}) {
+  for (const Topology& t : {Topology{2, 4}, Topology{4, 2}, Topology{2, 2}, Topology{8, 1},
+                            Topology{2, 8}, Topology{3, 2}, Topology{3, 1}}) {
     const LlParams p = topology_params(t);
     LlRig rig(p, 100 + t.nodes * 16 + t.per_node);
     // Consecutive calls alternate the two buffers (and the engine's per-buffer signals).
@@ -59,7 +61,7 @@ TEST_CASE("internode ll: nodes 2x4, 4x2, 2x2, 8x1, 2x8; bf16 and fp8, hooks, -1,
 
 TEST_CASE("internode ll: skewed routing (every token to the experts of one node), T = 0 on all") {
   REQUIRE_GPU();
-  for (const Topology& t : {Topology{2, 4}, Topology{4, 2}}) {
+  for (const Topology& t : {Topology{2, 4}, Topology{4, 2}, Topology{3, 2}}) {
     const LlParams p = topology_params(t);
     LlRig rig(p, 200 + t.nodes);
     for (int node = 0; node < t.nodes && !failed(); node += t.nodes - 1) {
@@ -103,6 +105,56 @@ TEST_CASE("internode ll: hidden 136 (bf16, not a multiple of 128) and pow2 fp8 s
     mode.hooks = round == 1;
     rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
               "pow2 round " + std::to_string(round));
+  }
+}
+
+// An odd number of nodes with a larger MoE shape: 3 nodes of 2 ranks and 3 nodes of 1 rank (every
+// message crosses nodes), 8 experts per rank (48 or 24), top-8, a third of the entries -1, a
+// different rank with no tokens each round; bf16 and fp8, with and without hooks.
+TEST_CASE("internode ll: 3 nodes (3x2, 3x1), 8 experts per rank, top-8, -1, T = 0; bf16, fp8") {
+  REQUIRE_GPU();
+  for (const Topology& t : {Topology{3, 2}, Topology{3, 1}}) {
+    LlParams p = topology_params(t);
+    p.experts = 8 * p.ranks;
+    p.topk = 8;
+    p.hidden = 512;
+    p.capacity = 24;
+    LlRig rig(p, 800 + t.per_node);
+    for (int round = 0; round < 6 && !failed(); ++round) {
+      CallMode mode;
+      mode.quantize = round % 2 == 1;
+      mode.hooks = round == 2 || round == 3;
+      mode.combine_buffer = round == 4;
+      mode.own_out = round != 5;
+      std::vector<int64_t> tokens = rig.random_tokens();
+      tokens[round % p.ranks] = 0;
+      tokens[(round + 1) % p.ranks] = p.capacity;
+      rig.round(0, rig.inputs(tokens, RoutingSpec{0.3}), mode, "round " + std::to_string(round));
+    }
+  }
+}
+
+// Views that start at odd element offsets into larger allocations, on 2 nodes of 4 ranks: x, y and
+// out (bf16: 2, 6, 14 bytes off a 16-byte boundary), topk_idx (i64, and i32 at offset 3) and
+// topk_weights.
+TEST_CASE("internode ll 2x4: x, topk_idx, weights, y and out views at odd element offsets") {
+  REQUIRE_GPU();
+  for (int offset : {1, 3, 7}) {
+    LlParams p = topology_params(Topology{2, 4});
+    p.hidden = 384;
+    p.capacity = 24;
+    p.view_offset = offset;
+    p.offset_routing = true;
+    p.idx_i32 = offset == 3;
+    LlRig rig(p, 900 + offset);
+    for (int round = 0; round < 4 && !failed(); ++round) {
+      CallMode mode;
+      mode.quantize = round % 2 == 1;
+      mode.hooks = round >= 2;
+      mode.own_out = round != 3;
+      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.15}), mode,
+                "round " + std::to_string(round));
+    }
   }
 }
 
