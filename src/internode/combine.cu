@@ -53,7 +53,7 @@ struct NodeRows {
 /// output rows: the node's partial sum before it is rounded to bf16. Up to kNodeBatch rows are
 /// loaded before they are added (in order), so their loads are in flight together. Every lane
 /// (warp-uniform: the rows' shuffles); `active` false: nothing is loaded, acc is unspecified.
-constexpr int kNodeBatch = 8;
+constexpr int kNodeBatch = 4;  // 8 spilled registers (each row is one 16-byte load)
 __device__ __forceinline__ void node_partial(const DeviceContext& ctx, NodeOutputs outs,
                                              const NodeRows& rows, int i, bool active,
                                              float (&acc)[kBf16PerVector]) {
@@ -159,10 +159,10 @@ __device__ void consume_partials(const DeviceContext& ctx, const CombineParams& 
 }
 
 /// One warp: out[t] = bf16(sum over the nodes token t went to, ascending, of their bf16 partial
-/// sums, + bias); combined weights likewise in f32 without rounding. The partial sums that came
-/// back from up to kPrefetchNodes other nodes are loaded before this node's rows, so that every
-/// load of a vector is in flight at once; the sum's order is unchanged.
-constexpr int kPrefetchNodes = 1;
+/// sums, + bias); combined weights likewise in f32 without rounding. The first partial sum that
+/// came back from another node is loaded together with this node's rows, so that with two nodes
+/// every load of a vector is in flight at once; the sum's order is unchanged. One code path for
+/// every node count keeps the kernel within its registers (a second path spilled).
 __device__ void reduce_token(const DeviceContext& ctx, const CombineParams& p, NodeOutputs outs,
                              int64_t t, int lane) {
   const int N = ctx.num_nodes, G = ctx.node_size, K = ctx.topk, H = ctx.hidden;
@@ -171,70 +171,43 @@ __device__ void reduce_token(const DeviceContext& ctx, const CombineParams& p, N
   const int32_t* slots = p.handle.node_slot + t * N;
   const NodeRows route(local_rows, G, lane);
   const bool local_any = route.mask != 0;
-  // The other nodes that sent a partial sum, ascending (bit b), and where this node's own
-  // partial comes among them.
+  // The other nodes that sent a partial sum, ascending (bit b).
   const int32_t slot_lo = lane < N ? slots[lane] : -1;
   const int32_t slot_hi = lane + 32 < N ? slots[lane + 32] : -1;
-  const uint64_t own = 1ull << ctx.node;
   const uint64_t remote = (static_cast<uint64_t>(__ballot_sync(kFullMask, slot_lo >= 0)) |
                            (static_cast<uint64_t>(__ballot_sync(kFullMask, slot_hi >= 0)) << 32)) &
-                          ~own;
+                          ~(1ull << ctx.node);
   auto partial_of = [&](int b) {  // every lane (warp-uniform b)
     const int32_t slot = __shfl_sync(kFullMask, b < 32 ? slot_lo : slot_hi, b & 31);
     return window_at<uint8_t>(ctx, entry_offset(ctx, in.combine_recv, b, slot, in.part_bytes));
   };
-  const int n_remote = __popcll(remote);
-  const int own_at = __popcll(remote & (own - 1));   // remote partials added before this node's
-  const bool prefetch = n_remote <= kPrefetchNodes;  // warp-uniform
-  const int4* pre_at[kPrefetchNodes] = {};
-  if (prefetch) {
-    uint64_t m = remote;
-#pragma unroll
-    for (int k = 0; k < kPrefetchNodes; ++k)
-      if (m) pre_at[k] = reinterpret_cast<const int4*>(partial_of(pop_lowest(m)));
-  }
+  const int first_remote = remote ? __ffsll(static_cast<long long>(remote)) - 1 : -1;
+  const int4* first_at =
+      first_remote >= 0 ? reinterpret_cast<const int4*>(partial_of(first_remote)) : nullptr;
   const int n16 = H / kBf16PerVector;
   for (int base = 0; base < n16; base += 32) {  // warp-uniform: the shuffles
     const int i = base + lane;
     const bool active = i < n16;
+    int4 first_v = make_int4(0, 0, 0, 0);
+    if (first_at && active) first_v = device::ld_peer_16(first_at + i);
+    float own[kBf16PerVector];
+    if (local_any) {
+      node_partial(ctx, outs, route, i, active, own);
+      round_bf16(own);
+    }
     float acc[kBf16PerVector] = {};
-    if (prefetch) {
-      int4 pre[kPrefetchNodes];
+    for (int b = 0; b < N; ++b) {  // warp-uniform
+      if (b == ctx.node) {
+        if (!local_any) continue;
 #pragma unroll
-      for (int k = 0; k < kPrefetchNodes; ++k)
-        if (k < n_remote && active) pre[k] = device::ld_peer_16(pre_at[k] + i);
-      float part[kBf16PerVector];
-      if (local_any) node_partial(ctx, outs, route, i, active, part);
-      if (active) {
-#pragma unroll
-        for (int k = 0; k <= kPrefetchNodes; ++k) {
-          if (k == own_at && local_any) {
-            round_bf16(part);
-#pragma unroll
-            for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], part[j]);
-          }
-          if (k < n_remote) {
-            float f[kBf16PerVector];
-            device::unpack_bf16x8(pre[k], f);
-#pragma unroll
-            for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
-          }
-        }
-      }
-    } else {
-      for (int b = 0; b < N; ++b) {
-        float part[kBf16PerVector];
-        if (b == ctx.node) {
-          if (!local_any) continue;
-          node_partial(ctx, outs, route, i, active, part);
-          round_bf16(part);
-        } else {
-          if (!((remote >> b) & 1ull)) continue;
+        for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], own[j]);
+      } else if ((remote >> b) & 1ull) {
+        int4 v = first_v;
+        if (b != first_remote) {
           const int4* at = reinterpret_cast<const int4*>(partial_of(b));
-          if (active) device::unpack_bf16x8(device::ld_peer_16(at + i), part);
+          if (active) v = device::ld_peer_16(at + i);
         }
-#pragma unroll
-        for (int j = 0; j < kBf16PerVector; ++j) acc[j] = __fadd_rn(acc[j], part[j]);
+        if (active) add_bf16x8(acc, v);
       }
     }
     if (!active) continue;
