@@ -82,6 +82,17 @@ TEST_CASE("tensor views describe themselves and know contiguity") {
   CHECK_EQ(empty.numel(), 0);
 }
 
+TEST_CASE("engine names round-trip") {
+  for (RdmaEngine e : {RdmaEngine::kAuto, RdmaEngine::kLoopback, RdmaEngine::kGin}) {
+    RdmaEngine back = RdmaEngine::kAuto;
+    CHECK(rdma_engine_from_name(rdma_engine_name(e), &back));
+    CHECK(back == e);
+  }
+  RdmaEngine e = RdmaEngine::kGin;
+  CHECK(!rdma_engine_from_name("ibgda", &e));
+  CHECK(e == RdmaEngine::kGin);
+}
+
 TEST_CASE("config files round-trip and reject unknown keys") {
   Config c = good();
   c.num_sms = 20;
@@ -201,8 +212,8 @@ TEST_CASE("check_tensor names the argument and what was expected") {
   int64_t dummy = 0;  // element-aligned for every dtype checked here
   const detail::TensorSpec spec{"topk_idx", {DType::kI64, DType::kI32}, {kAnyDim, 8}, "[T, 8]"};
   // Data that is not aligned to its element size cannot be read: refused by name.
-  CHECK_THROWS(check_tensor(TensorView::contiguous(reinterpret_cast<char*>(&dummy) + 4,
-                                                   DType::kI64, {3, 8}, 0),
+  CHECK_THROWS(check_tensor(TensorView::contiguous(reinterpret_cast<char*>(&dummy) + 4, DType::kI64,
+                                                   {3, 8}, 0),
                             spec, 0),
                InvalidArgument, "topk_idx: expected data aligned to its element size (8 bytes");
   check_tensor(TensorView::contiguous(&dummy, DType::kI64, {3, 8}, 0), spec, 0);
@@ -230,6 +241,10 @@ TEST_CASE("internode fields: validation names the field") {
   c.rdma_bytes = -1;
   CHECK_THROWS(c.validate(8), InvalidArgument,
                "Config.rdma_bytes: expected >= 0 (0: no RDMA window), got -1");
+  c = good();
+  c.engine = static_cast<RdmaEngine>(7);
+  CHECK_THROWS(c.validate(8), InvalidArgument,
+               "Config.engine: expected kAuto, kLoopback or kGin, got 7");
   c = good();
   c.nic_model_gbps = -1.0;
   CHECK_THROWS(c.validate(8), InvalidArgument, "Config.nic_model_gbps: expected a value in");
