@@ -14,6 +14,7 @@
 #include "moecomm/tensor.hpp"
 #include "paths/regions.hpp"
 #include "runtime/arena.hpp"
+#include "runtime/engine_choice.hpp"
 #include "runtime/node_layout.hpp"
 
 using namespace moecomm;
@@ -235,6 +236,37 @@ TEST_CASE("check_tensor names the argument and what was expected") {
 }
 
 // ---- groups that span nodes: the RDMA window, its size, and nodes from host ids ------------
+
+TEST_CASE("the RDMA engine: auto picks loopback on one machine, GIN across machines") {
+  using detail::choose_engine;
+  detail::EngineFacts f;
+  f.num_nodes = 1;
+  f.one_machine = false;
+  CHECK(choose_engine(RdmaEngine::kAuto, f) == RdmaEngine::kLoopback);  // no traffic between nodes
+  CHECK(choose_engine(RdmaEngine::kGin, f) == RdmaEngine::kLoopback);
+  f.num_nodes = 2;
+  f.one_machine = true;
+  CHECK(choose_engine(RdmaEngine::kAuto, f) == RdmaEngine::kLoopback);
+  CHECK(choose_engine(RdmaEngine::kLoopback, f) == RdmaEngine::kLoopback);
+  f.nccl_build_note = "built without NCCL";
+  CHECK_THROWS(choose_engine(RdmaEngine::kGin, f), Unsupported,
+               "Config.engine=gin, which this build of moecomm lacks: built without NCCL");
+  f.one_machine = false;
+  CHECK_THROWS(choose_engine(RdmaEngine::kAuto, f), Unsupported,
+               "Config.engine=auto: the group's 2 nodes run on several machines and need the "
+               "NCCL GIN engine, which this build of moecomm lacks: built without NCCL");
+  CHECK_THROWS(choose_engine(RdmaEngine::kLoopback, f), Unsupported,
+               "Config.engine=loopback: the group's 2 nodes run on several machines");
+  f.nccl_built = true;
+  CHECK(choose_engine(RdmaEngine::kAuto, f) == RdmaEngine::kGin);
+  CHECK(choose_engine(RdmaEngine::kGin, f) == RdmaEngine::kGin);
+  f.one_machine = true;
+  CHECK(choose_engine(RdmaEngine::kGin, f) == RdmaEngine::kGin);  // forced on one machine
+  f.virtual_group = true;
+  CHECK(choose_engine(RdmaEngine::kAuto, f) == RdmaEngine::kLoopback);
+  CHECK_THROWS(choose_engine(RdmaEngine::kGin, f), Unsupported,
+               "a VirtualGroup's ranks share one process");
+}
 
 TEST_CASE("internode fields: validation names the field") {
   Config c = good();
