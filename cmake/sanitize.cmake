@@ -12,6 +12,7 @@ add_library(moecomm_host_san STATIC
   src/core/validate.cpp
   src/runtime/config_digest.cpp
   src/runtime/node_layout.cpp
+  src/runtime/engine_choice.cpp
   src/runtime/arena.cpp
   src/paths/regions.cpp
   src/layout/regions.cpp

@@ -19,7 +19,7 @@ else
   summary+=("build FAILED for some targets (see build.log)")
 fi
 
-for t in ${GPU_TESTS:-test_gpu_numerics test_transport test_rdma_engine test_layout test_ht test_ll test_internode_ht test_internode_ll test_api test_soak}; do
+for t in ${GPU_TESTS:-test_gpu_numerics test_transport test_rdma_engine test_layout test_ht test_ll test_internode_ht test_internode_ll test_api test_soak test_gin_engine}; do
   if [ -x build/tests/$t ]; then
     timeout ${TEST_TIMEOUT:-300} build/tests/$t ${TEST_ARGS:-} >"$out/$t.log" 2>&1
     rc=$?

@@ -33,6 +33,19 @@ const char* scale_format_name(ScaleFormat format);
 /// any other name.
 bool scale_format_from_name(const std::string& name, ScaleFormat* format);
 
+/// Which RDMA engine carries the traffic between ranks on different nodes (docs/internode.md,
+/// docs/multinode.md).
+enum class RdmaEngine {
+  kAuto,      ///< loopback when every rank runs on one machine, else NCCL GIN (when available)
+  kLoopback,  ///< loads, stores and atomics: ranks whose buffers this machine can address
+  kGin,       ///< NCCL's GPU-initiated networking (needs a build with NCCL and a GIN-capable NIC)
+};
+
+/// "auto", "loopback" or "gin".
+const char* rdma_engine_name(RdmaEngine engine);
+/// The engine a name stands for ("auto", "loopback", "gin"); false for any other name.
+bool rdma_engine_from_name(const std::string& name, RdmaEngine* engine);
+
 /// Everything a communicator needs to size its buffers and choose its kernels. Validated by
 /// MoECommunicator's constructor; each violation raises InvalidArgument naming the field.
 struct Config {
@@ -85,6 +98,12 @@ struct Config {
   /// tests want; ep_bench sets 50 GB/s and 2 us (a 400 Gb/s NIC).
   double nic_model_gbps = 0.0;
   double nic_model_latency_us = 0.0;
+  /// The engine between nodes. kAuto: loopback when every rank runs on one machine (virtual
+  /// nodes, processes of one host declared as nodes), NCCL GIN when the ranks span machines;
+  /// connect() raises Unsupported naming what is missing (a build without NCCL, the NCCL version,
+  /// no GIN-capable network) when GIN is needed but unavailable. kLoopback across machines and
+  /// kGin without GIN raise Unsupported too. Unused by groups of one node.
+  RdmaEngine engine = RdmaEngine::kAuto;
 
   /// Check topk_idx on the device (range, duplicates) before every dispatch. Defaults to on in
   /// debug builds.

@@ -10,6 +10,7 @@ from . import _C
 
 _MODES = {"ll": "ll", "low_latency": "ll", "ht": "ht", "high_throughput": "ht", "auto": "auto"}
 _SCALE_FORMATS = {"f32": "f32", "float32": "f32", "pow2": "pow2", "power_of_two": "pow2"}
+_ENGINES = ("auto", "loopback", "gin")
 
 _INT_FIELDS = (
     "num_experts",
@@ -44,6 +45,8 @@ class MoECommunicatorConfig:
     lie in one node; :func:`moecomm.required_rdma_bytes` gives the size a group needs);
     ``nic_model_gbps`` and ``nic_model_latency_us`` make the loopback RDMA engine (virtual nodes,
     or processes of one host declared as nodes) model a NIC (0: puts complete at once).
+    ``engine``: the RDMA engine between nodes, ``"auto"`` (loopback when every rank runs on one
+    machine, NCCL GIN across machines), ``"loopback"`` or ``"gin"`` (docs/multinode.md).
 
     The fields are checked when the config is made (and again, with the group size, when a group
     is made); a violation raises :class:`moecomm.InvalidArgument` whose message names the field.
@@ -68,6 +71,7 @@ class MoECommunicatorConfig:
     rdma_bytes: int = 0
     nic_model_gbps: float = 0.0
     nic_model_latency_us: float = 0.0
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str) and self.mode in _MODES:
@@ -104,6 +108,10 @@ class MoECommunicatorConfig:
             raise _C.InvalidArgument(
                 f"Config.scale_format: expected 'f32' or 'pow2', got {self.scale_format!r}")
         c.scale_format = fmt
+        if not isinstance(self.engine, str) or self.engine not in _ENGINES:
+            raise _C.InvalidArgument(
+                f"Config.engine: expected 'auto', 'loopback' or 'gin', got {self.engine!r}")
+        c.engine = self.engine
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             try:

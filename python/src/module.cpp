@@ -347,6 +347,13 @@ void bind_config(nb::module_& m) {
       .def_rw("rdma_bytes", &Config::rdma_bytes)
       .def_rw("nic_model_gbps", &Config::nic_model_gbps)
       .def_rw("nic_model_latency_us", &Config::nic_model_latency_us)
+      .def_prop_rw(
+          "engine", [](const Config& c) { return std::string(rdma_engine_name(c.engine)); },
+          [](Config& c, const std::string& s) {
+            if (!rdma_engine_from_name(s, &c.engine))
+              throw InvalidArgument("Config.engine: expected 'auto', 'loopback' or 'gin', got '" +
+                                    s + "'");
+          })
       .def("validate", &Config::validate, "num_ranks"_a)
       .def("local_experts", &Config::local_experts, "num_ranks"_a)
       .def("ll_capacity", &Config::ll_capacity)

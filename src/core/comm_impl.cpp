@@ -22,6 +22,7 @@
 #include "runtime/cuda_check.hpp"
 #include "runtime/stream_warmup.hpp"
 #include "runtime/streams.hpp"
+#include "transport/gin_engine.hpp"
 #include "transport/rank_mask.hpp"
 
 namespace moecomm::detail {
@@ -142,6 +143,9 @@ CommImpl::CommImpl(std::shared_ptr<GroupState> group, int rank)
   ctx_.rdma.nic_model = c.nic_model_gbps > 0.0 ? 1 : 0;
   ctx_.rdma.nic_bytes_per_ns = static_cast<float>(c.nic_model_gbps);
   ctx_.rdma.nic_latency_ns = static_cast<uint64_t>(c.nic_model_latency_us * 1e3);
+  ctx_.rdma.engine = group_->gin ? kRdmaEngineGin : kRdmaEngineLoopback;
+  ctx_.rdma.gin_comm = group_->gin ? group_->gin->device_comm() : nullptr;
+  ctx_.rdma.gin_window = group_->gin ? group_->gin->window() : nullptr;
   MOECOMM_CUDA_CHECK(
       cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error), error_host_, 0));
 

@@ -66,6 +66,27 @@ bool scale_format_from_name(const std::string& name, ScaleFormat* format) {
   return false;
 }
 
+const char* rdma_engine_name(RdmaEngine engine) {
+  switch (engine) {
+    case RdmaEngine::kAuto:
+      return "auto";
+    case RdmaEngine::kLoopback:
+      return "loopback";
+    case RdmaEngine::kGin:
+      return "gin";
+  }
+  return "?";
+}
+
+bool rdma_engine_from_name(const std::string& name, RdmaEngine* engine) {
+  for (RdmaEngine e : {RdmaEngine::kAuto, RdmaEngine::kLoopback, RdmaEngine::kGin})
+    if (name == rdma_engine_name(e)) {
+      *engine = e;
+      return true;
+    }
+  return false;
+}
+
 namespace {
 
 [[noreturn]] void bad(const std::string& field, const std::string& expected, long long got) {
@@ -116,6 +137,8 @@ void Config::validate(int num_ranks) const {
   if (!(nic_model_latency_us >= 0.0) || nic_model_latency_us > 1e6)
     throw InvalidArgument("Config.nic_model_latency_us: expected a value in [0, 1e6], got " +
                           std::to_string(nic_model_latency_us));
+  if (engine != RdmaEngine::kAuto && engine != RdmaEngine::kLoopback && engine != RdmaEngine::kGin)
+    bad("engine", "kAuto, kLoopback or kGin", static_cast<long long>(engine));
   if (max_recv_tokens < 0) bad("max_recv_tokens", ">= 0 (0: worst case)", max_recv_tokens);
   if (low_latency_max_tokens < 0) bad("low_latency_max_tokens", ">= 0", low_latency_max_tokens);
   if (auto_low_latency_max_tokens < 1)
@@ -239,6 +262,11 @@ const std::vector<Field>& fields() {
       int_field("rdma_bytes", &Config::rdma_bytes),
       double_field("nic_model_gbps", &Config::nic_model_gbps),
       double_field("nic_model_latency_us", &Config::nic_model_latency_us),
+      {"engine", [](const Config& c) { return std::string(rdma_engine_name(c.engine)); },
+       [](Config& c, const std::string& v) {
+         if (!rdma_engine_from_name(v, &c.engine))
+           throw InvalidArgument("engine: expected auto, loopback or gin, got '" + v + "'");
+       }},
   };
   return table;
 }

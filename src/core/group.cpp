@@ -18,9 +18,11 @@
 #include "moecomm/error.hpp"
 #include "paths/regions.hpp"
 #include "runtime/cuda_check.hpp"
+#include "runtime/engine_choice.hpp"
 #include "runtime/group_state.hpp"
 #include "runtime/node_layout.hpp"
 #include "runtime/streams.hpp"
+#include "transport/gin_engine.hpp"
 
 namespace moecomm {
 
@@ -192,6 +194,10 @@ VirtualGroup::VirtualGroup(const Config& config, int num_ranks, std::vector<int>
   const auto shape =
       detail::region_shape(config, num_ranks, /*separate_processes=*/false, num_nodes);
   const detail::SymmetricPlan plan = detail::symmetric_plan(config, shape);
+  detail::EngineFacts facts;
+  facts.num_nodes = num_nodes;
+  facts.virtual_group = true;
+  detail::choose_engine(config.engine, facts);  // GIN needs one process per rank: raises
   if (devices.empty()) throw InvalidArgument("devices: expected at least one CUDA device ordinal");
   const int visible = cuda_device_count();
   if (visible == 0)
@@ -411,9 +417,20 @@ const std::string& ProcessGroupBuilder::host_id() const {
   return host_id_;
 }
 
+// Rank 0 makes the NCCL unique id whenever the group may take the GIN engine (the nodes are
+// known only in connect(), after the one exchange); a failure leaves it out, and connect() says
+// so only if GIN is then chosen.
 std::vector<uint8_t> ProcessGroupBuilder::local_handle() const {
+  std::vector<uint8_t> nccl_id;
+  if (rank_ == 0 && state_->num_ranks > 1 && detail::nccl_build_version() > 0 &&
+      state_->config.engine != RdmaEngine::kLoopback) {
+    try {
+      nccl_id = detail::make_nccl_id();
+    } catch (const Error&) {
+    }
+  }
   exported_ = true;
-  return state_->export_handle(rank_, host_id_);
+  return state_->export_handle(rank_, host_id_, nccl_id);
 }
 
 size_t ProcessGroupBuilder::handle_size() {
@@ -443,9 +460,18 @@ std::unique_ptr<MoECommunicator> ProcessGroupBuilder::connect(
                 std::to_string(state_->plan.bytes) +
                 " (internal error: it must not depend on "
                 "the node count)");
+  detail::EngineFacts facts;
+  facts.num_nodes = nodes.num_nodes;
+  facts.one_machine = state_->one_machine(all_handles);
+  facts.nccl_built = detail::nccl_build_version() > 0;
+  facts.nccl_build_note = detail::gin_build_note();
+  const RdmaEngine engine = detail::choose_engine(config.engine, facts);
   state_->shape = shape;
   try {
-    state_->map_peers(rank_, all_handles);
+    if (engine == RdmaEngine::kGin)
+      state_->start_gin(rank_, all_handles, nodes);
+    else
+      state_->map_peers(rank_, all_handles);
   } catch (...) {
     state_->shape = detail::region_shape(config, size, /*separate_processes=*/size > 1);
     throw;

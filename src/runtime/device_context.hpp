@@ -81,14 +81,21 @@ struct CommonLocal {
   uint64_t* rank_mask;     // bit d: rank d is masked (absent) for this rank's calls
 };
 
+/// RdmaContext::engine: which engine carries this group's traffic between nodes.
+inline constexpr uint32_t kRdmaEngineLoopback = 0;
+inline constexpr uint32_t kRdmaEngineGin = 1;  // NCCL GIN (transport/impl/gin.cuh)
+
 /// The RDMA engine's view of this rank (transport/rdma.cuh): where the window lies in every
-/// rank's symmetric buffer, and the loopback engine's NIC model.
+/// rank's symmetric buffer, the loopback engine's NIC model, and the GIN engine's handles.
 struct RdmaContext {
   uint64_t window_bytes;     // the window is [0, window_bytes) of each symmetric buffer
   uint32_t nic_model;        // 1: puts complete at the modelled bandwidth and latency
   float nic_bytes_per_ns;    // modelled bandwidth (GB/s == bytes/ns)
   uint64_t nic_latency_ns;   // modelled latency of a signal after its data
   uint64_t* nic_busy_until;  // private: global-timer ns at which this rank's NIC is free
+  uint32_t engine;           // kRdmaEngineLoopback or kRdmaEngineGin
+  const void* gin_comm;      // GIN: the ncclDevComm, in device memory
+  void* gin_window;          // GIN: the ncclWindow_t of the symmetric buffer
 };
 
 /// What every kernel knows of its rank whatever the path: the group's shape, the peers'

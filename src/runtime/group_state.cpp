@@ -9,6 +9,7 @@
 #include "runtime/config_digest.hpp"
 #include "runtime/cuda_check.hpp"
 #include "runtime/streams.hpp"
+#include "transport/gin_engine.hpp"
 
 namespace moecomm::detail {
 
@@ -30,6 +31,7 @@ GroupState::GroupState(const Config& cfg, const RegionShape& region_shape, int r
   device_of.assign(num_ranks, device);
   sym_base.assign(num_ranks, nullptr);
   owned_.assign(num_ranks, false);
+  ipc_mapped_.assign(num_ranks, false);
   allocate(rank);
 }
 
@@ -37,23 +39,71 @@ GroupState::GroupState(const Config& cfg, const RegionShape& region_shape, int r
 // id of its node, then its buffer's CUDA IPC handle.
 namespace {
 constexpr size_t kHostIdOffset = kConfigDigestSize;
-constexpr size_t kIpcOffset = kHostIdOffset + kHostIdSize;
+constexpr size_t kMachineIdOffset = kHostIdOffset + kHostIdSize;
+constexpr size_t kNcclIdOffset = kMachineIdOffset + kHostIdSize;
+constexpr size_t kIpcOffset = kNcclIdOffset + kNcclIdSize;
 }  // namespace
 
 size_t GroupState::handle_size() {
   return kIpcOffset + sizeof(cudaIpcMemHandle_t);
 }
 
-std::vector<uint8_t> GroupState::export_handle(int rank, const std::string& host_id) const {
+std::vector<uint8_t> GroupState::export_handle(int rank, const std::string& host_id,
+                                               const std::vector<uint8_t>& nccl_id) const {
   std::vector<uint8_t> bytes = encode_config_digest(config, rank, num_ranks, version());
   const std::vector<uint8_t> host = encode_host_id(host_id);
+  const std::vector<uint8_t> machine = encode_host_id(machine_id());
   DeviceGuard guard(device_of[rank]);
   cudaIpcMemHandle_t h;
   MOECOMM_CUDA_CHECK(cudaIpcGetMemHandle(&h, sym_base[rank]));
   bytes.resize(handle_size());
   std::memcpy(bytes.data() + kHostIdOffset, host.data(), host.size());
+  std::memcpy(bytes.data() + kMachineIdOffset, machine.data(), machine.size());
+  if (nccl_id.size() == kNcclIdSize)
+    std::memcpy(bytes.data() + kNcclIdOffset, nccl_id.data(), kNcclIdSize);
   std::memcpy(bytes.data() + kIpcOffset, &h, sizeof(h));
   return bytes;
+}
+
+bool GroupState::one_machine(const std::vector<uint8_t>& handles) const {
+  const auto machine = [&](int r) {
+    return decode_host_id(std::span<const uint8_t>(
+                              handles.data() + r * handle_size() + kMachineIdOffset, kHostIdSize),
+                          r);
+  };
+  const std::string first = machine(0);
+  for (int r = 1; r < num_ranks; ++r)
+    if (machine(r) != first) return false;
+  return true;
+}
+
+void GroupState::start_gin(int rank, const std::vector<uint8_t>& handles, const NodeLayout& nodes) {
+  const uint8_t* id = handles.data() + kNcclIdOffset;  // rank 0's handle
+  bool any = false;
+  for (size_t i = 0; i < kNcclIdSize; ++i) any = any || id[i] != 0;
+  if (!any)
+    throw Unsupported(
+        "the GIN engine: rank 0's handle carries no NCCL unique id (rank 0 runs a build "
+        "without NCCL, or ncclGetUniqueId failed there, or Config.engine=loopback)");
+  const std::string engine_name = std::string("Config.engine=") + rdma_engine_name(config.engine);
+  auto engine =
+      std::make_shared<GinEngine>(id, rank, num_ranks, device_of[rank], plan.bytes,
+                                  static_cast<size_t>(config.rdma_bytes), nodes.node_size);
+  if (!engine->available())
+    throw Unsupported(engine_name + ": the GIN engine is unavailable: " + engine->missing() +
+                      " [set up so far: " + engine->describe() + "]");
+  DeviceGuard guard(device_of[rank]);
+  uint8_t* buffer = engine->buffer();
+  for (const ByteRange& z : plan.zeroed)
+    MOECOMM_CUDA_CHECK(cudaMemset(buffer + z.offset, 0, z.bytes));
+  MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
+  const int first = rank / nodes.node_size * nodes.node_size;
+  const std::vector<uint8_t*> node = engine->node_buffers(first, nodes.node_size);
+  if (owned_[rank]) MOECOMM_CUDA_CHECK(cudaFree(sym_base[rank]));
+  owned_[rank] = false;
+  for (int i = 0; i < nodes.node_size; ++i) sym_base[first + i] = node[i];
+  sym_base[rank] = buffer;
+  gin = std::move(engine);
 }
 
 NodeLayout GroupState::check_handles(const std::vector<uint8_t>& handles) const {
@@ -100,6 +150,7 @@ void GroupState::map_peers(int rank, const std::vector<uint8_t>& handles) {
                         "processes of one host may be declared as nodes with set_host_id)");
     }
     sym_base[r] = static_cast<uint8_t*>(ptr);
+    ipc_mapped_[r] = true;
   }
 }
 
@@ -108,6 +159,7 @@ GroupState::GroupState(const Config& cfg, const RegionShape& region_shape, std::
     : config(cfg), num_ranks(region_shape.num_ranks), shape(region_shape), plan(symmetric) {
   local_ranks = num_ranks;
   owned_.assign(num_ranks, false);
+  ipc_mapped_.assign(num_ranks, false);
   for (int r = 0; r < num_ranks; ++r) device_of.push_back(devices[r % devices.size()]);
 
   // Peer access between every pair of distinct devices in use.
@@ -145,8 +197,8 @@ GroupState::~GroupState() {
     cudaSetDevice(device_of[r]);
     if (owned_[r])
       cudaFree(sym_base[r]);
-    else
-      cudaIpcCloseMemHandle(sym_base[r]);
+    else if (ipc_mapped_[r])
+      cudaIpcCloseMemHandle(sym_base[r]);  // GIN buffers are NCCL's: the engine frees them
     cudaSetDevice(prev);
   }
 }

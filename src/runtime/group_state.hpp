@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -13,6 +14,8 @@
 #include "runtime/node_layout.hpp"
 
 namespace moecomm::detail {
+
+class GinEngine;
 
 /// The ranks of a group. Virtual group: all ranks in this process, each symmetric buffer a plain
 /// device allocation whose pointer every rank can use (peer access enabled between devices).
@@ -42,9 +45,22 @@ class GroupState {
   /// Ranks of this group driven from this process.
   int local_ranks = 0;
 
+  /// The NCCL GIN engine of this process's rank, when connect() chose it (else null).
+  std::shared_ptr<GinEngine> gin;
+
   /// Handle of `rank` (process groups): its config digest (runtime/config_digest.hpp), then the
-  /// host id of its node (runtime/node_layout.hpp), then the CUDA IPC handle of its buffer.
-  std::vector<uint8_t> export_handle(int rank, const std::string& host_id) const;
+  /// host id of its node (runtime/node_layout.hpp), then its machine id (machine_id()), then an
+  /// NCCL unique id (rank 0, where the GIN engine may be needed; else zeros), then the CUDA IPC
+  /// handle of its buffer.
+  std::vector<uint8_t> export_handle(int rank, const std::string& host_id,
+                                     const std::vector<uint8_t>& nccl_id) const;
+  /// True when every handle names the same machine (machine_id()): CUDA IPC reaches every buffer.
+  bool one_machine(const std::vector<uint8_t>& handles) const;
+  /// The GIN engine instead of CUDA IPC (collective: every rank calls it): NCCL's communicator
+  /// from rank 0's unique id, this rank's buffer replaced by NCCL memory registered as a window
+  /// (zeroed as allocate() does), the buffers of this node's ranks through NCCL's mapping.
+  /// Raises Unsupported naming what is missing when NCCL offers no GIN here.
+  void start_gin(int rank, const std::vector<uint8_t>& handles, const NodeLayout& nodes);
   /// Checks every rank's handle (handle_size() bytes each, rank order): the same library version,
   /// group size and Config on every rank, then host ids that form nodes of equal size, each a
   /// contiguous block of ranks. Raises InvalidArgument naming the field or hosts and the ranks
@@ -61,7 +77,8 @@ class GroupState {
  private:
   void allocate(int rank);
 
-  std::vector<bool> owned_;  // allocated here (else mapped from a peer)
+  std::vector<bool> owned_;       // allocated here with cudaMalloc
+  std::vector<bool> ipc_mapped_;  // mapped from a peer through CUDA IPC (else NCCL's, or none)
   std::mutex mutex_;
   std::map<cudaStream_t, int> stream_owner_;
 };

@@ -4,6 +4,7 @@
 
 #include <climits>
 #include <cstring>
+#include <fstream>
 #include <utility>
 
 #include "moecomm/error.hpp"
@@ -89,6 +90,15 @@ std::string default_host_id() {
   char name[HOST_NAME_MAX + 1] = {};
   if (gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return "localhost";
   std::string id(name);
+  if (id.size() >= kHostIdSize) id.resize(kHostIdSize - 1);
+  return id;
+}
+
+std::string machine_id() {
+  std::string id = default_host_id();
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  std::string boot_id;
+  if (boot && std::getline(boot, boot_id) && !boot_id.empty()) id += "/" + boot_id;
   if (id.size() >= kHostIdSize) id.resize(kHostIdSize - 1);
   return id;
 }

@@ -40,5 +40,9 @@ std::vector<uint8_t> encode_host_id(const std::string& host_id);
 std::string decode_host_id(std::span<const uint8_t> block, int entry);
 /// This machine's host name (gethostname); "localhost" if it has none.
 std::string default_host_id();
+/// What tells machines apart, whatever host ids a group declares: the host name and the boot id
+/// (/proc/sys/kernel/random/boot_id where it exists), at most kHostIdSize - 1 bytes. Ranks with
+/// the same machine id can map each other's buffers (CUDA IPC); the engine choice uses it.
+std::string machine_id();
 
 }  // namespace moecomm::detail

@@ -26,10 +26,23 @@
 #include <cstdint>
 
 #include "runtime/device_context.hpp"
+#include "transport/impl/gin.cuh"
 #include "transport/impl/loopback.cuh"
 #include "transport/signal.cuh"
 
 namespace moecomm::transport::rdma {
+
+// With the GIN engine built in, each call first asks which engine the group chose (a run-time
+// value of the context); without it the loopback code is all there is.
+#ifdef MOECOMM_WITH_NCCL_GIN
+#define MOECOMM_GIN_OR(gin_call)                               \
+  if (ctx_.rdma.engine == ::moecomm::detail::kRdmaEngineGin) { \
+    gin_call;                                                  \
+    return;                                                    \
+  }
+#else
+#define MOECOMM_GIN_OR(gin_call)
+#endif
 
 /// One warp's port to the engine. It remembers the bytes put since its last signal or flush (the
 /// NIC model charges them there) and the signals it still has to deliver (signal_later).
@@ -43,17 +56,20 @@ class WarpPort {
   /// Starts copying `bytes` (a multiple of 16) from this rank's window at `src` to `peer`'s
   /// window at `dst` (byte offsets from each window's start).
   __device__ void put(int peer, uint64_t dst, uint64_t src, uint64_t bytes) {
+    MOECOMM_GIN_OR(gin::put(ctx_, peer, dst, src, bytes))
     loopback::put(ctx_, peer, dst, src, bytes);
     pending_ += bytes;
   }
   /// Puts one u64 value (from a register) at `peer`'s window offset `dst` (8-byte aligned).
   __device__ void put_value(int peer, uint64_t dst, uint64_t value) {
+    MOECOMM_GIN_OR(gin::put_value(ctx_, peer, dst, value))
     loopback::put_value(ctx_, peer, dst, value);
     pending_ += sizeof(uint64_t);
   }
   /// Adds `value` to the signal word at `peer`'s window offset `sig`, once every earlier put of
   /// this warp to `peer` has landed.
   __device__ void signal(int peer, uint64_t sig, uint64_t value) {
+    MOECOMM_GIN_OR(gin::signal(ctx_, peer, sig, value))
     flush();
     loopback::signal(ctx_, peer, sig, value);
   }
@@ -65,6 +81,7 @@ class WarpPort {
   /// signal(), delivered once the modelled NIC has carried the warp's puts so far; the warp goes
   /// on meanwhile (at most kDeferredSignals held back; the oldest is delivered first).
   __device__ void signal_later(int peer, uint64_t sig, uint64_t value) {
+    MOECOMM_GIN_OR(gin::signal(ctx_, peer, sig, value))  // the NIC orders it after the data
     if (!ctx_.rdma.nic_model) {
       loopback::signal(ctx_, peer, sig, value);
       pending_ = 0;
@@ -89,6 +106,7 @@ class WarpPort {
   }
   /// Every put of this warp has landed at its destination and every held signal is delivered.
   __device__ void flush() {
+    MOECOMM_GIN_OR(gin::flush(ctx_))
     loopback::complete(ctx_, pending_);
     pending_ = 0;
     while (held_ > 0) deliver_oldest();
@@ -162,5 +180,7 @@ __device__ __forceinline__ void consume_signal(const RankContext& ctx, uint64_t 
   atomicAdd(reinterpret_cast<unsigned long long*>(signal_word(ctx, sig)),
             static_cast<unsigned long long>(0) - value);
 }
+
+#undef MOECOMM_GIN_OR
 
 }  // namespace moecomm::transport::rdma

@@ -14,6 +14,7 @@
 #include "moecomm/tensor.hpp"
 #include "paths/regions.hpp"
 #include "runtime/arena.hpp"
+#include "runtime/engine_choice.hpp"
 #include "runtime/node_layout.hpp"
 
 using namespace moecomm;
@@ -80,6 +81,17 @@ TEST_CASE("tensor views describe themselves and know contiguity") {
   TensorView empty = TensorView::contiguous(nullptr, DType::kI64, {0, 8}, kHostDevice);
   CHECK(empty.present());
   CHECK_EQ(empty.numel(), 0);
+}
+
+TEST_CASE("engine names round-trip") {
+  for (RdmaEngine e : {RdmaEngine::kAuto, RdmaEngine::kLoopback, RdmaEngine::kGin}) {
+    RdmaEngine back = RdmaEngine::kAuto;
+    CHECK(rdma_engine_from_name(rdma_engine_name(e), &back));
+    CHECK(back == e);
+  }
+  RdmaEngine e = RdmaEngine::kGin;
+  CHECK(!rdma_engine_from_name("ibgda", &e));
+  CHECK(e == RdmaEngine::kGin);
 }
 
 TEST_CASE("config files round-trip and reject unknown keys") {
@@ -201,8 +213,8 @@ TEST_CASE("check_tensor names the argument and what was expected") {
   int64_t dummy = 0;  // element-aligned for every dtype checked here
   const detail::TensorSpec spec{"topk_idx", {DType::kI64, DType::kI32}, {kAnyDim, 8}, "[T, 8]"};
   // Data that is not aligned to its element size cannot be read: refused by name.
-  CHECK_THROWS(check_tensor(TensorView::contiguous(reinterpret_cast<char*>(&dummy) + 4,
-                                                   DType::kI64, {3, 8}, 0),
+  CHECK_THROWS(check_tensor(TensorView::contiguous(reinterpret_cast<char*>(&dummy) + 4, DType::kI64,
+                                                   {3, 8}, 0),
                             spec, 0),
                InvalidArgument, "topk_idx: expected data aligned to its element size (8 bytes");
   check_tensor(TensorView::contiguous(&dummy, DType::kI64, {3, 8}, 0), spec, 0);
@@ -225,11 +237,46 @@ TEST_CASE("check_tensor names the argument and what was expected") {
 
 // ---- groups that span nodes: the RDMA window, its size, and nodes from host ids ------------
 
+TEST_CASE("the RDMA engine: auto picks loopback on one machine, GIN across machines") {
+  using detail::choose_engine;
+  detail::EngineFacts f;
+  f.num_nodes = 1;
+  f.one_machine = false;
+  CHECK(choose_engine(RdmaEngine::kAuto, f) == RdmaEngine::kLoopback);  // no traffic between nodes
+  CHECK(choose_engine(RdmaEngine::kGin, f) == RdmaEngine::kLoopback);
+  f.num_nodes = 2;
+  f.one_machine = true;
+  CHECK(choose_engine(RdmaEngine::kAuto, f) == RdmaEngine::kLoopback);
+  CHECK(choose_engine(RdmaEngine::kLoopback, f) == RdmaEngine::kLoopback);
+  f.nccl_build_note = "built without NCCL";
+  CHECK_THROWS(choose_engine(RdmaEngine::kGin, f), Unsupported,
+               "Config.engine=gin, which this build of moecomm lacks: built without NCCL");
+  f.one_machine = false;
+  CHECK_THROWS(choose_engine(RdmaEngine::kAuto, f), Unsupported,
+               "Config.engine=auto: the group's 2 nodes run on several machines and need the "
+               "NCCL GIN engine, which this build of moecomm lacks: built without NCCL");
+  CHECK_THROWS(choose_engine(RdmaEngine::kLoopback, f), Unsupported,
+               "Config.engine=loopback: the group's 2 nodes run on several machines");
+  f.nccl_built = true;
+  CHECK(choose_engine(RdmaEngine::kAuto, f) == RdmaEngine::kGin);
+  CHECK(choose_engine(RdmaEngine::kGin, f) == RdmaEngine::kGin);
+  f.one_machine = true;
+  CHECK(choose_engine(RdmaEngine::kGin, f) == RdmaEngine::kGin);  // forced on one machine
+  f.virtual_group = true;
+  CHECK(choose_engine(RdmaEngine::kAuto, f) == RdmaEngine::kLoopback);
+  CHECK_THROWS(choose_engine(RdmaEngine::kGin, f), Unsupported,
+               "a VirtualGroup's ranks share one process");
+}
+
 TEST_CASE("internode fields: validation names the field") {
   Config c = good();
   c.rdma_bytes = -1;
   CHECK_THROWS(c.validate(8), InvalidArgument,
                "Config.rdma_bytes: expected >= 0 (0: no RDMA window), got -1");
+  c = good();
+  c.engine = static_cast<RdmaEngine>(7);
+  CHECK_THROWS(c.validate(8), InvalidArgument,
+               "Config.engine: expected kAuto, kLoopback or kGin, got 7");
   c = good();
   c.nic_model_gbps = -1.0;
   CHECK_THROWS(c.validate(8), InvalidArgument, "Config.nic_model_gbps: expected a value in");

@@ -120,6 +120,10 @@ TEST_CASE("the internode fields take part: an rdma_bytes mismatch is reported") 
   b = a;
   b.nic_model_latency_us = 2.0;
   CHECK_THROWS(check(digests({a, b})), InvalidArgument, "Config.nic_model_latency_us differs");
+  b = a;
+  b.engine = RdmaEngine::kGin;
+  CHECK_THROWS(check(digests({a, b})), InvalidArgument,
+               "Config.engine differs: rank 0 has auto, rank 1 has gin");
 }
 
 TEST_CASE("a different library version is named first") {

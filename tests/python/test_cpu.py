@@ -226,8 +226,9 @@ def test_process_group_builder_checks_rank_first():
 def test_process_group_handle_size():
     # A 2048-byte config digest (version, rank, size, every Config field), then the CUDA IPC
     # handle: the same on every rank, so that any launcher can gather fixed-size handles.
-    # A 256-byte host-id block (the rank's node) sits between them.
-    assert _C.ProcessGroupBuilder.handle_size() == 2048 + 256 + 64
+    # Between them: a 256-byte host-id block (the rank's node), a 256-byte machine id (the engine
+    # choice: one machine or several) and a 128-byte NCCL unique id (rank 0, for the GIN engine).
+    assert _C.ProcessGroupBuilder.handle_size() == 2048 + 256 + 256 + 128 + 64
 
 
 # --- DLPack plumbing (host arrays through the extension and back) ------------------------------
