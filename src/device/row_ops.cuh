@@ -44,23 +44,24 @@ __device__ __forceinline__ float group_max(float v) {
 /// Quantises `groups` groups of 128 bf16 channels from src, 8 lanes per group, 16 channels per
 /// lane. For each group g and lane: sink(g, sub, q, scale, valid) with q the lane's 16 e4m3 bytes
 /// at channel sub * 16 of the group. All lanes call the sink (valid is false past the last group),
-/// so sinks may shuffle.
-template <typename Sink>
+/// so sinks may shuffle. `Unroll` steps of kFp8GroupsPerWarp groups are loaded before any is
+/// processed (more bytes in flight, more registers).
+template <int Unroll = kQuantizeUnroll, typename Sink>
 __device__ __forceinline__ void quantize_groups(const int4* src, int groups, bool pow2, int lane,
                                                 Sink&& sink) {
   const int slot = lane / kLanesPerFp8Group, sub = lane % kLanesPerFp8Group;
   constexpr int kVectorsPerGroup = 128 / kBf16PerVec;
-  for (int g0 = 0; g0 < groups; g0 += kFp8GroupsPerWarp * kQuantizeUnroll) {
-    int4 v[kQuantizeUnroll][2];
+  for (int g0 = 0; g0 < groups; g0 += kFp8GroupsPerWarp * Unroll) {
+    int4 v[Unroll][2];
 #pragma unroll
-    for (int u = 0; u < kQuantizeUnroll; ++u) {
+    for (int u = 0; u < Unroll; ++u) {
       const int g = g0 + u * kFp8GroupsPerWarp + slot;
       const int4* p = src + g * kVectorsPerGroup + sub * 2;
       v[u][0] = g < groups ? ld_stream_16(p) : make_int4(0, 0, 0, 0);
       v[u][1] = g < groups ? ld_stream_16(p + 1) : make_int4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < kQuantizeUnroll; ++u) {
+    for (int u = 0; u < Unroll; ++u) {
       const int g = g0 + u * kFp8GroupsPerWarp + slot;
       float lo[kBf16PerVec], hi[kBf16PerVec];
       unpack_bf16x8(v[u][0], lo);

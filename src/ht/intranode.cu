@@ -22,6 +22,21 @@ using device::kFullMask;
 constexpr int kCombineBatch = 8;  // source rows loaded before they are summed
 using detail::kMaxBlockThreads;
 
+/// Each kernel is built for two register budgets. Blocks of up to kWideBlockThreads threads get
+/// 128 registers a thread, spent on more bytes in flight per warp: the kernels stream HBM and, at
+/// 16 or fewer SMs a rank, an SM's loads in flight bound its throughput. Larger blocks get 64.
+constexpr int kWideBlockThreads = 512;
+
+template <int kBlockThreads>
+struct Budget {
+  static constexpr bool kWide = kBlockThreads <= kWideBlockThreads;
+  /// quantize_groups steps loaded at once: 4 KB (wide) or 2 KB a warp.
+  static constexpr int kQuantizeUnroll =
+      kWide ? 2 * device::kQuantizeUnroll : device::kQuantizeUnroll;
+  /// 16-byte vectors of each source row a lane loads at once in combine.
+  static constexpr int kCombineVectors = kWide ? 2 : 1;
+};
+
 /// Destinations of one token, as seen by every lane of the warp: rows at ranks d < 32 live in
 /// lane d's `lo`, rows at ranks 32..63 in lane d-32's `hi`.
 struct TokenRoute {
@@ -92,10 +107,11 @@ __device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, cons
 
 /// Quantises one bf16 row to e4m3 (one scale per 128 channels) and writes data and scales to
 /// every destination.
+template <int kUnroll>
 __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
                              bool pow2, int lane) {
   const int H = ctx.hidden, groups = H / kFp8Group;
-  device::quantize_groups(
+  device::quantize_groups<kUnroll>(
       reinterpret_cast<const int4*>(src), groups, pow2, lane,
       [&](int g, int sub, uint4 q, float scale, bool valid) {
         for (uint64_t m = route.mask; m;) {
@@ -110,7 +126,8 @@ __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, 
       });
 }
 
-__global__ void __launch_bounds__(kMaxBlockThreads)
+template <int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads)
     dispatch_kernel(DeviceContext ctx, DispatchParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
@@ -164,7 +181,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 
     const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
     if (p.quantize)
-      quantize_row(ctx, route, src, p.pow2_scales, lane);
+      quantize_row<Budget<kBlockThreads>::kQuantizeUnroll>(ctx, route, src, p.pow2_scales, lane);
     else
       copy_row(ctx, route, src, p.in_row_bytes, lane);
   }
@@ -175,8 +192,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   }
 }
 
-__global__ void __launch_bounds__(kMaxBlockThreads)
+template <int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads)
     combine_kernel(DeviceContext ctx, CombineParams p) {
+  constexpr int kVectors = Budget<kBlockThreads>::kCombineVectors;
   const uint64_t seq = device::read_call_seq(ctx);
   const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank;
   const int lane = threadIdx.x & 31;
@@ -230,40 +249,51 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
       route.hi = p.send_row[t * R + lane + 32];
     route.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, route.lo >= 0)) |
                  (static_cast<uint64_t>(__ballot_sync(kFullMask, route.hi >= 0)) << 32);
-    // The loop bound is warp-uniform: every lane takes part in route.row()'s shuffle.
-    for (int base = 0; base < n16; base += 32) {
-      const int i = base + lane;
-      const bool active = i < n16;
-      float acc[8] = {};
+    // The loop bound is warp-uniform: every lane takes part in route.row()'s shuffle. A lane
+    // sums kVectors vectors of 8 channels: i = base + u * 32 + lane.
+    for (int base = 0; base < n16; base += kVectors * 32) {
+      float acc[kVectors][8] = {};
       // Up to kCombineBatch source rows in flight, then summed in ascending rank order.
       for (uint64_t m = route.mask; m;) {
-        int4 v[kCombineBatch];
+        int4 v[kCombineBatch][kVectors];
         int loaded = 0;
 #pragma unroll
         for (int b = 0; b < kCombineBatch; ++b) {
           if (!m) break;  // warp-uniform
           const int d = pop_lowest(m);
-          const int64_t row = route.row(d);
-          if (active) v[b] = device::ld_peer_16_any(y_of[d] + row * H + i * 8);
+          const uint16_t* row = y_of[d] + route.row(d) * H;
+#pragma unroll
+          for (int u = 0; u < kVectors; ++u) {
+            const int i = base + u * 32 + lane;
+            if (i < n16) v[b][u] = device::ld_peer_16_any(row + i * 8);
+          }
           loaded = b + 1;
         }
 #pragma unroll
         for (int b = 0; b < kCombineBatch; ++b) {
-          if (b >= loaded || !active) break;
-          float f[8];
-          device::unpack_bf16x8(v[b], f);
+          if (b >= loaded) break;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
+          for (int u = 0; u < kVectors; ++u) {
+            if (base + u * 32 + lane >= n16) continue;
+            float f[8];
+            device::unpack_bf16x8(v[b][u], f);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[u][j] = __fadd_rn(acc[u][j], f[j]);
+          }
         }
       }
-      if (!active) continue;
-      if (p.bias) {
-        float b[8];
-        device::unpack_bf16x8(*reinterpret_cast<const int4*>(p.bias + t * H + i * 8), b);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], b[j]);
+      for (int u = 0; u < kVectors; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i >= n16) continue;
+        if (p.bias) {
+          float b[8];
+          device::unpack_bf16x8(*reinterpret_cast<const int4*>(p.bias + t * H + i * 8), b);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[u][j] = __fadd_rn(acc[u][j], b[j]);
+        }
+        *reinterpret_cast<int4*>(p.out + t * H + i * 8) = device::pack_bf16x8(acc[u]);
       }
-      *reinterpret_cast<int4*>(p.out + t * H + i * 8) = device::pack_bf16x8(acc);
     }
     if (p.combined_weights) {
       float sum = 0.0f;
@@ -289,23 +319,39 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 void launch_dispatch(const DeviceContext& ctx, const DispatchParams& params, int blocks,
                      int threads, cudaStream_t stream) {
   const size_t smem = params.cached ? 0 : layout::column_smem_bytes(ctx.num_experts, threads);
-  dispatch_kernel<<<blocks, threads, smem, stream>>>(ctx, params);
+  if (threads <= kWideBlockThreads)
+    dispatch_kernel<kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, params);
+  else
+    dispatch_kernel<kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, params);
   MOECOMM_LAUNCH_CHECK("ht::dispatch_kernel");
 }
 
 void launch_combine(const DeviceContext& ctx, const CombineParams& params, int blocks, int threads,
                     cudaStream_t stream) {
-  combine_kernel<<<blocks, threads, 0, stream>>>(ctx, params);
+  if (threads <= kWideBlockThreads)
+    combine_kernel<kWideBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
+  else
+    combine_kernel<kMaxBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
   MOECOMM_LAUNCH_CHECK("ht::combine_kernel");
 }
 
-void preload_kernels() {
+namespace {
+
+template <int kBlockThreads>
+void preload_budget() {
   cudaFuncAttributes attr;
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel));
-  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel,
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel<kBlockThreads>));
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel<kBlockThreads>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(layout::kColumnSmemLimit)));
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel));
+  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<kBlockThreads>));
+}
+
+}  // namespace
+
+void preload_kernels() {
+  preload_budget<kWideBlockThreads>();
+  preload_budget<kMaxBlockThreads>();
 }
 
 }  // namespace moecomm::ht
