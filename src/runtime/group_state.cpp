@@ -15,7 +15,21 @@ namespace moecomm::detail {
 
 void GroupState::allocate(int r) {
   DeviceGuard guard(device_of[r]);
-  MOECOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sym_base[r]), plan.bytes));
+  const cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&sym_base[r]), plan.bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    // Say how much was asked for and what the device had: the config's sizes decide the first.
+    cudaGetLastError();
+    size_t free_bytes = 0, total_bytes = 0;
+    const bool known = cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess;
+    cudaGetLastError();
+    throw CudaError("rank " + std::to_string(r) + ": the communication buffer of " +
+                    std::to_string(plan.bytes) + " bytes could not be allocated on cuda:" +
+                    std::to_string(device_of[r]) + " (out of memory" +
+                    (known ? "; " + std::to_string(free_bytes) + " of " +
+                                 std::to_string(total_bytes) + " bytes free)"
+                           : ")"));
+  }
+  MOECOMM_CUDA_CHECK(err);
   owned_[r] = true;
   // Signals start at 0 (the first call's seq is 1); data regions need no initial value.
   for (const ByteRange& z : plan.zeroed)

@@ -93,7 +93,7 @@ inline uint64_t seed() {
 inline int run_all(int argc, char** argv) {
   uint64_t s = 0;
   bool have_seed = false;
-  std::string filter;
+  std::string filter, exclude;  // substrings of the case names to run / to leave out
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--seed" && i + 1 < argc) {
@@ -101,6 +101,8 @@ inline int run_all(int argc, char** argv) {
       have_seed = true;
     } else if (a == "--filter" && i + 1 < argc) {
       filter = argv[++i];
+    } else if (a == "--exclude" && i + 1 < argc) {
+      exclude = argv[++i];
     }
   }
   if (!have_seed)
@@ -112,6 +114,7 @@ inline int run_all(int argc, char** argv) {
   int passed = 0, failed = 0, skipped = 0;
   for (auto& c : registry()) {
     if (!filter.empty() && std::string(c.name).find(filter) == std::string::npos) continue;
+    if (!exclude.empty() && std::string(c.name).find(exclude) != std::string::npos) continue;
     state() = State{};
     std::fflush(stdout);
     try {

@@ -1,0 +1,172 @@
+// hbm_mix: how fast the GPU's memory moves the traffic mixes of dispatch and combine, with the
+// SMs a group of 8 ranks gives them. ep_bench's "% copy" divides by the device-to-device copy
+// rate (one byte read per byte written); dispatch writes each row it reads to several ranks and
+// combine reads several rows per row it writes, so their floors are the rates of those mixes:
+//   fan-out N: a warp reads a 14336-byte bf16 row and writes half its size (the fp8 row) to N
+//              rows spread over the buffer (dispatch with N destination ranks);
+//   fan-in N:  a warp reads N 14336-byte rows spread over the buffer and writes one (combine).
+// Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks).
+// Usage: hbm_mix [--device D]. Prints GB/s (bytes read + written) and the fraction of the copy
+// rate, median of the timed runs.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#include "bench_common.hpp"
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kRowVecs = 14336 / 16;  // a bf16 row of hidden 7168 in 16-byte vectors
+constexpr int kOutVecs = kRowVecs / 2;
+constexpr int kRows = 8 * 4096;  // rows read (fan-out) or written (fan-in): 8 ranks x 4096 tokens
+constexpr int kUnroll = 4;       // 16-byte loads in flight per lane, as the library's row copy
+constexpr int kIters = 20;
+
+/// Scatters row r's j-th destination over `rows` rows (a fixed odd multiplier: every row once).
+__device__ __forceinline__ int64_t spread(int64_t r, int j, int64_t rows) {
+  return (r * 7919 + static_cast<int64_t>(j) * 104729) % rows;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    fan_out(const int4* __restrict__ src, int4* __restrict__ dst, int fan, int64_t dst_rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
+    const int4* row = src + r * kRowVecs;
+    for (int base = 0; base < kOutVecs; base += 32 * kUnroll) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < kOutVecs) {  // two input vectors make one output vector (bf16 -> fp8)
+          const int4 a = row[2 * i], b = row[2 * i + 1];
+          v[u] = make_int4(a.x ^ b.x, a.y ^ b.y, a.z ^ b.z, a.w ^ b.w);
+        }
+      }
+      for (int j = 0; j < fan; ++j) {
+        int4* out = dst + spread(r, j, dst_rows) * kOutVecs;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = base + u * 32 + lane;
+          if (i < kOutVecs) out[i] = v[u];
+        }
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    fan_in(const int4* __restrict__ src, int4* __restrict__ dst, int fan, int64_t src_rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
+    for (int i = lane; i < kRowVecs; i += 32) {
+      int4 acc = make_int4(0, 0, 0, 0);
+      int4 v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (j < fan) v[j] = src[spread(r, j, src_rows) * kRowVecs + i];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (j < fan)
+          acc = make_int4(acc.x + v[j].x, acc.y + v[j].y, acc.z + v[j].z, acc.w + v[j].w);
+      dst[r * kRowVecs + i] = acc;
+    }
+  }
+}
+
+/// Median milliseconds of `iters` runs of launch().
+template <typename Launch>
+float median_ms(Launch launch) {
+  cudaEvent_t start, stop;
+  MOECOMM_CUDA_CHECK(cudaEventCreate(&start));
+  MOECOMM_CUDA_CHECK(cudaEventCreate(&stop));
+  launch();  // warm-up
+  MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> ms(kIters);
+  for (float& m : ms) {
+    MOECOMM_CUDA_CHECK(cudaEventRecord(start));
+    launch();
+    MOECOMM_CUDA_CHECK(cudaEventRecord(stop));
+    MOECOMM_CUDA_CHECK(cudaEventSynchronize(stop));
+    MOECOMM_CUDA_CHECK(cudaEventElapsedTime(&m, start, stop));
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(ms.begin(), ms.end());
+  return ms[kIters / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  int device = 0;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--device") == 0 && i + 1 < argc) {
+      device = std::atoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: hbm_mix [--device D]\n");
+      return 2;
+    }
+  }
+  MOECOMM_CUDA_CHECK(cudaSetDevice(device));
+  cudaDeviceProp prop;
+  MOECOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+
+  constexpr int kMaxFan = 8;
+  const int64_t row_bytes = int64_t{kRowVecs} * 16, out_bytes = int64_t{kOutVecs} * 16;
+  // Fan-out writes kRows * fan rows of out_bytes; fan-in reads kRows * fan rows of row_bytes.
+  // Sized for the largest fan so that rows are spread over as much memory as the ops touch.
+  epb::DeviceBuffer<int4> big(kRows * int64_t{kMaxFan} * kRowVecs);
+  epb::DeviceBuffer<int4> rows(int64_t{kRows} * kRowVecs);
+  MOECOMM_CUDA_CHECK(cudaMemset(big.get(), 1, big.bytes()));
+  MOECOMM_CUDA_CHECK(cudaMemset(rows.get(), 2, rows.bytes()));
+
+  const int64_t copy_bytes = rows.bytes();
+  const float copy_ms = median_ms([&] {
+    MOECOMM_CUDA_CHECK(
+        cudaMemcpyAsync(big.get(), rows.get(), copy_bytes, cudaMemcpyDeviceToDevice));
+  });
+  const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e6);
+  std::printf("hbm_mix on %s: copy rate %.0f GB/s (read + written, %.0f MB copied)\n", prop.name,
+              copy_gbps, copy_bytes / 1e6);
+  std::printf("%-8s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
+  for (const bool out : {true, false}) {
+    for (int fan : {1, 2, 4, 6}) {
+      for (int blocks : {32, 64, 128}) {
+        if (blocks > prop.multiProcessorCount) continue;
+        float ms = 0;
+        double bytes = 0;
+        if (out) {
+          const int64_t dst_rows = big.bytes() / out_bytes;
+          ms = median_ms([&] {
+            fan_out<<<blocks, kThreads>>>(rows.get(), big.get(), fan, dst_rows);
+            MOECOMM_LAUNCH_CHECK("fan_out");
+          });
+          bytes = kRows * (row_bytes + static_cast<double>(fan) * out_bytes);
+        } else {
+          const int64_t src_rows = big.bytes() / row_bytes;
+          ms = median_ms([&] {
+            fan_in<<<blocks, kThreads>>>(big.get(), rows.get(), fan, src_rows);
+            MOECOMM_LAUNCH_CHECK("fan_in");
+          });
+          bytes = kRows * (static_cast<double>(fan) * row_bytes + row_bytes);
+        }
+        const double gbps = bytes / (ms * 1e6);
+        std::printf("%-8s %4d %7d %10.0f %7.1f%% %10.1f\n", out ? "fan-out" : "fan-in", fan, blocks,
+                    gbps, 100.0 * gbps / copy_gbps, gbps / blocks);
+      }
+    }
+  }
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "hbm_mix: %s\n", e.what());
+  return 1;
+}
