@@ -38,6 +38,25 @@ __device__ __forceinline__ void close_call(const detail::RankContext& ctx) {
   *ctx.local.epoch += 1;
 }
 
+/// Work units (tokens) handed to the warps of a rank's kernel one at a time, from a counter in
+/// the rank's private memory: the warps that drew cheap units take more, so the kernel ends with
+/// its last unit rather than with its busiest warp. A warp draws its next unit before working on
+/// the current one (the atomic's latency hides behind the work), and the kernel's last block
+/// resets the counter for the next kernel.
+struct WorkQueue {
+  uint32_t* counter;
+
+  /// Lane 0's draw; read it with unit() once the current unit is done.
+  __device__ __forceinline__ uint32_t draw(int lane) const {
+    return lane == 0 ? atomicAdd(counter, 1u) : 0u;
+  }
+  __device__ __forceinline__ static int64_t unit(uint32_t drawn) {
+    return __shfl_sync(kFullMask, drawn, 0);
+  }
+  /// By one thread of the kernel's last block, after every block has stopped drawing.
+  __device__ __forceinline__ void reset() const { *counter = 0; }
+};
+
 /// Element i of a topk_idx array that is int64 or int32 (widened).
 __device__ __forceinline__ int64_t load_index(const void* data, bool is_i64, int64_t i) {
   return is_i64 ? static_cast<const int64_t*>(data)[i]

@@ -126,12 +126,54 @@ __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, 
       });
 }
 
+/// One token: its metadata and its row (quantised or copied) to every destination rank.
+template <int kBlockThreads>
+__device__ __forceinline__ void dispatch_token(const DeviceContext& ctx, const DispatchParams& p,
+                                               int64_t t, int groups, int lane) {
+  const int K = ctx.topk, L = ctx.local_experts;
+  const TokenRoute route = route_token(ctx, p, t, lane);
+  if (route.mask == 0) return;
+
+  // Metadata: local expert ids (-1 elsewhere), weights, source token.
+  int64_t e = -1;
+  float w = 0.0f;
+  if (lane < K) {
+    e = p.idx_i64 ? static_cast<const int64_t*>(p.topk_idx)[t * K + lane]
+                  : static_cast<const int32_t*>(p.topk_idx)[t * K + lane];
+    if (p.topk_weights) w = p.topk_weights[t * K + lane];
+  }
+  for (uint64_t m = route.mask; m;) {
+    const int d = pop_lowest(m);
+    const int64_t row = route.row(d);
+    if (lane < K) {
+      const bool here = e >= 0 && e < ctx.num_experts && e / L == d;
+      transport::peer_region<int64_t>(ctx, d, ctx.ht.topk_idx)[row * K + lane] =
+          here ? e - static_cast<int64_t>(d) * L : -1;
+      if (p.topk_weights)
+        transport::peer_region<float>(ctx, d, ctx.ht.topk_weights)[row * K + lane] =
+            here ? w : 0.0f;
+    }
+    if (lane == 0)
+      transport::peer_region<int32_t>(ctx, d, ctx.ht.src_token)[row] = static_cast<int32_t>(t);
+    if (p.x_scales) {
+      for (int g = lane; g < groups; g += 32)
+        transport::peer_region<float>(ctx, d, ctx.ht.scales)[row * groups + g] =
+            p.x_scales[t * groups + g];
+    }
+  }
+
+  const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
+  if (p.quantize)
+    quantize_row<Budget<kBlockThreads>::kQuantizeUnroll>(ctx, route, src, p.pow2_scales, lane);
+  else
+    copy_row(ctx, route, src, p.in_row_bytes, lane);
+}
+
 template <int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     dispatch_kernel(DeviceContext ctx, DispatchParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
-  const int K = ctx.topk, L = ctx.local_experts;
   const int lane = threadIdx.x & 31;
 
   bool ok = true;
@@ -144,49 +186,16 @@ __global__ void __launch_bounds__(kBlockThreads)
     ok = transport::await_arrivals(ctx, seq, device::whole_grid());
   }
 
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const int groups = ctx.hidden / kFp8Group;
-  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; ok && t < p.num_tokens;
-       t += warps) {
-    const TokenRoute route = route_token(ctx, p, t, lane);
-    if (route.mask == 0) continue;
-
-    // Metadata: local expert ids (-1 elsewhere), weights, source token.
-    int64_t e = -1;
-    float w = 0.0f;
-    if (lane < K) {
-      e = p.idx_i64 ? static_cast<const int64_t*>(p.topk_idx)[t * K + lane]
-                    : static_cast<const int32_t*>(p.topk_idx)[t * K + lane];
-      if (p.topk_weights) w = p.topk_weights[t * K + lane];
-    }
-    for (uint64_t m = route.mask; m;) {
-      const int d = pop_lowest(m);
-      const int64_t row = route.row(d);
-      if (lane < K) {
-        const bool here = e >= 0 && e < ctx.num_experts && e / L == d;
-        transport::peer_region<int64_t>(ctx, d, ctx.ht.topk_idx)[row * K + lane] =
-            here ? e - static_cast<int64_t>(d) * L : -1;
-        if (p.topk_weights)
-          transport::peer_region<float>(ctx, d, ctx.ht.topk_weights)[row * K + lane] =
-              here ? w : 0.0f;
-      }
-      if (lane == 0)
-        transport::peer_region<int32_t>(ctx, d, ctx.ht.src_token)[row] = static_cast<int32_t>(t);
-      if (p.x_scales) {
-        for (int g = lane; g < groups; g += 32)
-          transport::peer_region<float>(ctx, d, ctx.ht.scales)[row * groups + g] =
-              p.x_scales[t * groups + g];
-      }
-    }
-
-    const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
-    if (p.quantize)
-      quantize_row<Budget<kBlockThreads>::kQuantizeUnroll>(ctx, route, src, p.pow2_scales, lane);
-    else
-      copy_row(ctx, route, src, p.in_row_bytes, lane);
+  const device::WorkQueue queue{ctx.local.work_queue};
+  for (int64_t t = ok ? queue.unit(queue.draw(lane)) : p.num_tokens; t < p.num_tokens;) {
+    const uint32_t next = queue.draw(lane);
+    dispatch_token<kBlockThreads>(ctx, p, t, groups, lane);
+    t = queue.unit(next);
   }
 
   if (transport::is_last_block(ctx)) {
+    if (threadIdx.x == 0) queue.reset();
     transport::signal_and_wait_all(ctx, FlagKind::kDispatchDone, seq, Phase::kDispatchDone, 0);
     if (threadIdx.x == 0) device::close_call(ctx);
   }
@@ -239,10 +248,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   ok = __syncthreads_and(ok) != 0;
 
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const int n16 = H / 8;
-  for (int64_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; ok && t < p.num_tokens;
-       t += warps) {
+  const device::WorkQueue queue{ctx.local.work_queue};
+  for (int64_t t = ok ? queue.unit(queue.draw(lane)) : p.num_tokens, next_t; t < p.num_tokens;
+       t = next_t) {
+    const uint32_t next = queue.draw(lane);
     TokenRoute route;
     if (lane < R && !((masked >> lane) & 1ull)) route.lo = p.send_row[t * R + lane];
     if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull))
@@ -304,11 +314,13 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
       if (lane < K) p.combined_weights[t * K + lane] = sum;
     }
+    next_t = queue.unit(next);
   }
 
   if (transport::is_last_block(ctx)) {
     // Tell every owner its outputs have been read; wait until every reader is done with ours
     // (the caller may overwrite y as soon as combine returns on its stream).
+    if (threadIdx.x == 0) queue.reset();
     transport::signal_and_wait_all(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone, 0);
     if (threadIdx.x == 0) device::close_call(ctx);
   }

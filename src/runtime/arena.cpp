@@ -26,6 +26,7 @@ void claim_common_regions(Arena& symmetric, Arena& local, RankContext& ctx) {
                                              /*zeroed=*/true);
   ctx.local.epoch = local.take<uint64_t>(1);
   ctx.local.ticket = local.take<uint32_t>(1);
+  ctx.local.work_queue = local.take<uint32_t>(1);
   ctx.local.grid_barrier = local.take<uint64_t>(2);
   ctx.local.aborted = local.take<int32_t>(1);
   ctx.local.rank_mask = local.take<uint64_t>(1);

@@ -76,6 +76,7 @@ inline constexpr uint64_t kSymmetricOffsetTag = 1ull << 63;
 struct CommonLocal {
   uint64_t* epoch;         // calls completed; the running call's seq is *epoch + 1
   uint32_t* ticket;        // last-block election within one kernel
+  uint32_t* work_queue;    // next work unit a warp takes (device/block.cuh: WorkQueue)
   uint64_t* grid_barrier;  // [2]: arrivals, generation (transport/barrier.cuh: grid_barrier)
   int32_t* aborted;        // set by the first failed wait: later waits give up
   uint64_t* rank_mask;     // bit d: rank d is masked (absent) for this rank's calls
