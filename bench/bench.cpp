@@ -263,6 +263,14 @@ void print_progress(size_t index, size_t count, const Options& o, const PointSpe
 
 }  // namespace
 
+moecomm::Config default_config(const Options& o, Mode mode) {
+  return make_config(o, default_point(o, mode));
+}
+
+Shape default_shape(const Options& o, Mode mode) {
+  return make_shape(o, default_point(o, mode));
+}
+
 RunRecord run_benchmark(Options& o) {
   const int devices = moecomm::cuda_device_count();
   if (devices == 0) throw std::runtime_error("no CUDA device is visible (ep_bench needs a GPU)");

@@ -1,12 +1,13 @@
 // ep_bench: the benchmark of moecomm's dispatch and combine. R virtual ranks share the local GPU
-// (VirtualGroup); every output is checked against the host reference before any figure is
-// printed. See docs/bench.md.
+// (VirtualGroup), or, under mpirun, one process per GPU is one rank (process_mode.hpp); every
+// output is checked against the host reference before any figure is printed. See docs/bench.md.
 #include <cstdio>
 #include <exception>
 
 #include "bench.hpp"
 #include "bench_common.hpp"
 #include "options.hpp"
+#include "process_mode.hpp"
 #include "report.hpp"
 
 namespace {
@@ -30,6 +31,8 @@ int main(int argc, char** argv) {
   try {
     epb::Options options = epb::parse_options(argc, argv);
     epb::apply_config_file(options);
+    // Started by mpirun (or srun) with several processes: one rank per process.
+    if (epb::launcher_world_size() > 1) return epb::run_processes(argc, argv, options);
     return run(options);
   } catch (const epb::UsageError& e) {
     std::fprintf(stderr, "ep_bench: %s\n(ep_bench --help lists the options)\n", e.what());

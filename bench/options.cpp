@@ -40,6 +40,7 @@ std::string usage() {
   return R"(usage: ep_bench [options]
 Benchmarks moecomm dispatch/combine with R virtual ranks on one GPU, checks every output against
 the host reference first, and compares with the naive permute -> copies -> unpermute pipeline.
+Under mpirun (mpirun -np N ep_bench ...), each process is one rank on its own GPU (docs/bench.md).
 
   --mode ht|ll|both       which path (default both: HT 4096 tokens, LL 128 tokens per rank)
   --ranks R               virtual ranks on the GPU (default 8)

@@ -357,12 +357,18 @@ void print_table(const RunRecord& run, const Options& o, std::FILE* out) {
                moecomm::version(), m.gpu.c_str(), m.sm_count, m.driver_version.c_str(),
                m.runtime_version.c_str(), run.date.c_str());
   std::fprintf(out,
-               "%d virtual ranks, top-%d of %d experts, %s dispatch / bf16 combine, %s routing, "
+               "%d %s, top-%d of %d experts, %s dispatch / bf16 combine, %s routing, "
                "seed %llu, %d iterations; device copy rate %.0f GB/s (read + written)\n",
-               o.ranks, o.topk, o.experts, o.fp8 ? "fp8" : "bf16", routing_name(o.routing),
+               o.ranks, run.ranks_as == "processes" ? "ranks (one process each)" : "virtual ranks",
+               o.topk, o.experts, o.fp8 ? "fp8" : "bf16", routing_name(o.routing),
                static_cast<unsigned long long>(o.seed), o.iters, run.copy_rate / kGB);
   const bool nodes = o.nodes > 1;
-  if (nodes)
+  if (nodes && run.ranks_as == "processes")
+    std::fprintf(out,
+                 "%d nodes x %d ranks; between declared nodes of one host the loopback engine "
+                 "with a NIC model of %.1f GB/s per rank, %.1f us per signal\n",
+                 o.nodes, o.ranks / o.nodes, o.nic_gbps, o.nic_latency_us);
+  else if (nodes)
     std::fprintf(out,
                  "%d virtual nodes x %d ranks (loopback RDMA between nodes); NIC model %.1f GB/s "
                  "per rank, %.1f us per signal\n",
@@ -419,6 +425,7 @@ void write_json(const RunRecord& run, const Options& o, const std::string& path)
   Json root = Json::object()
                   .set("schema", "moecomm.ep_bench.v1")
                   .set("date", run.date)
+                  .set("ranks_as", run.ranks_as)
                   .set("seed", o.seed)
                   .set("moecomm_version", moecomm::version())
                   .set("machine", machine_json(run.machine))

@@ -46,6 +46,8 @@ struct RunRecord {
   Machine machine;
   double copy_rate = 0;  ///< bytes read + written per second, device-to-device copy
   std::string date;      ///< ISO 8601, UTC
+  /// "virtual": R virtual ranks in this process; "processes": one process per rank (mpirun).
+  std::string ranks_as = "virtual";
   std::vector<std::string> notes;
   std::vector<PointResult> points;
   std::vector<TuneTrial> tune_trials;

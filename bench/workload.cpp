@@ -241,7 +241,7 @@ Traffic Workload::combine_traffic() const {
   return tr;
 }
 
-Workload build_workload(const Shape& shape, const Options& options) {
+Workload build_workload(const Shape& shape, const Options& options, bool with_naive) {
   MOECOMM_CUDA_CHECK(cudaSetDevice(options.device));
   Workload wl;
   wl.shape = shape;
@@ -251,7 +251,7 @@ Workload build_workload(const Shape& shape, const Options& options) {
     make_ht_expected(wl, options);
   else
     make_ll_expected(wl, options);
-  wl.naive = std::make_unique<NaivePipeline>(shape, wl.ranks, options.device);
+  if (with_naive) wl.naive = std::make_unique<NaivePipeline>(shape, wl.ranks, options.device);
   return wl;
 }
 

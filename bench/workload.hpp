@@ -106,7 +106,8 @@ struct Workload {
   Traffic combine_traffic() const;
 };
 
-/// Generates the inputs (seeded), runs the host reference and prepares the naive pipeline.
-Workload build_workload(const Shape& shape, const Options& options);
+/// Generates the inputs (seeded), runs the host reference and (with_naive) prepares the naive
+/// pipeline. Every rank's inputs are built: a process of the process mode uses its own.
+Workload build_workload(const Shape& shape, const Options& options, bool with_naive = true);
 
 }  // namespace epb

@@ -120,6 +120,34 @@ if [ -n "${SWEEP_ARGS:-}" ] && [ -x build/bench/ep_bench ]; then
   summary+=("ep_bench sweep rc $rc")
 fi
 
+# MPI_BENCH="2 4": ep_bench with one process per rank (mpirun -np N) on this one GPU, under MPS
+# (processes' kernels resident together), for each N; with N even also --nodes 2 (processes
+# declared as two nodes: the loopback engine between them). MPI_BENCH_ARGS: extra options.
+if [ -n "${MPI_BENCH:-}" ] && [ -x build/bench/ep_bench ]; then
+  if ! grep -q "mpirun mode: ON" "$out/build.log" && ! grep -q "MOECOMM_BENCH_WITH_MPI" build/build.ninja; then
+    summary+=("MPI_BENCH: ep_bench built without MPI (no MPI development files found)")
+  else
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/moecomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/moecomm-mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d 2>/dev/null
+    for n in $MPI_BENCH; do
+      for nodes in 1 2; do
+        [ $nodes = 2 ] && [ $((n % 2)) != 0 ] && continue
+        tag=bench_mpi_np${n}_nodes${nodes}
+        timeout ${BENCH_TIMEOUT:-240} mpirun --allow-run-as-root --oversubscribe -np $n \
+          build/bench/ep_bench --nodes $nodes --iters 20 --json "$out/$tag.json" ${MPI_BENCH_ARGS:-} \
+          >"$out/$tag.log" 2>&1
+        rc=$?
+        echo "== mpirun -np $n ep_bench --nodes $nodes (rc $rc):"
+        grep -E "^(ht|ll) |^note|error|failed" "$out/$tag.log" | head -16
+        summary+=("mpirun -np $n ep_bench --nodes $nodes rc $rc")
+      done
+    done
+    echo quit | nvidia-cuda-mps-control
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+fi
+
 # Python package: build it (no network there: no build isolation) and run its tests.
 if [ -n "${RUN_PYTHON:-}" ]; then
   if CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -q --upgrade --no-build-isolation --no-deps \
