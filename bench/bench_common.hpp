@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -100,6 +101,21 @@ void expect_equal(const std::string& what, const std::vector<T>& got, const std:
     throw VerificationError(what + ": " + std::to_string(got.size()) + " elements, want " +
                             std::to_string(want.size()));
   expect_equal(what, got.data(), want.data(), got.size());
+}
+
+/// The command line of the small tools (launch_floor, hbm_mix): `[--device D]`. Returns the device,
+/// or -1 after printing the usage line for anything else.
+inline int parse_device_option(int argc, char** argv, const char* tool) {
+  int device = 0;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--device" && i + 1 < argc) {
+      device = std::stoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: %s [--device D]\n", tool);
+      return -1;
+    }
+  }
+  return device;
 }
 
 }  // namespace epb

@@ -12,8 +12,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <exception>
 #include <vector>
 
@@ -107,15 +105,8 @@ float median_ms(Launch launch) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  int device = 0;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--device") == 0 && i + 1 < argc) {
-      device = std::atoi(argv[++i]);
-    } else {
-      std::fprintf(stderr, "usage: hbm_mix [--device D]\n");
-      return 2;
-    }
-  }
+  const int device = epb::parse_device_option(argc, argv, "hbm_mix");
+  if (device < 0) return 2;
   MOECOMM_CUDA_CHECK(cudaSetDevice(device));
   cudaDeviceProp prop;
   MOECOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));

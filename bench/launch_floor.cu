@@ -6,8 +6,6 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <exception>
 #include <vector>
 
@@ -37,15 +35,8 @@ epb::Phase empty_kernels(const std::vector<cudaStream_t>& streams, int kernels) 
 }  // namespace
 
 int main(int argc, char** argv) try {
-  int device = 0;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--device") == 0 && i + 1 < argc) {
-      device = std::atoi(argv[++i]);
-    } else {
-      std::fprintf(stderr, "usage: launch_floor [--device D]\n");
-      return 2;
-    }
-  }
+  const int device = epb::parse_device_option(argc, argv, "launch_floor");
+  if (device < 0) return 2;
   MOECOMM_CUDA_CHECK(cudaSetDevice(device));
   // Load the kernel now: a lazy load at its first launch would wait for the device to go idle,
   // which the spinning gate kernel prevents.
