@@ -142,11 +142,7 @@ Stats time_op(MoECommunicator& comm, const TimingPlan& plan, const std::function
 }
 
 OpResult result(Op op, const Stats& time, const Traffic& traffic) {
-  OpResult r;
-  r.op = op;
-  r.time = time;
-  r.traffic = traffic;
-  return r;  // no naive counterpart in this mode
+  return {op, time, traffic, Stats{}};  // no naive counterpart in this mode
 }
 
 /// One mode's point as this process's rank: the correctness gate, then the timings.
@@ -208,13 +204,16 @@ PointResult run_point(const Options& o, Mode mode, int rank, const std::string& 
   // an expert MLP would): another process reads them in place, where a caller's tensor would
   // first be copied into registered memory. The figures below use this form.
   CombineArgs zero_copy = cargs;
-  if (!shape.ht()) {
-    zero_copy.y = comm->combine_buffer(d.handle);
+  const auto fill_combine_buffer = [&](const moecomm::Handle& handle) {
+    zero_copy.y = comm->combine_buffer(handle);
     const moecomm::TensorView y = wl.y_view(rank);
     if (zero_copy.y.nbytes() != y.nbytes())
       throw std::runtime_error("combine_buffer: " + zero_copy.y.describe() + ", y " + y.describe());
     MOECOMM_CUDA_CHECK(cudaMemcpy(zero_copy.y.data, y.data, y.nbytes(), cudaMemcpyDeviceToDevice));
     MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());  // a device-to-device copy returns early
+  };
+  if (!shape.ht()) {
+    fill_combine_buffer(d.handle);
     poison(c.out);
     mpi_check(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
     c = comm->combine(zero_copy, d.handle);
@@ -239,25 +238,19 @@ PointResult run_point(const Options& o, Mode mode, int rank, const std::string& 
   }
   mpi_check(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
 
-  // Timings. Combine uses the handle of the dispatch timed just before it (as in virtual mode).
+  // Timings. Combine is timed with the handle of the last timed dispatch; LL fills that
+  // handle's combine buffer once (its contents do not change the time; the output was checked
+  // above).
   const TimingPlan plan{o.warmup, o.iters, /*gated=*/false};
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
   PointResult point;
   point.shape = shape;
   point.config = config;
-  std::vector<Stats> dispatch_combine(2);
-  dispatch_combine[0] = time_op(*comm, plan, [&] { d = comm->dispatch(args, worst); });
-  // LL: the combine buffer of the handle timed with is filled once (its contents do not change
-  // the time; the output was checked above).
-  if (!shape.ht()) {
-    zero_copy.y = comm->combine_buffer(d.handle);
-    MOECOMM_CUDA_CHECK(cudaMemcpy(zero_copy.y.data, wl.y_view(rank).data, zero_copy.y.nbytes(),
-                                  cudaMemcpyDeviceToDevice));
-    MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());  // a device-to-device copy returns early
-  }
-  dispatch_combine[1] = time_op(*comm, plan, [&] { comm->combine(zero_copy, d.handle); });
-  point.ops.push_back(result(Op::kDispatch, dispatch_combine[0], dt));
-  point.ops.push_back(result(Op::kCombine, dispatch_combine[1], ct));
+  point.ops.push_back(
+      result(Op::kDispatch, time_op(*comm, plan, [&] { d = comm->dispatch(args, worst); }), dt));
+  if (!shape.ht()) fill_combine_buffer(d.handle);
+  point.ops.push_back(
+      result(Op::kCombine, time_op(*comm, plan, [&] { comm->combine(zero_copy, d.handle); }), ct));
   if (shape.ht()) {
     if (o.cached) {
       DispatchOptions cached = worst;
@@ -282,12 +275,6 @@ PointResult run_point(const Options& o, Mode mode, int rank, const std::string& 
                                    }),
                                dt));
   }
-  Traffic both = dt;
-  both.convention_bytes_per_rank += ct.convention_bytes_per_rank;
-  both.hbm_bytes += ct.hbm_bytes;
-  both.rdma_bytes_per_rank += ct.rdma_bytes_per_rank;
-  both.nvlink_bytes_per_rank += ct.nvlink_bytes_per_rank;
-  both.deepep_rdma_bytes_per_rank += ct.deepep_rdma_bytes_per_rank;
   point.ops.push_back(result(Op::kRoundTrip,
                              time_op(*comm, plan,
                                      [&] {
@@ -296,7 +283,7 @@ PointResult run_point(const Options& o, Mode mode, int rank, const std::string& 
                                        if (!shape.ht()) a.y = comm->combine_buffer(d.handle);
                                        comm->combine(a, d.handle);
                                      }),
-                             both));
+                             sum(dt, ct)));
   comm->synchronize();
   return point;
 }

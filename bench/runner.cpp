@@ -315,16 +315,6 @@ OpResult result(Op op, const Stats& time, const Traffic& traffic, const Stats& n
   return {op, time, traffic, naive};
 }
 
-Traffic sum(const Traffic& a, const Traffic& b) {
-  Traffic t;
-  t.convention_bytes_per_rank = a.convention_bytes_per_rank + b.convention_bytes_per_rank;
-  t.hbm_bytes = a.hbm_bytes + b.hbm_bytes;
-  t.rdma_bytes_per_rank = a.rdma_bytes_per_rank + b.rdma_bytes_per_rank;
-  t.nvlink_bytes_per_rank = a.nvlink_bytes_per_rank + b.nvlink_bytes_per_rank;
-  t.deepep_rdma_bytes_per_rank = a.deepep_rdma_bytes_per_rank + b.deepep_rdma_bytes_per_rank;
-  return t;
-}
-
 void add_graph_ops(std::vector<OpResult>& out, Session& s, const Workload& wl,
                    const TimingPlan& plan, const NaiveTimes& naive) {
   const OpTimes g = time_group_graphs(

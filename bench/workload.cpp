@@ -241,6 +241,16 @@ Traffic Workload::combine_traffic() const {
   return tr;
 }
 
+Traffic sum(const Traffic& a, const Traffic& b) {
+  Traffic t;
+  t.convention_bytes_per_rank = a.convention_bytes_per_rank + b.convention_bytes_per_rank;
+  t.hbm_bytes = a.hbm_bytes + b.hbm_bytes;
+  t.rdma_bytes_per_rank = a.rdma_bytes_per_rank + b.rdma_bytes_per_rank;
+  t.nvlink_bytes_per_rank = a.nvlink_bytes_per_rank + b.nvlink_bytes_per_rank;
+  t.deepep_rdma_bytes_per_rank = a.deepep_rdma_bytes_per_rank + b.deepep_rdma_bytes_per_rank;
+  return t;
+}
+
 Workload build_workload(const Shape& shape, const Options& options, bool with_naive) {
   MOECOMM_CUDA_CHECK(cudaSetDevice(options.device));
   Workload wl;

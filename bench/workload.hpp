@@ -85,6 +85,9 @@ struct Traffic {
   double deepep_rdma_bytes_per_rank = 0;
 };
 
+/// The traffic of two ops in a row (dispatch then combine).
+Traffic sum(const Traffic& a, const Traffic& b);
+
 struct Workload {
   Shape shape;
   int device = 0;

@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         for (int b = 0; b < kCombineBatch; ++b) {
           if (!m) break;  // warp-uniform
           const int d = pop_lowest(m);
-          const uint16_t* row = y_of[d] + route.row(d) * H;
+          const uint16_t* row = y_of[d] + static_cast<int64_t>(route.row(d)) * H;  // no int wrap
 #pragma unroll
           for (int u = 0; u < kVectors; ++u) {
             const int i = base + u * 32 + lane;
