@@ -5,6 +5,11 @@
 //   fan-out N: a warp reads a 14336-byte bf16 row and writes half its size (the fp8 row) to N
 //              rows spread over the buffer (dispatch with N destination ranks);
 //   fan-in N:  a warp reads N 14336-byte rows spread over the buffer and writes one (combine).
+//   quant N:   fan-out N where the warp quantises the row to e4m3 on the way, with the library's
+//              own quantize_groups (device/row_ops.cuh) and a scale per 128 channels written
+//              beside each destination row: HT dispatch's fp8 path without its routing;
+//   quant-pipe N: the same with the next step's loads issued before the current one is
+//              quantised (quantize_groups' kPipelined).
 // Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks).
 // Usage: hbm_mix [--device D]. Prints GB/s (bytes read + written) and the fraction of the copy
 // rate, median of the timed runs.
@@ -16,6 +21,7 @@
 #include <vector>
 
 #include "bench_common.hpp"
+#include "device/row_ops.cuh"
 
 namespace {
 
@@ -26,6 +32,8 @@ constexpr int kOutVecs = kRowVecs / 2;
 constexpr int kRows = 8 * 4096;  // rows read (fan-out) or written (fan-in): 8 ranks x 4096 tokens
 constexpr int kUnroll = 4;       // 16-byte loads in flight per lane, as the library's row copy
 constexpr int kIters = 20;
+constexpr int kGroups = kRowVecs * 8 / 128;  // scale groups of 128 channels in a row
+constexpr int kQuantizeUnroll = 4;           // as HT dispatch's blocks of <= 512 threads
 
 /// Scatters row r's j-th destination over `rows` rows (a fixed odd multiplier: every row once).
 __device__ __forceinline__ int64_t spread(int64_t r, int j, int64_t rows) {
@@ -57,6 +65,26 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
+  }
+}
+
+template <bool kPipelined>
+__global__ void __launch_bounds__(kThreads)
+    fan_out_quantize(const int4* __restrict__ src, uint8_t* __restrict__ dst,
+                     float* __restrict__ scales, int fan, int64_t dst_rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
+    moecomm::device::quantize_groups<kQuantizeUnroll, kPipelined>(
+        src + r * kRowVecs, kGroups, false, lane,
+        [&](int g, int sub, uint4 q, float scale, bool valid) {
+          if (!valid) return;
+          for (int j = 0; j < fan; ++j) {
+            const int64_t row = spread(r, j, dst_rows);
+            *reinterpret_cast<uint4*>(dst + row * (kOutVecs * 16) + g * 128 + sub * 16) = q;
+            if (sub == 0) scales[row * kGroups + g] = scale;
+          }
+        });
   }
 }
 
@@ -117,6 +145,7 @@ int main(int argc, char** argv) try {
   // Sized for the largest fan so that rows are spread over as much memory as the ops touch.
   epb::DeviceBuffer<int4> big(kRows * int64_t{kMaxFan} * kRowVecs);
   epb::DeviceBuffer<int4> rows(int64_t{kRows} * kRowVecs);
+  epb::DeviceBuffer<float> scales(big.bytes() / out_bytes * kGroups);  // quant: one per out row
   MOECOMM_CUDA_CHECK(cudaMemset(big.get(), 1, big.bytes()));
   MOECOMM_CUDA_CHECK(cudaMemset(rows.get(), 2, rows.bytes()));
 
@@ -128,14 +157,29 @@ int main(int argc, char** argv) try {
   const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e6);
   std::printf("hbm_mix on %s: copy rate %.0f GB/s (read + written, %.0f MB copied)\n", prop.name,
               copy_gbps, copy_bytes / 1e6);
-  std::printf("%-8s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
-  for (const bool out : {true, false}) {
+  std::printf("%-10s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
+  enum Mix { kFanOut, kQuant, kQuantPipe, kFanIn };
+  const char* names[] = {"fan-out", "quant", "quant-pipe", "fan-in"};
+  for (const Mix mix : {kFanOut, kQuant, kQuantPipe, kFanIn}) {
     for (int fan : {1, 2, 4, 6}) {
       for (int blocks : {32, 64, 128}) {
         if (blocks > prop.multiProcessorCount) continue;
         float ms = 0;
         double bytes = 0;
-        if (out) {
+        if (mix == kQuant || mix == kQuantPipe) {
+          const int64_t dst_rows = big.bytes() / out_bytes;
+          auto* dst = reinterpret_cast<uint8_t*>(big.get());
+          ms = median_ms([&] {
+            if (mix == kQuant)
+              fan_out_quantize<false>
+                  <<<blocks, kThreads>>>(rows.get(), dst, scales.get(), fan, dst_rows);
+            else
+              fan_out_quantize<true>
+                  <<<blocks, kThreads>>>(rows.get(), dst, scales.get(), fan, dst_rows);
+            MOECOMM_LAUNCH_CHECK("fan_out_quantize");
+          });
+          bytes = kRows * (row_bytes + static_cast<double>(fan) * (out_bytes + 4.0 * kGroups));
+        } else if (mix == kFanOut) {
           const int64_t dst_rows = big.bytes() / out_bytes;
           ms = median_ms([&] {
             fan_out<<<blocks, kThreads>>>(rows.get(), big.get(), fan, dst_rows);
@@ -151,8 +195,8 @@ int main(int argc, char** argv) try {
           bytes = kRows * (static_cast<double>(fan) * row_bytes + row_bytes);
         }
         const double gbps = bytes / (ms * 1e6);
-        std::printf("%-8s %4d %7d %10.0f %7.1f%% %10.1f\n", out ? "fan-out" : "fan-in", fan, blocks,
-                    gbps, 100.0 * gbps / copy_gbps, gbps / blocks);
+        std::printf("%-10s %4d %7d %10.0f %7.1f%% %10.1f\n", names[mix], fan, blocks, gbps,
+                    100.0 * gbps / copy_gbps, gbps / blocks);
       }
     }
   }
