@@ -122,6 +122,25 @@ struct CombineOutput {
 /// One rank's endpoint. All calls except the accessors are collective: every rank of the group
 /// makes the same sequence of calls. Not thread-safe for one rank; distinct ranks may be driven
 /// from distinct threads (VirtualGroup::parallel_for).
+/// When the phases of one call ran on the device, for profiling (docs/bench.md, "Where the time
+/// goes"): nanoseconds of the GPU's global timer, one clock for every SM of a GPU (ranks on one
+/// GPU can be compared), 0 where the call has no such phase. Every call records them: one atomic
+/// per block and phase. A phase's time is when the last block passed it.
+struct CallTrace {
+  uint64_t first_block_start = 0;  ///< the call's first block began
+  uint64_t last_block_start = 0;   ///< the call's last block began
+  /// Every block passed the opening round: the layout with its count exchange (dispatch), the
+  /// peers' arrival (cached HT dispatch), their published outputs (combine).
+  uint64_t opened = 0;
+  uint64_t streamed = 0;  ///< every block moved its rows
+  /// The closing round is done: every peer signalled completion (HT, LL combine), the counts
+  /// are published (LL dispatch).
+  uint64_t closed = 0;
+  /// LL dispatch: the receive phase has every count (with a receive hook, recorded if the hook
+  /// ran before the rank's next call closed).
+  uint64_t received = 0;
+};
+
 class MoECommunicator {
  public:
   ~MoECommunicator();
@@ -155,6 +174,9 @@ class MoECommunicator {
   void synchronize();
   /// Raises any device error recorded so far without waiting.
   void check_errors();
+  /// The phase times of this rank's last completed call (a device-to-host copy: call it once the
+  /// call has completed, e.g. after synchronize()).
+  CallTrace last_call_trace() const;
 
   // --- Masked ranks (fault tolerance) -------------------------------------------------------
   // A masked rank takes no part in this rank's calls: nothing is sent to it or awaited from it,

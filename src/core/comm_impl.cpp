@@ -183,6 +183,24 @@ CommImpl::~CommImpl() {
 // A stall leaves the group unusable: peers may be blocked inside a call that will never match,
 // so every later call raises at once. Bad input and overflow are per call: the record is cleared
 // and the communicator stays usable.
+CallTrace CommImpl::last_call_trace() const {
+  DeviceGuard guard(device_);
+  uint64_t epoch = 0;
+  uint64_t marks[2 * kTraceMarks] = {};
+  MOECOMM_CUDA_CHECK(cudaMemcpy(&epoch, ctx_.local.epoch, sizeof(epoch), cudaMemcpyDeviceToHost));
+  MOECOMM_CUDA_CHECK(cudaMemcpy(marks, ctx_.local.trace, sizeof(marks), cudaMemcpyDeviceToHost));
+  const uint64_t* m = marks + (epoch & 1) * kTraceMarks;  // the slot of call seq == epoch
+  auto at = [&](TraceMark k) { return m[static_cast<int>(k)]; };
+  CallTrace t;
+  t.first_block_start = at(TraceMark::kFirstStart) ? ~at(TraceMark::kFirstStart) : 0;
+  t.last_block_start = at(TraceMark::kLastStart);
+  t.opened = at(TraceMark::kOpened);
+  t.streamed = at(TraceMark::kStreamed);
+  t.closed = at(TraceMark::kClosed);
+  t.received = at(TraceMark::kReceived);
+  return t;
+}
+
 void CommImpl::check_errors() {
   if (failed_)
     throw TimeoutError("rank " + std::to_string(rank_) +

@@ -64,6 +64,7 @@ class CommImpl {
   /// Raises the first recorded device error (TimeoutError for a stall; InvalidArgument for bad
   /// topk_idx or an overflowing receive capacity).
   void check_errors();
+  CallTrace last_call_trace() const;
   /// " (node n)" for a peer of a group that spans nodes; empty otherwise.
   std::string node_of(int peer) const;
 

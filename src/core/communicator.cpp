@@ -48,6 +48,10 @@ TensorView MoECommunicator::combine_buffer(const Handle& handle) {
 void MoECommunicator::synchronize() {
   impl_->synchronize();
 }
+CallTrace MoECommunicator::last_call_trace() const {
+  return impl_->last_call_trace();
+}
+
 void MoECommunicator::check_errors() {
   impl_->check_errors();
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "device/trace.cuh"
 #include "runtime/device_context.hpp"
 
 namespace moecomm::device {
@@ -25,17 +26,22 @@ __device__ __forceinline__ RankBlocks whole_grid() {
 }
 
 /// Sequence number of the running call, read once per block at kernel start (into shared
-/// memory). The call's last kernel advances the epoch (close_call) after every block read it.
+/// memory), by every kernel that starts a call's work; the block's start is traced. The call's
+/// last kernel advances the epoch (close_call) after every block read it.
 __device__ __forceinline__ uint64_t read_call_seq(const detail::RankContext& ctx) {
   __shared__ uint64_t seq;
   if (threadIdx.x == 0) seq = *reinterpret_cast<volatile uint64_t*>(ctx.local.epoch) + 1;
   __syncthreads();
+  trace_start(ctx, seq);
   return seq;
 }
 
-/// Run by one thread of the last block of the call's last kernel: the next call gets seq + 1.
+/// Run by one thread of the last block of the call's last kernel: the next call gets seq + 1
+/// (and an empty trace slot).
 __device__ __forceinline__ void close_call(const detail::RankContext& ctx) {
-  *ctx.local.epoch += 1;
+  const uint64_t seq = *ctx.local.epoch + 1;
+  trace_clear_next(ctx, seq);
+  *ctx.local.epoch = seq;
 }
 
 /// Work units (tokens) handed to the warps of a rank's kernel one at a time, from a counter in

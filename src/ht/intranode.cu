@@ -15,6 +15,7 @@ using detail::DeviceContext;
 using detail::FlagKind;
 using detail::kFp8Group;
 using detail::Phase;
+using detail::TraceMark;
 
 namespace {
 
@@ -188,6 +189,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     transport::announce_arrival(ctx, seq, device::whole_grid());
     ok = transport::await_arrivals(ctx, seq, device::whole_grid());
   }
+  device::trace_mark(ctx, seq, TraceMark::kOpened);
 
   const int groups = ctx.hidden / kFp8Group;
   const device::WorkQueue queue{ctx.local.work_queue};
@@ -196,10 +198,12 @@ __global__ void __launch_bounds__(kBlockThreads)
     dispatch_token<kBlockThreads>(ctx, p, t, groups, lane);
     t = queue.unit(next);
   }
+  device::trace_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     if (threadIdx.x == 0) queue.reset();
     transport::signal_and_wait_all(ctx, FlagKind::kDispatchDone, seq, Phase::kDispatchDone, 0);
+    device::trace_mark(ctx, seq, TraceMark::kClosed);
     if (threadIdx.x == 0) device::close_call(ctx);
   }
 }
@@ -250,6 +254,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         slot[1] ? static_cast<const float*>(transport::resolve_address(ctx, d, slot[1])) : nullptr;
   }
   ok = __syncthreads_and(ok) != 0;
+  device::trace_mark(ctx, seq, TraceMark::kOpened);
 
   const int n16 = H / 8;
   const device::WorkQueue queue{ctx.local.work_queue};
@@ -319,12 +324,14 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     next_t = queue.unit(next);
   }
+  device::trace_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     // Tell every owner its outputs have been read; wait until every reader is done with ours
     // (the caller may overwrite y as soon as combine returns on its stream).
     if (threadIdx.x == 0) queue.reset();
     transport::signal_and_wait_all(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone, 0);
+    device::trace_mark(ctx, seq, TraceMark::kClosed);
     if (threadIdx.x == 0) device::close_call(ctx);
   }
 }

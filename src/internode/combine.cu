@@ -275,6 +275,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   bool ok = exchange_outputs(ctx, p, seq, y_of, w_of);
   if (blockIdx.x == 0) ok = await_remote_arrivals(ctx, 0) && ok;
   ok = transport::grid_barrier(ctx, ok, device::whole_grid()) && !transport::aborted(ctx);
+  device::trace_mark(ctx, seq, TraceMark::kOpened);
 
   // Forwarders never wait before they send, so every partial sum a source awaits arrives; a
   // token is reduced as soon as its partial sums are in (while the NIC still carries this warp's
@@ -286,12 +287,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     if (ok) reduce_token(ctx, p, outs, t, lane);
   }
   port.flush();  // the held signals of this warp's partial sums
+  device::trace_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     if (!transport::aborted(ctx)) consume_partials(ctx, p);
     // The ranks of this node have read this rank's outputs (the caller may overwrite y as soon
     // as combine returns on its stream).
     node_signal_and_wait(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone, 0);
+    device::trace_mark(ctx, seq, TraceMark::kClosed);
     if (threadIdx.x == 0) device::close_call(ctx);
   }
 }

@@ -452,8 +452,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   const uint64_t seq = device::read_call_seq(ctx);
   const int lane = threadIdx.x & 31;
   bool ok = p.cached ? cached_arrival(ctx, seq) : fresh_layout(ctx, p, seq, columns, lane);
+  device::trace_mark(ctx, seq, TraceMark::kOpened);
   if (p.layout_only) {  // get_layout: every rank has every count; nothing else moves
-    if (transport::is_last_block(ctx) && threadIdx.x == 0) device::close_call(ctx);
+    if (transport::is_last_block(ctx) && threadIdx.x == 0) {
+      device::trace_mark(ctx, seq, TraceMark::kClosed);
+      device::close_call(ctx);
+    }
     return;
   }
 
@@ -467,10 +471,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   // they fall due, also while it waits), then flushes.
   if (ok) ok = forward_all(ctx, p, port, lane);
   port.flush();
+  device::trace_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     if (!transport::aborted(ctx)) consume_forwarded(ctx, p);
     node_signal_and_wait(ctx, FlagKind::kDispatchDone, seq, Phase::kDispatchDone, 0);
+    device::trace_mark(ctx, seq, TraceMark::kClosed);
     if (threadIdx.x == 0) device::close_call(ctx);
   }
 }

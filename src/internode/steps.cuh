@@ -16,6 +16,7 @@ namespace moecomm::internode {
 using detail::DeviceContext;
 using detail::FlagKind;
 using detail::Phase;
+using detail::TraceMark;
 using device::kFullMask;
 namespace rdma = transport::rdma;
 

@@ -18,8 +18,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   extern __shared__ uint32_t columns[];
   const uint64_t seq = device::read_call_seq(ctx);
   compute_layout(ctx, p, seq, columns, device::whole_grid());
-  if (p.scan.close_call && transport::is_last_block(ctx) && threadIdx.x == 0)
+  device::trace_mark(ctx, seq, detail::TraceMark::kOpened);
+  if (p.scan.close_call && transport::is_last_block(ctx) && threadIdx.x == 0) {
+    device::trace_mark(ctx, seq, detail::TraceMark::kClosed);
     device::close_call(ctx);
+  }
 }
 
 }  // namespace

@@ -218,6 +218,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
   }
   ok = __syncthreads_and(ok) != 0;
+  device::trace_mark(ctx, seq, TraceMark::kOpened);
 
   const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
@@ -276,6 +277,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
     }
     __syncwarp();  // the lists are rewritten for the next piece
   }
+  device::trace_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx, blocks)) {
     // Every owner learns its y has been read; y of this rank stays until every reader is done.
@@ -284,6 +286,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
     else
       transport::signal_and_wait_all(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone,
                                      blocks.index);
+    device::trace_mark(ctx, seq, TraceMark::kClosed);
     if (p.publish_y && threadIdx.x == 0) device::close_call(ctx);
   }
 }

@@ -69,6 +69,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   announce<kInternode>(ctx, seq, blocks, port);
   const bool laid_out = layout::compute_layout(ctx, p.layout, seq, columns, blocks);
   const bool ok = await_peers<kInternode>(ctx, seq, blocks) && laid_out;
+  device::trace_mark(ctx, seq, TraceMark::kOpened);
 
   const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
@@ -186,6 +187,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   // kInternode: every put of this warp has landed before the block takes its ticket, so the
   // counts the last block signals cover every block's rows.
   if constexpr (kInternode) port.flush();
+  device::trace_mark(ctx, seq, TraceMark::kStreamed);
 
   // The last block to finish publishes every (expert, this rank) count: by then every block's
   // rows are written (is_last_block fences before its ticket), so one release per word covers
@@ -233,6 +235,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
             rdma::consume_signal(ctx, ctx.ll.sig_arrive + d * sizeof(uint64_t), 1);
       }
     }
+    device::trace_mark(ctx, seq, TraceMark::kClosed);
     if (p.receive) receive_counts<kInternode>(ctx, p.recv, seq);  // no hook: the receive phase
     __syncthreads();
     if (threadIdx.x == 0) device::close_call(ctx);
@@ -289,6 +292,7 @@ __device__ void receive_counts(const DeviceContext& ctx, const DispatchRecvParam
             : static_cast<int32_t>(transport::scope(ctx).load_acquire(words + i) & kCountMask);
   }
   if (!__syncthreads_and(ok)) return;
+  device::trace_mark(ctx, seq, TraceMark::kReceived);  // counts in: the receive layout follows
   for (int le = threadIdx.x; le < L; le += blockDim.x) {
     int32_t sum = 0;
     for (int s = 0; s < R; ++s) sum += p.recv_layout[2 * (le * R + s) + 1];

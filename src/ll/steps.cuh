@@ -25,6 +25,7 @@ using detail::FlagKind;
 using detail::kFp8Group;
 using detail::kMaxBlockThreads;
 using detail::Phase;
+using detail::TraceMark;
 using device::kFullMask;
 using device::kWarpLanes;
 inline constexpr int kMaxWarps = kMaxBlockThreads / kWarpLanes;

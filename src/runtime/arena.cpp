@@ -30,6 +30,7 @@ void claim_common_regions(Arena& symmetric, Arena& local, RankContext& ctx) {
   ctx.local.grid_barrier = local.take<uint64_t>(2);
   ctx.local.aborted = local.take<int32_t>(1);
   ctx.local.rank_mask = local.take<uint64_t>(1);
+  ctx.local.trace = local.take<uint64_t>(2 * kTraceMarks);
   ctx.rdma.nic_busy_until = local.take<uint64_t>(1);
 }
 

@@ -72,6 +72,19 @@ inline constexpr int kPeerPtrs = 2;  // combine: y, recv_topk_weights
 /// where every rank shares one address space.
 inline constexpr uint64_t kSymmetricOffsetTag = 1ull << 63;
 
+/// The phases of a call whose global-timer time every call records, by atomic max of each
+/// block's time (device/trace.cuh); read through MoECommunicator::last_call_trace.
+enum class TraceMark : int32_t {
+  kFirstStart = 0,  // the first block of the call's first kernel began (stored inverted: ~t)
+  kLastStart,       // the last block of that kernel began
+  kOpened,          // every block has passed the opening round
+  kStreamed,        // every block has moved its rows
+  kClosed,          // the closing round is done (the call's last kernel)
+  kReceived,        // LL dispatch: the receive phase has every count
+  kCount
+};
+inline constexpr int kTraceMarks = static_cast<int>(TraceMark::kCount);
+
 /// The runtime's own private device memory of a rank (not visible to peers).
 struct CommonLocal {
   uint64_t* epoch;         // calls completed; the running call's seq is *epoch + 1
@@ -80,6 +93,7 @@ struct CommonLocal {
   uint64_t* grid_barrier;  // [2]: arrivals, generation (transport/barrier.cuh: grid_barrier)
   int32_t* aborted;        // set by the first failed wait: later waits give up
   uint64_t* rank_mask;     // bit d: rank d is masked (absent) for this rank's calls
+  uint64_t* trace;         // [2][kTraceMarks]: marks of the calls of even and odd seq
 };
 
 /// RdmaContext::engine: which engine carries this group's traffic between nodes.

@@ -410,6 +410,60 @@ TEST_CASE("HT masked ranks: out of the group on every rank, cached handles refus
   run_case(c, rng, &group);  // rejoined: exact against the whole group's reference
 }
 
+/// Every phase of a call is recorded, in order, not before `not_before` (when the rank's
+/// previous call closed; the global timer may tick coarsely); `received` is LL's alone.
+void check_trace(const CallTrace& t, uint64_t not_before, const std::string& what) {
+  CHECK(t.first_block_start > 0) << what << ": first block start";
+  CHECK(t.first_block_start >= not_before) << what << ": first block start (before the last call)";
+  CHECK(t.first_block_start <= t.last_block_start) << what << ": last block start";
+  CHECK(t.last_block_start <= t.opened) << what << ": opened";
+  CHECK(t.opened <= t.streamed) << what << ": streamed";
+  CHECK(t.streamed <= t.closed) << what << ": closed";
+  CHECK(t.received == 0) << what << ": received (an LL phase)";
+}
+
+TEST_CASE("HT call traces: every phase of dispatch, cached dispatch and combine, in order") {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(seed() + 11);
+  HtCase c;
+  c.R = 3;
+  c.E = 6;
+  c.K = 2;
+  c.H = 384;
+  c.max_tokens = 96;
+  c.sizing = Sizing::kWorstCase;
+  VirtualGroup group(case_config(c), c.R);
+  for (int r = 0; r < c.R; ++r)
+    CHECK(group[r].last_call_trace().first_block_start == 0) << "rank " << r << " before a call";
+  c.tokens = random_tokens(rng, c.R, c.max_tokens, true);  // a rank may send nothing
+  const auto in = make_inputs(rng, c.tokens, c.E, c.K, c.H, c.routing);
+  const SendSide send = make_send_side(c, in);
+  std::vector<uint64_t> last(c.R, 0);  // each rank's previous call closed then
+  auto check_all = [&](const std::string& op) {
+    for (int r = 0; r < c.R; ++r) {
+      const CallTrace t = group[r].last_call_trace();
+      check_trace(t, last[r], op + ", rank " + std::to_string(r));
+      last[r] = t.closed;
+    }
+  };
+  const auto out = run_dispatch(group, c, in, send);
+  check_all("dispatch");
+  std::vector<Handle> handles;
+  for (const auto& o : out) handles.push_back(o.handle);
+  run_dispatch(group, c, in, send, &handles);
+  check_all("cached dispatch");
+  std::vector<DeviceBuffer<uint16_t>> y;
+  for (int r = 0; r < c.R; ++r)
+    y.emplace_back(random_bf16(rng, static_cast<size_t>(out[r].recv_x.shape[0]) * c.H));
+  for (int r = 0; r < c.R; ++r) {
+    CombineArgs a;
+    a.y = y[r].view(DType::kBF16, {out[r].recv_x.shape[0], c.H});
+    group[r].combine(a, out[r].handle);
+  }
+  group.synchronize();
+  check_all("combine");
+}
+
 int main(int argc, char** argv) {
   return moecomm::test::run_all(argc, argv);
 }

@@ -35,6 +35,35 @@ TEST_CASE("ll: bf16 dispatch/combine, R = 1, 2, 4, 8, random routing with -1, T 
   }
 }
 
+TEST_CASE("ll: call traces of combine: every phase in order, plain, hooks and one launch") {
+  REQUIRE_GPU();
+  LlParams p;
+  p.ranks = 3;
+  p.experts = 6;
+  p.topk = 2;
+  p.capacity = 12;
+  LlRig rig(p, 150);
+  std::vector<uint64_t> last(p.ranks, 0);
+  for (int round = 0; round < 3 && !failed(); ++round) {
+    CallMode mode;
+    mode.hooks = round == 1;
+    mode.one_launch = round == 2;
+    rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode, describe(mode));
+    rig.group().synchronize();
+    for (int r = 0; r < p.ranks; ++r) {
+      const CallTrace t = rig.comm(r).last_call_trace();  // the round's last call: combine
+      const std::string at = describe(mode) + ", rank " + std::to_string(r);
+      CHECK(t.first_block_start > 0 && t.first_block_start >= last[r]) << at;
+      CHECK(t.first_block_start <= t.last_block_start) << at;
+      CHECK(t.last_block_start <= t.opened) << at;
+      CHECK(t.opened <= t.streamed) << at;
+      CHECK(t.streamed <= t.closed) << at;
+      CHECK(t.received == 0) << at << ": combine has no receive phase of counts";
+      last[r] = t.closed;
+    }
+  }
+}
+
 TEST_CASE("ll: fp8 dispatch, f32 and power-of-two scales, 1 and 3 groups per row") {
   REQUIRE_GPU();
   for (ScaleFormat format : {ScaleFormat::kFloat32, ScaleFormat::kPowerOfTwo}) {
