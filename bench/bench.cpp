@@ -197,7 +197,7 @@ class WorkloadCache {
 };
 
 TimingPlan main_plan(const Options& o) {
-  return {o.warmup, o.iters, /*gated=*/true};
+  return {o.warmup, o.iters, /*gated=*/true, {}};
 }
 
 /// The Config --tune writes: one mode, or Auto serving both (LL up to the LL token count).
@@ -222,7 +222,7 @@ void tune(Options& o, int max_sms, WorkloadCache& cache, RunRecord& run) {
   for (const int sms : kTuneSms)
     for (const int threads : kTuneThreads)
       if (sms <= max_sms) trials.push_back({sms, threads, 0.0});
-  const TimingPlan plan{std::min(o.warmup, kTuneMaxWarmup), std::min(o.iters, kTuneMaxIters), true};
+  const TimingPlan plan{std::min(o.warmup, kTuneMaxWarmup), std::min(o.iters, kTuneMaxIters), true, {}};
   for (const Mode mode : selected_modes(o)) {
     const PointSpec base = default_point(o, mode);
     Workload& wl = cache.get(make_shape(o, base));
@@ -300,7 +300,7 @@ RunRecord run_benchmark(Options& o) {
   WorkloadCache cache(o, main_plan(o));
   if (o.tune) tune(o, max_sms, cache, run);
   const std::vector<PointSpec> specs = all_specs(run.notes);
-  const Extras extras{o.cached, /*exact=*/true, o.graph, o.staged};
+  const Extras extras{o.cached, /*exact=*/true, o.graph, o.staged, o.phases};
   for (size_t i = 0; i < specs.size(); ++i) {
     const PointSpec& spec = specs[i];
     const Shape shape = make_shape(o, spec);

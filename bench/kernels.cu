@@ -21,7 +21,8 @@ __device__ uint64_t global_timer_ns() {
   return t;
 }
 
-__global__ void gate_kernel(const volatile int* open, int* timed_out, uint64_t timeout_ns) {
+__global__ void gate_kernel(const volatile int* open, int* timed_out, uint64_t* released_ns,
+                            uint64_t timeout_ns) {
   const uint64_t start = global_timer_ns();
   while (*open == 0) {
     if (global_timer_ns() - start > timeout_ns) {
@@ -30,6 +31,7 @@ __global__ void gate_kernel(const volatile int* open, int* timed_out, uint64_t t
     }
     __nanosleep(kGateSleepNs);
   }
+  *released_ns = global_timer_ns();
 }
 
 __global__ void permute_kernel(const uint4* __restrict__ src, const int32_t* __restrict__ src_row,
@@ -83,9 +85,9 @@ unsigned grid_for(int64_t items) {
 
 }  // namespace
 
-void launch_gate(const volatile int* open, int* timed_out, uint64_t timeout_ns,
-                 cudaStream_t stream) {
-  gate_kernel<<<1, 1, 0, stream>>>(open, timed_out, timeout_ns);
+void launch_gate(const volatile int* open, int* timed_out, uint64_t* released_ns,
+                 uint64_t timeout_ns, cudaStream_t stream) {
+  gate_kernel<<<1, 1, 0, stream>>>(open, timed_out, released_ns, timeout_ns);
   MOECOMM_LAUNCH_CHECK("gate_kernel");
 }
 

@@ -9,9 +9,10 @@
 namespace epb {
 
 /// Spins one thread until *open != 0 (host-mapped memory), or until timeout_ns have passed, in
-/// which case *timed_out is set. Everything queued behind it on `stream` waits meanwhile.
-void launch_gate(const volatile int* open, int* timed_out, uint64_t timeout_ns,
-                 cudaStream_t stream);
+/// which case *timed_out is set. Everything queued behind it on `stream` waits meanwhile. The
+/// global-timer time at which it saw the gate open goes to *released_ns.
+void launch_gate(const volatile int* open, int* timed_out, uint64_t* released_ns,
+                 uint64_t timeout_ns, cudaStream_t stream);
 
 /// Gathers rows: dst[i] = src[src_row[i]] for i < rows; rows are `row_bytes` bytes apart in
 /// both buffers (a multiple of 16).

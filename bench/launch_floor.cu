@@ -47,7 +47,7 @@ int main(int argc, char** argv) try {
   std::printf("launch_floor on %s: empty kernels of %d x %d threads, median of %d, us\n", prop.name,
               kBlocks, kThreads, kIters);
   std::printf("%7s %17s %12s %12s\n", "streams", "kernels/stream", "plain", "one graph");
-  const epb::TimingPlan plan{kWarmup, kIters, /*gated=*/true};
+  const epb::TimingPlan plan{kWarmup, kIters, /*gated=*/true, {}};
   for (int R : {1, 2, 4, 8}) {
     std::vector<cudaStream_t> streams(R);
     for (auto& s : streams)
@@ -58,7 +58,7 @@ int main(int argc, char** argv) try {
     for (int k : {1, 2, 4}) {
       const epb::Phase phase = empty_kernels(streams, k);
       const double plain = epb::time_phases(streams, plan, {phase}, sync).phase[0].median;
-      const double graph = epb::GroupGraph(streams, phase).time(plan, sync).median;
+      const double graph = epb::GroupGraph(streams, phase).time(plan, sync).phase[0].median;
       std::printf("%7d %17d %12.1f %12.1f\n", R, k, plain, graph);
     }
     for (cudaStream_t s : streams) cudaStreamDestroy(s);

@@ -64,6 +64,9 @@ Under mpirun (mpirun -np N ep_bench ...), each process is one rank on its own GP
                           CUDA graph for the whole group (moecomm and the naive pipeline alike)
   --staged                also time HT dispatch followed by copying its outputs into
                           caller-owned tensors (what writing rows in place saves)
+  --phases                split each op of one call a rank into launch, block start, opening
+                          round, streaming, closing round (LL: receive) and tail, from the
+                          calls' device-side phase marks (MoECommunicator::last_call_trace)
   --seed N                input seed (default 1)
   --json FILE             write every figure, the machine and the config as JSON
   --sweep tokens|hidden|sms
@@ -204,6 +207,7 @@ const std::map<std::string, Setter>& flag_options() {
       {"--cached", [](Options& o, const std::string&) { o.cached = true; }},
       {"--graph", [](Options& o, const std::string&) { o.graph = true; }},
       {"--staged", [](Options& o, const std::string&) { o.staged = true; }},
+      {"--phases", [](Options& o, const std::string&) { o.phases = true; }},
       {"--tune", [](Options& o, const std::string&) { o.tune = true; }},
   };
   return table;

@@ -44,6 +44,7 @@ struct Options {
   bool cached = false;
   bool graph = false;
   bool staged = false;
+  bool phases = false;  ///< split each op's time by the device's phase marks (virtual ranks)
   uint64_t seed = 1;
   std::string json_path;
   SweepAxis sweep = SweepAxis::kNone;

@@ -142,7 +142,7 @@ Stats time_op(MoECommunicator& comm, const TimingPlan& plan, const std::function
 }
 
 OpResult result(Op op, const Stats& time, const Traffic& traffic) {
-  return {op, time, traffic, Stats{}};  // no naive counterpart in this mode
+  return {op, time, traffic, Stats{}, 0.0, std::nullopt};  // no naive counterpart in this mode
 }
 
 /// One mode's point as this process's rank: the correctness gate, then the timings.
@@ -241,7 +241,7 @@ PointResult run_point(const Options& o, Mode mode, int rank, const std::string& 
   // Timings. Combine is timed with the handle of the last timed dispatch; LL fills that
   // handle's combine buffer once (its contents do not change the time; the output was checked
   // above).
-  const TimingPlan plan{o.warmup, o.iters, /*gated=*/false};
+  const TimingPlan plan{o.warmup, o.iters, /*gated=*/false, {}};
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
   PointResult point;
   point.shape = shape;
@@ -297,7 +297,7 @@ int run_processes(int argc, char** argv, Options& o) {
       throw UsageError("--ranks " + std::to_string(o.ranks) + ": started with " +
                        std::to_string(mpi.size) +
                        " processes (one rank each); drop --ranks or give the same number");
-    for (const char* opt : {"--sweep", "--tune", "--staged", "--graph"})
+    for (const char* opt : {"--sweep", "--tune", "--staged", "--graph", "--phases"})
       if (o.given.count(opt))
         throw UsageError(std::string(opt) +
                          ": virtual-rank mode only (run ep_bench without mpirun); one process per "

@@ -191,8 +191,21 @@ Json op_json(const OpResult& op, double copy_rate, const PointResult& p) {
     j.set("naive", std::move(naive));
     j.set("speedup", op.naive.median / op.time.median);
   }
+  if (op.split) {
+    const PhaseSplit& s = *op.split;
+    j.set("phases_us", Json::object()
+                           .set("launch", s.launch)
+                           .set("block_start", s.block_start)
+                           .set("open", s.open)
+                           .set("stream", s.stream)
+                           .set("close", s.close)
+                           .set("receive", s.receive)
+                           .set("tail", s.tail)
+                           .set("samples", s.samples));
+  }
   return j;
 }
+
 
 Json machine_json(const Machine& m) {
   return Json::object()
@@ -294,12 +307,6 @@ Json tune_json(const RunRecord& run, const Options& o) {
       .set("trials", std::move(trials));
 }
 
-std::string format(const char* fmt, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, fmt, v);
-  return buf;
-}
-
 }  // namespace
 
 double gbps_per_rank(const Traffic& traffic, const Stats& time) {
@@ -350,6 +357,44 @@ std::string utc_now() {
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
   return buf;
 }
+
+namespace {
+
+std::string format(const char* fmt, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, fmt, v);
+  return buf;
+}
+
+/// --phases: where each op's time went (medians of each part over the timed iterations).
+void print_phases(const RunRecord& run, std::FILE* out) {
+  bool any = false;
+  for (const PointResult& p : run.points)
+    for (const OpResult& op : p.ops) any = any || op.split.has_value();
+  if (!any) return;
+  std::fprintf(out, "\nWhere the time went (us, medians over the timed iterations; device phase "
+                    "marks of every rank's call, the group's latest rank each):\n");
+  std::fprintf(out, "%-4s %6s %4s  %-24s %9s %8s %8s %8s %9s %8s %8s %8s\n", "mode", "tokens",
+               "sms", "op", "median", "launch", "blocks", "open", "stream", "close", "receive",
+               "tail");
+  for (const PointResult& p : run.points)
+    for (const OpResult& op : p.ops) {
+      if (!op.split) continue;
+      const PhaseSplit& s = *op.split;
+      std::fprintf(out, "%-4s %6d %4d  %-24s %9.1f %8.1f %8.1f %8.1f %9.1f %8.1f %8s %8.1f\n",
+                   mode_key(p.shape), p.shape.tokens, p.config.num_sms, op_name(op.op),
+                   op.time.median, s.launch, s.block_start, s.open, s.stream, s.close,
+                   s.receive != 0 ? format("%.1f", s.receive).c_str() : "-", s.tail);
+    }
+  std::fprintf(out,
+               "launch: gate release -> first block of the group; blocks: -> every block of every "
+               "rank began; open: -> every rank past its opening round (layout and count "
+               "exchange, arrivals, published outputs); stream: -> every rank's rows moved; "
+               "close: -> every closing round done (LL dispatch: counts published); receive: -> "
+               "LL receive phase done; tail: -> last end event.\n");
+}
+
+}  // namespace
 
 void print_table(const RunRecord& run, const Options& o, std::FILE* out) {
   const Machine& m = run.machine;
@@ -412,6 +457,7 @@ void print_table(const RunRecord& run, const Options& o, std::FILE* out) {
                  "its intranode copies + a serial NIC stage for its copies to other nodes "
                  "(busiest rank's bytes / NIC bandwidth + latency); see docs/bench.md.\n",
                  o.nic_gbps);
+  print_phases(run, out);
   if (run.tuned)
     std::fprintf(out, "tuned: num_sms = %d, threads_per_block = %d, written to %s\n",
                  run.tuned_config.num_sms, run.tuned_config.threads_per_block, o.tune_out.c_str());

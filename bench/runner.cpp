@@ -252,7 +252,9 @@ OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan
   dispatch.launch();
   s.sync();
   check_dispatch(d, "dispatch graph");
-  t.dispatch = dispatch.time(plan, sync);
+  const PhaseTimes td = dispatch.time(plan, sync);
+  t.dispatch = td.phase[0];
+  t.dispatch_split = td.split[0];
 
   std::vector<CombineOutput> c(R);
   const GroupGraph combine(s.streams(), [&] { issue_combine(s, d, &c); });
@@ -260,7 +262,9 @@ OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan
   combine.launch();
   s.sync();
   check_outputs(c, "combine graph");
-  t.combine = combine.time(plan, sync);
+  const PhaseTimes tc = combine.time(plan, sync);
+  t.combine = tc.phase[0];
+  t.combine_split = tc.split[0];
 
   std::vector<DispatchOutput> rd(R);
   std::vector<CombineOutput> rc(R);
@@ -272,7 +276,9 @@ OpTimes time_group_graphs(Session& s, const Workload& wl, const TimingPlan& plan
   round.launch();
   s.sync();
   check_outputs(rc, "dispatch+combine graph");
-  t.round_trip = round.time(plan, sync);
+  TimingPlan whole = plan;
+  whole.traces = nullptr;  // two calls a rank: the trace holds only the second
+  t.round_trip = round.time(whole, sync).phase[0];
   return t;
 }
 
@@ -311,8 +317,15 @@ class StagedCopies {
   std::vector<std::vector<DeviceBuffer<uint8_t>>> buffers_;
 };
 
-OpResult result(Op op, const Stats& time, const Traffic& traffic, const Stats& naive) {
-  return {op, time, traffic, naive};
+OpResult result(Op op, const Stats& time, const Traffic& traffic, const Stats& naive,
+                const std::optional<PhaseSplit>& split = std::nullopt) {
+  return {op, time, traffic, naive, 0.0, split};
+}
+
+/// The plan without phase splits (ops of more than one call a rank).
+TimingPlan unsplit(TimingPlan plan) {
+  plan.traces = nullptr;
+  return plan;
 }
 
 void add_graph_ops(std::vector<OpResult>& out, Session& s, const Workload& wl,
@@ -320,8 +333,8 @@ void add_graph_ops(std::vector<OpResult>& out, Session& s, const Workload& wl,
   const OpTimes g = time_group_graphs(
       s, wl, plan, per_rank_dispatch(s.dispatch_options(Sizing::kWorstCase)), per_rank_combine());
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
-  out.push_back(result(Op::kGraphDispatch, g.dispatch, dt, naive.graph.dispatch));
-  out.push_back(result(Op::kGraphCombine, g.combine, ct, naive.graph.combine));
+  out.push_back(result(Op::kGraphDispatch, g.dispatch, dt, naive.graph.dispatch, g.dispatch_split));
+  out.push_back(result(Op::kGraphCombine, g.combine, ct, naive.graph.combine, g.combine_split));
   out.push_back(result(Op::kGraphRoundTrip, g.round_trip, sum(dt, ct), naive.graph.round_trip));
 }
 
@@ -359,10 +372,12 @@ void add_one_launch_ops(std::vector<OpResult>& out, Session& s, const Workload& 
                   [&] { s.sync(); });
   const OpTimes g = time_group_graphs(s, wl, plan, dispatch, combine);
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
-  out.push_back(result(Op::kOneLaunchDispatch, t.phase[0], dt, naive.dispatch));
-  out.push_back(result(Op::kOneLaunchCombine, t.phase[1], ct, naive.combine));
-  out.push_back(result(Op::kOneLaunchGraphDispatch, g.dispatch, dt, naive.graph.dispatch));
-  out.push_back(result(Op::kOneLaunchGraphCombine, g.combine, ct, naive.graph.combine));
+  out.push_back(result(Op::kOneLaunchDispatch, t.phase[0], dt, naive.dispatch, t.split[0]));
+  out.push_back(result(Op::kOneLaunchCombine, t.phase[1], ct, naive.combine, t.split[1]));
+  out.push_back(
+      result(Op::kOneLaunchGraphDispatch, g.dispatch, dt, naive.graph.dispatch, g.dispatch_split));
+  out.push_back(
+      result(Op::kOneLaunchGraphCombine, g.combine, ct, naive.graph.combine, g.combine_split));
   out.push_back(
       result(Op::kOneLaunchGraphRoundTrip, g.round_trip, sum(dt, ct), naive.graph.round_trip));
 }
@@ -378,12 +393,13 @@ std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& 
   const PhaseTimes t = time_phases(s.streams(), plan, phases, [&] { s.sync(); });
 
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
-  std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch),
-                               result(Op::kCombine, t.phase[1], ct, naive.combine)};
-  if (extras.cached) out.push_back(result(Op::kCachedDispatch, t.phase[2], dt, naive.dispatch));
+  std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch, t.split[0]),
+                               result(Op::kCombine, t.phase[1], ct, naive.combine, t.split[1])};
+  if (extras.cached)
+    out.push_back(result(Op::kCachedDispatch, t.phase[2], dt, naive.dispatch, t.split[2]));
   if (extras.staged) {
     StagedCopies staged(wl);
-    const PhaseTimes ts = time_phases(s.streams(), plan, {[&] {
+    const PhaseTimes ts = time_phases(s.streams(), unsplit(plan), {[&] {
                                         s.dispatch_each(d, worst);
                                         staged.copy_out(d, s.streams());
                                       }},
@@ -394,7 +410,7 @@ std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& 
   if (extras.exact) {
     std::vector<DispatchOutput> e(R);
     const TimingPlan exact_plan{std::min(plan.warmup, kExactMaxWarmup),
-                                std::min(plan.iters, kExactMaxIters), /*gated=*/false};
+                                std::min(plan.iters, kExactMaxIters), /*gated=*/false, {}};
     const PhaseTimes te = time_phases(s.streams(), exact_plan, {[&] { s.exact_dispatch_each(e); }},
                                       [&] { s.sync(); });
     out.push_back(result(Op::kExactDispatch, te.phase[0], dt, naive.dispatch));
@@ -411,13 +427,14 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
                   {[&] { s.dispatch_each(d, options); }, [&] { s.combine_each(d, nullptr); }},
                   [&] { s.sync(); });
   const Traffic dt = wl.dispatch_traffic(), ct = wl.combine_traffic();
-  std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch),
-                               result(Op::kCombine, t.phase[1], ct, naive.combine)};
+  std::vector<OpResult> out = {result(Op::kDispatch, t.phase[0], dt, naive.dispatch, t.split[0]),
+                               result(Op::kCombine, t.phase[1], ct, naive.combine, t.split[1])};
   // The two phases of dispatch apart: send (returns a hook), then every rank's hook.
   std::vector<DispatchOutput> h(s.ranks());
   DispatchOptions hooked = options;
   hooked.return_recv_hook = true;
-  const PhaseTimes th = time_phases(s.streams(), plan,
+  // No splits: the hook's trace is the send phase's call, begun before the hook's release.
+  const PhaseTimes th = time_phases(s.streams(), unsplit(plan),
                                     {[&] { s.dispatch_each(h, hooked); },
                                      [&] {
                                        for (auto& o : h) o.hook();
@@ -429,7 +446,7 @@ std::vector<OpResult> time_ll(Session& s, const Workload& wl, const TimingPlan& 
   out.push_back(result(Op::kDispatchSend, th.phase[0], dt, no_counterpart));
   out.push_back(result(Op::kDispatchRecv, th.phase[1], nothing, no_counterpart));
   if (extras.graph) {
-    const PhaseTimes round = time_phases(s.streams(), plan, {[&] {
+    const PhaseTimes round = time_phases(s.streams(), unsplit(plan), {[&] {
                                            s.dispatch_each(d, options);
                                            s.combine_each(d, nullptr);
                                          }},
@@ -573,9 +590,9 @@ NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs,
   out.round_trip = shifted(t.phase[2], st.dispatch_us + st.combine_us);
   if (graphs) {
     out.graph.dispatch =
-        shifted(GroupGraph(streams.get(), dispatch).time(plan, sync), st.dispatch_us);
-    out.graph.combine = shifted(GroupGraph(streams.get(), combine).time(plan, sync), st.combine_us);
-    out.graph.round_trip = shifted(GroupGraph(streams.get(), round_trip).time(plan, sync),
+        shifted(GroupGraph(streams.get(), dispatch).time(plan, sync).phase[0], st.dispatch_us);
+    out.graph.combine = shifted(GroupGraph(streams.get(), combine).time(plan, sync).phase[0], st.combine_us);
+    out.graph.round_trip = shifted(GroupGraph(streams.get(), round_trip).time(plan, sync).phase[0],
                                    st.dispatch_us + st.combine_us);
   }
   return out;
@@ -586,13 +603,20 @@ std::vector<OpResult> run_moecomm(const Workload& wl, const moecomm::Config& con
                                   const NaiveTimes& naive) {
   MOECOMM_CUDA_CHECK(cudaSetDevice(wl.device));
   Session s(wl, config);
+  TimingPlan traced = plan;
+  if (extras.phases)
+    traced.traces = [&s] {
+      std::vector<moecomm::CallTrace> t;
+      for (int r = 0; r < s.ranks(); ++r) t.push_back(s.group()[r].last_call_trace());
+      return t;
+    };
   std::vector<OpResult> out;
   if (wl.shape.ht()) {
     verify_ht(s, wl, extras);
-    out = time_ht(s, wl, plan, extras, naive);
+    out = time_ht(s, wl, traced, extras, naive);
   } else {
     verify_ll(s, wl);
-    out = time_ll(s, wl, plan, extras, naive);
+    out = time_ll(s, wl, traced, extras, naive);
   }
   for (OpResult& op : out)
     if (op.naive.samples > 0) op.naive_nic_us = naive_nic_us(op.op, naive.nic_stage);

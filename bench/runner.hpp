@@ -1,6 +1,7 @@
 // Runs moecomm and the naive pipeline on one workload: the correctness gate, then the timings.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,8 @@ struct OpResult {
   Stats naive;  ///< the naive pipeline's counterpart (with nodes > 1: its modelled time)
   /// nodes > 1: the modelled NIC stage included in `naive` (0 otherwise).
   double naive_nic_us = 0;
+  /// --phases, ops of one call per rank: where the time went.
+  std::optional<PhaseSplit> split;
 };
 
 /// Which figures beyond dispatch and combine to take.
@@ -50,11 +53,13 @@ struct Extras {
   bool exact = false;
   bool graph = false;
   bool staged = false;
+  bool phases = false;  ///< split each single-call op's time by the device's phase marks
 };
 
 /// Dispatch, combine, and the two in a row.
 struct OpTimes {
   Stats dispatch, combine, round_trip;
+  std::optional<PhaseSplit> dispatch_split, combine_split;  ///< Extras::phases
 };
 
 /// The NIC that ranks of different virtual nodes talk through.

@@ -29,29 +29,95 @@ double percentile(const std::vector<double>& sorted, double q) {
 /// streams starts; one host store releases every stream at once.
 class LaunchGate {
  public:
-  LaunchGate() {
+  explicit LaunchGate(size_t streams) : streams_(streams) {
     MOECOMM_CUDA_CHECK(
         cudaHostAlloc(reinterpret_cast<void**>(&host_), 2 * sizeof(int), cudaHostAllocMapped));
     MOECOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_, 0));
+    MOECOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&released_host_),
+                                     streams * sizeof(uint64_t), cudaHostAllocMapped));
+    MOECOMM_CUDA_CHECK(
+        cudaHostGetDevicePointer(reinterpret_cast<void**>(&released_), released_host_, 0));
   }
-  ~LaunchGate() { cudaFreeHost(host_); }
+  ~LaunchGate() {
+    cudaFreeHost(host_);
+    cudaFreeHost(released_host_);
+  }
   LaunchGate(const LaunchGate&) = delete;
   LaunchGate& operator=(const LaunchGate&) = delete;
 
   void close(const std::vector<cudaStream_t>& streams) {
     host_[kOpen] = 0;
     host_[kTimedOut] = 0;
-    for (cudaStream_t s : streams)
-      launch_gate(device_ + kOpen, device_ + kTimedOut, kGateTimeoutNs, s);
+    for (size_t i = 0; i < streams_; ++i) released_host_[i] = 0;
+    for (size_t i = 0; i < streams.size(); ++i)
+      launch_gate(device_ + kOpen, device_ + kTimedOut, released_ + i, kGateTimeoutNs,
+                  streams[i]);
   }
   void open() { static_cast<volatile int*>(host_)[kOpen] = 1; }
   bool timed_out() const { return static_cast<volatile int*>(host_)[kTimedOut] != 0; }
+  /// After the phase's sync: the earliest time a gate saw the release (global timer ns).
+  uint64_t released_ns() const {
+    uint64_t first = 0;
+    for (size_t i = 0; i < streams_; ++i) {
+      const uint64_t t = static_cast<volatile uint64_t*>(released_host_)[i];
+      if (t && (!first || t < first)) first = t;
+    }
+    return first;
+  }
 
  private:
   static constexpr int kOpen = 0, kTimedOut = 1;
+  size_t streams_;
   int* host_ = nullptr;
   int* device_ = nullptr;
+  uint64_t* released_host_ = nullptr;
+  uint64_t* released_ = nullptr;
 };
+
+/// One iteration's split from the gate's release, every rank's trace and the phase's time;
+/// nothing when a rank's call did not run after the release (its trace is an older call's).
+std::optional<std::vector<double>> split_sample(uint64_t release,
+                                                const std::vector<moecomm::CallTrace>& traces,
+                                                double span_us) {
+  if (!release || traces.empty()) return std::nullopt;
+  uint64_t first = 0, last_start = 0, opened = 0, streamed = 0, closed = 0, received = 0;
+  for (const moecomm::CallTrace& t : traces) {
+    if (t.first_block_start < release || !t.closed) return std::nullopt;
+    first = first ? std::min(first, t.first_block_start) : t.first_block_start;
+    last_start = std::max(last_start, t.last_block_start);
+    opened = std::max(opened, t.opened);
+    streamed = std::max(streamed, t.streamed);
+    closed = std::max(closed, t.closed);
+    received = std::max(received, t.received);
+  }
+  const auto us = [](uint64_t from, uint64_t to) {
+    return 1e-3 * (static_cast<double>(to) - static_cast<double>(from));
+  };
+  const uint64_t done = std::max(closed, received);
+  return std::vector<double>{us(release, first),      us(first, last_start),
+                             us(last_start, opened),  us(opened, streamed),
+                             us(streamed, closed),    received ? us(closed, received) : 0.0,
+                             span_us - us(release, done)};
+}
+
+PhaseSplit summarize_split(const std::vector<std::vector<double>>& samples) {
+  PhaseSplit s;
+  s.samples = static_cast<int>(samples.size());
+  std::vector<double> column;
+  auto median_of = [&](size_t i) {
+    column.clear();
+    for (const auto& v : samples) column.push_back(v[i]);
+    return summarize(column).median;
+  };
+  s.launch = median_of(0);
+  s.block_start = median_of(1);
+  s.open = median_of(2);
+  s.stream = median_of(3);
+  s.close = median_of(4);
+  s.receive = median_of(5);
+  s.tail = median_of(6);
+  return s;
+}
 
 /// Opens the gate when the phase's enqueueing ends, also on an exception.
 class GateScope {
@@ -128,8 +194,10 @@ PhaseTimes time_phases(const std::vector<cudaStream_t>& streams, const TimingPla
   std::vector<std::unique_ptr<PhaseEvents>> events;
   for (size_t p = 0; p < phases.size(); ++p)
     events.push_back(std::make_unique<PhaseEvents>(streams.size()));
-  LaunchGate gate;
+  LaunchGate gate(streams.size());
   std::vector<std::vector<double>> samples(phases.size());
+  const bool split = plan.gated && plan.traces;
+  std::vector<std::vector<std::vector<double>>> splits(phases.size());
   for (int it = 0; it < plan.warmup + plan.iters; ++it) {
     for (size_t p = 0; p < phases.size(); ++p) {
       {
@@ -143,11 +211,20 @@ PhaseTimes time_phases(const std::vector<cudaStream_t>& streams, const TimingPla
         throw std::runtime_error(
             "the launch gate timed out: a call blocked the host while the streams were held, so "
             "this timing is not valid");
-      if (it >= plan.warmup) samples[p].push_back(events[p]->span_us());
+      if (it < plan.warmup) continue;
+      const double span = events[p]->span_us();
+      samples[p].push_back(span);
+      if (split)
+        if (auto v = split_sample(gate.released_ns(), plan.traces(), span))
+          splits[p].push_back(std::move(*v));
     }
   }
   PhaseTimes out;
-  for (auto& s : samples) out.phase.push_back(summarize(std::move(s)));
+  for (size_t p = 0; p < phases.size(); ++p) {
+    out.phase.push_back(summarize(std::move(samples[p])));
+    out.split.push_back(splits[p].empty() ? std::nullopt
+                                          : std::optional<PhaseSplit>(summarize_split(splits[p])));
+  }
   return out;
 }
 
@@ -231,8 +308,8 @@ void GroupGraph::launch() const {
   MOECOMM_CUDA_CHECK(cudaGraphLaunch(exec_, origin_));
 }
 
-Stats GroupGraph::time(const TimingPlan& plan, const std::function<void()>& sync) const {
-  return time_phases({origin_}, plan, {[this] { launch(); }}, sync).phase[0];
+PhaseTimes GroupGraph::time(const TimingPlan& plan, const std::function<void()>& sync) const {
+  return time_phases({origin_}, plan, {[this] { launch(); }}, sync);
 }
 
 double measure_copy_rate(int device) {

@@ -11,7 +11,10 @@
 #include <cuda_runtime_api.h>
 
 #include <functional>
+#include <optional>
 #include <vector>
+
+#include "moecomm/communicator.hpp"
 
 namespace epb {
 
@@ -26,16 +29,35 @@ Stats summarize(std::vector<double> us);
 /// A phase issues one op on every rank (rank after rank, or through parallel_for).
 using Phase = std::function<void()>;
 
+/// Where a gated phase's time went (ep_bench --phases), µs, medians over the timed iterations of
+/// the group's timeline: the launch gate's release, then the device's phase marks of every rank's
+/// last call (moecomm::CallTrace; a mark of the group is its latest rank's, the start its
+/// earliest), then the last end event. Per iteration the parts add up to the phase's time.
+struct PhaseSplit {
+  double launch = 0;       ///< release -> the group's first block began (the front end)
+  double block_start = 0;  ///< -> every block of every rank began
+  double open = 0;         ///< -> every rank passed its opening round
+  double stream = 0;       ///< -> every rank moved its rows
+  double close = 0;        ///< -> every rank's closing round was done
+  double receive = 0;      ///< LL dispatch: -> every rank's receive phase had its counts
+  double tail = 0;         ///< -> the last end event (the kernels' exit)
+  int samples = 0;
+};
+
 struct TimingPlan {
   int warmup = 0;
   int iters = 1;
   /// Hold the streams behind the launch gate while the host enqueues, so that host launch time
   /// is not measured. Off for calls that wait on the host (exact HT sizing).
   bool gated = true;
+  /// With it (and gated), each timed iteration's PhaseSplit: every rank's last call's trace,
+  /// read after the phase's sync.
+  std::function<std::vector<moecomm::CallTrace>()> traces;
 };
 
 struct PhaseTimes {
-  std::vector<Stats> phase;  ///< one per phase
+  std::vector<Stats> phase;                     ///< one per phase
+  std::vector<std::optional<PhaseSplit>> split;  ///< one per phase, with plan.traces
 };
 
 /// Runs plan.warmup + plan.iters iterations of the phases; `sync` waits for every stream (and
@@ -56,7 +78,7 @@ class GroupGraph {
 
   void launch() const;  ///< on stream 0
   /// Gated launches on stream 0, timed like a phase; `sync` as for time_phases.
-  Stats time(const TimingPlan& plan, const std::function<void()>& sync) const;
+  PhaseTimes time(const TimingPlan& plan, const std::function<void()>& sync) const;
 
  private:
   cudaStream_t origin_ = nullptr;
