@@ -44,17 +44,15 @@ __device__ __forceinline__ float group_max(float v) {
 /// Quantises `groups` groups of 128 bf16 channels from src, 8 lanes per group, 16 channels per
 /// lane. For each group g and lane: sink(g, sub, q, scale, valid) with q the lane's 16 e4m3 bytes
 /// at channel sub * 16 of the group. All lanes call the sink (valid is false past the last group),
-/// so sinks may shuffle. A step is `Unroll` x kFp8GroupsPerWarp groups, loaded before any of them
-/// is processed (more bytes in flight, more registers). kPipelined: the next step's loads are
-/// issued before the current step is processed and stored, so a warp's loads stay in flight
-/// while it quantises (twice the registers; for rows of several steps).
-template <int Unroll = kQuantizeUnroll, bool kPipelined = false, typename Sink>
+/// so sinks may shuffle. `Unroll` steps of kFp8GroupsPerWarp groups are loaded before any is
+/// processed (more bytes in flight, more registers).
+template <int Unroll = kQuantizeUnroll, typename Sink>
 __device__ __forceinline__ void quantize_groups(const int4* src, int groups, bool pow2, int lane,
                                                 Sink&& sink) {
   const int slot = lane / kLanesPerFp8Group, sub = lane % kLanesPerFp8Group;
   constexpr int kVectorsPerGroup = 128 / kBf16PerVec;
-  constexpr int kStepGroups = kFp8GroupsPerWarp * Unroll;
-  auto load_step = [&](int g0, int4(&v)[Unroll][2]) {
+  for (int g0 = 0; g0 < groups; g0 += kFp8GroupsPerWarp * Unroll) {
+    int4 v[Unroll][2];
 #pragma unroll
     for (int u = 0; u < Unroll; ++u) {
       const int g = g0 + u * kFp8GroupsPerWarp + slot;
@@ -62,8 +60,6 @@ __device__ __forceinline__ void quantize_groups(const int4* src, int groups, boo
       v[u][0] = g < groups ? ld_stream_16(p) : make_int4(0, 0, 0, 0);
       v[u][1] = g < groups ? ld_stream_16(p + 1) : make_int4(0, 0, 0, 0);
     }
-  };
-  auto process_step = [&](int g0, const int4(&v)[Unroll][2]) {
 #pragma unroll
     for (int u = 0; u < Unroll; ++u) {
       const int g = g0 + u * kFp8GroupsPerWarp + slot;
@@ -75,23 +71,6 @@ __device__ __forceinline__ void quantize_groups(const int4* src, int groups, boo
       fp8_scale(amax, pow2, scale, inv);
       const uint2 a = quantize_fp8x8(lo, inv), b = quantize_fp8x8(hi, inv);
       sink(g, sub, make_uint4(a.x, a.y, b.x, b.y), scale, g < groups);
-    }
-  };
-  if constexpr (kPipelined) {
-    int4 v[Unroll][2];
-    load_step(0, v);
-    for (int g0 = 0; g0 < groups; g0 += kStepGroups) {
-      int4 next[Unroll][2];
-      load_step(g0 + kStepGroups, next);  // nothing is loaded past the last group
-      process_step(g0, v);
-#pragma unroll
-      for (int u = 0; u < Unroll; ++u) v[u][0] = next[u][0], v[u][1] = next[u][1];
-    }
-  } else {
-    for (int g0 = 0; g0 < groups; g0 += kStepGroups) {
-      int4 v[Unroll][2];
-      load_step(g0, v);
-      process_step(g0, v);
     }
   }
 }

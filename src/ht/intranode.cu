@@ -31,11 +31,9 @@ constexpr int kWideBlockThreads = 512;
 template <int kBlockThreads>
 struct Budget {
   static constexpr bool kWide = kBlockThreads <= kWideBlockThreads;
-  /// quantize_groups: a step of 4 KB (wide) or 2 KB a warp; wide warps load the next step
-  /// while they quantise and store the current one.
+  /// quantize_groups steps loaded at once: 4 KB (wide) or 2 KB a warp.
   static constexpr int kQuantizeUnroll =
       kWide ? 2 * device::kQuantizeUnroll : device::kQuantizeUnroll;
-  static constexpr bool kQuantizePipelined = kWide;
   /// 16-byte vectors of each source row a lane loads at once in combine.
   static constexpr int kCombineVectors = kWide ? 2 : 1;
 };
@@ -110,11 +108,11 @@ __device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, cons
 
 /// Quantises one bf16 row to e4m3 (one scale per 128 channels) and writes data and scales to
 /// every destination.
-template <int kUnroll, bool kPipelined>
+template <int kUnroll>
 __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
                              bool pow2, int lane) {
   const int H = ctx.hidden, groups = H / kFp8Group;
-  device::quantize_groups<kUnroll, kPipelined>(
+  device::quantize_groups<kUnroll>(
       reinterpret_cast<const int4*>(src), groups, pow2, lane,
       [&](int g, int sub, uint4 q, float scale, bool valid) {
         for (uint64_t m = route.mask; m;) {
@@ -167,8 +165,7 @@ __device__ __forceinline__ void dispatch_token(const DeviceContext& ctx, const D
 
   const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
   if (p.quantize)
-    quantize_row<Budget<kBlockThreads>::kQuantizeUnroll, Budget<kBlockThreads>::kQuantizePipelined>(
-        ctx, route, src, p.pow2_scales, lane);
+    quantize_row<Budget<kBlockThreads>::kQuantizeUnroll>(ctx, route, src, p.pow2_scales, lane);
   else
     copy_row(ctx, route, src, p.in_row_bytes, lane);
 }
