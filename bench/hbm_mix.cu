@@ -7,9 +7,8 @@
 //   fan-in N:  a warp reads N 14336-byte rows spread over the buffer and writes one (combine).
 //   quant N:   fan-out N where the warp quantises the row to e4m3 on the way, with the library's
 //              own quantize_groups (device/row_ops.cuh) and a scale per 128 channels written
-//              beside each destination row: HT dispatch's fp8 path without its routing;
-//   quant-pipe N: the same with the next step's loads issued before the current one is
-//              quantised (quantize_groups' kPipelined).
+//              beside each destination row: HT dispatch's fp8 path without its routing.
+// A row's destinations are computed once (lane j holds the j-th), then shuffled, as dispatch does.
 // Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks).
 // Usage: hbm_mix [--device D]. Prints GB/s (bytes read + written) and the fraction of the copy
 // rate, median of the timed runs.
@@ -46,6 +45,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
     const int4* row = src + r * kRowVecs;
+    const int64_t mine = lane < fan ? spread(r, lane, dst_rows) : 0;
     for (int base = 0; base < kOutVecs; base += 32 * kUnroll) {
       int4 v[kUnroll];
 #pragma unroll
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       for (int j = 0; j < fan; ++j) {
-        int4* out = dst + spread(r, j, dst_rows) * kOutVecs;
+        int4* out = dst + __shfl_sync(0xffffffffu, mine, j) * kOutVecs;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int i = base + u * 32 + lane;
@@ -68,19 +68,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <bool kPipelined>
 __global__ void __launch_bounds__(kThreads)
     fan_out_quantize(const int4* __restrict__ src, uint8_t* __restrict__ dst,
                      float* __restrict__ scales, int fan, int64_t dst_rows) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
-    moecomm::device::quantize_groups<kQuantizeUnroll, kPipelined>(
+    const int64_t mine = lane < fan ? spread(r, lane, dst_rows) : 0;
+    moecomm::device::quantize_groups<kQuantizeUnroll>(
         src + r * kRowVecs, kGroups, false, lane,
         [&](int g, int sub, uint4 q, float scale, bool valid) {
-          if (!valid) return;
           for (int j = 0; j < fan; ++j) {
-            const int64_t row = spread(r, j, dst_rows);
+            const int64_t row = __shfl_sync(0xffffffffu, mine, j);
+            if (!valid) continue;
             *reinterpret_cast<uint4*>(dst + row * (kOutVecs * 16) + g * 128 + sub * 16) = q;
             if (sub == 0) scales[row * kGroups + g] = scale;
           }
@@ -158,24 +158,19 @@ int main(int argc, char** argv) try {
   std::printf("hbm_mix on %s: copy rate %.0f GB/s (read + written, %.0f MB copied)\n", prop.name,
               copy_gbps, copy_bytes / 1e6);
   std::printf("%-10s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
-  enum Mix { kFanOut, kQuant, kQuantPipe, kFanIn };
-  const char* names[] = {"fan-out", "quant", "quant-pipe", "fan-in"};
-  for (const Mix mix : {kFanOut, kQuant, kQuantPipe, kFanIn}) {
+  enum Mix { kFanOut, kQuant, kFanIn };
+  const char* names[] = {"fan-out", "quant", "fan-in"};
+  for (const Mix mix : {kFanOut, kQuant, kFanIn}) {
     for (int fan : {1, 2, 4, 6}) {
       for (int blocks : {32, 64, 128}) {
         if (blocks > prop.multiProcessorCount) continue;
         float ms = 0;
         double bytes = 0;
-        if (mix == kQuant || mix == kQuantPipe) {
+        if (mix == kQuant) {
           const int64_t dst_rows = big.bytes() / out_bytes;
           auto* dst = reinterpret_cast<uint8_t*>(big.get());
           ms = median_ms([&] {
-            if (mix == kQuant)
-              fan_out_quantize<false>
-                  <<<blocks, kThreads>>>(rows.get(), dst, scales.get(), fan, dst_rows);
-            else
-              fan_out_quantize<true>
-                  <<<blocks, kThreads>>>(rows.get(), dst, scales.get(), fan, dst_rows);
+            fan_out_quantize<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), fan, dst_rows);
             MOECOMM_LAUNCH_CHECK("fan_out_quantize");
           });
           bytes = kRows * (row_bytes + static_cast<double>(fan) * (out_bytes + 4.0 * kGroups));
