@@ -206,7 +206,6 @@ Json op_json(const OpResult& op, double copy_rate, const PointResult& p) {
   return j;
 }
 
-
 Json machine_json(const Machine& m) {
   return Json::object()
       .set("gpu", m.gpu)
@@ -245,6 +244,7 @@ Json options_json(const Options& o) {
       .set("topk_groups", o.topk_groups)
       .set("cached", o.cached)
       .set("graph", o.graph)
+      .set("phases", o.phases)
       .set("config_file", o.config_path)
       .set("nodes", o.nodes)
       .set("nic_gbps", o.nic_gbps)
@@ -372,8 +372,9 @@ void print_phases(const RunRecord& run, std::FILE* out) {
   for (const PointResult& p : run.points)
     for (const OpResult& op : p.ops) any = any || op.split.has_value();
   if (!any) return;
-  std::fprintf(out, "\nWhere the time went (us, medians over the timed iterations; device phase "
-                    "marks of every rank's call, the group's latest rank each):\n");
+  std::fprintf(out,
+               "\nWhere the time went (us, medians over the timed iterations; device phase "
+               "marks of every rank's call, the group's latest rank each):\n");
   std::fprintf(out, "%-4s %6s %4s  %-24s %9s %8s %8s %8s %9s %8s %8s %8s\n", "mode", "tokens",
                "sms", "op", "median", "launch", "blocks", "open", "stream", "close", "receive",
                "tail");

@@ -68,4 +68,20 @@ int64_t count_mismatches(const std::vector<T>& got, const std::vector<T>& want,
   return bad;
 }
 
+/// Every phase of a call is recorded, in order, not before `not_before` (when the rank's previous
+/// call closed; the global timer may tick coarsely); `received` only with `receive_phase`.
+inline void check_trace_order(const CallTrace& t, uint64_t not_before, bool receive_phase,
+                              const std::string& what) {
+  CHECK(t.first_block_start > 0) << what << ": first block start";
+  CHECK(t.first_block_start >= not_before) << what << ": first block start before the last call";
+  CHECK(t.first_block_start <= t.last_block_start) << what << ": last block start";
+  CHECK(t.last_block_start <= t.opened) << what << ": opened";
+  CHECK(t.opened <= t.streamed) << what << ": streamed";
+  CHECK(t.streamed <= t.closed) << what << ": closed";
+  if (receive_phase)
+    CHECK(t.closed <= t.received) << what << ": received";
+  else
+    CHECK(t.received == 0) << what << ": received (no receive phase)";
+}
+
 }  // namespace moecomm::test

@@ -410,18 +410,6 @@ TEST_CASE("HT masked ranks: out of the group on every rank, cached handles refus
   run_case(c, rng, &group);  // rejoined: exact against the whole group's reference
 }
 
-/// Every phase of a call is recorded, in order, not before `not_before` (when the rank's
-/// previous call closed; the global timer may tick coarsely); `received` is LL's alone.
-void check_trace(const CallTrace& t, uint64_t not_before, const std::string& what) {
-  CHECK(t.first_block_start > 0) << what << ": first block start";
-  CHECK(t.first_block_start >= not_before) << what << ": first block start (before the last call)";
-  CHECK(t.first_block_start <= t.last_block_start) << what << ": last block start";
-  CHECK(t.last_block_start <= t.opened) << what << ": opened";
-  CHECK(t.opened <= t.streamed) << what << ": streamed";
-  CHECK(t.streamed <= t.closed) << what << ": closed";
-  CHECK(t.received == 0) << what << ": received (an LL phase)";
-}
-
 TEST_CASE("HT call traces: every phase of dispatch, cached dispatch and combine, in order") {
   REQUIRE_GPU();
   std::mt19937_64 rng(seed() + 11);
@@ -442,7 +430,7 @@ TEST_CASE("HT call traces: every phase of dispatch, cached dispatch and combine,
   auto check_all = [&](const std::string& op) {
     for (int r = 0; r < c.R; ++r) {
       const CallTrace t = group[r].last_call_trace();
-      check_trace(t, last[r], op + ", rank " + std::to_string(r));
+      check_trace_order(t, last[r], /*receive_phase=*/false, op + ", rank " + std::to_string(r));
       last[r] = t.closed;
     }
   };

@@ -53,13 +53,8 @@ TEST_CASE("ll: call traces of combine: every phase in order, plain, hooks and on
     rig.group().synchronize();
     for (int r = 0; r < p.ranks; ++r) {
       const CallTrace t = rig.comm(r).last_call_trace();  // the round's last call: combine
-      const std::string at = describe(mode) + ", rank " + std::to_string(r);
-      CHECK(t.first_block_start > 0 && t.first_block_start >= last[r]) << at;
-      CHECK(t.first_block_start <= t.last_block_start) << at;
-      CHECK(t.last_block_start <= t.opened) << at;
-      CHECK(t.opened <= t.streamed) << at;
-      CHECK(t.streamed <= t.closed) << at;
-      CHECK(t.received == 0) << at << ": combine has no receive phase of counts";
+      test::check_trace_order(t, last[r], /*receive_phase=*/false,
+                              describe(mode) + ", rank " + std::to_string(r));
       last[r] = t.closed;
     }
   }
