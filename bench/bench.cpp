@@ -222,7 +222,8 @@ void tune(Options& o, int max_sms, WorkloadCache& cache, RunRecord& run) {
   for (const int sms : kTuneSms)
     for (const int threads : kTuneThreads)
       if (sms <= max_sms) trials.push_back({sms, threads, 0.0});
-  const TimingPlan plan{std::min(o.warmup, kTuneMaxWarmup), std::min(o.iters, kTuneMaxIters), true, {}};
+  const TimingPlan plan{
+      std::min(o.warmup, kTuneMaxWarmup), std::min(o.iters, kTuneMaxIters), true, {}};
   for (const Mode mode : selected_modes(o)) {
     const PointSpec base = default_point(o, mode);
     Workload& wl = cache.get(make_shape(o, base));

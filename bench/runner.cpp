@@ -410,7 +410,9 @@ std::vector<OpResult> time_ht(Session& s, const Workload& wl, const TimingPlan& 
   if (extras.exact) {
     std::vector<DispatchOutput> e(R);
     const TimingPlan exact_plan{std::min(plan.warmup, kExactMaxWarmup),
-                                std::min(plan.iters, kExactMaxIters), /*gated=*/false, {}};
+                                std::min(plan.iters, kExactMaxIters),
+                                /*gated=*/false,
+                                {}};
     const PhaseTimes te = time_phases(s.streams(), exact_plan, {[&] { s.exact_dispatch_each(e); }},
                                       [&] { s.sync(); });
     out.push_back(result(Op::kExactDispatch, te.phase[0], dt, naive.dispatch));
@@ -591,7 +593,8 @@ NaiveTimes time_naive(const Workload& wl, const TimingPlan& plan, bool graphs,
   if (graphs) {
     out.graph.dispatch =
         shifted(GroupGraph(streams.get(), dispatch).time(plan, sync).phase[0], st.dispatch_us);
-    out.graph.combine = shifted(GroupGraph(streams.get(), combine).time(plan, sync).phase[0], st.combine_us);
+    out.graph.combine =
+        shifted(GroupGraph(streams.get(), combine).time(plan, sync).phase[0], st.combine_us);
     out.graph.round_trip = shifted(GroupGraph(streams.get(), round_trip).time(plan, sync).phase[0],
                                    st.dispatch_us + st.combine_us);
   }

@@ -50,8 +50,7 @@ class LaunchGate {
     host_[kTimedOut] = 0;
     for (size_t i = 0; i < streams_; ++i) released_host_[i] = 0;
     for (size_t i = 0; i < streams.size(); ++i)
-      launch_gate(device_ + kOpen, device_ + kTimedOut, released_ + i, kGateTimeoutNs,
-                  streams[i]);
+      launch_gate(device_ + kOpen, device_ + kTimedOut, released_ + i, kGateTimeoutNs, streams[i]);
   }
   void open() { static_cast<volatile int*>(host_)[kOpen] = 1; }
   bool timed_out() const { return static_cast<volatile int*>(host_)[kTimedOut] != 0; }
@@ -94,9 +93,9 @@ std::optional<std::vector<double>> split_sample(uint64_t release,
     return 1e-3 * (static_cast<double>(to) - static_cast<double>(from));
   };
   const uint64_t done = std::max(closed, received);
-  return std::vector<double>{us(release, first),      us(first, last_start),
-                             us(last_start, opened),  us(opened, streamed),
-                             us(streamed, closed),    received ? us(closed, received) : 0.0,
+  return std::vector<double>{us(release, first),         us(first, last_start),
+                             us(last_start, opened),     us(opened, streamed),
+                             us(streamed, closed),       received ? us(closed, received) : 0.0,
                              span_us - us(release, done)};
 }
 

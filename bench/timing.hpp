@@ -56,7 +56,7 @@ struct TimingPlan {
 };
 
 struct PhaseTimes {
-  std::vector<Stats> phase;                     ///< one per phase
+  std::vector<Stats> phase;                      ///< one per phase
   std::vector<std::optional<PhaseSplit>> split;  ///< one per phase, with plan.traces
 };
 
