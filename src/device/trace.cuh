@@ -27,6 +27,14 @@ __device__ __forceinline__ void trace_mark(const detail::RankContext& ctx, uint6
             static_cast<unsigned long long>(global_timer_ns()));
 }
 
+/// Every thread of the block: `mark` once all of the block's warps have passed it (a mark whose
+/// warps finish apart, e.g. the end of a loop over tokens).
+__device__ __forceinline__ void trace_block_mark(const detail::RankContext& ctx, uint64_t seq,
+                                                 TraceMark mark) {
+  __syncthreads();
+  trace_mark(ctx, seq, mark);
+}
+
 /// Thread 0 of every block of the call's first kernel, first thing: its start.
 __device__ __forceinline__ void trace_start(const detail::RankContext& ctx, uint64_t seq) {
   if (threadIdx.x != 0) return;

@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     dispatch_token<kBlockThreads>(ctx, p, t, groups, lane);
     t = queue.unit(next);
   }
-  device::trace_mark(ctx, seq, TraceMark::kStreamed);
+  device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     if (threadIdx.x == 0) queue.reset();
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     next_t = queue.unit(next);
   }
-  device::trace_mark(ctx, seq, TraceMark::kStreamed);
+  device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     // Tell every owner its outputs have been read; wait until every reader is done with ours

@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     if (ok) reduce_token(ctx, p, outs, t, lane);
   }
   port.flush();  // the held signals of this warp's partial sums
-  device::trace_mark(ctx, seq, TraceMark::kStreamed);
+  device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     if (!transport::aborted(ctx)) consume_partials(ctx, p);

@@ -471,7 +471,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   // they fall due, also while it waits), then flushes.
   if (ok) ok = forward_all(ctx, p, port, lane);
   port.flush();
-  device::trace_mark(ctx, seq, TraceMark::kStreamed);
+  device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     if (!transport::aborted(ctx)) consume_forwarded(ctx, p);

@@ -277,7 +277,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
     }
     __syncwarp();  // the lists are rewritten for the next piece
   }
-  device::trace_mark(ctx, seq, TraceMark::kStreamed);
+  device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx, blocks)) {
     // Every owner learns its y has been read; y of this rank stays until every reader is done.

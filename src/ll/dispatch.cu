@@ -187,7 +187,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   // kInternode: every put of this warp has landed before the block takes its ticket, so the
   // counts the last block signals cover every block's rows.
   if constexpr (kInternode) port.flush();
-  device::trace_mark(ctx, seq, TraceMark::kStreamed);
+  device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
   // The last block to finish publishes every (expert, this rank) count: by then every block's
   // rows are written (is_last_block fences before its ticket), so one release per word covers
