@@ -84,19 +84,6 @@ __device__ __forceinline__ uint64_t global_timer_ns_warp() {
   return __shfl_sync(0xffffffffu, global_timer_ns(), 0);
 }
 
-/// Asks L2 to fetch `bytes` from global memory at `ptr` (both multiples of 16) while the thread
-/// goes on: one instruction for a whole row, no registers, no effect on what loads return.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* ptr, uint32_t bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-#endif
-}
-
-/// Asks L2 to fetch the line holding `ptr`.
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-}
-
 /// 16-byte global load that bypasses L1 allocation (data read once).
 __device__ __forceinline__ int4 ld_stream_16(const void* ptr) {
   int4 v;

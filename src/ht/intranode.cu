@@ -170,29 +170,6 @@ __device__ __forceinline__ void dispatch_token(const DeviceContext& ctx, const D
     copy_row(ctx, route, src, p.in_row_bytes, lane);
 }
 
-/// Lanes 0-3: token t's source row, and its routing entries, fetched into L2 while the warp
-/// works on the token before it (one token's chain of loads is the kernel's bound).
-__device__ __forceinline__ void prefetch_token(const DeviceContext& ctx, const DispatchParams& p,
-                                               int64_t t, int lane) {
-  const int K = ctx.topk;
-  if (lane == 0) {
-    const uint8_t* row = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
-    if (((reinterpret_cast<uintptr_t>(row) | p.in_row_bytes) & 15) == 0)
-      device::prefetch_l2_bulk(row, static_cast<uint32_t>(p.in_row_bytes));
-  } else if (lane == 1) {
-    device::prefetch_l2(p.idx_i64 ? static_cast<const void*>(
-                                        static_cast<const int64_t*>(p.topk_idx) + t * K)
-                                  : static_cast<const int32_t*>(p.topk_idx) + t * K);
-  } else if (lane == 2 && p.topk_weights) {
-    device::prefetch_l2(p.topk_weights + t * K);
-  } else if (lane == 3) {
-    if (p.cached)
-      device::prefetch_l2(p.send_row + t * ctx.num_ranks);
-    else
-      device::prefetch_l2(ctx.layout.token_rank_mask + t);
-  }
-}
-
 template <int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     dispatch_kernel(DeviceContext ctx, DispatchParams p) {
@@ -213,16 +190,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   const int groups = ctx.hidden / kFp8Group;
   const device::WorkQueue queue{ctx.local.work_queue};
-  // Each warp holds two tokens: the one it works on (t) and the next (t1), fetched into L2
-  // meanwhile; the one after is drawn before the work, so the atomic's latency hides too.
-  int64_t t = ok ? queue.unit(queue.draw(lane)) : p.num_tokens;
-  int64_t t1 = t < p.num_tokens ? queue.unit(queue.draw(lane)) : p.num_tokens;
-  while (t < p.num_tokens) {
+  for (int64_t t = ok ? queue.unit(queue.draw(lane)) : p.num_tokens; t < p.num_tokens;) {
     const uint32_t next = queue.draw(lane);
-    if (t1 < p.num_tokens) prefetch_token(ctx, p, t1, lane);
     dispatch_token<kBlockThreads>(ctx, p, t, groups, lane);
-    t = t1;
-    t1 = queue.unit(next);
+    t = queue.unit(next);
   }
   device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
