@@ -41,21 +41,14 @@ __device__ __forceinline__ float group_max(float v) {
   return v;
 }
 
-/// quantize_groups' default end of a step: nothing.
-struct NoStepEnd {
-  template <int Unroll>
-  __device__ void operator()(int, const float (&)[Unroll]) const {}
-};
-
 /// Quantises `groups` groups of 128 bf16 channels from src, 8 lanes per group, 16 channels per
 /// lane. For each group g and lane: sink(g, sub, q, scale, valid) with q the lane's 16 e4m3 bytes
 /// at channel sub * 16 of the group. All lanes call the sink (valid is false past the last group),
 /// so sinks may shuffle. `Unroll` steps of kFp8GroupsPerWarp groups are loaded before any is
-/// processed (more bytes in flight, more registers). After each step every lane calls
-/// step_end(g0, scale) with scale[u] the scale of its group g0 + u * kFp8GroupsPerWarp + slot.
-template <int Unroll = kQuantizeUnroll, typename Sink, typename StepEnd = NoStepEnd>
+/// processed (more bytes in flight, more registers).
+template <int Unroll = kQuantizeUnroll, typename Sink>
 __device__ __forceinline__ void quantize_groups(const int4* src, int groups, bool pow2, int lane,
-                                                Sink&& sink, StepEnd&& step_end = {}) {
+                                                Sink&& sink) {
   const int slot = lane / kLanesPerFp8Group, sub = lane % kLanesPerFp8Group;
   constexpr int kVectorsPerGroup = 128 / kBf16PerVec;
   for (int g0 = 0; g0 < groups; g0 += kFp8GroupsPerWarp * Unroll) {
@@ -67,7 +60,6 @@ __device__ __forceinline__ void quantize_groups(const int4* src, int groups, boo
       v[u][0] = g < groups ? ld_stream_16(p) : make_int4(0, 0, 0, 0);
       v[u][1] = g < groups ? ld_stream_16(p + 1) : make_int4(0, 0, 0, 0);
     }
-    float scales[Unroll];
 #pragma unroll
     for (int u = 0; u < Unroll; ++u) {
       const int g = g0 + u * kFp8GroupsPerWarp + slot;
@@ -79,27 +71,8 @@ __device__ __forceinline__ void quantize_groups(const int4* src, int groups, boo
       fp8_scale(amax, pow2, scale, inv);
       const uint2 a = quantize_fp8x8(lo, inv), b = quantize_fp8x8(hi, inv);
       sink(g, sub, make_uint4(a.x, a.y, b.x, b.y), scale, g < groups);
-      scales[u] = scale;
     }
-    step_end(g0, scales);
   }
-}
-
-/// For a step_end of quantize_groups: lane j < Unroll gets the scales of the step's groups
-/// g0 + 4j .. g0 + 4j + 3 as one vector (held by lanes 0, 8, 16 and 24 as their scale[j]), so
-/// that a step's scales leave in one 16-byte store per lane instead of four 4-byte ones.
-template <int Unroll>
-__device__ __forceinline__ float4 gather_step_scales(const float (&scale)[Unroll], int lane) {
-  float4 mine = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-  for (int u = 0; u < Unroll; ++u) {
-    const float4 v = make_float4(__shfl_sync(0xffffffffu, scale[u], 0 * kLanesPerFp8Group),
-                                 __shfl_sync(0xffffffffu, scale[u], 1 * kLanesPerFp8Group),
-                                 __shfl_sync(0xffffffffu, scale[u], 2 * kLanesPerFp8Group),
-                                 __shfl_sync(0xffffffffu, scale[u], 3 * kLanesPerFp8Group));
-    if (lane == u) mine = v;
-  }
-  return mine;
 }
 
 }  // namespace moecomm::device

@@ -107,13 +107,11 @@ __device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, cons
 }
 
 /// Quantises one bf16 row to e4m3 (one scale per 128 channels) and writes data and scales to
-/// every destination. When a row's scales come in whole 16-byte vectors (groups % 4 == 0), each
-/// step's scales leave in one vector store per destination (not one 4-byte store per group).
+/// every destination.
 template <int kUnroll>
 __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
                              bool pow2, int lane) {
   const int H = ctx.hidden, groups = H / kFp8Group;
-  const bool vector_scales = groups % device::kFp8GroupsPerWarp == 0;
   device::quantize_groups<kUnroll>(
       reinterpret_cast<const int4*>(src), groups, pow2, lane,
       [&](int g, int sub, uint4 q, float scale, bool valid) {
@@ -123,21 +121,8 @@ __device__ void quantize_row(const DeviceContext& ctx, const TokenRoute& route, 
           if (!valid) continue;
           uint8_t* dst = ctx.peers[d] + ctx.ht.x + row * H;
           *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
-          if (sub == 0 && !vector_scales)
+          if (sub == 0)
             reinterpret_cast<float*>(ctx.peers[d] + ctx.ht.scales)[row * groups + g] = scale;
-        }
-      },
-      [&](int g0, const float(&scale)[kUnroll]) {
-        if (!vector_scales) return;
-        const float4 v = device::gather_step_scales<kUnroll>(scale, lane);
-        const int g = g0 + lane * device::kFp8GroupsPerWarp;  // lane j: groups g .. g + 3
-        const bool mine = lane < kUnroll && g < groups;
-        for (uint64_t m = route.mask; m;) {
-          const int d = pop_lowest(m);
-          const int64_t row = route.row(d);
-          if (mine)
-            *reinterpret_cast<float4*>(reinterpret_cast<float*>(ctx.peers[d] + ctx.ht.scales) +
-                                       row * groups + g) = v;
         }
       });
 }
