@@ -119,9 +119,6 @@ struct CombineOutput {
   RecvHook hook;
 };
 
-/// One rank's endpoint. All calls except the accessors are collective: every rank of the group
-/// makes the same sequence of calls. Not thread-safe for one rank; distinct ranks may be driven
-/// from distinct threads (VirtualGroup::parallel_for).
 /// When the phases of one call ran on the device, for profiling (docs/bench.md, "Where the time
 /// goes"): nanoseconds of the GPU's global timer, one clock for every SM of a GPU (ranks on one
 /// GPU can be compared), 0 where the call has no such phase. Every call records them: one atomic
@@ -141,6 +138,9 @@ struct CallTrace {
   uint64_t received = 0;
 };
 
+/// One rank's endpoint. All calls except the accessors are collective: every rank of the group
+/// makes the same sequence of calls. Not thread-safe for one rank; distinct ranks may be driven
+/// from distinct threads (VirtualGroup::parallel_for).
 class MoECommunicator {
  public:
   ~MoECommunicator();

@@ -180,9 +180,6 @@ CommImpl::~CommImpl() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A stall leaves the group unusable: peers may be blocked inside a call that will never match,
-// so every later call raises at once. Bad input and overflow are per call: the record is cleared
-// and the communicator stays usable.
 CallTrace CommImpl::last_call_trace() const {
   DeviceGuard guard(device_);
   uint64_t epoch = 0;
@@ -201,6 +198,9 @@ CallTrace CommImpl::last_call_trace() const {
   return t;
 }
 
+// A stall leaves the group unusable: peers may be blocked inside a call that will never match,
+// so every later call raises at once. Bad input and overflow are per call: the record is cleared
+// and the communicator stays usable.
 void CommImpl::check_errors() {
   if (failed_)
     throw TimeoutError("rank " + std::to_string(rank_) +

@@ -51,7 +51,6 @@ void MoECommunicator::synchronize() {
 CallTrace MoECommunicator::last_call_trace() const {
   return impl_->last_call_trace();
 }
-
 void MoECommunicator::check_errors() {
   impl_->check_errors();
 }
