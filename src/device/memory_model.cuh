@@ -1,5 +1,6 @@
-// The memory-model primitives every kernel uses: acquire/release loads and stores, fences, and
-// the 16-byte vector moves. Nothing else in moecomm writes inline PTX for ordering.
+// The memory-model primitives every kernel uses: acquire/release loads and stores, fences, the
+// 16-byte vector moves and the bulk (TMA) stores. Nothing else in moecomm writes inline PTX for
+// ordering.
 #pragma once
 
 #include <cstdint>
@@ -136,6 +137,42 @@ __device__ __forceinline__ void st_stream_16(void* ptr, int4 v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x),
                "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
+}
+
+/// Bulk (TMA) store of `bytes` (a multiple of 16) from shared to global memory, both 16-byte
+/// aligned: one instruction moves a whole piece of a row, asynchronously, without registers. It
+/// joins the thread's open bulk group (bulk_commit closes it).
+__device__ __forceinline__ void bulk_store(void* global_dst, const void* shared_src, int bytes) {
+  const auto src = static_cast<uint32_t>(__cvta_generic_to_shared(shared_src));
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(global_dst),
+               "r"(src), "r"(bytes)
+               : "memory");
+}
+
+/// Closes the thread's open bulk group.
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+/// Waits until at most `Pending` of the thread's bulk groups still read their shared sources:
+/// the slots of the older ones may be written again.
+template <int Pending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(Pending) : "memory");
+}
+
+/// Waits until every bulk store of the thread has been written, and orders those writes (made by
+/// the asynchronous proxy) before the thread's later generic accesses: a release that follows
+/// publishes them.
+__device__ __forceinline__ void bulk_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+
+/// Orders this thread's generic writes to shared memory before bulk copies (asynchronous proxy)
+/// that a thread of the block issues after a barrier.
+__device__ __forceinline__ void fence_shared_to_bulk() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 /// Mask of the lanes below this one.

@@ -41,14 +41,21 @@ __device__ __forceinline__ float group_max(float v) {
   return v;
 }
 
+/// quantize_groups' hooks around a step, for sinks that need none.
+struct NoSteps {
+  __device__ void begin(int) const {}
+  __device__ void end(int) const {}
+};
+
 /// Quantises `groups` groups of 128 bf16 channels from src, 8 lanes per group, 16 channels per
 /// lane. For each group g and lane: sink(g, sub, q, scale, valid) with q the lane's 16 e4m3 bytes
 /// at channel sub * 16 of the group. All lanes call the sink (valid is false past the last group),
 /// so sinks may shuffle. `Unroll` steps of kFp8GroupsPerWarp groups are loaded before any is
-/// processed (more bytes in flight, more registers).
-template <int Unroll = kQuantizeUnroll, typename Sink>
+/// processed (more bytes in flight, more registers). Around each such step every lane calls
+/// steps.begin(g0) once its loads are issued and steps.end(g0) after its last sink.
+template <int Unroll = kQuantizeUnroll, typename Sink, typename Steps = NoSteps>
 __device__ __forceinline__ void quantize_groups(const int4* src, int groups, bool pow2, int lane,
-                                                Sink&& sink) {
+                                                Sink&& sink, Steps&& steps = Steps{}) {
   const int slot = lane / kLanesPerFp8Group, sub = lane % kLanesPerFp8Group;
   constexpr int kVectorsPerGroup = 128 / kBf16PerVec;
   for (int g0 = 0; g0 < groups; g0 += kFp8GroupsPerWarp * Unroll) {
@@ -60,6 +67,7 @@ __device__ __forceinline__ void quantize_groups(const int4* src, int groups, boo
       v[u][0] = g < groups ? ld_stream_16(p) : make_int4(0, 0, 0, 0);
       v[u][1] = g < groups ? ld_stream_16(p + 1) : make_int4(0, 0, 0, 0);
     }
+    steps.begin(g0);
 #pragma unroll
     for (int u = 0; u < Unroll; ++u) {
       const int g = g0 + u * kFp8GroupsPerWarp + slot;
@@ -72,7 +80,114 @@ __device__ __forceinline__ void quantize_groups(const int4* src, int groups, boo
       const uint2 a = quantize_fp8x8(lo, inv), b = quantize_fp8x8(hi, inv);
       sink(g, sub, make_uint4(a.x, a.y, b.x, b.y), scale, g < groups);
     }
+    steps.end(g0);
   }
+}
+
+/// Where one quantised row goes, as the lanes of a warp hold it: lane k holds the k-th and the
+/// (k + 32)-th of `count` destinations (a data row of e4m3 bytes and its row of scales).
+struct RowDestinations {
+  uint8_t* data[2] = {nullptr, nullptr};
+  float* scales[2] = {nullptr, nullptr};
+  int count = 0;  // the same in every lane
+
+  /// Adds a destination (every lane calls it, with the same arguments). Indices stay
+  /// compile-time constants so that the arrays live in registers.
+  __device__ __forceinline__ void add(uint8_t* row_data, float* row_scales, int lane) {
+    if ((count & (kWarpLanes - 1)) == lane) {
+      if (count < kWarpLanes) {
+        data[0] = row_data;
+        scales[0] = row_scales;
+      } else {
+        data[1] = row_data;
+        scales[1] = row_scales;
+      }
+    }
+    ++count;
+  }
+  /// The scales of destination k, in every lane (all lanes take part).
+  __device__ __forceinline__ float* scales_of(int k) const {
+    const float* mine = k < kWarpLanes ? scales[0] : scales[1];
+    return reinterpret_cast<float*>(
+        __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(mine), k % kWarpLanes));
+  }
+};
+
+/// One warp's ring of shared-memory slots through which quantised rows leave in bulk stores: the
+/// warp quantises a step of Unroll * 4 groups into a slot, then each destination gets the step's
+/// bytes (and scales) in one bulk store, issued by the lane that holds it. The lanes go on to the
+/// next step's loads at once; a slot is written again only once the stores that read it have.
+/// Rows on one ring must not interleave; bulk_wait_all() before the rows are published.
+template <int Unroll>
+struct QuantizeStaging {
+  static constexpr int kSlots = 2;
+  static constexpr int kStepGroups = Unroll * kFp8GroupsPerWarp;
+  static constexpr int kStepBytes = kStepGroups * 128;
+  static constexpr int kSlotBytes = kStepBytes + kStepGroups * static_cast<int>(sizeof(float));
+  static constexpr int kWarpBytes = kSlots * kSlotBytes;  // shared memory a warp needs
+  static_assert(kSlotBytes % 16 == 0, "bulk copies move 16-byte aligned pieces");
+
+  uint8_t* ring;      // kWarpBytes of shared memory, 16-byte aligned
+  uint32_t step = 0;  // steps staged so far on this ring
+
+  __device__ __forceinline__ uint8_t* slot() const { return ring + (step % kSlots) * kSlotBytes; }
+};
+
+/// Quantises a bf16 row of `groups` groups (as quantize_groups) and writes it to every
+/// destination through the staging ring. Scales go in bulk too where a row's scales are whole
+/// 16-byte vectors (groups % 4 == 0); otherwise each is stored on its own.
+template <int Unroll>
+__device__ __forceinline__ void quantize_row_staged(const int4* src, int groups, bool pow2,
+                                                    int lane, QuantizeStaging<Unroll>& staging,
+                                                    const RowDestinations& to) {
+  using Staging = QuantizeStaging<Unroll>;
+  const bool bulk_scales = groups % kFp8GroupsPerWarp == 0;
+  struct Steps {
+    Staging& staging;
+    const RowDestinations& to;
+    int groups;
+    bool bulk_scales;
+    int lane;
+
+    __device__ __forceinline__ void begin(int) const {
+      bulk_wait_read<Staging::kSlots - 1>();  // this step's slot is free in every lane
+      __syncwarp();
+    }
+    __device__ __forceinline__ void end(int g0) const {
+      fence_shared_to_bulk();
+      __syncwarp();
+      const uint8_t* slot = staging.slot();
+      const int n = min(Staging::kStepGroups, groups - g0);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (lane + h * kWarpLanes >= to.count) break;
+        bulk_store(to.data[h] + g0 * 128, slot, n * 128);
+        if (bulk_scales)
+          bulk_store(to.scales[h] + g0, slot + Staging::kStepBytes,
+                     n * static_cast<int>(sizeof(float)));
+      }
+      bulk_commit();
+      ++staging.step;
+    }
+  };
+  quantize_groups<Unroll>(
+      src, groups, pow2, lane,
+      [&](int g, int sub, uint4 q, float scale, bool valid) {
+        uint8_t* slot = staging.slot();
+        const int c = g % Staging::kStepGroups;  // the group within the step
+        if (valid) {
+          *reinterpret_cast<uint4*>(slot + c * 128 + sub * kChannelsPerLane) = q;
+          if (sub == 0 && bulk_scales)
+            reinterpret_cast<float*>(slot + Staging::kStepBytes)[c] = scale;
+        }
+        if (!bulk_scales) {
+          for (int k = 0; k < to.count; ++k) {
+            float* row = to.scales_of(k);
+            if (valid && sub == 0) row[g] = scale;
+          }
+        }
+      },
+      Steps{staging, to, groups, bulk_scales, lane});
 }
 
 }  // namespace moecomm::device
