@@ -84,6 +84,33 @@ TEST_CASE("HT standard hidden 7168 with online fp8, exact and worst case") {
   run_case(c, rng, &group);
 }
 
+TEST_CASE("HT fp8 quantisation with the group on every SM (rows stored from registers)") {
+  REQUIRE_GPU();
+  // Quantised rows leave in bulk stores while the group's blocks fill at most half of the GPU's
+  // SMs (every other case here) and from registers beyond: this case takes the second way.
+  std::mt19937_64 rng(seed() + 20);
+  HtCase c;
+  c.R = 8;
+  c.E = 256;
+  c.K = 8;
+  c.H = 7168;
+  c.max_tokens = 512;
+  c.tokens = random_tokens(rng, 8, 512, true);
+  c.payload = Payload::kFp8Quantize;
+  Config cfg = case_config(c);
+  cfg.num_sms = device_sm_count(0) / c.R;
+  VirtualGroup group(cfg, c.R);
+  run_case(c, rng, &group);
+  c.H = 7296;  // scales not in whole vectors
+  c.E = 64;
+  c.payload = Payload::kFp8Quantize;
+  c.scales = ScaleFormat::kPowerOfTwo;
+  Config odd = case_config(c);
+  odd.num_sms = cfg.num_sms;
+  VirtualGroup odd_group(odd, c.R);
+  run_case(c, rng, &odd_group);
+}
+
 TEST_CASE("HT hidden 7296, 128 and 16384: fp8 passthrough, pow2 scales, alignment 128") {
   REQUIRE_GPU();
   std::mt19937_64 rng(seed() + 2);
