@@ -8,6 +8,12 @@
 //   quant N:   fan-out N where the warp quantises the row to e4m3 on the way, with the library's
 //              own quantize_groups (device/row_ops.cuh) and a scale per 128 channels written
 //              beside each destination row: HT dispatch's fp8 path without its routing.
+//   quant-bulk N: quant N with the rows leaving through a staging ring in shared memory, one
+//              bulk (TMA) store per destination and step (device/row_ops.cuh's
+//              quantize_row_staged, as HT dispatch writes them).
+//   quant-ord, quant-bulk-ord: the same with each destination's rows in a region of their own,
+//              row r beside row r + 1, as dispatch lays them out (neighbouring tokens, handled
+//              at the same time, land side by side).
 // A row's destinations are computed once (lane j holds the j-th), then shuffled, as dispatch does.
 // Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks).
 // Usage: hbm_mix [--device D]. Prints GB/s (bytes read + written) and the fraction of the copy
@@ -37,6 +43,12 @@ constexpr int kQuantizeUnroll = 4;           // as HT dispatch's blocks of <= 51
 /// Scatters row r's j-th destination over `rows` rows (a fixed odd multiplier: every row once).
 __device__ __forceinline__ int64_t spread(int64_t r, int j, int64_t rows) {
   return (r * 7919 + static_cast<int64_t>(j) * 104729) % rows;
+}
+
+/// Where dispatch puts them instead: destination j's rows in a region of their own, row r
+/// beside row r + 1 (the rows of neighbouring tokens are written at the same time).
+__device__ __forceinline__ int64_t in_order(int64_t r, int j, int64_t rows) {
+  return static_cast<int64_t>(j) * (rows / 8) + r;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -70,11 +82,12 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     fan_out_quantize(const int4* __restrict__ src, uint8_t* __restrict__ dst,
-                     float* __restrict__ scales, int fan, int64_t dst_rows) {
+                     float* __restrict__ scales, int fan, int64_t dst_rows, bool adjacent) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
-    const int64_t mine = lane < fan ? spread(r, lane, dst_rows) : 0;
+    const int64_t mine =
+        lane < fan ? (adjacent ? in_order(r, lane, dst_rows) : spread(r, lane, dst_rows)) : 0;
     moecomm::device::quantize_groups<kQuantizeUnroll>(
         src + r * kRowVecs, kGroups, false, lane,
         [&](int g, int sub, uint4 q, float scale, bool valid) {
@@ -86,6 +99,29 @@ __global__ void __launch_bounds__(kThreads)
           }
         });
   }
+}
+
+using Staging = moecomm::device::QuantizeStaging<kQuantizeUnroll>;
+constexpr int kStagingBytes = kWarpsPerBlock * Staging::kWarpBytes;
+
+/// quant, with the rows leaving through the library's staging ring (bulk stores).
+__global__ void __launch_bounds__(kThreads)
+    fan_out_quantize_staged(const int4* __restrict__ src, uint8_t* __restrict__ dst,
+                            float* __restrict__ scales, int fan, int64_t dst_rows, bool adjacent) {
+  extern __shared__ __align__(16) uint8_t rings[];
+  const int lane = threadIdx.x & 31;
+  Staging staging{rings + (threadIdx.x / 32) * Staging::kWarpBytes};
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
+    moecomm::device::RowDestinations to;
+    for (int j = 0; j < fan; ++j) {
+      const int64_t row = adjacent ? in_order(r, j, dst_rows) : spread(r, j, dst_rows);
+      to.add(dst + row * (kOutVecs * 16), scales + row * kGroups, lane);
+    }
+    moecomm::device::quantize_row_staged<kQuantizeUnroll>(src + r * kRowVecs, kGroups, false, lane,
+                                                          staging, to);
+  }
+  moecomm::device::bulk_wait_all();
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -158,20 +194,31 @@ int main(int argc, char** argv) try {
   std::printf("hbm_mix on %s: copy rate %.0f GB/s (read + written, %.0f MB copied)\n", prop.name,
               copy_gbps, copy_bytes / 1e6);
   std::printf("%-10s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
-  enum Mix { kFanOut, kQuant, kFanIn };
-  const char* names[] = {"fan-out", "quant", "fan-in"};
-  for (const Mix mix : {kFanOut, kQuant, kFanIn}) {
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
+      fan_out_quantize_staged, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagingBytes));
+  enum Mix { kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn };
+  const char* names[] = {"fan-out", "quant", "quant-bulk", "quant-ord", "quant-bulk-ord", "fan-in"};
+  for (const Mix mix :
+       {kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn}) {
     for (int fan : {1, 2, 4, 6}) {
       for (int blocks : {32, 64, 128}) {
         if (blocks > prop.multiProcessorCount) continue;
         float ms = 0;
         double bytes = 0;
-        if (mix == kQuant) {
+        if (mix != kFanOut && mix != kFanIn) {
           const int64_t dst_rows = big.bytes() / out_bytes;
           auto* dst = reinterpret_cast<uint8_t*>(big.get());
+          const bool adjacent = mix == kQuantInOrder || mix == kQuantStagedInOrder;
           ms = median_ms([&] {
-            fan_out_quantize<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), fan, dst_rows);
-            MOECOMM_LAUNCH_CHECK("fan_out_quantize");
+            if (mix == kQuant || mix == kQuantInOrder) {
+              fan_out_quantize<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), fan, dst_rows,
+                                                     adjacent);
+              MOECOMM_LAUNCH_CHECK("fan_out_quantize");
+            } else {
+              fan_out_quantize_staged<<<blocks, kThreads, kStagingBytes>>>(
+                  rows.get(), dst, scales.get(), fan, dst_rows, adjacent);
+              MOECOMM_LAUNCH_CHECK("fan_out_quantize_staged");
+            }
           });
           bytes = kRows * (row_bytes + static_cast<double>(fan) * (out_bytes + 4.0 * kGroups));
         } else if (mix == kFanOut) {
