@@ -41,6 +41,15 @@ __device__ __forceinline__ int32_t bitmap_count(const uint32_t* bitmap, int64_t 
   return n;
 }
 
+/// Rows of per-expert bitmaps, wherever they were built (global memory, or a block's shared
+/// memory): row e is `words` words from bits + e * words.
+struct ExpertBitmaps {
+  const uint32_t* bits = nullptr;
+  int64_t words = 0;
+
+  __device__ __forceinline__ const uint32_t* row(int64_t e) const { return bits + e * words; }
+};
+
 /// Device helper for consumers: position of token t among this rank's tokens whose bit is set in
 /// `bitmap` (a row of W words), given that row's exclusive word prefix.
 __device__ __forceinline__ int32_t bitmap_position(const uint32_t* bitmap, const int32_t* prefix,

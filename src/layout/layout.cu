@@ -38,6 +38,15 @@ void launch_layout(const detail::DeviceContext& ctx, const LayoutParams& params,
   MOECOMM_LAUNCH_CHECK("layout_kernel");
 }
 
+size_t block_bitmap_smem_bytes(int num_experts, int64_t num_tokens) {
+  return sizeof(uint32_t) * static_cast<size_t>(num_experts) *
+         static_cast<size_t>((num_tokens + 31) / 32);
+}
+
+bool block_bitmaps_fit(int num_experts, int64_t num_tokens) {
+  return block_bitmap_smem_bytes(num_experts, num_tokens) <= kColumnSmemLimit;
+}
+
 void preload_kernels() {
   cudaFuncAttributes attr;
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, layout_kernel));

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "paths/device_context.hpp"
@@ -41,7 +42,17 @@ struct LayoutParams {
   bool validate = false;
   bool prefix = true;  // prefix counts and totals; LL reads positions off the bitmap words instead
   ScanOptions scan;    // (with prefix)
+  // Without prefix: every block builds the expert bitmaps on its own, in its shared memory, so
+  // that no block waits for another (no grid barrier, no bitmaps in global memory). Set by the
+  // launch where block_bitmap_smem_bytes() says they fit.
+  bool block_bitmaps = false;
 };
+
+/// Shared memory a block needs for its own copy of the expert bitmaps of `num_tokens` tokens.
+size_t block_bitmap_smem_bytes(int num_experts, int64_t num_tokens);
+/// Whether that copy fits in kColumnSmemLimit; where not, the layout builds the bitmaps in global
+/// memory with every block, behind a grid barrier.
+bool block_bitmaps_fit(int num_experts, int64_t num_tokens);
 
 /// The layout alone: bitmaps, token->rank masks, is_token_in_rank, prefix counts, totals and,
 /// if asked, the count exchange (which is also HT's "receive buffers are free" handshake). All

@@ -1,7 +1,8 @@
 // The routing layout as device steps that any kernel of a rank can run with all of its blocks:
 // bitmaps, then prefix counts, then (HT) the count exchange, with grid barriers in between. The
 // layout kernel runs them alone (get_layout, exact sizing); HT dispatch and LL send run them as
-// their first steps, so that a call costs one launch instead of three.
+// their first steps, so that a call costs one launch instead of three. LL needs the expert
+// bitmaps alone: where they fit, every block builds its own copy in shared memory instead.
 #pragma once
 
 #include <cstdint>
@@ -84,6 +85,55 @@ __device__ inline void build_word(const DeviceContext& ctx, const TopkInput& top
     if (has_token) ctx.layout.is_token_in_rank[t * R + r] = in_rank ? 1 : 0;
   }
   __syncwarp();  // the column is reused for the warp's next word
+}
+
+/// Every thread of one block: builds the expert bitmaps of all of this rank's tokens in `bits`
+/// (the block's shared memory, E rows of (T + 31) / 32 words), reading every topk entry once. No
+/// other block is waited for. Entries are judged as build_word judges them (out of range or a
+/// masked rank's expert: -1; a repeat of an earlier k sets the same bit); block `reporter` records
+/// the bad ones, so that each is reported once.
+__device__ inline ExpertBitmaps build_block_bitmaps(const DeviceContext& ctx, const TopkInput& topk,
+                                                    bool validate, bool reporter, uint32_t* bits) {
+  const int E = ctx.num_experts, L = ctx.local_experts, K = ctx.topk;
+  const int64_t T = topk.num_tokens, words = (T + 31) / 32, entries = T * K;
+  for (int64_t i = threadIdx.x; i < E * words; i += blockDim.x) bits[i] = 0;
+  __syncthreads();
+  const uint64_t masked = transport::masked_peers(ctx);
+  const int64_t stride = blockDim.x;
+  for (int64_t i0 = threadIdx.x; i0 < entries; i0 += stride * kExpertPrefetch) {
+    int64_t chosen[kExpertPrefetch];  // this step's loads are all in flight before any is used
+#pragma unroll
+    for (int j = 0; j < kExpertPrefetch; ++j) {
+      const int64_t i = i0 + j * stride;
+      chosen[j] = i < entries ? device::load_index(topk.data, topk.is_i64, i) : -1;
+    }
+#pragma unroll
+    for (int j = 0; j < kExpertPrefetch; ++j) {
+      const int64_t i = i0 + j * stride, t = i / K;
+      const int k = static_cast<int>(i % K);
+      const int64_t e = chosen[j];
+      if (i >= entries || e == -1) continue;
+      if (e < -1 || e >= E) {
+        if (reporter)
+          transport::record_error(ctx, DeviceErrorKind::kExpertOutOfRange, -1, Phase::kNone, 0, 0,
+                                  e, t, k);
+        continue;
+      }
+      if ((masked >> (e / L)) & 1ull) continue;  // a masked rank's expert: not an error
+      if (validate && reporter) {
+        for (int q = 0; q < k; ++q) {
+          if (device::load_index(topk.data, topk.is_i64, t * K + q) == e) {
+            transport::record_error(ctx, DeviceErrorKind::kDuplicateExpert, -1, Phase::kNone, 0, 0,
+                                    e, t, k);
+            break;
+          }
+        }
+      }
+      atomicOr(&bits[e * words + (t >> 5)], 1u << (t & 31));
+    }
+  }
+  __syncthreads();
+  return {bits, words};
 }
 
 /// Exclusive prefix over the popcounts of one bitmap row; returns the row total (all lanes).
@@ -245,6 +295,21 @@ __device__ inline bool compute_layout(const detail::DeviceContext& ctx, const La
   }
   // A failed exchange in block 0 aborts the rank: every block sees it after the barrier.
   return ok && !transport::aborted(ctx);
+}
+
+/// Every thread of every block of the calling kernel: the expert bitmaps alone (LayoutParams
+/// without prefix), in each block's `smem` where p.block_bitmaps (no block waits for another),
+/// else in global memory by all blocks behind a grid barrier. `bitmaps` says where they are.
+/// Returns false in every thread after a failed wait.
+__device__ inline bool compute_expert_bitmaps(const detail::DeviceContext& ctx,
+                                              const LayoutParams& p, uint64_t seq, uint32_t* smem,
+                                              device::RankBlocks blocks, ExpertBitmaps& bitmaps) {
+  if (p.block_bitmaps) {
+    bitmaps = steps::build_block_bitmaps(ctx, p.topk, p.validate, blocks.index == 0, smem);
+    return !transport::aborted(ctx);
+  }
+  bitmaps = {ctx.layout.expert_bitmap, ctx.words};
+  return compute_layout(ctx, p, seq, smem, blocks);
 }
 
 }  // namespace moecomm::layout

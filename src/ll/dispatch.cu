@@ -1,6 +1,9 @@
 // Low-latency dispatch (ll/ll.hpp): the send phase (the layout steps, then one message per
 // (token, expert): stores to the ranks of this node, puts through the RDMA engine to the others,
 // then the counts), the receive phase, and the one-launch group form.
+#include <algorithm>
+#include <memory>
+
 #include "ll/steps.cuh"
 
 namespace moecomm::ll {
@@ -67,7 +70,9 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
 
   // Arrive first, wait after the layout: the peers' arrival overlaps this rank's layout steps.
   announce<kInternode>(ctx, seq, blocks, port);
-  const bool laid_out = layout::compute_layout(ctx, p.layout, seq, columns, blocks);
+  layout::ExpertBitmaps bitmaps;
+  const bool laid_out =
+      layout::compute_expert_bitmaps(ctx, p.layout, seq, columns, blocks, bitmaps);
   const bool ok = await_peers<kInternode>(ctx, seq, blocks) && laid_out;
   device::trace_mark(ctx, seq, TraceMark::kOpened);
 
@@ -88,8 +93,8 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
     const int64_t t = i / pieces.count;
     const int piece = static_cast<int>(i % pieces.count);
     int remote = 0;
-    const int n = token_destinations<kInternode>(ctx, p, t, piece == 0, lane, masked, dst[warp],
-                                                 port, remote);
+    const int n = token_destinations<kInternode>(ctx, p, bitmaps, t, piece == 0, lane, masked,
+                                                 dst[warp], port, remote);
     const int u0 = piece * pieces.units;
     const int units = min(pieces.units, row_units - u0);
     const int4* src = reinterpret_cast<const int4*>(p.x + t * H) + u0 * kVectorsPerUnit;
@@ -200,8 +205,8 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
         if ((masked >> (e / L)) & 1ull) continue;
         if constexpr (kInternode)
           if (!same_node(ctx, e / L)) continue;
-        const uint32_t count = static_cast<uint32_t>(layout::bitmap_count(
-            ctx.layout.expert_bitmap + static_cast<int64_t>(e) * ctx.words, used_words));
+        const uint32_t count =
+            static_cast<uint32_t>(layout::bitmap_count(bitmaps.row(e), used_words));
         sc.store_release(count_word(ctx, e / L, b, e % L, me), (seq << kCountShift) | count);
       }
       if constexpr (kInternode) {
@@ -216,8 +221,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
             uint32_t mine = 0;
             if (le0 + lane < L)
               mine = static_cast<uint32_t>(layout::bitmap_count(
-                  ctx.layout.expert_bitmap + (static_cast<int64_t>(d) * L + le0 + lane) * ctx.words,
-                  used_words));
+                  bitmaps.row(static_cast<int64_t>(d) * L + le0 + lane), used_words));
             const int last = min(L, le0 + kWarpLanes);
             for (int le = le0; le < last; ++le) {
               const uint32_t count = __shfl_sync(kFullMask, mine, le - le0);
@@ -355,16 +359,25 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   dispatch_send<false>(g.ctx[r], g.params[r], group_blocks(g.launch), columns);
 }
 
+/// Chooses where p's layout step builds the expert bitmaps (every block its own copy in shared
+/// memory where they fit, else global memory) and returns the shared memory a block needs for it.
+size_t choose_layout(const DeviceContext& ctx, DispatchSendParams& p, int threads) {
+  p.layout.block_bitmaps = layout::block_bitmaps_fit(ctx.num_experts, p.num_tokens);
+  return p.layout.block_bitmaps ? layout::block_bitmap_smem_bytes(ctx.num_experts, p.num_tokens)
+                                : layout::column_smem_bytes(ctx.num_experts, threads);
+}
+
 }  // namespace
 
 void launch_dispatch_send(const DeviceContext& ctx, const DispatchSendParams& params, int blocks,
                           int threads, cudaStream_t stream) {
   check_grid(blocks, threads, "ll::dispatch_send_kernel");
-  const size_t smem = layout::column_smem_bytes(ctx.num_experts, threads);
+  DispatchSendParams p = params;
+  const size_t smem = choose_layout(ctx, p, threads);
   if (ctx.num_nodes > 1)
-    dispatch_send_kernel<true><<<blocks, threads, smem, stream>>>(ctx, params);
+    dispatch_send_kernel<true><<<blocks, threads, smem, stream>>>(ctx, p);
   else
-    dispatch_send_kernel<false><<<blocks, threads, smem, stream>>>(ctx, params);
+    dispatch_send_kernel<false><<<blocks, threads, smem, stream>>>(ctx, p);
   MOECOMM_LAUNCH_CHECK("ll::dispatch_send_kernel");
 }
 
@@ -380,9 +393,12 @@ void launch_dispatch_recv(const DeviceContext& ctx, const DispatchRecvParams& pa
 void launch_group_dispatch(const GroupDispatchSend& group, int threads, cudaStream_t stream) {
   const int blocks = group.launch.ranks * group.launch.blocks_per_rank;
   check_grid(blocks, threads, "ll::group_dispatch_send_kernel");
-  group_dispatch_send_kernel<<<
-      blocks, threads, layout::column_smem_bytes(group.ctx[0].num_experts, threads), stream>>>(
-      group);
+  // Each rank chooses for its own tokens; one shared-memory size serves every rank's blocks.
+  auto g = std::make_unique<GroupDispatchSend>(group);
+  size_t smem = 0;
+  for (int r = 0; r < g->launch.ranks; ++r)
+    smem = std::max(smem, choose_layout(g->ctx[r], g->params[r], threads));
+  group_dispatch_send_kernel<<<blocks, threads, smem, stream>>>(*g);
   MOECOMM_LAUNCH_CHECK("ll::group_dispatch_send_kernel");
 }
 

@@ -95,16 +95,18 @@ struct Destination {
 };
 
 /// The valid destinations of token t, compacted in k order into `dst` (one entry per lane
-/// k < K whose expert the layout counted: not -1, in range, not a repeat of an earlier k).
+/// k < K whose expert the layout counted: not -1, in range, not a repeat of an earlier k); its
+/// slot among an expert's slots is its position in that expert's bitmap.
 /// Returns how many. With `record` (the token's first piece), lane k also writes the handle's
 /// slot_of and the source token of the slot at its destination. Whole warp. kInternode: a
 /// destination on another node gets peer >= 0 (`remote` counts them) and its source token is
 /// put into the receiver's meta words.
 template <bool kInternode>
-__device__ int token_destinations(const DeviceContext& ctx, const DispatchSendParams& p, int64_t t,
-                                  bool record, int lane, uint64_t masked, Destination* dst,
-                                  rdma::WarpPort& port, int& remote) {
-  const int R = ctx.num_ranks, L = ctx.local_experts, K = ctx.topk, W = ctx.words;
+__device__ int token_destinations(const DeviceContext& ctx, const DispatchSendParams& p,
+                                  const layout::ExpertBitmaps& bitmaps, int64_t t, bool record,
+                                  int lane, uint64_t masked, Destination* dst, rdma::WarpPort& port,
+                                  int& remote) {
+  const int R = ctx.num_ranks, L = ctx.local_experts, K = ctx.topk;
   const int M = ctx.ll.capacity, H = ctx.hidden, b = p.buffer;
   const int64_t e = lane < K ? device::load_index(p.topk_idx, p.idx_i64, t * K + lane) : -1;
   bool valid = e >= 0 && e < ctx.num_experts && !((masked >> (e / L)) & 1ull);
@@ -115,7 +117,7 @@ __device__ int token_destinations(const DeviceContext& ctx, const DispatchSendPa
   const unsigned mask = __ballot_sync(kFullMask, valid);
   if (valid) {
     const int d = static_cast<int>(e / L), le = static_cast<int>(e % L);
-    const int32_t pos = layout::bitmap_rank(ctx.layout.expert_bitmap + e * W, t);
+    const int32_t pos = layout::bitmap_rank(bitmaps.row(e), t);
     const int64_t slot =
         static_cast<int64_t>(le) * R * M + static_cast<int64_t>(ctx.rank) * M + pos;
     const int at = __popc(mask & device::lanemask_lt());

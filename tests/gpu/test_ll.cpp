@@ -85,22 +85,32 @@ TEST_CASE("ll: fp8 dispatch, f32 and power-of-two scales, 1 and 3 groups per row
   }
 }
 
-TEST_CASE("ll: hidden 7168, T = M, bf16 and fp8") {
+// Hidden 7168 is cut into pieces of whole 128-channel units, as many as the warps allow: 4 pieces
+// of 14 units (2 ranks, 4 SMs), 2 of 28 (2 SMs), 7 of 8 (8 ranks, 16 SMs).
+TEST_CASE("ll: hidden 7168, T = M, bf16 and fp8, rows in 2, 4 and 7 pieces") {
   REQUIRE_GPU();
+  struct Shape {
+    int ranks, sms;
+  };
   for (ScaleFormat format : {ScaleFormat::kFloat32, ScaleFormat::kPowerOfTwo}) {
-    LlParams p;
-    p.ranks = 2;
-    p.experts = 16;
-    p.topk = 8;
-    p.hidden = 7168;
-    p.capacity = 16;
-    p.scale_format = format;
-    LlRig rig(p, 300 + (format == ScaleFormat::kPowerOfTwo));
-    for (bool quantize : {false, true}) {
-      CallMode mode;
-      mode.quantize = quantize;
-      rig.round(0, rig.inputs(std::vector<int64_t>(p.ranks, p.capacity), RoutingSpec{0.05}), mode,
-                "T = M");
+    for (Shape sh : {Shape{2, 4}, Shape{2, 2}, Shape{8, 16}}) {
+      LlParams p;
+      p.ranks = sh.ranks;
+      p.experts = 16;
+      p.topk = 8;
+      p.hidden = 7168;
+      p.capacity = 16;
+      p.num_sms = sh.sms;
+      p.scale_format = format;
+      LlRig rig(p, 300 + sh.ranks + sh.sms + (format == ScaleFormat::kPowerOfTwo));
+      for (int round = 0; round < 3 && !failed(); ++round) {
+        CallMode mode;
+        mode.quantize = round > 0;
+        mode.one_launch = round == 2;
+        mode.own_out = !mode.one_launch;
+        rig.round(0, rig.inputs(std::vector<int64_t>(p.ranks, p.capacity), RoutingSpec{0.05}), mode,
+                  "T = M, SMs " + std::to_string(sh.sms) + ", round " + std::to_string(round));
+      }
     }
   }
 }
@@ -273,6 +283,78 @@ TEST_CASE("ll: capacity M = 1 and M = 1024") {
         rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
                   "M " + std::to_string(capacity) + " round " + std::to_string(round));
       }
+    }
+  }
+}
+
+// Each send block builds the expert bitmaps of its rank's tokens in its own shared memory where
+// they fit (E x ceil(T / 32) words up to 48 KB); beyond that every block builds them in global
+// memory, behind a grid barrier. E = 768 with T up to 600 puts rank 0 (T = M) past the limit and
+// the ranks of few tokens under it, in the same one-launch group call.
+TEST_CASE("ll: expert bitmaps in each block's shared memory and in global memory, in one group") {
+  REQUIRE_GPU();
+  for (int ranks : {2, 3}) {
+    LlParams p;
+    p.ranks = ranks;
+    p.experts = 768;
+    p.topk = 8;
+    p.hidden = 128;
+    p.capacity = 600;
+    LlRig rig(p, 950 + ranks);
+    for (int round = 0; round < 3 && !failed(); ++round) {
+      CallMode mode;
+      mode.quantize = round == 1;
+      mode.one_launch = round != 2;
+      mode.own_out = !mode.one_launch;
+      mode.hooks = round == 2;
+      std::vector<int64_t> tokens = mixed_tokens(rig);
+      if (ranks > 2) tokens[1] = 40;  // under the limit: shared memory
+      rig.round(0, rig.inputs(tokens, RoutingSpec{0.1}), mode, "round " + std::to_string(round));
+    }
+  }
+}
+
+// Bad routing is found by the send blocks as they build the bitmaps, in either place: the
+// entry counts as -1, and the host raises naming the value (validate_inputs for repeats).
+TEST_CASE("ll: bad topk_idx values raise by name, bitmaps in shared and in global memory") {
+  REQUIRE_GPU();
+  for (bool global : {false, true}) {
+    LlParams p;
+    p.ranks = 2;
+    p.experts = global ? 768 : 16;
+    p.topk = 4;
+    p.hidden = 128;
+    p.capacity = global ? 600 : 16;
+    LlRig rig(p, 960 + global);
+    CallMode one;
+    one.one_launch = true;
+    one.own_out = false;
+    for (int bad_case = 0; bad_case < 3 && !failed(); ++bad_case) {
+      const std::string where = (global ? "global, " : "shared, ") + std::to_string(bad_case);
+      rig.upload(0, rig.inputs(std::vector<int64_t>(p.ranks, p.capacity), RoutingSpec{}));
+      int64_t* idx = static_cast<int64_t*>(rig.dispatch_args(0, 1).topk_idx.data);
+      const int64_t t = p.capacity - 1, k = 1;  // the last token: its word is the last one
+      int64_t value = 0;
+      std::string expect;
+      if (bad_case == 0) {
+        value = p.experts;
+        expect = "names expert " + std::to_string(p.experts);
+      } else if (bad_case == 1) {
+        value = -2;
+        expect = "names expert -2";
+      } else {
+        MOECOMM_CUDA_CHECK(cudaMemcpy(&value, idx + t * p.topk, sizeof(value),
+                                      cudaMemcpyDeviceToHost));  // k = 0's expert, again
+        expect = "twice";
+      }
+      MOECOMM_CUDA_CHECK(
+          cudaMemcpy(idx + t * p.topk + k, &value, sizeof(value), cudaMemcpyHostToDevice));
+      auto outs = rig.send_dispatch(0, one);
+      for (int r = 0; r < p.ranks; ++r)
+        MOECOMM_CUDA_CHECK(cudaStreamSynchronize(rig.comm(r).stream()));
+      CHECK_THROWS(rig.send_dispatch(0, one), InvalidArgument, expect);
+      outs.clear();
+      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), one, "after " + where);
     }
   }
 }
