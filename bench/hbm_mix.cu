@@ -14,15 +14,25 @@
 //   quant-ord, quant-bulk-ord: the same with each destination's rows in a region of their own,
 //              row r beside row r + 1, as dispatch lays them out (neighbouring tokens, handled
 //              at the same time, land side by side).
+//   quant-rt, quant-bulk-rt: quant and quant-bulk with dispatch's routing: each row picks 8 of
+//              256 experts (seeded, no repeats), 32 a rank over 8 ranks, and goes to each rank it
+//              picked (1 to 8, in rank order); rank d's rows lie in its own region in row order,
+//              a row at the number of earlier rows that go to d (dispatch's layout).
+//   quant-rt-meta, quant-bulk-rt-meta: the same with dispatch's metadata stored first at every
+//              destination: 8 int64 expert ids, 8 float weights and the int32 source row.
 // A row's destinations are computed once (lane j holds the j-th), then shuffled, as dispatch does.
-// Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks).
+// Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks); the
+// routed mixes on 64 and 128, once, with fan 0 in the table and their mean fan-out printed above.
 // Usage: hbm_mix [--device D]. Prints GB/s (bytes read + written) and the fraction of the copy
 // rate, median of the timed runs.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <random>
+#include <stdexcept>
 #include <vector>
 
 #include "bench_common.hpp"
@@ -39,6 +49,10 @@ constexpr int kUnroll = 4;       // 16-byte loads in flight per lane, as the lib
 constexpr int kIters = 20;
 constexpr int kGroups = kRowVecs * 8 / 128;  // scale groups of 128 channels in a row
 constexpr int kQuantizeUnroll = 4;           // as HT dispatch's blocks of <= 512 threads
+constexpr int kRanks = 8;                    // routed mixes: destination ranks
+constexpr int kExperts = 256;                // experts over the ranks, kExperts / kRanks each
+constexpr int kTopk = 8;                     // experts a row picks, without repeats
+static_assert(kRanks <= 32 && kTopk <= 32, "a lane holds each destination and each expert");
 
 /// Scatters row r's j-th destination over `rows` rows (a fixed odd multiplier: every row once).
 __device__ __forceinline__ int64_t spread(int64_t r, int j, int64_t rows) {
@@ -124,6 +138,125 @@ __global__ void __launch_bounds__(kThreads)
   moecomm::device::bulk_wait_all();
 }
 
+/// The routed mixes' table: row r goes to counts[r] destinations, the j-th at output row
+/// rows[r * kRanks + j] (ranks in ascending order, each rank's region offset included).
+struct Routes {
+  const int64_t* rows;
+  const int32_t* counts;
+};
+
+/// Dispatch's metadata regions, kRanks * kRows rows each: kTopk expert ids and weights a row,
+/// and its source row.
+struct Metadata {
+  int64_t* topk_idx;
+  float* weights;
+  int32_t* src_token;
+};
+
+/// Row r's destinations from the table: the count (the same in every lane) and, in lane j < n,
+/// the j-th output row.
+__device__ __forceinline__ int load_route(const Routes& routes, int64_t r, int lane,
+                                          int64_t& mine) {
+  const int n = routes.counts[r];
+  mine = lane < n ? routes.rows[r * kRanks + lane] : 0;
+  return n;
+}
+
+/// Row r's metadata to each of its n destinations with plain stores, as dispatch_token writes
+/// them before the row. The values are placeholders (the stores, not the values, are measured).
+__device__ __forceinline__ void store_metadata(const Metadata& meta, int64_t r, int n, int64_t mine,
+                                               int lane) {
+  for (int j = 0; j < n; ++j) {  // warp-uniform: every lane takes part in the shuffle
+    const int64_t row = __shfl_sync(0xffffffffu, mine, j);
+    if (lane < kTopk) {
+      meta.topk_idx[row * kTopk + lane] = lane;
+      meta.weights[row * kTopk + lane] = 1.0f / kTopk;
+    }
+    if (lane == 0) meta.src_token[row] = static_cast<int32_t>(r);
+  }
+}
+
+/// quant with the destinations from the routing table, and dispatch's metadata if `meta`.
+__global__ void __launch_bounds__(kThreads)
+    fan_out_quantize_routed(const int4* __restrict__ src, uint8_t* __restrict__ dst,
+                            float* __restrict__ scales, Routes routes, Metadata metadata,
+                            bool meta) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
+    int64_t mine;
+    const int n = load_route(routes, r, lane, mine);
+    if (meta) store_metadata(metadata, r, n, mine, lane);
+    moecomm::device::quantize_groups<kQuantizeUnroll>(
+        src + r * kRowVecs, kGroups, false, lane,
+        [&](int g, int sub, uint4 q, float scale, bool valid) {
+          for (int j = 0; j < n; ++j) {
+            const int64_t row = __shfl_sync(0xffffffffu, mine, j);
+            if (!valid) continue;
+            *reinterpret_cast<uint4*>(dst + row * (kOutVecs * 16) + g * 128 + sub * 16) = q;
+            if (sub == 0) scales[row * kGroups + g] = scale;
+          }
+        });
+  }
+}
+
+/// quant-bulk with the destinations from the routing table, and dispatch's metadata if `meta`.
+__global__ void __launch_bounds__(kThreads)
+    fan_out_quantize_staged_routed(const int4* __restrict__ src, uint8_t* __restrict__ dst,
+                                   float* __restrict__ scales, Routes routes, Metadata metadata,
+                                   bool meta) {
+  extern __shared__ __align__(16) uint8_t rings[];
+  const int lane = threadIdx.x & 31;
+  Staging staging{rings + (threadIdx.x / 32) * Staging::kWarpBytes};
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; r < kRows; r += warps) {
+    int64_t mine;
+    const int n = load_route(routes, r, lane, mine);
+    if (meta) store_metadata(metadata, r, n, mine, lane);
+    moecomm::device::RowDestinations to;
+    for (int j = 0; j < n; ++j) {
+      const int64_t row = __shfl_sync(0xffffffffu, mine, j);
+      to.add(dst + row * (kOutVecs * 16), scales + row * kGroups, lane);
+    }
+    moecomm::device::quantize_row_staged<kQuantizeUnroll>(src + r * kRowVecs, kGroups, false, lane,
+                                                          staging, to);
+  }
+  moecomm::device::bulk_wait_all();
+}
+
+/// The routed mixes' table on the host: each row picks kTopk distinct experts (a seeded
+/// generator), goes to the ranks that own them, and lands at each such rank d in d's region at
+/// the number of earlier rows that go to d.
+struct RoutingTable {
+  std::vector<int64_t> rows = std::vector<int64_t>(int64_t{kRows} * kRanks, 0);
+  std::vector<int32_t> counts = std::vector<int32_t>(kRows, 0);
+  int64_t destinations = 0;  // sum of the counts
+};
+
+RoutingTable make_routing_table() {
+  RoutingTable t;
+  std::mt19937 rng(12345);
+  int64_t next[kRanks] = {};  // rows each rank has received so far
+  for (int64_t r = 0; r < kRows; ++r) {
+    bool picked[kExperts] = {};
+    unsigned ranks = 0;
+    for (int k = 0; k < kTopk; ++k) {
+      int e;
+      do {
+        e = static_cast<int>(rng() % kExperts);  // 2^32 is a multiple of kExperts: no bias
+      } while (picked[e]);
+      picked[e] = true;
+      ranks |= 1u << (e / (kExperts / kRanks));
+    }
+    for (int d = 0; d < kRanks; ++d) {
+      if (!((ranks >> d) & 1u)) continue;
+      t.rows[r * kRanks + t.counts[r]++] = int64_t{d} * kRows + next[d]++;
+    }
+    t.destinations += t.counts[r];
+  }
+  return t;
+}
+
 __global__ void __launch_bounds__(kThreads)
     fan_in(const int4* __restrict__ src, int4* __restrict__ dst, int fan, int64_t src_rows) {
   const int lane = threadIdx.x & 31;
@@ -185,6 +318,23 @@ int main(int argc, char** argv) try {
   MOECOMM_CUDA_CHECK(cudaMemset(big.get(), 1, big.bytes()));
   MOECOMM_CUDA_CHECK(cudaMemset(rows.get(), 2, rows.bytes()));
 
+  // Routed mixes: the table, and dispatch's metadata regions (kRanks regions of kRows rows).
+  const RoutingTable table = make_routing_table();
+  const int64_t routed_rows = int64_t{kRanks} * kRows;
+  if (big.bytes() / out_bytes < routed_rows)
+    throw std::runtime_error("hbm_mix: the buffer holds fewer output rows than the routed mixes");
+  epb::DeviceBuffer<int64_t> route_rows(table.rows.size());
+  epb::DeviceBuffer<int32_t> route_counts(table.counts.size());
+  MOECOMM_CUDA_CHECK(
+      cudaMemcpy(route_rows.get(), table.rows.data(), route_rows.bytes(), cudaMemcpyHostToDevice));
+  MOECOMM_CUDA_CHECK(cudaMemcpy(route_counts.get(), table.counts.data(), route_counts.bytes(),
+                                cudaMemcpyHostToDevice));
+  epb::DeviceBuffer<int64_t> meta_idx(routed_rows * kTopk);
+  epb::DeviceBuffer<float> meta_weights(routed_rows * kTopk);
+  epb::DeviceBuffer<int32_t> meta_src(routed_rows);
+  const Routes routes{route_rows.get(), route_counts.get()};
+  const Metadata metadata{meta_idx.get(), meta_weights.get(), meta_src.get()};
+
   const int64_t copy_bytes = rows.bytes();
   const float copy_ms = median_ms([&] {
     MOECOMM_CUDA_CHECK(
@@ -193,19 +343,58 @@ int main(int argc, char** argv) try {
   const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e6);
   std::printf("hbm_mix on %s: copy rate %.0f GB/s (read + written, %.0f MB copied)\n", prop.name,
               copy_gbps, copy_bytes / 1e6);
-  std::printf("%-10s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
+  std::printf("routed mixes: mean fan-out %.2f (top-%d of %d experts over %d ranks)\n",
+              static_cast<double>(table.destinations) / kRows, kTopk, kExperts, kRanks);
+  std::printf("%-18s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
   MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
       fan_out_quantize_staged, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagingBytes));
-  enum Mix { kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn };
-  const char* names[] = {"fan-out", "quant", "quant-bulk", "quant-ord", "quant-bulk-ord", "fan-in"};
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
+      fan_out_quantize_staged_routed, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagingBytes));
+  enum Mix {
+    kFanOut,
+    kQuant,
+    kQuantStaged,
+    kQuantInOrder,
+    kQuantStagedInOrder,
+    kFanIn,
+    kQuantRouted,
+    kQuantStagedRouted,
+    kQuantRoutedMeta,
+    kQuantStagedRoutedMeta
+  };
+  const char* names[] = {
+      "fan-out", "quant",    "quant-bulk",    "quant-ord",     "quant-bulk-ord",
+      "fan-in",  "quant-rt", "quant-bulk-rt", "quant-rt-meta", "quant-bulk-rt-meta"};
+  const std::vector<int> fixed_fans = {1, 2, 4, 6}, routed_fans = {0};
   for (const Mix mix :
-       {kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn}) {
-    for (int fan : {1, 2, 4, 6}) {
+       {kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn, kQuantRouted,
+        kQuantStagedRouted, kQuantRoutedMeta, kQuantStagedRoutedMeta}) {
+    const bool routed = mix >= kQuantRouted;
+    for (int fan : routed ? routed_fans : fixed_fans) {
       for (int blocks : {32, 64, 128}) {
-        if (blocks > prop.multiProcessorCount) continue;
+        if (blocks > prop.multiProcessorCount || (routed && blocks == 32)) continue;
         float ms = 0;
         double bytes = 0;
-        if (mix != kFanOut && mix != kFanIn) {
+        if (routed) {
+          auto* dst = reinterpret_cast<uint8_t*>(big.get());
+          const bool meta = mix == kQuantRoutedMeta || mix == kQuantStagedRoutedMeta;
+          ms = median_ms([&] {
+            if (mix == kQuantRouted || mix == kQuantRoutedMeta) {
+              fan_out_quantize_routed<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), routes,
+                                                            metadata, meta);
+              MOECOMM_LAUNCH_CHECK("fan_out_quantize_routed");
+            } else {
+              fan_out_quantize_staged_routed<<<blocks, kThreads, kStagingBytes>>>(
+                  rows.get(), dst, scales.get(), routes, metadata, meta);
+              MOECOMM_LAUNCH_CHECK("fan_out_quantize_staged_routed");
+            }
+          });
+          // Metadata a destination: kTopk int64 ids, kTopk float weights, an int32 source row.
+          const double meta_bytes = meta ? kTopk * (8.0 + 4.0) + 4.0 : 0.0;
+          bytes =
+              kRows * static_cast<double>(row_bytes) +
+              static_cast<double>(table.destinations) * (out_bytes + 4.0 * kGroups + meta_bytes);
+        } else if (mix != kFanOut && mix != kFanIn) {
           const int64_t dst_rows = big.bytes() / out_bytes;
           auto* dst = reinterpret_cast<uint8_t*>(big.get());
           const bool adjacent = mix == kQuantInOrder || mix == kQuantStagedInOrder;
@@ -237,7 +426,7 @@ int main(int argc, char** argv) try {
           bytes = kRows * (static_cast<double>(fan) * row_bytes + row_bytes);
         }
         const double gbps = bytes / (ms * 1e6);
-        std::printf("%-10s %4d %7d %10.0f %7.1f%% %10.1f\n", names[mix], fan, blocks, gbps,
+        std::printf("%-18s %4d %7d %10.0f %7.1f%% %10.1f\n", names[mix], fan, blocks, gbps,
                     100.0 * gbps / copy_gbps, gbps / blocks);
       }
     }
