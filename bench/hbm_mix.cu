@@ -20,7 +20,19 @@
 //              a row at the number of earlier rows that go to d (dispatch's layout).
 //   quant-rt-meta, quant-bulk-rt-meta: the same with dispatch's metadata stored first at every
 //              destination: 8 int64 expert ids, 8 float weights and the int32 source row.
-// A row's destinations are computed once (lane j holds the j-th), then shuffled, as dispatch does.
+//   quant-rt-pro, quant-bulk-rt-pro: the meta mixes with dispatch's prologue: a warp takes its
+//              rows from a counter (device::WorkQueue, the next drawn before the current is
+//              written; reset by a memset in the timed launch) and loads each row's inputs one
+//              row ahead: an int32 record of its row at each rank (-1: not sent; the destinations
+//              are the ranks whose record is >= 0), 8 int64 expert ids and 8 float weights, from
+//              which the metadata's values come. These loads, 128 bytes a row, count as read.
+//   quant-rt-src, quant-bulk-rt-src: the meta mixes with dispatch's layout over 8 source ranks:
+//              row r is token r / 8 of source r % 8 (the rows handled at once come from every
+//              source, as when the 8 ranks' kernels run together), and rank d's region holds
+//              source 0's rows, then source 1's, and so on, each in token order.
+//   quant-bulk-rt-src-pro: both.
+// A row's destinations are computed once (lane j holds the j-th; with the prologue, lane d holds
+// rank d's), then shuffled, as dispatch does.
 // Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks); the
 // routed mixes on 64 and 128, once, with fan 0 in the table and their mean fan-out printed above.
 // Usage: hbm_mix [--device D]. Prints GB/s (bytes read + written) and the fraction of the copy
@@ -52,7 +64,9 @@ constexpr int kQuantizeUnroll = 4;           // as HT dispatch's blocks of <= 51
 constexpr int kRanks = 8;                    // routed mixes: destination ranks
 constexpr int kExperts = 256;                // experts over the ranks, kExperts / kRanks each
 constexpr int kTopk = 8;                     // experts a row picks, without repeats
+constexpr int kLocalExperts = kExperts / kRanks;
 static_assert(kRanks <= 32 && kTopk <= 32, "a lane holds each destination and each expert");
+static_assert(kRows % kRanks == 0, "the -src mixes: kRanks sources of kRows / kRanks tokens");
 
 /// Scatters row r's j-th destination over `rows` rows (a fixed odd multiplier: every row once).
 __device__ __forceinline__ int64_t spread(int64_t r, int j, int64_t rows) {
@@ -224,37 +238,180 @@ __global__ void __launch_bounds__(kThreads)
   moecomm::device::bulk_wait_all();
 }
 
+/// The prologue mixes' inputs, read per row as dispatch reads them per token: the routing
+/// record (row r's output row at rank d, or -1), the expert ids and weights, and the work
+/// queue's counter (zero at launch).
+struct Prologue {
+  const int32_t* record;      // [kRows][kRanks]
+  const int64_t* topk_idx;    // [kRows][kTopk]
+  const float* topk_weights;  // [kRows][kTopk]
+  uint32_t* counter;
+};
+
+/// What a warp loads about row r before writing it (dispatch's TokenLoads): lane k < kTopk the
+/// k-th expert and weight, lane d < kRanks the row at rank d (or -1).
+struct RowLoads {
+  int64_t r = 0;
+  int64_t expert = -1;
+  float weight = 0.0f;
+  int32_t row = -1;
+};
+
+__device__ __forceinline__ RowLoads load_row(const Prologue& p, int64_t r, int lane) {
+  RowLoads l;
+  l.r = r;
+  if (lane < kTopk) {
+    l.expert = p.topk_idx[r * kTopk + lane];
+    l.weight = p.topk_weights[r * kTopk + lane];
+  }
+  if (lane < kRanks) l.row = p.record[r * kRanks + lane];
+  return l;
+}
+
+/// Runs body(l, mask) for each row the warp draws from the work queue, as dispatch_kernel does:
+/// the next row is drawn and its inputs loaded before the current one is written. `mask`: the
+/// ranks the row goes to (the same in every lane).
+template <typename Body>
+__device__ __forceinline__ void drain_queue(const Prologue& p, int lane, Body&& body) {
+  const moecomm::device::WorkQueue queue{p.counter};
+  int64_t r = queue.unit(queue.draw(lane));
+  uint32_t drawn = queue.draw(lane);
+  RowLoads current = r < kRows ? load_row(p, r, lane) : RowLoads{};
+  while (r < kRows) {  // warp-uniform: r comes from lane 0
+    const int64_t r_next = queue.unit(drawn);
+    drawn = queue.draw(lane);
+    const RowLoads next = r_next < kRows ? load_row(p, r_next, lane) : RowLoads{};
+    const unsigned mask = __ballot_sync(0xffffffffu, current.row >= 0);
+    if (mask != 0) body(current, mask);
+    current = next;
+    r = r_next;
+  }
+}
+
+/// The row at the lowest rank left in m (taken out of m), read from that rank's lane: every lane
+/// takes part in the shuffle.
+__device__ __forceinline__ int64_t pop_row(const RowLoads& l, unsigned& m) {
+  const int d = __ffs(static_cast<int>(m)) - 1;
+  m &= m - 1;
+  return __shfl_sync(0xffffffffu, l.row, d);
+}
+
+/// Dispatch's metadata from the loaded inputs: at rank d, the ids of d's experts (local, -1
+/// elsewhere), their weights (0 elsewhere), and the source row.
+__device__ __forceinline__ void store_loaded_metadata(const Metadata& meta, const RowLoads& l,
+                                                      unsigned mask, int lane) {
+  for (unsigned m = mask; m;) {
+    const int d = __ffs(static_cast<int>(m)) - 1;
+    const int64_t row = pop_row(l, m);
+    if (lane < kTopk) {
+      const bool here = l.expert >= 0 && l.expert < kExperts && l.expert / kLocalExperts == d;
+      meta.topk_idx[row * kTopk + lane] = here ? l.expert - int64_t{d} * kLocalExperts : -1;
+      meta.weights[row * kTopk + lane] = here ? l.weight : 0.0f;
+    }
+    if (lane == 0) meta.src_token[row] = static_cast<int32_t>(l.r);
+  }
+}
+
+/// quant-rt-meta with dispatch's prologue: rows from the work queue, destinations and metadata
+/// from the loaded inputs.
+__global__ void __launch_bounds__(kThreads)
+    fan_out_quantize_routed_pro(const int4* __restrict__ src, uint8_t* __restrict__ dst,
+                                float* __restrict__ scales, Prologue prologue, Metadata metadata) {
+  const int lane = threadIdx.x & 31;
+  drain_queue(prologue, lane, [&](const RowLoads& l, unsigned mask) {
+    store_loaded_metadata(metadata, l, mask, lane);
+    moecomm::device::quantize_groups<kQuantizeUnroll>(
+        src + l.r * kRowVecs, kGroups, false, lane,
+        [&](int g, int sub, uint4 q, float scale, bool valid) {
+          for (unsigned m = mask; m;) {
+            const int64_t row = pop_row(l, m);
+            if (!valid) continue;
+            *reinterpret_cast<uint4*>(dst + row * (kOutVecs * 16) + g * 128 + sub * 16) = q;
+            if (sub == 0) scales[row * kGroups + g] = scale;
+          }
+        });
+  });
+}
+
+/// quant-bulk-rt-meta with dispatch's prologue.
+__global__ void __launch_bounds__(kThreads)
+    fan_out_quantize_staged_routed_pro(const int4* __restrict__ src, uint8_t* __restrict__ dst,
+                                       float* __restrict__ scales, Prologue prologue,
+                                       Metadata metadata) {
+  extern __shared__ __align__(16) uint8_t rings[];
+  const int lane = threadIdx.x & 31;
+  Staging staging{rings + (threadIdx.x / 32) * Staging::kWarpBytes};
+  drain_queue(prologue, lane, [&](const RowLoads& l, unsigned mask) {
+    store_loaded_metadata(metadata, l, mask, lane);
+    moecomm::device::RowDestinations to;
+    for (unsigned m = mask; m;) {
+      const int64_t row = pop_row(l, m);
+      to.add(dst + row * (kOutVecs * 16), scales + row * kGroups, lane);
+    }
+    moecomm::device::quantize_row_staged<kQuantizeUnroll>(src + l.r * kRowVecs, kGroups, false,
+                                                          lane, staging, to);
+  });
+  moecomm::device::bulk_wait_all();
+}
+
 /// The routed mixes' table on the host: each row picks kTopk distinct experts (a seeded
 /// generator), goes to the ranks that own them, and lands at each such rank d in d's region at
 /// the number of earlier rows that go to d.
+/// by_source (the -src mixes): row r is token r / kRanks of source r % kRanks, and d's region
+/// holds each source's rows in a region of their own (source order), in token order.
 struct RoutingTable {
   std::vector<int64_t> rows = std::vector<int64_t>(int64_t{kRows} * kRanks, 0);
+  std::vector<int32_t> ranks = std::vector<int32_t>(int64_t{kRows} * kRanks, 0);  // of rows[]
   std::vector<int32_t> counts = std::vector<int32_t>(kRows, 0);
+  std::vector<int64_t> experts = std::vector<int64_t>(int64_t{kRows} * kTopk, 0);
   int64_t destinations = 0;  // sum of the counts
 };
 
-RoutingTable make_routing_table() {
+RoutingTable make_routing_table(bool by_source) {
   RoutingTable t;
   std::mt19937 rng(12345);
-  int64_t next[kRanks] = {};  // rows each rank has received so far
+  std::vector<unsigned> rank_masks(kRows, 0);
   for (int64_t r = 0; r < kRows; ++r) {
     bool picked[kExperts] = {};
-    unsigned ranks = 0;
     for (int k = 0; k < kTopk; ++k) {
       int e;
       do {
         e = static_cast<int>(rng() % kExperts);  // 2^32 is a multiple of kExperts: no bias
       } while (picked[e]);
       picked[e] = true;
-      ranks |= 1u << (e / (kExperts / kRanks));
+      t.experts[r * kTopk + k] = e;
+      rank_masks[r] |= 1u << (e / kLocalExperts);
     }
+  }
+  // next[s][d]: where source s's next row lands in d's region. by_source: it starts at the rows
+  // that sources before s send to d; otherwise every row counts as source 0's.
+  int64_t next[kRanks][kRanks] = {};
+  if (by_source) {
+    int64_t sent[kRanks][kRanks] = {};  // [s][d]: rows source s sends to d
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int d = 0; d < kRanks; ++d) sent[r % kRanks][d] += (rank_masks[r] >> d) & 1u;
+    for (int s = 1; s < kRanks; ++s)
+      for (int d = 0; d < kRanks; ++d) next[s][d] = next[s - 1][d] + sent[s - 1][d];
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int s = by_source ? static_cast<int>(r % kRanks) : 0;
     for (int d = 0; d < kRanks; ++d) {
-      if (!((ranks >> d) & 1u)) continue;
-      t.rows[r * kRanks + t.counts[r]++] = int64_t{d} * kRows + next[d]++;
+      if (!((rank_masks[r] >> d) & 1u)) continue;
+      t.ranks[r * kRanks + t.counts[r]] = d;
+      t.rows[r * kRanks + t.counts[r]++] = int64_t{d} * kRows + next[s][d]++;
     }
     t.destinations += t.counts[r];
   }
   return t;
+}
+
+/// The prologue mixes' record of a table: [r][d] the output row at rank d, or -1.
+std::vector<int32_t> make_records(const RoutingTable& t) {
+  std::vector<int32_t> record(int64_t{kRows} * kRanks, -1);
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int j = 0; j < t.counts[r]; ++j)
+      record[r * kRanks + t.ranks[r * kRanks + j]] = static_cast<int32_t>(t.rows[r * kRanks + j]);
+  return record;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -319,21 +476,47 @@ int main(int argc, char** argv) try {
   MOECOMM_CUDA_CHECK(cudaMemset(rows.get(), 2, rows.bytes()));
 
   // Routed mixes: the table, and dispatch's metadata regions (kRanks regions of kRows rows).
-  const RoutingTable table = make_routing_table();
+  // The -src mixes' table picks the same experts (the same destinations, in other rows).
+  const RoutingTable table = make_routing_table(false), table_src = make_routing_table(true);
   const int64_t routed_rows = int64_t{kRanks} * kRows;
   if (big.bytes() / out_bytes < routed_rows)
     throw std::runtime_error("hbm_mix: the buffer holds fewer output rows than the routed mixes");
-  epb::DeviceBuffer<int64_t> route_rows(table.rows.size());
+  epb::DeviceBuffer<int64_t> route_rows(table.rows.size()), route_rows_src(table_src.rows.size());
   epb::DeviceBuffer<int32_t> route_counts(table.counts.size());
   MOECOMM_CUDA_CHECK(
       cudaMemcpy(route_rows.get(), table.rows.data(), route_rows.bytes(), cudaMemcpyHostToDevice));
+  MOECOMM_CUDA_CHECK(cudaMemcpy(route_rows_src.get(), table_src.rows.data(), route_rows_src.bytes(),
+                                cudaMemcpyHostToDevice));
   MOECOMM_CUDA_CHECK(cudaMemcpy(route_counts.get(), table.counts.data(), route_counts.bytes(),
                                 cudaMemcpyHostToDevice));
   epb::DeviceBuffer<int64_t> meta_idx(routed_rows * kTopk);
   epb::DeviceBuffer<float> meta_weights(routed_rows * kTopk);
   epb::DeviceBuffer<int32_t> meta_src(routed_rows);
   const Routes routes{route_rows.get(), route_counts.get()};
+  const Routes routes_src{route_rows_src.get(), route_counts.get()};
   const Metadata metadata{meta_idx.get(), meta_weights.get(), meta_src.get()};
+
+  // The prologue mixes' inputs: each table's records, the expert ids, weights (seeded) and the
+  // work queue's counter.
+  const std::vector<int32_t> records = make_records(table), records_src = make_records(table_src);
+  std::vector<float> weights(table.experts.size());
+  std::mt19937 weight_rng(54321);
+  std::uniform_real_distribution<float> weight_dist(0.0f, 1.0f);
+  for (float& w : weights) w = weight_dist(weight_rng);
+  epb::DeviceBuffer<int32_t> record(records.size()), record_src(records_src.size());
+  epb::DeviceBuffer<int64_t> topk_idx(table.experts.size());
+  epb::DeviceBuffer<float> topk_weights(weights.size());
+  epb::DeviceBuffer<uint32_t> counter(1);
+  MOECOMM_CUDA_CHECK(
+      cudaMemcpy(record.get(), records.data(), record.bytes(), cudaMemcpyHostToDevice));
+  MOECOMM_CUDA_CHECK(
+      cudaMemcpy(record_src.get(), records_src.data(), record_src.bytes(), cudaMemcpyHostToDevice));
+  MOECOMM_CUDA_CHECK(
+      cudaMemcpy(topk_idx.get(), table.experts.data(), topk_idx.bytes(), cudaMemcpyHostToDevice));
+  MOECOMM_CUDA_CHECK(
+      cudaMemcpy(topk_weights.get(), weights.data(), topk_weights.bytes(), cudaMemcpyHostToDevice));
+  const Prologue prologue{record.get(), topk_idx.get(), topk_weights.get(), counter.get()};
+  const Prologue prologue_src{record_src.get(), topk_idx.get(), topk_weights.get(), counter.get()};
 
   const int64_t copy_bytes = rows.bytes();
   const float copy_ms = median_ms([&] {
@@ -345,11 +528,14 @@ int main(int argc, char** argv) try {
               copy_gbps, copy_bytes / 1e6);
   std::printf("routed mixes: mean fan-out %.2f (top-%d of %d experts over %d ranks)\n",
               static_cast<double>(table.destinations) / kRows, kTopk, kExperts, kRanks);
-  std::printf("%-18s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
+  std::printf("%-22s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
   MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
       fan_out_quantize_staged, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagingBytes));
   MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
       fan_out_quantize_staged_routed, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagingBytes));
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(fan_out_quantize_staged_routed_pro,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kStagingBytes));
   enum Mix {
     kFanOut,
     kQuant,
@@ -360,15 +546,33 @@ int main(int argc, char** argv) try {
     kQuantRouted,
     kQuantStagedRouted,
     kQuantRoutedMeta,
-    kQuantStagedRoutedMeta
+    kQuantStagedRoutedMeta,
+    kQuantRoutedPro,
+    kQuantStagedRoutedPro,
+    kQuantRoutedSrc,
+    kQuantStagedRoutedSrc,
+    kQuantStagedRoutedSrcPro
   };
-  const char* names[] = {
-      "fan-out", "quant",    "quant-bulk",    "quant-ord",     "quant-bulk-ord",
-      "fan-in",  "quant-rt", "quant-bulk-rt", "quant-rt-meta", "quant-bulk-rt-meta"};
+  const char* names[] = {"fan-out",
+                         "quant",
+                         "quant-bulk",
+                         "quant-ord",
+                         "quant-bulk-ord",
+                         "fan-in",
+                         "quant-rt",
+                         "quant-bulk-rt",
+                         "quant-rt-meta",
+                         "quant-bulk-rt-meta",
+                         "quant-rt-pro",
+                         "quant-bulk-rt-pro",
+                         "quant-rt-src",
+                         "quant-bulk-rt-src",
+                         "quant-bulk-rt-src-pro"};
   const std::vector<int> fixed_fans = {1, 2, 4, 6}, routed_fans = {0};
   for (const Mix mix :
        {kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn, kQuantRouted,
-        kQuantStagedRouted, kQuantRoutedMeta, kQuantStagedRoutedMeta}) {
+        kQuantStagedRouted, kQuantRoutedMeta, kQuantStagedRoutedMeta, kQuantRoutedPro,
+        kQuantStagedRoutedPro, kQuantRoutedSrc, kQuantStagedRoutedSrc, kQuantStagedRoutedSrcPro}) {
     const bool routed = mix >= kQuantRouted;
     for (int fan : routed ? routed_fans : fixed_fans) {
       for (int blocks : {32, 64, 128}) {
@@ -377,22 +581,44 @@ int main(int argc, char** argv) try {
         double bytes = 0;
         if (routed) {
           auto* dst = reinterpret_cast<uint8_t*>(big.get());
-          const bool meta = mix == kQuantRoutedMeta || mix == kQuantStagedRoutedMeta;
+          const bool meta = mix != kQuantRouted && mix != kQuantStagedRouted;  // all others
+          const bool staged = mix == kQuantStagedRouted || mix == kQuantStagedRoutedMeta ||
+                              mix == kQuantStagedRoutedPro || mix == kQuantStagedRoutedSrc ||
+                              mix == kQuantStagedRoutedSrcPro;
+          const bool pro = mix == kQuantRoutedPro || mix == kQuantStagedRoutedPro ||
+                           mix == kQuantStagedRoutedSrcPro;
+          const bool by_source = mix == kQuantRoutedSrc || mix == kQuantStagedRoutedSrc ||
+                                 mix == kQuantStagedRoutedSrcPro;
+          const Routes& rt = by_source ? routes_src : routes;
+          const Prologue& pl = by_source ? prologue_src : prologue;
           ms = median_ms([&] {
-            if (mix == kQuantRouted || mix == kQuantRoutedMeta) {
-              fan_out_quantize_routed<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), routes,
+            if (pro) {
+              MOECOMM_CUDA_CHECK(cudaMemsetAsync(counter.get(), 0, counter.bytes()));
+              if (staged) {
+                fan_out_quantize_staged_routed_pro<<<blocks, kThreads, kStagingBytes>>>(
+                    rows.get(), dst, scales.get(), pl, metadata);
+                MOECOMM_LAUNCH_CHECK("fan_out_quantize_staged_routed_pro");
+              } else {
+                fan_out_quantize_routed_pro<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), pl,
+                                                                  metadata);
+                MOECOMM_LAUNCH_CHECK("fan_out_quantize_routed_pro");
+              }
+            } else if (!staged) {
+              fan_out_quantize_routed<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), rt,
                                                             metadata, meta);
               MOECOMM_LAUNCH_CHECK("fan_out_quantize_routed");
             } else {
               fan_out_quantize_staged_routed<<<blocks, kThreads, kStagingBytes>>>(
-                  rows.get(), dst, scales.get(), routes, metadata, meta);
+                  rows.get(), dst, scales.get(), rt, metadata, meta);
               MOECOMM_LAUNCH_CHECK("fan_out_quantize_staged_routed");
             }
           });
           // Metadata a destination: kTopk int64 ids, kTopk float weights, an int32 source row.
           const double meta_bytes = meta ? kTopk * (8.0 + 4.0) + 4.0 : 0.0;
+          // The prologue's loads a row: the int32 record, kTopk int64 ids and float weights.
+          const double prologue_bytes = pro ? kRanks * 4.0 + kTopk * (8.0 + 4.0) : 0.0;
           bytes =
-              kRows * static_cast<double>(row_bytes) +
+              kRows * (static_cast<double>(row_bytes) + prologue_bytes) +
               static_cast<double>(table.destinations) * (out_bytes + 4.0 * kGroups + meta_bytes);
         } else if (mix != kFanOut && mix != kFanIn) {
           const int64_t dst_rows = big.bytes() / out_bytes;
@@ -426,7 +652,7 @@ int main(int argc, char** argv) try {
           bytes = kRows * (static_cast<double>(fan) * row_bytes + row_bytes);
         }
         const double gbps = bytes / (ms * 1e6);
-        std::printf("%-18s %4d %7d %10.0f %7.1f%% %10.1f\n", names[mix], fan, blocks, gbps,
+        std::printf("%-22s %4d %7d %10.0f %7.1f%% %10.1f\n", names[mix], fan, blocks, gbps,
                     100.0 * gbps / copy_gbps, gbps / blocks);
       }
     }
