@@ -30,7 +30,15 @@
 //              row r is token r / 8 of source r % 8 (the rows handled at once come from every
 //              source, as when the 8 ranks' kernels run together), and rank d's region holds
 //              source 0's rows, then source 1's, and so on, each in token order.
-//   quant-bulk-rt-src-pro: both.
+//   quant-rt-src-pro, quant-bulk-rt-src-pro: both.
+//   quant-rt-src-pro-8k, quant-bulk-rt-src-pro-8k: the same rows as kRanks kernels on kRanks
+//              streams, kernel s on blocks / kRanks blocks with source s's rows and a work queue
+//              of its own, as the group's ranks run on one GPU (all of them on the GPU at once).
+//   quant-rt-src-pro-8k-rts, quant-bulk-rt-src-pro-8k-rts: the -8k mixes with the row's sizes
+//              (groups, bytes in and out) as run-time values, as dispatch has them.
+//   quant-rt-src-pro-8k-rnd, quant-bulk-rt-src-pro-8k-rnd: the -8k mixes reading random rows
+//              (bf16 in [-4, 4), hashed) instead of every other mix's constant pattern, as
+//              ep_bench's inputs are.
 // A row's destinations are computed once (lane j holds the j-th; with the prologue, lane d holds
 // rank d's), then shuffled, as dispatch does.
 // Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks); the
@@ -246,6 +254,9 @@ struct Prologue {
   const int64_t* topk_idx;    // [kRows][kTopk]
   const float* topk_weights;  // [kRows][kTopk]
   uint32_t* counter;
+  int first_row = 0;  // the kernel's rows: first_row, first_row + row_stride, ... (< kRows)
+  int row_stride = 1;
+  int groups = kGroups;  // a row's scale groups, for the kernels that take it at run time
 };
 
 /// What a warp loads about row r before writing it (dispatch's TokenLoads): lane k < kTopk the
@@ -274,11 +285,14 @@ __device__ __forceinline__ RowLoads load_row(const Prologue& p, int64_t r, int l
 template <typename Body>
 __device__ __forceinline__ void drain_queue(const Prologue& p, int lane, Body&& body) {
   const moecomm::device::WorkQueue queue{p.counter};
-  int64_t r = queue.unit(queue.draw(lane));
+  const auto row_of = [&](uint32_t drawn_unit) {
+    return static_cast<int64_t>(queue.unit(drawn_unit)) * p.row_stride + p.first_row;
+  };
+  int64_t r = row_of(queue.draw(lane));
   uint32_t drawn = queue.draw(lane);
   RowLoads current = r < kRows ? load_row(p, r, lane) : RowLoads{};
   while (r < kRows) {  // warp-uniform: r comes from lane 0
-    const int64_t r_next = queue.unit(drawn);
+    const int64_t r_next = row_of(drawn);
     drawn = queue.draw(lane);
     const RowLoads next = r_next < kRows ? load_row(p, r_next, lane) : RowLoads{};
     const unsigned mask = __ballot_sync(0xffffffffu, current.row >= 0);
@@ -312,28 +326,41 @@ __device__ __forceinline__ void store_loaded_metadata(const Metadata& meta, cons
   }
 }
 
+/// A row's sizes: compile-time constants, or (kRunTime, as dispatch has them) from the
+/// kernel's arguments.
+template <bool kRunTime>
+struct RowSizes {
+  int groups;
+  __device__ explicit RowSizes(const Prologue& p) : groups(kRunTime ? p.groups : kGroups) {}
+  __device__ int64_t in_vecs() const { return int64_t{groups} * 16; }  // 128 bf16 a group
+  __device__ int64_t out_bytes() const { return int64_t{groups} * 128; }
+};
+
 /// quant-rt-meta with dispatch's prologue: rows from the work queue, destinations and metadata
 /// from the loaded inputs.
+template <bool kRunTimeSizes>
 __global__ void __launch_bounds__(kThreads)
     fan_out_quantize_routed_pro(const int4* __restrict__ src, uint8_t* __restrict__ dst,
                                 float* __restrict__ scales, Prologue prologue, Metadata metadata) {
   const int lane = threadIdx.x & 31;
+  const RowSizes<kRunTimeSizes> size(prologue);
   drain_queue(prologue, lane, [&](const RowLoads& l, unsigned mask) {
     store_loaded_metadata(metadata, l, mask, lane);
     moecomm::device::quantize_groups<kQuantizeUnroll>(
-        src + l.r * kRowVecs, kGroups, false, lane,
+        src + l.r * size.in_vecs(), size.groups, false, lane,
         [&](int g, int sub, uint4 q, float scale, bool valid) {
           for (unsigned m = mask; m;) {
             const int64_t row = pop_row(l, m);
             if (!valid) continue;
-            *reinterpret_cast<uint4*>(dst + row * (kOutVecs * 16) + g * 128 + sub * 16) = q;
-            if (sub == 0) scales[row * kGroups + g] = scale;
+            *reinterpret_cast<uint4*>(dst + row * size.out_bytes() + g * 128 + sub * 16) = q;
+            if (sub == 0) scales[row * size.groups + g] = scale;
           }
         });
   });
 }
 
 /// quant-bulk-rt-meta with dispatch's prologue.
+template <bool kRunTimeSizes>
 __global__ void __launch_bounds__(kThreads)
     fan_out_quantize_staged_routed_pro(const int4* __restrict__ src, uint8_t* __restrict__ dst,
                                        float* __restrict__ scales, Prologue prologue,
@@ -341,15 +368,16 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) uint8_t rings[];
   const int lane = threadIdx.x & 31;
   Staging staging{rings + (threadIdx.x / 32) * Staging::kWarpBytes};
+  const RowSizes<kRunTimeSizes> size(prologue);
   drain_queue(prologue, lane, [&](const RowLoads& l, unsigned mask) {
     store_loaded_metadata(metadata, l, mask, lane);
     moecomm::device::RowDestinations to;
     for (unsigned m = mask; m;) {
       const int64_t row = pop_row(l, m);
-      to.add(dst + row * (kOutVecs * 16), scales + row * kGroups, lane);
+      to.add(dst + row * size.out_bytes(), scales + row * size.groups, lane);
     }
-    moecomm::device::quantize_row_staged<kQuantizeUnroll>(src + l.r * kRowVecs, kGroups, false,
-                                                          lane, staging, to);
+    moecomm::device::quantize_row_staged<kQuantizeUnroll>(src + l.r * size.in_vecs(), size.groups,
+                                                          false, lane, staging, to);
   });
   moecomm::device::bulk_wait_all();
 }
@@ -414,6 +442,19 @@ std::vector<int32_t> make_records(const RoutingTable& t) {
   return record;
 }
 
+/// Random bf16 values in [-4, 4): a hash of each element's index.
+__global__ void fill_random_bf16(uint16_t* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ static_cast<uint32_t>(i >> 32);
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    const float v = (h & 0xffffffu) * (8.0f / 16777216.0f) - 4.0f;
+    out[i] = static_cast<uint16_t>(__float_as_uint(v) >> 16);  // bf16: the float's top half
+  }
+}
+
 __global__ void __launch_bounds__(kThreads)
     fan_in(const int4* __restrict__ src, int4* __restrict__ dst, int fan, int64_t src_rows) {
   const int lane = threadIdx.x & 31;
@@ -474,6 +515,10 @@ int main(int argc, char** argv) try {
   epb::DeviceBuffer<float> scales(big.bytes() / out_bytes * kGroups);  // quant: one per out row
   MOECOMM_CUDA_CHECK(cudaMemset(big.get(), 1, big.bytes()));
   MOECOMM_CUDA_CHECK(cudaMemset(rows.get(), 2, rows.bytes()));
+  epb::DeviceBuffer<int4> random_rows(int64_t{kRows} * kRowVecs);  // the -rnd mixes' inputs
+  fill_random_bf16<<<1024, 256>>>(reinterpret_cast<uint16_t*>(random_rows.get()),
+                                  random_rows.bytes() / 2);
+  MOECOMM_LAUNCH_CHECK("fill_random_bf16");
 
   // Routed mixes: the table, and dispatch's metadata regions (kRanks regions of kRows rows).
   // The -src mixes' table picks the same experts (the same destinations, in other rows).
@@ -506,7 +551,7 @@ int main(int argc, char** argv) try {
   epb::DeviceBuffer<int32_t> record(records.size()), record_src(records_src.size());
   epb::DeviceBuffer<int64_t> topk_idx(table.experts.size());
   epb::DeviceBuffer<float> topk_weights(weights.size());
-  epb::DeviceBuffer<uint32_t> counter(1);
+  epb::DeviceBuffer<uint32_t> counter(1), counters(kRanks);
   MOECOMM_CUDA_CHECK(
       cudaMemcpy(record.get(), records.data(), record.bytes(), cudaMemcpyHostToDevice));
   MOECOMM_CUDA_CHECK(
@@ -517,6 +562,8 @@ int main(int argc, char** argv) try {
       cudaMemcpy(topk_weights.get(), weights.data(), topk_weights.bytes(), cudaMemcpyHostToDevice));
   const Prologue prologue{record.get(), topk_idx.get(), topk_weights.get(), counter.get()};
   const Prologue prologue_src{record_src.get(), topk_idx.get(), topk_weights.get(), counter.get()};
+  std::vector<cudaStream_t> streams(kRanks);  // blocking streams: ordered with the legacy stream
+  for (cudaStream_t& st : streams) MOECOMM_CUDA_CHECK(cudaStreamCreate(&st));
 
   const int64_t copy_bytes = rows.bytes();
   const float copy_ms = median_ms([&] {
@@ -533,7 +580,10 @@ int main(int argc, char** argv) try {
       fan_out_quantize_staged, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagingBytes));
   MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
       fan_out_quantize_staged_routed, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagingBytes));
-  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(fan_out_quantize_staged_routed_pro,
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(fan_out_quantize_staged_routed_pro<false>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kStagingBytes));
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(fan_out_quantize_staged_routed_pro<true>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           kStagingBytes));
   enum Mix {
@@ -551,7 +601,14 @@ int main(int argc, char** argv) try {
     kQuantStagedRoutedPro,
     kQuantRoutedSrc,
     kQuantStagedRoutedSrc,
-    kQuantStagedRoutedSrcPro
+    kQuantStagedRoutedSrcPro,
+    kQuantRoutedSrcPro,
+    kQuantRoutedSrcProSplit,
+    kQuantStagedRoutedSrcProSplit,
+    kQuantRoutedSrcProSplitRunTime,
+    kQuantStagedRoutedSrcProSplitRunTime,
+    kQuantRoutedSrcProSplitRandom,
+    kQuantStagedRoutedSrcProSplitRandom
   };
   const char* names[] = {"fan-out",
                          "quant",
@@ -567,12 +624,37 @@ int main(int argc, char** argv) try {
                          "quant-bulk-rt-pro",
                          "quant-rt-src",
                          "quant-bulk-rt-src",
-                         "quant-bulk-rt-src-pro"};
+                         "quant-bulk-rt-src-pro",
+                         "quant-rt-src-pro",
+                         "quant-rt-src-pro-8k",
+                         "quant-bulk-rt-src-pro-8k",
+                         "quant-rt-src-pro-8k-rts",
+                         "quant-bulk-rt-src-pro-8k-rts",
+                         "quant-rt-src-pro-8k-rnd",
+                         "quant-bulk-rt-src-pro-8k-rnd"};
   const std::vector<int> fixed_fans = {1, 2, 4, 6}, routed_fans = {0};
-  for (const Mix mix :
-       {kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn, kQuantRouted,
-        kQuantStagedRouted, kQuantRoutedMeta, kQuantStagedRoutedMeta, kQuantRoutedPro,
-        kQuantStagedRoutedPro, kQuantRoutedSrc, kQuantStagedRoutedSrc, kQuantStagedRoutedSrcPro}) {
+  for (const Mix mix : {kFanOut,
+                        kQuant,
+                        kQuantStaged,
+                        kQuantInOrder,
+                        kQuantStagedInOrder,
+                        kFanIn,
+                        kQuantRouted,
+                        kQuantStagedRouted,
+                        kQuantRoutedMeta,
+                        kQuantStagedRoutedMeta,
+                        kQuantRoutedPro,
+                        kQuantStagedRoutedPro,
+                        kQuantRoutedSrc,
+                        kQuantStagedRoutedSrc,
+                        kQuantStagedRoutedSrcPro,
+                        kQuantRoutedSrcPro,
+                        kQuantRoutedSrcProSplit,
+                        kQuantStagedRoutedSrcProSplit,
+                        kQuantRoutedSrcProSplitRunTime,
+                        kQuantStagedRoutedSrcProSplitRunTime,
+                        kQuantRoutedSrcProSplitRandom,
+                        kQuantStagedRoutedSrcProSplitRandom}) {
     const bool routed = mix >= kQuantRouted;
     for (int fan : routed ? routed_fans : fixed_fans) {
       for (int blocks : {32, 64, 128}) {
@@ -584,23 +666,48 @@ int main(int argc, char** argv) try {
           const bool meta = mix != kQuantRouted && mix != kQuantStagedRouted;  // all others
           const bool staged = mix == kQuantStagedRouted || mix == kQuantStagedRoutedMeta ||
                               mix == kQuantStagedRoutedPro || mix == kQuantStagedRoutedSrc ||
-                              mix == kQuantStagedRoutedSrcPro;
+                              mix == kQuantStagedRoutedSrcPro ||
+                              mix == kQuantStagedRoutedSrcProSplit ||
+                              mix == kQuantStagedRoutedSrcProSplitRunTime ||
+                              mix == kQuantStagedRoutedSrcProSplitRandom;
+          const bool random =
+              mix == kQuantRoutedSrcProSplitRandom || mix == kQuantStagedRoutedSrcProSplitRandom;
+          const bool run_time =
+              mix == kQuantRoutedSrcProSplitRunTime || mix == kQuantStagedRoutedSrcProSplitRunTime;
+          const bool split = mix == kQuantRoutedSrcProSplit ||
+                             mix == kQuantStagedRoutedSrcProSplit || run_time || random;
           const bool pro = mix == kQuantRoutedPro || mix == kQuantStagedRoutedPro ||
-                           mix == kQuantStagedRoutedSrcPro;
+                           mix == kQuantStagedRoutedSrcPro || mix == kQuantRoutedSrcPro || split;
           const bool by_source = mix == kQuantRoutedSrc || mix == kQuantStagedRoutedSrc ||
-                                 mix == kQuantStagedRoutedSrcPro;
+                                 mix == kQuantStagedRoutedSrcPro || mix == kQuantRoutedSrcPro ||
+                                 split;
           const Routes& rt = by_source ? routes_src : routes;
           const Prologue& pl = by_source ? prologue_src : prologue;
           ms = median_ms([&] {
-            if (pro) {
+            if (split) {
+              MOECOMM_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, counters.bytes()));
+              for (int source = 0; source < kRanks; ++source) {
+                Prologue part = pl;
+                part.counter = counters.get() + source;
+                part.first_row = source;
+                part.row_stride = kRanks;
+                const auto kernel = staged ? (run_time ? fan_out_quantize_staged_routed_pro<true>
+                                                       : fan_out_quantize_staged_routed_pro<false>)
+                                           : (run_time ? fan_out_quantize_routed_pro<true>
+                                                       : fan_out_quantize_routed_pro<false>);
+                kernel<<<blocks / kRanks, kThreads, staged ? kStagingBytes : 0, streams[source]>>>(
+                    (random ? random_rows : rows).get(), dst, scales.get(), part, metadata);
+                MOECOMM_LAUNCH_CHECK("hbm_mix: a source's kernel");
+              }
+            } else if (pro) {
               MOECOMM_CUDA_CHECK(cudaMemsetAsync(counter.get(), 0, counter.bytes()));
               if (staged) {
-                fan_out_quantize_staged_routed_pro<<<blocks, kThreads, kStagingBytes>>>(
+                fan_out_quantize_staged_routed_pro<false><<<blocks, kThreads, kStagingBytes>>>(
                     rows.get(), dst, scales.get(), pl, metadata);
                 MOECOMM_LAUNCH_CHECK("fan_out_quantize_staged_routed_pro");
               } else {
-                fan_out_quantize_routed_pro<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), pl,
-                                                                  metadata);
+                fan_out_quantize_routed_pro<false>
+                    <<<blocks, kThreads>>>(rows.get(), dst, scales.get(), pl, metadata);
                 MOECOMM_LAUNCH_CHECK("fan_out_quantize_routed_pro");
               }
             } else if (!staged) {
@@ -657,6 +764,7 @@ int main(int argc, char** argv) try {
       }
     }
   }
+  for (cudaStream_t st : streams) MOECOMM_CUDA_CHECK(cudaStreamDestroy(st));
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "hbm_mix: %s\n", e.what());
