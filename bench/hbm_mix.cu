@@ -586,148 +586,36 @@ int main(int argc, char** argv) try {
   MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(fan_out_quantize_staged_routed_pro<true>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           kStagingBytes));
-  enum Mix {
-    kFanOut,
-    kQuant,
-    kQuantStaged,
-    kQuantInOrder,
-    kQuantStagedInOrder,
-    kFanIn,
-    kQuantRouted,
-    kQuantStagedRouted,
-    kQuantRoutedMeta,
-    kQuantStagedRoutedMeta,
-    kQuantRoutedPro,
-    kQuantStagedRoutedPro,
-    kQuantRoutedSrc,
-    kQuantStagedRoutedSrc,
-    kQuantStagedRoutedSrcPro,
-    kQuantRoutedSrcPro,
-    kQuantRoutedSrcProSplit,
-    kQuantStagedRoutedSrcProSplit,
-    kQuantRoutedSrcProSplitRunTime,
-    kQuantStagedRoutedSrcProSplitRunTime,
-    kQuantRoutedSrcProSplitRandom,
-    kQuantStagedRoutedSrcProSplitRandom
+  const auto report = [&](const char* name, int fan, int blocks, double bytes, float ms) {
+    const double gbps = bytes / (ms * 1e6);
+    std::printf("%-22s %4d %7d %10.0f %7.1f%% %10.1f\n", name, fan, blocks, gbps,
+                100.0 * gbps / copy_gbps, gbps / blocks);
   };
-  const char* names[] = {"fan-out",
-                         "quant",
-                         "quant-bulk",
-                         "quant-ord",
-                         "quant-bulk-ord",
-                         "fan-in",
-                         "quant-rt",
-                         "quant-bulk-rt",
-                         "quant-rt-meta",
-                         "quant-bulk-rt-meta",
-                         "quant-rt-pro",
-                         "quant-bulk-rt-pro",
-                         "quant-rt-src",
-                         "quant-bulk-rt-src",
-                         "quant-bulk-rt-src-pro",
-                         "quant-rt-src-pro",
-                         "quant-rt-src-pro-8k",
-                         "quant-bulk-rt-src-pro-8k",
-                         "quant-rt-src-pro-8k-rts",
-                         "quant-bulk-rt-src-pro-8k-rts",
-                         "quant-rt-src-pro-8k-rnd",
-                         "quant-bulk-rt-src-pro-8k-rnd"};
-  const std::vector<int> fixed_fans = {1, 2, 4, 6}, routed_fans = {0};
-  for (const Mix mix : {kFanOut,
-                        kQuant,
-                        kQuantStaged,
-                        kQuantInOrder,
-                        kQuantStagedInOrder,
-                        kFanIn,
-                        kQuantRouted,
-                        kQuantStagedRouted,
-                        kQuantRoutedMeta,
-                        kQuantStagedRoutedMeta,
-                        kQuantRoutedPro,
-                        kQuantStagedRoutedPro,
-                        kQuantRoutedSrc,
-                        kQuantStagedRoutedSrc,
-                        kQuantStagedRoutedSrcPro,
-                        kQuantRoutedSrcPro,
-                        kQuantRoutedSrcProSplit,
-                        kQuantStagedRoutedSrcProSplit,
-                        kQuantRoutedSrcProSplitRunTime,
-                        kQuantStagedRoutedSrcProSplitRunTime,
-                        kQuantRoutedSrcProSplitRandom,
-                        kQuantStagedRoutedSrcProSplitRandom}) {
-    const bool routed = mix >= kQuantRouted;
-    for (int fan : routed ? routed_fans : fixed_fans) {
+
+  enum Mix { kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn };
+  const char* names[] = {"fan-out", "quant", "quant-bulk", "quant-ord", "quant-bulk-ord", "fan-in"};
+  for (const Mix mix :
+       {kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn}) {
+    for (int fan : {1, 2, 4, 6}) {
       for (int blocks : {32, 64, 128}) {
-        if (blocks > prop.multiProcessorCount || (routed && blocks == 32)) continue;
+        if (blocks > prop.multiProcessorCount) continue;
         float ms = 0;
         double bytes = 0;
-        if (routed) {
-          auto* dst = reinterpret_cast<uint8_t*>(big.get());
-          const bool meta = mix != kQuantRouted && mix != kQuantStagedRouted;  // all others
-          const bool staged = mix == kQuantStagedRouted || mix == kQuantStagedRoutedMeta ||
-                              mix == kQuantStagedRoutedPro || mix == kQuantStagedRoutedSrc ||
-                              mix == kQuantStagedRoutedSrcPro ||
-                              mix == kQuantStagedRoutedSrcProSplit ||
-                              mix == kQuantStagedRoutedSrcProSplitRunTime ||
-                              mix == kQuantStagedRoutedSrcProSplitRandom;
-          const bool random =
-              mix == kQuantRoutedSrcProSplitRandom || mix == kQuantStagedRoutedSrcProSplitRandom;
-          const bool run_time =
-              mix == kQuantRoutedSrcProSplitRunTime || mix == kQuantStagedRoutedSrcProSplitRunTime;
-          const bool split = mix == kQuantRoutedSrcProSplit ||
-                             mix == kQuantStagedRoutedSrcProSplit || run_time || random;
-          const bool pro = mix == kQuantRoutedPro || mix == kQuantStagedRoutedPro ||
-                           mix == kQuantStagedRoutedSrcPro || mix == kQuantRoutedSrcPro || split;
-          const bool by_source = mix == kQuantRoutedSrc || mix == kQuantStagedRoutedSrc ||
-                                 mix == kQuantStagedRoutedSrcPro || mix == kQuantRoutedSrcPro ||
-                                 split;
-          const Routes& rt = by_source ? routes_src : routes;
-          const Prologue& pl = by_source ? prologue_src : prologue;
+        if (mix == kFanOut) {
+          const int64_t dst_rows = big.bytes() / out_bytes;
           ms = median_ms([&] {
-            if (split) {
-              MOECOMM_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, counters.bytes()));
-              for (int source = 0; source < kRanks; ++source) {
-                Prologue part = pl;
-                part.counter = counters.get() + source;
-                part.first_row = source;
-                part.row_stride = kRanks;
-                const auto kernel = staged ? (run_time ? fan_out_quantize_staged_routed_pro<true>
-                                                       : fan_out_quantize_staged_routed_pro<false>)
-                                           : (run_time ? fan_out_quantize_routed_pro<true>
-                                                       : fan_out_quantize_routed_pro<false>);
-                kernel<<<blocks / kRanks, kThreads, staged ? kStagingBytes : 0, streams[source]>>>(
-                    (random ? random_rows : rows).get(), dst, scales.get(), part, metadata);
-                MOECOMM_LAUNCH_CHECK("hbm_mix: a source's kernel");
-              }
-            } else if (pro) {
-              MOECOMM_CUDA_CHECK(cudaMemsetAsync(counter.get(), 0, counter.bytes()));
-              if (staged) {
-                fan_out_quantize_staged_routed_pro<false><<<blocks, kThreads, kStagingBytes>>>(
-                    rows.get(), dst, scales.get(), pl, metadata);
-                MOECOMM_LAUNCH_CHECK("fan_out_quantize_staged_routed_pro");
-              } else {
-                fan_out_quantize_routed_pro<false>
-                    <<<blocks, kThreads>>>(rows.get(), dst, scales.get(), pl, metadata);
-                MOECOMM_LAUNCH_CHECK("fan_out_quantize_routed_pro");
-              }
-            } else if (!staged) {
-              fan_out_quantize_routed<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), rt,
-                                                            metadata, meta);
-              MOECOMM_LAUNCH_CHECK("fan_out_quantize_routed");
-            } else {
-              fan_out_quantize_staged_routed<<<blocks, kThreads, kStagingBytes>>>(
-                  rows.get(), dst, scales.get(), rt, metadata, meta);
-              MOECOMM_LAUNCH_CHECK("fan_out_quantize_staged_routed");
-            }
+            fan_out<<<blocks, kThreads>>>(rows.get(), big.get(), fan, dst_rows);
+            MOECOMM_LAUNCH_CHECK("fan_out");
           });
-          // Metadata a destination: kTopk int64 ids, kTopk float weights, an int32 source row.
-          const double meta_bytes = meta ? kTopk * (8.0 + 4.0) + 4.0 : 0.0;
-          // The prologue's loads a row: the int32 record, kTopk int64 ids and float weights.
-          const double prologue_bytes = pro ? kRanks * 4.0 + kTopk * (8.0 + 4.0) : 0.0;
-          bytes =
-              kRows * (static_cast<double>(row_bytes) + prologue_bytes) +
-              static_cast<double>(table.destinations) * (out_bytes + 4.0 * kGroups + meta_bytes);
-        } else if (mix != kFanOut && mix != kFanIn) {
+          bytes = kRows * (row_bytes + static_cast<double>(fan) * out_bytes);
+        } else if (mix == kFanIn) {
+          const int64_t src_rows = big.bytes() / row_bytes;
+          ms = median_ms([&] {
+            fan_in<<<blocks, kThreads>>>(big.get(), rows.get(), fan, src_rows);
+            MOECOMM_LAUNCH_CHECK("fan_in");
+          });
+          bytes = kRows * (static_cast<double>(fan) * row_bytes + row_bytes);
+        } else {
           const int64_t dst_rows = big.bytes() / out_bytes;
           auto* dst = reinterpret_cast<uint8_t*>(big.get());
           const bool adjacent = mix == kQuantInOrder || mix == kQuantStagedInOrder;
@@ -743,25 +631,84 @@ int main(int argc, char** argv) try {
             }
           });
           bytes = kRows * (row_bytes + static_cast<double>(fan) * (out_bytes + 4.0 * kGroups));
-        } else if (mix == kFanOut) {
-          const int64_t dst_rows = big.bytes() / out_bytes;
-          ms = median_ms([&] {
-            fan_out<<<blocks, kThreads>>>(rows.get(), big.get(), fan, dst_rows);
-            MOECOMM_LAUNCH_CHECK("fan_out");
-          });
-          bytes = kRows * (row_bytes + static_cast<double>(fan) * out_bytes);
-        } else {
-          const int64_t src_rows = big.bytes() / row_bytes;
-          ms = median_ms([&] {
-            fan_in<<<blocks, kThreads>>>(big.get(), rows.get(), fan, src_rows);
-            MOECOMM_LAUNCH_CHECK("fan_in");
-          });
-          bytes = kRows * (static_cast<double>(fan) * row_bytes + row_bytes);
         }
-        const double gbps = bytes / (ms * 1e6);
-        std::printf("%-22s %4d %7d %10.0f %7.1f%% %10.1f\n", names[mix], fan, blocks, gbps,
-                    100.0 * gbps / copy_gbps, gbps / blocks);
+        report(names[mix], fan, blocks, bytes, ms);
       }
+    }
+  }
+
+  // The routed mixes (the header lists them), each a set of dispatch's features.
+  struct RoutedMix {
+    const char* name;
+    bool staged = false, meta = false, pro = false, by_source = false;
+    bool split = false, run_time = false, random = false;
+  };
+  constexpr bool Y = true, N = false;
+  const RoutedMix routed_mixes[] = {
+      // name, staged, meta, pro, by_source, split, run_time, random
+      {"quant-rt", N, N, N, N, N, N, N},
+      {"quant-bulk-rt", Y, N, N, N, N, N, N},
+      {"quant-rt-meta", N, Y, N, N, N, N, N},
+      {"quant-bulk-rt-meta", Y, Y, N, N, N, N, N},
+      {"quant-rt-pro", N, Y, Y, N, N, N, N},
+      {"quant-bulk-rt-pro", Y, Y, Y, N, N, N, N},
+      {"quant-rt-src", N, Y, N, Y, N, N, N},
+      {"quant-bulk-rt-src", Y, Y, N, Y, N, N, N},
+      {"quant-bulk-rt-src-pro", Y, Y, Y, Y, N, N, N},
+      {"quant-rt-src-pro", N, Y, Y, Y, N, N, N},
+      {"quant-rt-src-pro-8k", N, Y, Y, Y, Y, N, N},
+      {"quant-bulk-rt-src-pro-8k", Y, Y, Y, Y, Y, N, N},
+      {"quant-rt-src-pro-8k-rts", N, Y, Y, Y, Y, Y, N},
+      {"quant-bulk-rt-src-pro-8k-rts", Y, Y, Y, Y, Y, Y, N},
+      {"quant-rt-src-pro-8k-rnd", N, Y, Y, Y, Y, N, Y},
+      {"quant-bulk-rt-src-pro-8k-rnd", Y, Y, Y, Y, Y, N, Y},
+  };
+  auto* dst = reinterpret_cast<uint8_t*>(big.get());
+  for (const RoutedMix& mix : routed_mixes) {
+    const Routes& rt = mix.by_source ? routes_src : routes;
+    const Prologue& pl = mix.by_source ? prologue_src : prologue;
+    const int4* src = (mix.random ? random_rows : rows).get();
+    for (int blocks : {64, 128}) {
+      if (blocks > prop.multiProcessorCount) continue;
+      const float ms = median_ms([&] {
+        if (mix.split) {
+          MOECOMM_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, counters.bytes()));
+          for (int source = 0; source < kRanks; ++source) {
+            Prologue part = pl;
+            part.counter = counters.get() + source;
+            part.first_row = source;
+            part.row_stride = kRanks;
+            const auto kernel = mix.staged
+                                    ? (mix.run_time ? fan_out_quantize_staged_routed_pro<true>
+                                                    : fan_out_quantize_staged_routed_pro<false>)
+                                    : (mix.run_time ? fan_out_quantize_routed_pro<true>
+                                                    : fan_out_quantize_routed_pro<false>);
+            kernel<<<blocks / kRanks, kThreads, mix.staged ? kStagingBytes : 0, streams[source]>>>(
+                src, dst, scales.get(), part, metadata);
+            MOECOMM_LAUNCH_CHECK("hbm_mix: a source's kernel");
+          }
+        } else if (mix.pro) {
+          MOECOMM_CUDA_CHECK(cudaMemsetAsync(counter.get(), 0, counter.bytes()));
+          const auto kernel = mix.staged ? fan_out_quantize_staged_routed_pro<false>
+                                         : fan_out_quantize_routed_pro<false>;
+          kernel<<<blocks, kThreads, mix.staged ? kStagingBytes : 0>>>(src, dst, scales.get(), pl,
+                                                                       metadata);
+          MOECOMM_LAUNCH_CHECK("hbm_mix: a prologue mix's kernel");
+        } else {
+          const auto kernel = mix.staged ? fan_out_quantize_staged_routed : fan_out_quantize_routed;
+          kernel<<<blocks, kThreads, mix.staged ? kStagingBytes : 0>>>(src, dst, scales.get(), rt,
+                                                                       metadata, mix.meta);
+          MOECOMM_LAUNCH_CHECK("hbm_mix: a routed mix's kernel");
+        }
+      });
+      // Metadata a destination: kTopk int64 ids, kTopk float weights, an int32 source row.
+      const double meta_bytes = mix.meta ? kTopk * (8.0 + 4.0) + 4.0 : 0.0;
+      // The prologue's loads a row: the int32 record, kTopk int64 ids and float weights.
+      const double prologue_bytes = mix.pro ? kRanks * 4.0 + kTopk * (8.0 + 4.0) : 0.0;
+      const double bytes =
+          kRows * (static_cast<double>(row_bytes) + prologue_bytes) +
+          static_cast<double>(table.destinations) * (out_bytes + 4.0 * kGroups + meta_bytes);
+      report(mix.name, 0, blocks, bytes, ms);
     }
   }
   for (cudaStream_t st : streams) MOECOMM_CUDA_CHECK(cudaStreamDestroy(st));
