@@ -5,6 +5,7 @@
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"
+#include "ht/token_metadata.cuh"
 #include "layout/layout.hpp"
 #include "layout/layout_steps.cuh"
 #include "runtime/cuda_check.hpp"
@@ -152,7 +153,7 @@ template <int kBlockThreads>
 __device__ __forceinline__ void dispatch_token(
     const DeviceContext& ctx, const DispatchParams& p, int64_t t, int groups, int lane,
     device::QuantizeStaging<Budget<kBlockThreads>::kQuantizeUnroll>& staging) {
-  const int K = ctx.topk, L = ctx.local_experts;
+  const int K = ctx.topk;
   const TokenRoute route = route_token(ctx, p, t, lane);
   if (route.mask == 0) return;
 
@@ -167,16 +168,7 @@ __device__ __forceinline__ void dispatch_token(
   for (uint64_t m = route.mask; m;) {
     const int d = pop_lowest(m);
     const int64_t row = route.row(d);
-    if (lane < K) {
-      const bool here = e >= 0 && e < ctx.num_experts && e / L == d;
-      transport::peer_region<int64_t>(ctx, d, ctx.ht.topk_idx)[row * K + lane] =
-          here ? e - static_cast<int64_t>(d) * L : -1;
-      if (p.topk_weights)
-        transport::peer_region<float>(ctx, d, ctx.ht.topk_weights)[row * K + lane] =
-            here ? w : 0.0f;
-    }
-    if (lane == 0)
-      transport::peer_region<int32_t>(ctx, d, ctx.ht.src_token)[row] = static_cast<int32_t>(t);
+    store_token_metadata(ctx, d, row, t, e, w, p.topk_weights != nullptr, lane);
     if (p.x_scales) {
       for (int g = lane; g < groups; g += 32)
         transport::peer_region<float>(ctx, d, ctx.ht.scales)[row * groups + g] =

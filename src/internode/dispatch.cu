@@ -5,6 +5,7 @@
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"
+#include "ht/token_metadata.cuh"
 #include "internode/internode.hpp"
 #include "internode/steps.cuh"
 #include "layout/layout.hpp"
@@ -85,59 +86,17 @@ __device__ bool exchange_counts(const DeviceContext& ctx, const DispatchParams& 
 
   const int32_t* matrix = window_at<int32_t>(ctx, in.count_recv) + parity * R * cw;
   auto sent = [&](int s, int d) { return matrix[s * cw + d]; };
-  for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    ctx.layout.num_recv_per_rank[s] = sent(s, me);
-    int32_t base = 0;  // rows that lower ranks send to s come first there
-    for (int q = 0; q < me; ++q) base += sent(q, s);
-    ctx.layout.send_base[s] = base;
-  }
   for (int b = threadIdx.x; b < N && p.handle.fwd_expected; b += blockDim.x) {
     // Messages from node b come from this rank's partner there: its count for this node.
     p.handle.fwd_expected[b] = b == ctx.node ? 0 : sent(partner_on(ctx, b), R + ctx.node);
     p.handle.send_per_node[b] = in.num_tokens_per_node[b];
   }
-  for (int le = threadIdx.x; le < L; le += blockDim.x) {
-    int32_t sum = 0;
-    for (int s = 0; s < R; ++s) sum += sent(s, R + N + le);
-    ctx.layout.num_recv_per_expert[le] = sum;
-    if (opt.recv_per_expert_padded) {
-      const int a = opt.expert_alignment;
-      opt.recv_per_expert_padded[le] = (sum + a - 1) / a * a;
-    }
-  }
-  if (threadIdx.x == 0) {
-    int64_t total = 0;
-    for (int s = 0; s < R; ++s) {
-      if (opt.recv_rank_prefix) opt.recv_rank_prefix[s] = static_cast<int32_t>(total);
-      total += sent(s, me);
-    }
-    if (opt.recv_rank_prefix) opt.recv_rank_prefix[R] = static_cast<int32_t>(total);
-    if (opt.num_recv) *opt.num_recv = static_cast<int32_t>(total);
-    // Every rank sees every receiver's overflow and raises it (as intranode).
-    if (opt.check_capacity && ok) {
-      for (int d = 0; d < R; ++d) {
-        int64_t rows = 0;
-        for (int s = 0; s < R; ++s) rows += sent(s, d);
-        if (rows > ctx.ht.capacity) {
-          transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, d, Phase::kNone, 0, seq, 0,
-                                  rows, ctx.ht.capacity);
-          break;
-        }
-      }
-    }
-  }
+  auto to_expert = [&](int s, int le) { return sent(s, R + N + le); };
+  layout::steps::derive_receive_counts(ctx, opt, seq, ok, sent, to_expert,
+                                       [](int) { return true; });
   __syncthreads();  // every thread has read the parity
   if (threadIdx.x == 0) *ctx.internode.fresh_dispatches += 1;
-  if (opt.host_flag) {
-    __syncthreads();  // the padded counts above are written
-    if (threadIdx.x == 0) {
-      opt.host_counts[0] = opt.num_recv ? *opt.num_recv : 0;
-      for (int le = 0; le < L; ++le)
-        opt.host_counts[1 + le] = opt.recv_per_expert_padded ? opt.recv_per_expert_padded[le] : 0;
-      __threadfence_system();
-      *opt.host_flag = opt.token;
-    }
-  }
+  layout::steps::publish_host_counts(ctx, opt);
   return ok;
 }
 
@@ -216,7 +175,7 @@ struct Targets {
 /// each message.
 __device__ void write_metadata(const DeviceContext& ctx, const DispatchParams& p, const Targets& to,
                                int64_t t, int lane) {
-  const int K = ctx.topk, L = ctx.local_experts, G = ctx.node_size, E = ctx.num_experts;
+  const int K = ctx.topk, G = ctx.node_size, E = ctx.num_experts;
   int32_t e = -1;
   float w = 0.0f;
   if (lane < K) {
@@ -228,17 +187,7 @@ __device__ void write_metadata(const DeviceContext& ctx, const DispatchParams& p
   for (uint64_t m = to.mask; m;) {
     const int d = pop_lowest(m);
     if (to.local(d)) {
-      const int64_t row = to.rows[d];
-      if (lane < K) {
-        const bool here = e >= 0 && e / L == d;
-        transport::peer_region<int64_t>(ctx, d, ctx.ht.topk_idx)[row * K + lane] =
-            here ? e - static_cast<int64_t>(d) * L : -1;
-        if (p.topk_weights)
-          transport::peer_region<float>(ctx, d, ctx.ht.topk_weights)[row * K + lane] =
-              here ? w : 0.0f;
-      }
-      if (lane == 0)
-        transport::peer_region<int32_t>(ctx, d, ctx.ht.src_token)[row] = static_cast<int32_t>(t);
+      ht::store_token_metadata(ctx, d, to.rows[d], t, e, w, p.topk_weights != nullptr, lane);
     } else {
       MessageMeta meta(ctx, to.message(d));
       const int b = d / G;

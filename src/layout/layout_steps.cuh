@@ -178,6 +178,67 @@ __device__ inline void scan_layout_row(const DeviceContext& ctx, int row, int64_
     (expert ? ctx.layout.num_tokens_per_expert : ctx.layout.num_tokens_per_rank)[r] = total;
 }
 
+/// The receive side of a count exchange, from what each rank s sends each rank d (`sent(s, d)`,
+/// 0 for a masked s) and to each of this rank's experts (`to_expert(s, le)`): rows received per
+/// rank and the send bases (rows that lower ranks send to a receiver come first there), expert
+/// counts (padded where asked), the rank prefix and the total. Every rank holds the whole count
+/// matrix, so every rank sees any live receiver's overflow and raises it: no rank's call
+/// "succeeds" with rows dropped elsewhere; only after a complete exchange (`ok`): a failed one has
+/// stale counts. Every thread of the block calls it.
+template <typename Sent, typename ToExpert, typename Live>
+__device__ inline void derive_receive_counts(const DeviceContext& ctx, const ScanOptions& opt,
+                                             uint64_t seq, bool ok, const Sent& sent,
+                                             const ToExpert& to_expert, const Live& live) {
+  const int R = ctx.num_ranks, L = ctx.local_experts, me = ctx.rank;
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    ctx.layout.num_recv_per_rank[s] = sent(s, me);
+    int32_t base = 0;
+    for (int q = 0; q < me; ++q) base += sent(q, s);
+    ctx.layout.send_base[s] = base;
+  }
+  for (int le = threadIdx.x; le < L; le += blockDim.x) {
+    int32_t sum = 0;
+    for (int s = 0; s < R; ++s) sum += to_expert(s, le);
+    ctx.layout.num_recv_per_expert[le] = sum;
+    if (opt.recv_per_expert_padded) {
+      const int a = opt.expert_alignment;
+      opt.recv_per_expert_padded[le] = (sum + a - 1) / a * a;
+    }
+  }
+  if (threadIdx.x != 0) return;
+  int64_t total = 0;
+  for (int s = 0; s < R; ++s) {
+    if (opt.recv_rank_prefix) opt.recv_rank_prefix[s] = static_cast<int32_t>(total);
+    total += sent(s, me);
+  }
+  if (opt.recv_rank_prefix) opt.recv_rank_prefix[R] = static_cast<int32_t>(total);
+  if (opt.num_recv) *opt.num_recv = static_cast<int32_t>(total);
+  if (!opt.check_capacity || !ok) return;  // get_layout writes no rows and checks nothing
+  for (int d = 0; d < R; ++d) {
+    if (!live(d)) continue;
+    int64_t rows = 0;
+    for (int s = 0; s < R; ++s) rows += sent(s, d);
+    if (rows > ctx.ht.capacity) {
+      transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, d, Phase::kNone, 0, seq, 0, rows,
+                              ctx.ht.capacity);
+      return;
+    }
+  }
+}
+
+/// Exact sizing: the total and the padded expert counts to the host's mapped buffer, then its
+/// flag. Every thread of the block calls it, after derive_receive_counts.
+__device__ inline void publish_host_counts(const DeviceContext& ctx, const ScanOptions& opt) {
+  if (!opt.host_flag) return;
+  __syncthreads();  // the padded counts are written
+  if (threadIdx.x != 0) return;
+  opt.host_counts[0] = opt.num_recv ? *opt.num_recv : 0;
+  for (int le = 0; le < ctx.local_experts; ++le)
+    opt.host_counts[1 + le] = opt.recv_per_expert_padded ? opt.recv_per_expert_padded[le] : 0;
+  __threadfence_system();
+  *opt.host_flag = opt.token;
+}
+
 /// One block: sends this rank's counts to every peer, receives theirs, and derives the receive
 /// side (rows per source, send bases, per-expert counts, N). Returns false after a failed wait.
 __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
@@ -212,55 +273,9 @@ __device__ inline bool exchange_counts(const DeviceContext& ctx, uint64_t seq,
       transport::peer_region<int32_t>(ctx, me, ctx.layout.expert_counts) + parity * R * L;
   // A row of the matrix as received: zero for a masked source.
   auto sent = [&](int s, int d) { return live(s) ? matrix[s * R + d] : 0; };
-  for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    ctx.layout.num_recv_per_rank[s] = sent(s, me);
-    int32_t base = 0;  // rows that lower ranks send to s come first there
-    for (int q = 0; q < me; ++q) base += sent(q, s);
-    ctx.layout.send_base[s] = base;
-  }
-  for (int le = threadIdx.x; le < L; le += blockDim.x) {
-    int32_t sum = 0;
-    for (int s = 0; s < R; ++s) sum += live(s) ? per_expert[s * L + le] : 0;
-    ctx.layout.num_recv_per_expert[le] = sum;
-    if (opt.recv_per_expert_padded) {
-      const int a = opt.expert_alignment;
-      opt.recv_per_expert_padded[le] = (sum + a - 1) / a * a;
-    }
-  }
-  if (threadIdx.x == 0) {
-    int64_t total = 0;
-    for (int s = 0; s < R; ++s) {
-      if (opt.recv_rank_prefix) opt.recv_rank_prefix[s] = static_cast<int32_t>(total);
-      total += sent(s, me);
-    }
-    if (opt.recv_rank_prefix) opt.recv_rank_prefix[R] = static_cast<int32_t>(total);
-    if (opt.num_recv) *opt.num_recv = static_cast<int32_t>(total);
-    // Every rank holds the whole count matrix, so every rank sees any receiver's overflow and
-    // raises it: no rank's call "succeeds" with rows dropped elsewhere. (get_layout writes no
-    // rows and checks nothing.) Only after a complete exchange: a failed one has stale counts.
-    if (opt.check_capacity && ok) {
-      for (int d = 0; d < R; ++d) {
-        if (!live(d)) continue;
-        int64_t rows = 0;
-        for (int s = 0; s < R; ++s) rows += sent(s, d);
-        if (rows > ctx.ht.capacity) {
-          transport::record_error(ctx, DeviceErrorKind::kRecvOverflow, d, Phase::kNone, 0, seq, 0,
-                                  rows, ctx.ht.capacity);
-          break;
-        }
-      }
-    }
-  }
-  if (opt.host_flag) {
-    __syncthreads();  // the padded counts above are written
-    if (threadIdx.x == 0) {
-      opt.host_counts[0] = opt.num_recv ? *opt.num_recv : 0;
-      for (int le = 0; le < L; ++le)
-        opt.host_counts[1 + le] = opt.recv_per_expert_padded ? opt.recv_per_expert_padded[le] : 0;
-      __threadfence_system();
-      *opt.host_flag = opt.token;
-    }
-  }
+  auto to_expert = [&](int s, int le) { return live(s) ? per_expert[s * L + le] : 0; };
+  derive_receive_counts(ctx, opt, seq, ok, sent, to_expert, live);
+  publish_host_counts(ctx, opt);
   return ok;
 }
 
