@@ -512,7 +512,9 @@ int main(int argc, char** argv) try {
   // Sized for the largest fan so that rows are spread over as much memory as the ops touch.
   epb::DeviceBuffer<int4> big(kRows * int64_t{kMaxFan} * kRowVecs);
   epb::DeviceBuffer<int4> rows(int64_t{kRows} * kRowVecs);
-  epb::DeviceBuffer<float> scales(big.bytes() / out_bytes * kGroups);  // quant: one per out row
+  const int64_t out_rows = big.bytes() / out_bytes;  // output rows of the fan-out mixes
+  auto* const out = reinterpret_cast<uint8_t*>(big.get());
+  epb::DeviceBuffer<float> scales(out_rows * kGroups);  // quant: one per output row
   MOECOMM_CUDA_CHECK(cudaMemset(big.get(), 1, big.bytes()));
   MOECOMM_CUDA_CHECK(cudaMemset(rows.get(), 2, rows.bytes()));
   epb::DeviceBuffer<int4> random_rows(int64_t{kRows} * kRowVecs);  // the -rnd mixes' inputs
@@ -524,7 +526,7 @@ int main(int argc, char** argv) try {
   // The -src mixes' table picks the same experts (the same destinations, in other rows).
   const RoutingTable table = make_routing_table(false), table_src = make_routing_table(true);
   const int64_t routed_rows = int64_t{kRanks} * kRows;
-  if (big.bytes() / out_bytes < routed_rows)
+  if (out_rows < routed_rows)
     throw std::runtime_error("hbm_mix: the buffer holds fewer output rows than the routed mixes");
   epb::DeviceBuffer<int64_t> route_rows(table.rows.size()), route_rows_src(table_src.rows.size());
   epb::DeviceBuffer<int32_t> route_counts(table.counts.size());
@@ -602,9 +604,8 @@ int main(int argc, char** argv) try {
         float ms = 0;
         double bytes = 0;
         if (mix == kFanOut) {
-          const int64_t dst_rows = big.bytes() / out_bytes;
           ms = median_ms([&] {
-            fan_out<<<blocks, kThreads>>>(rows.get(), big.get(), fan, dst_rows);
+            fan_out<<<blocks, kThreads>>>(rows.get(), big.get(), fan, out_rows);
             MOECOMM_LAUNCH_CHECK("fan_out");
           });
           bytes = kRows * (row_bytes + static_cast<double>(fan) * out_bytes);
@@ -616,17 +617,15 @@ int main(int argc, char** argv) try {
           });
           bytes = kRows * (static_cast<double>(fan) * row_bytes + row_bytes);
         } else {
-          const int64_t dst_rows = big.bytes() / out_bytes;
-          auto* dst = reinterpret_cast<uint8_t*>(big.get());
           const bool adjacent = mix == kQuantInOrder || mix == kQuantStagedInOrder;
           ms = median_ms([&] {
             if (mix == kQuant || mix == kQuantInOrder) {
-              fan_out_quantize<<<blocks, kThreads>>>(rows.get(), dst, scales.get(), fan, dst_rows,
+              fan_out_quantize<<<blocks, kThreads>>>(rows.get(), out, scales.get(), fan, out_rows,
                                                      adjacent);
               MOECOMM_LAUNCH_CHECK("fan_out_quantize");
             } else {
               fan_out_quantize_staged<<<blocks, kThreads, kStagingBytes>>>(
-                  rows.get(), dst, scales.get(), fan, dst_rows, adjacent);
+                  rows.get(), out, scales.get(), fan, out_rows, adjacent);
               MOECOMM_LAUNCH_CHECK("fan_out_quantize_staged");
             }
           });
@@ -663,7 +662,6 @@ int main(int argc, char** argv) try {
       {"quant-rt-src-pro-8k-rnd", N, Y, Y, Y, Y, N, Y},
       {"quant-bulk-rt-src-pro-8k-rnd", Y, Y, Y, Y, Y, N, Y},
   };
-  auto* dst = reinterpret_cast<uint8_t*>(big.get());
   for (const RoutedMix& mix : routed_mixes) {
     const Routes& rt = mix.by_source ? routes_src : routes;
     const Prologue& pl = mix.by_source ? prologue_src : prologue;
@@ -684,19 +682,19 @@ int main(int argc, char** argv) try {
                                     : (mix.run_time ? fan_out_quantize_routed_pro<true>
                                                     : fan_out_quantize_routed_pro<false>);
             kernel<<<blocks / kRanks, kThreads, mix.staged ? kStagingBytes : 0, streams[source]>>>(
-                src, dst, scales.get(), part, metadata);
+                src, out, scales.get(), part, metadata);
             MOECOMM_LAUNCH_CHECK("hbm_mix: a source's kernel");
           }
         } else if (mix.pro) {
           MOECOMM_CUDA_CHECK(cudaMemsetAsync(counter.get(), 0, counter.bytes()));
           const auto kernel = mix.staged ? fan_out_quantize_staged_routed_pro<false>
                                          : fan_out_quantize_routed_pro<false>;
-          kernel<<<blocks, kThreads, mix.staged ? kStagingBytes : 0>>>(src, dst, scales.get(), pl,
+          kernel<<<blocks, kThreads, mix.staged ? kStagingBytes : 0>>>(src, out, scales.get(), pl,
                                                                        metadata);
           MOECOMM_LAUNCH_CHECK("hbm_mix: a prologue mix's kernel");
         } else {
           const auto kernel = mix.staged ? fan_out_quantize_staged_routed : fan_out_quantize_routed;
-          kernel<<<blocks, kThreads, mix.staged ? kStagingBytes : 0>>>(src, dst, scales.get(), rt,
+          kernel<<<blocks, kThreads, mix.staged ? kStagingBytes : 0>>>(src, out, scales.get(), rt,
                                                                        metadata, mix.meta);
           MOECOMM_LAUNCH_CHECK("hbm_mix: a routed mix's kernel");
         }
