@@ -52,6 +52,8 @@ const char* phase_name(int phase) {
       return "internode: rows or partial sums over RDMA";
     case Phase::kRdmaArrive:
       return "internode: arrival over RDMA (peer entering the same call)";
+    case Phase::kCombineLoad:
+      return "combine: bulk load of a peer's row";
     case Phase::kNone:
       break;
   }

@@ -63,6 +63,14 @@ struct WorkQueue {
   __device__ __forceinline__ void reset() const { *counter = 0; }
 };
 
+/// The lowest set bit's index (m must not be 0), cleared from m: walks a rank mask in ascending
+/// rank order.
+__device__ __forceinline__ int pop_lowest(uint64_t& m) {
+  const int d = __ffsll(static_cast<long long>(m)) - 1;
+  m &= m - 1;
+  return d;
+}
+
 /// Element i of a topk_idx array that is int64 or int32 (widened).
 __device__ __forceinline__ int64_t load_index(const void* data, bool is_i64, int64_t i) {
   return is_i64 ? static_cast<const int64_t*>(data)[i]

@@ -1,6 +1,6 @@
 // The memory-model primitives every kernel uses: acquire/release loads and stores, fences, the
-// 16-byte vector moves and the bulk (TMA) stores. Nothing else in moecomm writes inline PTX for
-// ordering.
+// 16-byte vector moves, the bulk (TMA) stores and loads and their shared-memory barriers. Nothing
+// else in moecomm writes inline PTX for ordering.
 #pragma once
 
 #include <cstdint>
@@ -173,6 +173,54 @@ __device__ __forceinline__ void bulk_wait_all() {
 /// that a thread of the block issues after a barrier.
 __device__ __forceinline__ void fence_shared_to_bulk() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+/// Initialises a shared-memory barrier (mbarrier) whose phases complete after `arrivals`
+/// arrivals and the bytes they announced. Before a bulk load signals it, fence_barrier_init().
+__device__ __forceinline__ void mbarrier_init(uint64_t* barrier, int arrivals) {
+  const auto bar = static_cast<uint32_t>(__cvta_generic_to_shared(barrier));
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+}
+
+/// Makes this thread's barrier initialisations visible to the asynchronous proxy (bulk loads).
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+/// Orders the generic accesses this thread has seen (peers' rows it acquired) before the bulk
+/// loads it issues afterwards: the loads read what the acquire made visible.
+__device__ __forceinline__ void fence_generic_to_bulk() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+
+/// Bulk (TMA) load of `bytes` (a multiple of 16) from global to shared memory, both 16-byte
+/// aligned; `barrier`'s current phase completes when the bytes have landed. Arrives on the
+/// barrier announcing the bytes, so one call per phase of a barrier initialised for 1 arrival.
+__device__ __forceinline__ void bulk_load(void* shared_dst, const void* global_src, int bytes,
+                                          uint64_t* barrier) {
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  const auto bar = static_cast<uint32_t>(__cvta_generic_to_shared(barrier));
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(dst),
+      "l"(global_src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+/// Whether the phase of `barrier` with the given parity has completed (waits a short while in
+/// hardware before answering no). Acquire: the bytes of a bulk load it completed are visible.
+__device__ __forceinline__ bool mbarrier_try_wait(uint64_t* barrier, uint32_t parity) {
+  const auto bar = static_cast<uint32_t>(__cvta_generic_to_shared(barrier));
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
 }
 
 /// Mask of the lanes below this one.

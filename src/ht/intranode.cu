@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "device/bulk_load_ring.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
 #include "device/row_ops.cuh"
@@ -23,7 +24,13 @@ using detail::TraceMark;
 namespace {
 
 using device::kFullMask;
+using device::pop_lowest;
 constexpr int kCombineBatch = 8;  // source rows loaded before they are summed
+/// Combine's bulk-load ring: pieces of 4 KB of a source row (16 channels a lane), up to 4 a warp.
+/// Pieces of 1-2 KB leave an SM's bulk copies slower than its register loads, 6-8 KB too few in
+/// flight (bench/NOTES.md v24).
+using CombineRing = device::BulkLoadRing<4096>;
+constexpr int kCombineRingSlots = 4;
 using detail::kMaxBlockThreads;
 
 /// Each kernel is built for two register budgets. Blocks of up to kWideBlockThreads threads get
@@ -81,12 +88,6 @@ __device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams
   r.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, r.lo >= 0)) |
            (static_cast<uint64_t>(__ballot_sync(kFullMask, r.hi >= 0)) << 32);
   return r;
-}
-
-__device__ __forceinline__ int pop_lowest(uint64_t& m) {
-  const int d = __ffsll(static_cast<long long>(m)) - 1;
-  m &= m - 1;
-  return d;
 }
 
 /// Copies one row of `bytes` (a multiple of 16) to every destination of the route.
@@ -226,12 +227,205 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+/// Where combine reads token t's expert outputs: the row at each peer that holds one.
+__device__ __forceinline__ TokenRoute combine_route(const CombineParams& p, int R, uint64_t masked,
+                                                    int64_t t, int lane) {
+  TokenRoute route;
+  if (lane < R && !((masked >> lane) & 1ull)) route.lo = p.send_row[t * R + lane];
+  if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull)) route.hi = p.send_row[t * R + lane + 32];
+  route.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, route.lo >= 0)) |
+               (static_cast<uint64_t>(__ballot_sync(kFullMask, route.hi >= 0)) << 32);
+  return route;
+}
+
+/// The peers' rows a combine block reads: published addresses, resolved once per block.
+struct CombineSources {
+  const uint16_t* const* y_of;  // shared memory, [R]
+  const float* const* w_of;     // shared memory, [R]
+};
+
+/// Writes the lane's kVectors summed vectors of channel vectors base + u * 32 + lane of token t
+/// (plus the bias), for those that exist.
+template <int kVectors>
+__device__ __forceinline__ void store_combined(const CombineParams& p, int64_t t, int H, int base,
+                                               int n16, int lane, float (&acc)[kVectors][8]) {
+#pragma unroll
+  for (int u = 0; u < kVectors; ++u) {
+    const int i = base + u * 32 + lane;
+    if (i >= n16) continue;
+    if (p.bias) {
+      float b[8];
+      device::unpack_bf16x8(*reinterpret_cast<const int4*>(p.bias + t * H + i * 8), b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[u][j] = __fadd_rn(acc[u][j], b[j]);
+    }
+    *reinterpret_cast<int4*>(p.out + t * H + i * 8) = device::pack_bf16x8(acc[u]);
+  }
+}
+
+/// acc += the 8 bf16 channels of v (in f32, rounded at each add: the same bits on every path).
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
+  float f[8];
+  device::unpack_bf16x8(v, f);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
+}
+
+/// Token t's combined weights: the sum, in ascending rank order, of its K weights at each peer.
+__device__ __forceinline__ void store_combined_weights(const CombineParams& p,
+                                                       const CombineSources& src,
+                                                       const TokenRoute& route, int64_t t, int K,
+                                                       int lane) {
+  float sum = 0.0f;
+  for (uint64_t m = route.mask; m;) {
+    const int d = pop_lowest(m);
+    const int64_t row = route.row(d);  // every lane takes part in the shuffle
+    if (lane < K && src.w_of[d]) sum = __fadd_rn(sum, src.w_of[d][row * K + lane]);
+  }
+  if (lane < K) p.combined_weights[t * K + lane] = sum;
+}
+
+/// Combine's token loop with register loads: up to kCombineBatch source rows in flight a warp,
+/// then summed in ascending rank order.
+template <int kVectors>
+__device__ void combine_tokens_by_registers(const DeviceContext& ctx, const CombineParams& p,
+                                            const CombineSources& src, uint64_t masked, int lane) {
+  const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden;
+  const int n16 = H / 8;
+  const device::WorkQueue queue{ctx.local.work_queue};
+  for (int64_t t = queue.unit(queue.draw(lane)), next_t; t < p.num_tokens; t = next_t) {
+    const uint32_t next = queue.draw(lane);
+    const TokenRoute route = combine_route(p, R, masked, t, lane);
+    // The loop bound is warp-uniform: every lane takes part in route.row()'s shuffle. A lane
+    // sums kVectors vectors of 8 channels: i = base + u * 32 + lane.
+    for (int base = 0; base < n16; base += kVectors * 32) {
+      float acc[kVectors][8] = {};
+      for (uint64_t m = route.mask; m;) {
+        int4 v[kCombineBatch][kVectors];
+        int loaded = 0;
+#pragma unroll
+        for (int b = 0; b < kCombineBatch; ++b) {
+          if (!m) break;  // warp-uniform
+          const int d = pop_lowest(m);
+          const uint16_t* row = src.y_of[d] + static_cast<int64_t>(route.row(d)) * H;  // no wrap
+#pragma unroll
+          for (int u = 0; u < kVectors; ++u) {
+            const int i = base + u * 32 + lane;
+            if (i < n16) v[b][u] = device::ld_peer_16_any(row + i * 8);
+          }
+          loaded = b + 1;
+        }
+#pragma unroll
+        for (int b = 0; b < kCombineBatch; ++b) {
+          if (b >= loaded) break;
+#pragma unroll
+          for (int u = 0; u < kVectors; ++u)
+            if (base + u * 32 + lane < n16) add_bf16x8(acc[u], v[b][u]);
+        }
+      }
+      store_combined<kVectors>(p, t, H, base, n16, lane, acc);
+    }
+    if (p.combined_weights) store_combined_weights(p, src, route, t, K, lane);
+    next_t = queue.unit(next);
+  }
+}
+
+/// Combine's token loop with bulk loads: each source row's pieces of BulkLoadRing::kSlotBytes
+/// land in the warp's ring of shared memory, in the order they are summed (piece by piece, each
+/// piece's sources in ascending rank order), and the warp keeps the ring full across tokens: while
+/// it sums one piece, the loads of the next ring's worth are in flight. Peers' rows must be
+/// 16-byte aligned. False after a load that never landed (recorded as a stall).
+template <typename Ring>
+__device__ bool combine_tokens_by_bulk_loads(const DeviceContext& ctx, const CombineParams& p,
+                                             const CombineSources& src, uint64_t masked, Ring& ring,
+                                             uint64_t seq, int lane) {
+  constexpr int kVectors = Ring::kSlotBytes / (16 * 32);
+  constexpr int kPieceVectors = kVectors * 32;
+  const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden;
+  const int n16 = H / 8;
+  const int pieces = (n16 + kPieceVectors - 1) / kPieceVectors;
+  const int64_t T = p.num_tokens;
+  const device::WorkQueue queue{ctx.local.work_queue};
+
+  // The warp sums token t; its loads run up to one token ahead, into token `ahead`.
+  int64_t t = queue.unit(queue.draw(lane));
+  TokenRoute route = t < T ? combine_route(p, R, masked, t, lane) : TokenRoute{};
+  uint32_t drawn = queue.draw(lane);
+  int64_t ahead = T;
+  TokenRoute ahead_route;
+  bool loading_ahead = false;       // the loads have moved on to token `ahead`
+  int load_piece = 0;               // the piece being loaded ...
+  uint64_t load_left = route.mask;  // ... and its sources not yet loaded
+
+  // Issues loads until the ring is full or nothing is left that may be loaded yet.
+  auto fill_ring = [&]() {
+    while (!ring.full()) {
+      if (!load_left) {
+        if (loading_ahead || t >= T) return;  // at most one token ahead
+        ahead = queue.unit(drawn);
+        if (ahead >= T) return;
+        ahead_route = combine_route(p, R, masked, ahead, lane);
+        drawn = queue.draw(lane);
+        loading_ahead = true;
+        load_piece = 0;
+        load_left = ahead_route.mask;
+        continue;  // a token with no sources loads nothing
+      }
+      const int d = pop_lowest(load_left);
+      const int64_t at = loading_ahead ? ahead_route.row(d) : route.row(d);  // warp-uniform
+      const int first = load_piece * kPieceVectors;
+      ring.issue(src.y_of[d] + at * H + first * 8, min(kPieceVectors, n16 - first) * 16, lane);
+      if (!load_left && ++load_piece < pieces)
+        load_left = loading_ahead ? ahead_route.mask : route.mask;
+    }
+  };
+
+  while (t < T) {
+    fill_ring();
+    for (int piece = 0; piece < pieces; ++piece) {
+      const int base = piece * kPieceVectors;
+      float acc[kVectors][8] = {};
+      for (uint64_t m = route.mask; m;) {
+        const int d = pop_lowest(m);
+        const uint8_t* slot;
+        if (!ring.wait_oldest(slot, ctx.timeout_ns)) {
+          if (lane == 0)
+            transport::record_error(ctx, detail::DeviceErrorKind::kStall, d, Phase::kCombineLoad,
+                                    blockIdx.x, seq, 0);
+          return false;
+        }
+#pragma unroll
+        for (int u = 0; u < kVectors; ++u)
+          if (base + u * 32 + lane < n16)
+            add_bf16x8(acc[u], reinterpret_cast<const int4*>(slot)[u * 32 + lane]);
+        ring.release_oldest();
+        fill_ring();
+      }
+      store_combined<kVectors>(p, t, H, base, n16, lane, acc);
+    }
+    if (p.combined_weights) store_combined_weights(p, src, route, t, K, lane);
+    // On to the next token: the one the loads moved on to (fetched now if they had not).
+    if (!loading_ahead) {
+      ahead = queue.unit(drawn);
+      if (ahead < T) {
+        ahead_route = combine_route(p, R, masked, ahead, lane);
+        drawn = queue.draw(lane);
+        load_piece = 0;
+        load_left = ahead_route.mask;
+      }
+    }
+    t = ahead;
+    route = ahead_route;
+    loading_ahead = false;
+  }
+  return true;
+}
+
 template <int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     combine_kernel(DeviceContext ctx, CombineParams p) {
-  constexpr int kVectors = Budget<kBlockThreads>::kCombineVectors;
   const uint64_t seq = device::read_call_seq(ctx);
-  const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank;
+  const int R = ctx.num_ranks, me = ctx.rank;
   const int lane = threadIdx.x & 31;
   const int parity = static_cast<int>(seq & 1);
   __shared__ const uint16_t* y_of[detail::kMaxRanks];
@@ -251,7 +445,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       transport::signal(ctx, d, FlagKind::kCombineReady, seq);
     }
   }
-  bool ok = true;
+  bool ok = true, aligned = true;
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     // A slot is only read once its owner's signal arrived: after a failed wait it may be stale
     // (or null on a first call), so the block skips the reduction instead.
@@ -270,83 +464,31 @@ __global__ void __launch_bounds__(kBlockThreads)
     y_of[d] = static_cast<const uint16_t*>(transport::resolve_address(ctx, d, slot[0]));
     w_of[d] =
         slot[1] ? static_cast<const float*>(transport::resolve_address(ctx, d, slot[1])) : nullptr;
+    aligned = aligned && (reinterpret_cast<uintptr_t>(y_of[d]) & 15u) == 0;
   }
   ok = __syncthreads_and(ok) != 0;
+  // Bulk loads need every peer's rows 16-byte aligned (hidden is a multiple of 8, so a row is
+  // where its tensor is); a tensor view that starts elsewhere is read through registers.
+  const bool bulk = p.bulk_load_slots > 0 && __syncthreads_and(aligned) != 0;
   device::trace_mark(ctx, seq, TraceMark::kOpened);
 
-  const int n16 = H / 8;
-  const device::WorkQueue queue{ctx.local.work_queue};
-  for (int64_t t = ok ? queue.unit(queue.draw(lane)) : p.num_tokens, next_t; t < p.num_tokens;
-       t = next_t) {
-    const uint32_t next = queue.draw(lane);
-    TokenRoute route;
-    if (lane < R && !((masked >> lane) & 1ull)) route.lo = p.send_row[t * R + lane];
-    if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull))
-      route.hi = p.send_row[t * R + lane + 32];
-    route.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, route.lo >= 0)) |
-                 (static_cast<uint64_t>(__ballot_sync(kFullMask, route.hi >= 0)) << 32);
-    // The loop bound is warp-uniform: every lane takes part in route.row()'s shuffle. A lane
-    // sums kVectors vectors of 8 channels: i = base + u * 32 + lane.
-    for (int base = 0; base < n16; base += kVectors * 32) {
-      float acc[kVectors][8] = {};
-      // Up to kCombineBatch source rows in flight, then summed in ascending rank order.
-      for (uint64_t m = route.mask; m;) {
-        int4 v[kCombineBatch][kVectors];
-        int loaded = 0;
-#pragma unroll
-        for (int b = 0; b < kCombineBatch; ++b) {
-          if (!m) break;  // warp-uniform
-          const int d = pop_lowest(m);
-          const uint16_t* row = y_of[d] + static_cast<int64_t>(route.row(d)) * H;  // no int wrap
-#pragma unroll
-          for (int u = 0; u < kVectors; ++u) {
-            const int i = base + u * 32 + lane;
-            if (i < n16) v[b][u] = device::ld_peer_16_any(row + i * 8);
-          }
-          loaded = b + 1;
-        }
-#pragma unroll
-        for (int b = 0; b < kCombineBatch; ++b) {
-          if (b >= loaded) break;
-#pragma unroll
-          for (int u = 0; u < kVectors; ++u) {
-            if (base + u * 32 + lane >= n16) continue;
-            float f[8];
-            device::unpack_bf16x8(v[b][u], f);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[u][j] = __fadd_rn(acc[u][j], f[j]);
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kVectors; ++u) {
-        const int i = base + u * 32 + lane;
-        if (i >= n16) continue;
-        if (p.bias) {
-          float b[8];
-          device::unpack_bf16x8(*reinterpret_cast<const int4*>(p.bias + t * H + i * 8), b);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[u][j] = __fadd_rn(acc[u][j], b[j]);
-        }
-        *reinterpret_cast<int4*>(p.out + t * H + i * 8) = device::pack_bf16x8(acc[u]);
-      }
-    }
-    if (p.combined_weights) {
-      float sum = 0.0f;
-      for (uint64_t m = route.mask; m;) {
-        const int d = pop_lowest(m);
-        const int64_t row = route.row(d);  // every lane takes part in the shuffle
-        if (lane < K && w_of[d]) sum = __fadd_rn(sum, w_of[d][row * K + lane]);
-      }
-      if (lane < K) p.combined_weights[t * K + lane] = sum;
-    }
-    next_t = queue.unit(next);
+  const CombineSources sources{y_of, w_of};
+  if (ok && bulk) {
+    extern __shared__ __align__(128) uint8_t ring_smem[];
+    device::fence_generic_to_bulk();  // the loads read what the signals' acquires made visible
+    CombineRing ring =
+        CombineRing::in(ring_smem, threadIdx.x / 32, blockDim.x / 32, p.bulk_load_slots, lane);
+    combine_tokens_by_bulk_loads(ctx, p, sources, masked, ring, seq, lane);
+  } else if (ok) {
+    combine_tokens_by_registers<Budget<kBlockThreads>::kCombineVectors>(ctx, p, sources, masked,
+                                                                        lane);
   }
   device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
     // Tell every owner its outputs have been read; wait until every reader is done with ours
     // (the caller may overwrite y as soon as combine returns on its stream).
+    const device::WorkQueue queue{ctx.local.work_queue};
     if (threadIdx.x == 0) queue.reset();
     transport::signal_and_wait_all(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone, 0);
     device::trace_mark(ctx, seq, TraceMark::kClosed);
@@ -365,6 +507,25 @@ bool bulk_stores_pay(const DeviceContext& ctx, int blocks) {
   MOECOMM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t ranks_here = ctx.one_gpu ? ctx.num_ranks : 1;
   return 2 * ranks_here * blocks <= sms;
+}
+
+/// Shared memory a combine block may give its warps' rings of bulk loads.
+constexpr size_t kCombineRingSmem = 200 * 1024;
+
+/// Slots a warp's ring of bulk loads gets in a block of `threads` threads.
+int bulk_load_slots(int threads) {
+  const int warps = (threads + 31) / 32;
+  return static_cast<int>(
+      std::min<size_t>(kCombineRingSlots, kCombineRingSmem / warps / CombineRing::kSlotFootprint));
+}
+
+/// Whether combine should read the peers' rows through bulk loads into shared memory rather than
+/// through registers. Measured on the H200 with 8 ranks on the GPU (bench/NOTES.md v24): at 8 SMs
+/// a rank an SM's register loads in flight bound combine (994 us) and bulk loads of 4 KB pieces,
+/// 3 a warp, take it to 759 us; at 12 and 16 SMs the memory is the bound and registers do 5 % and
+/// 1.5 % better. The same rule as bulk_stores_pay, and a warp needs 2 slots to overlap its loads.
+bool bulk_loads_pay(const DeviceContext& ctx, int blocks, int threads) {
+  return bulk_stores_pay(ctx, blocks) && bulk_load_slots(threads) >= 2;
 }
 
 /// Shared memory for the staging rings of a block of `threads` threads.
@@ -395,10 +556,13 @@ void launch_dispatch(const DeviceContext& ctx, const DispatchParams& params, int
 
 void launch_combine(const DeviceContext& ctx, const CombineParams& params, int blocks, int threads,
                     cudaStream_t stream) {
+  CombineParams p = params;
+  p.bulk_load_slots = bulk_loads_pay(ctx, blocks, threads) ? bulk_load_slots(threads) : 0;
+  const size_t smem = CombineRing::smem_bytes((threads + 31) / 32, p.bulk_load_slots);
   if (threads <= kWideBlockThreads)
-    combine_kernel<kWideBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
+    combine_kernel<kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
   else
-    combine_kernel<kMaxBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
+    combine_kernel<kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
   MOECOMM_LAUNCH_CHECK("ht::combine_kernel");
 }
 
@@ -412,6 +576,9 @@ void preload_budget() {
       dispatch_kernel<kBlockThreads>, cudaFuncAttributeMaxDynamicSharedMemorySize,
       static_cast<int>(std::max(layout::kColumnSmemLimit, staging_smem_bytes(kBlockThreads)))));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<kBlockThreads>));
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel<kBlockThreads>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kCombineRingSmem)));
 }
 
 }  // namespace

@@ -45,6 +45,9 @@ struct CombineParams {
   float* combined_weights = nullptr;  // [T, K] or null (needs recv_weights on every rank)
   const int32_t* send_row = nullptr;  // [T, R] from the dispatch handle
   int64_t num_tokens = 0;
+  /// Slots of each warp's ring of bulk loads (0: the peers' rows are read through registers).
+  /// Set by launch_combine.
+  int bulk_load_slots = 0;
 };
 
 /// Combine kernel; closes the call.

@@ -18,6 +18,7 @@ using detail::FlagKind;
 using detail::Phase;
 using detail::TraceMark;
 using device::kFullMask;
+using device::pop_lowest;
 namespace rdma = transport::rdma;
 
 /// This rank's window at byte offset `offset`.
@@ -112,12 +113,6 @@ __device__ inline bool chunk_arrived(const DeviceContext& ctx, rdma::WarpPort& p
                                      int count, int peer, int channel) {
   return rdma::wait_signal_delivering(ctx, port, sig, static_cast<uint64_t>(count), peer,
                                       Phase::kRdmaData, channel);
-}
-
-__device__ __forceinline__ int pop_lowest(uint64_t& m) {
-  const int d = __ffsll(static_cast<long long>(m)) - 1;
-  m &= m - 1;
-  return d;
 }
 
 /// Global warp index and warp count of the grid.

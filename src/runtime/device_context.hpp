@@ -24,6 +24,7 @@ enum class Phase : int32_t {
   kRdmaCounts,    // internode: a remote node's counts (through the RDMA engine)
   kRdmaData,      // internode: a remote node's rows (dispatch) or partial sums (combine)
   kRdmaArrive,    // internode: a remote rank entering the call (its window is free)
+  kCombineLoad,   // combine: a bulk load of a peer's row landing in shared memory
 };
 
 /// One slot per kind and source rank in each rank's symmetric buffer; values are call sequence
