@@ -39,12 +39,17 @@
 //   quant-rt-src-pro-8k-rnd, quant-bulk-rt-src-pro-8k-rnd: the -8k mixes reading random rows
 //              (bf16 in [-4, 4), hashed) instead of every other mix's constant pattern, as
 //              ep_bench's inputs are.
+//   fan-in-ll, fan-in-ll-2v: LL combine's receive step at 128 tokens a rank: 8 x 128 output rows,
+//              each the sum of 8 rows spread over the buffer, every row split into pieces over
+//              the warps as LL splits it (ceil(warps / rows) pieces); a lane loads one (-2v: two)
+//              16-byte vectors of each source a step. Timed inside the kernel, from the first
+//              block's start to the last block's end (globaltimer), as ep_bench's stream part.
 // A row's destinations are computed once (lane j holds the j-th; with the prologue, lane d holds
 // rank d's), then shuffled, as dispatch does.
 // Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks); the
 // routed mixes on 64 and 128, once, with fan 0 in the table and their mean fan-out printed above.
-// Usage: hbm_mix [--device D]. Prints GB/s (bytes read + written) and the fraction of the copy
-// rate, median of the timed runs.
+// Usage: hbm_mix [--device D] [--only TEXT] (only the mixes whose name contains TEXT). Prints GB/s
+// (bytes read + written) and the fraction of the copy rate, median of the timed runs.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -53,6 +58,7 @@
 #include <exception>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "bench_common.hpp"
@@ -476,6 +482,67 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 /// Median milliseconds of `iters` runs of launch().
+constexpr int kLlRows = kRanks * 128;  // fan-in-ll: LL combine's output rows, 8 ranks x 128
+
+/// fan-in-ll (the header says what it models); span[0] / span[1]: the earliest block start and
+/// the latest block end (globaltimer ns), min / max over blocks.
+template <int kV>
+__global__ void __launch_bounds__(kThreads)
+    fan_in_pieces(const int4* __restrict__ src, int4* __restrict__ dst, int64_t src_rows,
+                  unsigned long long* span) {
+  if (threadIdx.x == 0) atomicMin(&span[0], moecomm::device::global_timer_ns());
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  int64_t wanted_pieces = (warps + kLlRows - 1) / kLlRows;  // pieces a row, as LL's RowPieces
+  if (wanted_pieces > kRowVecs / 32) wanted_pieces = kRowVecs / 32;
+  const int count = wanted_pieces < 1 ? 1 : static_cast<int>(wanted_pieces);
+  const int per = (kRowVecs + count - 1) / count;  // vectors a piece
+  const int64_t items = int64_t{kLlRows} * count;
+  for (int64_t i = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; i < items; i += warps) {
+    const int64_t r = i / count;
+    const int c0 = static_cast<int>(i % count) * per, c1 = min(kRowVecs, c0 + per);
+    for (int c = c0 + lane; c < c1; c += 32 * kV) {
+      int4 v[kTopk][kV];
+#pragma unroll
+      for (int j = 0; j < kTopk; ++j)
+#pragma unroll
+        for (int u = 0; u < kV; ++u)
+          if (c + u * 32 < c1) v[j][u] = src[spread(r, j, src_rows) * kRowVecs + c + u * 32];
+#pragma unroll
+      for (int u = 0; u < kV; ++u) {
+        if (c + u * 32 >= c1) continue;
+        int4 acc = make_int4(0, 0, 0, 0);
+#pragma unroll
+        for (int j = 0; j < kTopk; ++j)
+          acc =
+              make_int4(acc.x + v[j][u].x, acc.y + v[j][u].y, acc.z + v[j][u].z, acc.w + v[j][u].w);
+        dst[r * kRowVecs + c + u * 32] = acc;
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) atomicMax(&span[1], moecomm::device::global_timer_ns());
+}
+
+/// Median over kIters launches of the span a kernel records (first block start to last block
+/// end), in ms.
+template <typename Launch>
+float median_span_ms(unsigned long long* span, Launch launch) {
+  const unsigned long long reset[2] = {~0ull, 0ull};
+  std::vector<float> ms(kIters + 1);
+  for (float& m : ms) {  // the first is a warm-up
+    MOECOMM_CUDA_CHECK(cudaMemcpy(span, reset, sizeof(reset), cudaMemcpyHostToDevice));
+    launch();
+    MOECOMM_CUDA_CHECK(cudaDeviceSynchronize());
+    unsigned long long got[2];
+    MOECOMM_CUDA_CHECK(cudaMemcpy(got, span, sizeof(got), cudaMemcpyDeviceToHost));
+    m = static_cast<float>(got[1] - got[0]) * 1e-6f;
+  }
+  ms.erase(ms.begin());
+  std::sort(ms.begin(), ms.end());
+  return ms[kIters / 2];
+}
+
 template <typename Launch>
 float median_ms(Launch launch) {
   cudaEvent_t start, stop;
@@ -500,8 +567,24 @@ float median_ms(Launch launch) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  const int device = epb::parse_device_option(argc, argv, "hbm_mix");
-  if (device < 0) return 2;
+  // --only TEXT is this tool's own; the rest is the device option.
+  std::string only;
+  std::vector<char*> args{argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--only" && i + 1 < argc)
+      only = argv[++i];
+    else
+      args.push_back(argv[i]);
+  }
+  const auto wanted = [&](const char* name) {
+    return only.empty() || std::string(name).find(only) != std::string::npos;
+  };
+  const int device =
+      epb::parse_device_option(static_cast<int>(args.size()), args.data(), "hbm_mix");
+  if (device < 0) {
+    std::fprintf(stderr, "       hbm_mix [--device D] [--only TEXT]\n");
+    return 2;
+  }
   MOECOMM_CUDA_CHECK(cudaSetDevice(device));
   cudaDeviceProp prop;
   MOECOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -594,10 +677,30 @@ int main(int argc, char** argv) try {
                 100.0 * gbps / copy_gbps, gbps / blocks);
   };
 
+  // LL combine's receive step, timed inside the kernel.
+  epb::DeviceBuffer<unsigned long long> span(2);
+  for (const int vectors : {1, 2}) {
+    const char* name = vectors == 1 ? "fan-in-ll" : "fan-in-ll-2v";
+    if (!wanted(name)) continue;
+    for (int blocks : {64, 128}) {
+      if (blocks > prop.multiProcessorCount) continue;
+      const int64_t src_rows = big.bytes() / row_bytes;
+      const float ms = median_span_ms(span.get(), [&] {
+        if (vectors == 1)
+          fan_in_pieces<1><<<blocks, kThreads>>>(big.get(), rows.get(), src_rows, span.get());
+        else
+          fan_in_pieces<2><<<blocks, kThreads>>>(big.get(), rows.get(), src_rows, span.get());
+        MOECOMM_LAUNCH_CHECK("fan_in_pieces");
+      });
+      report(name, kTopk, blocks, double{kLlRows} * (kTopk + 1) * row_bytes, ms);
+    }
+  }
+
   enum Mix { kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn };
   const char* names[] = {"fan-out", "quant", "quant-bulk", "quant-ord", "quant-bulk-ord", "fan-in"};
   for (const Mix mix :
        {kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn}) {
+    if (!wanted(names[mix])) continue;
     for (int fan : {1, 2, 4, 6}) {
       for (int blocks : {32, 64, 128}) {
         if (blocks > prop.multiProcessorCount) continue;
@@ -663,6 +766,7 @@ int main(int argc, char** argv) try {
       {"quant-bulk-rt-src-pro-8k-rnd", Y, Y, Y, Y, Y, N, Y},
   };
   for (const RoutedMix& mix : routed_mixes) {
+    if (!wanted(mix.name)) continue;
     const Routes& rt = mix.by_source ? routes_src : routes;
     const Prologue& pl = mix.by_source ? prologue_src : prologue;
     const int4* src = (mix.random ? random_rows : rows).get();
