@@ -56,20 +56,34 @@ struct TokenRoute {
   uint64_t mask = 0;
 
   __device__ int32_t row(int d) const { return __shfl_sync(kFullMask, d < 32 ? lo : hi, d & 31); }
+  /// Sets `mask` from the lanes' rows (every lane takes part).
+  __device__ void gather_mask() {
+    mask = static_cast<uint64_t>(__ballot_sync(kFullMask, lo >= 0)) |
+           (static_cast<uint64_t>(__ballot_sync(kFullMask, hi >= 0)) << 32);
+  }
 };
+
+/// The rows a handle recorded for a token (`record`: its row at each of the R ranks, -1: none),
+/// without the ranks in `masked` (they receive nothing, and nothing is read from them); the mask
+/// is left to gather_mask().
+__device__ __forceinline__ TokenRoute recorded_rows(const int32_t* record, int R, uint64_t masked,
+                                                    int lane) {
+  TokenRoute r;
+  if (lane < R && !((masked >> lane) & 1ull)) r.lo = record[lane];
+  if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull)) r.hi = record[lane + 32];
+  return r;
+}
 
 /// Where token t goes: from the layout (fresh) or from the handle (cached). Fresh routes are
 /// recorded in the handle.
 __device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams& p, int64_t t,
                                   int lane) {
   const int R = ctx.num_ranks;
-  TokenRoute r;
   int32_t* record = p.send_row + t * R;
+  TokenRoute r;
   if (p.cached) {
     // A rank masked since the handle was made receives nothing.
-    const uint64_t masked = transport::masked_peers(ctx);
-    if (lane < R && !((masked >> lane) & 1ull)) r.lo = record[lane];
-    if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull)) r.hi = record[lane + 32];
+    r = recorded_rows(record, R, transport::masked_peers(ctx), lane);
   } else {
     const uint64_t mask = ctx.layout.token_rank_mask[t];
     const int W = ctx.words;
@@ -85,8 +99,7 @@ __device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams
     if (lane < R) record[lane] = r.lo = kept(row_at(lane));
     if (lane + 32 < R) record[lane + 32] = r.hi = kept(row_at(lane + 32));
   }
-  r.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, r.lo >= 0)) |
-           (static_cast<uint64_t>(__ballot_sync(kFullMask, r.hi >= 0)) << 32);
+  r.gather_mask();
   return r;
 }
 
@@ -230,11 +243,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 /// Where combine reads token t's expert outputs: the row at each peer that holds one.
 __device__ __forceinline__ TokenRoute combine_route(const CombineParams& p, int R, uint64_t masked,
                                                     int64_t t, int lane) {
-  TokenRoute route;
-  if (lane < R && !((masked >> lane) & 1ull)) route.lo = p.send_row[t * R + lane];
-  if (lane + 32 < R && !((masked >> (lane + 32)) & 1ull)) route.hi = p.send_row[t * R + lane + 32];
-  route.mask = static_cast<uint64_t>(__ballot_sync(kFullMask, route.lo >= 0)) |
-               (static_cast<uint64_t>(__ballot_sync(kFullMask, route.hi >= 0)) << 32);
+  TokenRoute route = recorded_rows(p.send_row + t * R, R, masked, lane);
+  route.gather_mask();
   return route;
 }
 
@@ -334,9 +344,9 @@ __device__ void combine_tokens_by_registers(const DeviceContext& ctx, const Comb
 /// land in the warp's ring of shared memory, in the order they are summed (piece by piece, each
 /// piece's sources in ascending rank order), and the warp keeps the ring full across tokens: while
 /// it sums one piece, the loads of the next ring's worth are in flight. Peers' rows must be
-/// 16-byte aligned. False after a load that never landed (recorded as a stall).
+/// 16-byte aligned. Gives up after a load that never landed (recorded as a stall).
 template <typename Ring>
-__device__ bool combine_tokens_by_bulk_loads(const DeviceContext& ctx, const CombineParams& p,
+__device__ void combine_tokens_by_bulk_loads(const DeviceContext& ctx, const CombineParams& p,
                                              const CombineSources& src, uint64_t masked, Ring& ring,
                                              uint64_t seq, int lane) {
   constexpr int kVectors = Ring::kSlotBytes / (16 * 32);
@@ -357,18 +367,23 @@ __device__ bool combine_tokens_by_bulk_loads(const DeviceContext& ctx, const Com
   int load_piece = 0;               // the piece being loaded ...
   uint64_t load_left = route.mask;  // ... and its sources not yet loaded
 
+  // Takes the warp's next token from the queue as `ahead`, its loads not yet begun; false when
+  // the queue is empty.
+  auto fetch_ahead = [&]() {
+    ahead = queue.unit(drawn);
+    if (ahead >= T) return false;
+    ahead_route = combine_route(p, R, masked, ahead, lane);
+    drawn = queue.draw(lane);
+    load_piece = 0;
+    load_left = ahead_route.mask;
+    return true;
+  };
   // Issues loads until the ring is full or nothing is left that may be loaded yet.
   auto fill_ring = [&]() {
     while (!ring.full()) {
       if (!load_left) {
-        if (loading_ahead || t >= T) return;  // at most one token ahead
-        ahead = queue.unit(drawn);
-        if (ahead >= T) return;
-        ahead_route = combine_route(p, R, masked, ahead, lane);
-        drawn = queue.draw(lane);
+        if (loading_ahead || t >= T || !fetch_ahead()) return;  // at most one token ahead
         loading_ahead = true;
-        load_piece = 0;
-        load_left = ahead_route.mask;
         continue;  // a token with no sources loads nothing
       }
       const int d = pop_lowest(load_left);
@@ -392,7 +407,7 @@ __device__ bool combine_tokens_by_bulk_loads(const DeviceContext& ctx, const Com
           if (lane == 0)
             transport::record_error(ctx, detail::DeviceErrorKind::kStall, d, Phase::kCombineLoad,
                                     blockIdx.x, seq, 0);
-          return false;
+          return;
         }
 #pragma unroll
         for (int u = 0; u < kVectors; ++u)
@@ -405,20 +420,11 @@ __device__ bool combine_tokens_by_bulk_loads(const DeviceContext& ctx, const Com
     }
     if (p.combined_weights) store_combined_weights(p, src, route, t, K, lane);
     // On to the next token: the one the loads moved on to (fetched now if they had not).
-    if (!loading_ahead) {
-      ahead = queue.unit(drawn);
-      if (ahead < T) {
-        ahead_route = combine_route(p, R, masked, ahead, lane);
-        drawn = queue.draw(lane);
-        load_piece = 0;
-        load_left = ahead_route.mask;
-      }
-    }
+    if (!loading_ahead) fetch_ahead();
     t = ahead;
     route = ahead_route;
     loading_ahead = false;
   }
-  return true;
 }
 
 template <int kBlockThreads>
