@@ -7,7 +7,8 @@
 //   fan-in N:  a warp reads N 14336-byte rows spread over the buffer and writes one (combine).
 //   quant N:   fan-out N where the warp quantises the row to e4m3 on the way, with the library's
 //              own quantize_groups (device/row_ops.cuh) and a scale per 128 channels written
-//              beside each destination row: HT dispatch's fp8 path without its routing.
+//              beside each destination row: HT dispatch's fp8 path without its routing. N = 0:
+//              the loads and the quantisation alone (nothing is written).
 //   quant-bulk N: quant N with the rows leaving through a staging ring in shared memory, one
 //              bulk (TMA) store per destination and step (device/row_ops.cuh's
 //              quantize_row_staged, as HT dispatch writes them).
@@ -49,7 +50,8 @@
 // Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks); the
 // routed mixes on 64 and 128, once, with fan 0 in the table and their mean fan-out printed above.
 // Usage: hbm_mix [--device D] [--only TEXT] (only the mixes whose name contains TEXT). Prints GB/s
-// (bytes read + written) and the fraction of the copy rate, median of the timed runs.
+// (bytes read + written), the fraction of the copy rate and the time in us, median of the timed
+// runs.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -660,7 +662,8 @@ int main(int argc, char** argv) try {
               copy_gbps, copy_bytes / 1e6);
   std::printf("routed mixes: mean fan-out %.2f (top-%d of %d experts over %d ranks)\n",
               static_cast<double>(table.destinations) / kRows, kTopk, kExperts, kRanks);
-  std::printf("%-22s %4s %7s %10s %8s %10s\n", "mix", "fan", "blocks", "GB/s", "% copy", "GB/s/SM");
+  std::printf("%-22s %4s %7s %10s %8s %10s %9s\n", "mix", "fan", "blocks", "GB/s", "% copy",
+              "GB/s/SM", "us");
   MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
       fan_out_quantize_staged, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagingBytes));
   MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
@@ -673,8 +676,8 @@ int main(int argc, char** argv) try {
                                           kStagingBytes));
   const auto report = [&](const char* name, int fan, int blocks, double bytes, float ms) {
     const double gbps = bytes / (ms * 1e6);
-    std::printf("%-22s %4d %7d %10.0f %7.1f%% %10.1f\n", name, fan, blocks, gbps,
-                100.0 * gbps / copy_gbps, gbps / blocks);
+    std::printf("%-22s %4d %7d %10.0f %7.1f%% %10.1f %9.1f\n", name, fan, blocks, gbps,
+                100.0 * gbps / copy_gbps, gbps / blocks, ms * 1e3);
   };
 
   // LL combine's receive step, timed inside the kernel.
@@ -701,7 +704,8 @@ int main(int argc, char** argv) try {
   for (const Mix mix :
        {kFanOut, kQuant, kQuantStaged, kQuantInOrder, kQuantStagedInOrder, kFanIn}) {
     if (!wanted(names[mix])) continue;
-    for (int fan : {1, 2, 4, 6}) {
+    for (int fan : {0, 1, 2, 4, 6}) {
+      if (fan == 0 && (mix == kFanIn || mix == kFanOut)) continue;  // nothing would move
       for (int blocks : {32, 64, 128}) {
         if (blocks > prop.multiProcessorCount) continue;
         float ms = 0;
