@@ -64,8 +64,11 @@ struct BulkLoadRing {
     if (!__all_sync(kFullMask, done)) {
       const uint64_t start = global_timer_ns_warp();
       while (!__all_sync(kFullMask, done)) {
-        if (global_timer_ns_warp() - start > timeout_ns) return false;
+        const bool expired = global_timer_ns_warp() - start > timeout_ns;
         done = done || mbarrier_try_wait(barriers + tail, phase);
+        // Past the deadline the try above was the last look (a warp descheduled before reading
+        // the timer must not report a load that landed meanwhile as a stall).
+        if (expired && !__all_sync(kFullMask, done)) return false;
       }
     }
     slot = data + tail * kSlotBytes;

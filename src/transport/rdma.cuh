@@ -164,9 +164,16 @@ __device__ inline bool wait_signal_delivering(const RankContext& ctx, WarpPort& 
     if ((spin & 63u) == 63u) {
       if (aborted(ctx)) return false;
       if (device::global_timer_ns_warp() - start > ctx.timeout_ns) {
+        // One last look (see wait_geq): the value may have arrived while the warp was off.
+        const uint64_t last =
+            __shfl_sync(0xffffffffu, leader ? scope(ctx).load_acquire(word) : uint64_t{0}, 0);
+        if (last >= target) {
+          __syncwarp();
+          return true;
+        }
         if (leader)
           record_error(ctx, DeviceErrorKind::kStall, peer, phase, channel, target,
-                       static_cast<int64_t>(v));
+                       static_cast<int64_t>(last));
         __syncwarp();
         return false;
       }

@@ -118,6 +118,10 @@ __device__ inline bool wait_geq(const RankContext& ctx, const uint64_t* word, ui
       if (aborted(ctx)) return false;
       if (other && is_masked(ctx, peer)) return true;
       if (device::global_timer_ns() - start > ctx.timeout_ns * patience) {
+        // One last look: a thread descheduled between its last load and the timer's read (a
+        // time-sliced process) must not report a value that arrived meanwhile as a stall.
+        v = sc.load_acquire(word);
+        if (v >= target) return true;
         if (other && ctx.mask_on_timeout) {
           mask_peer(ctx, peer);
           return true;
