@@ -10,8 +10,8 @@
 //              beside each destination row: HT dispatch's fp8 path without its routing. N = 0:
 //              the loads and the quantisation alone (nothing is written).
 //   quant-bulk N: quant N with the rows leaving through a staging ring in shared memory, one
-//              bulk (TMA) store per destination and step (device/row_ops.cuh's
-//              quantize_row_staged, as HT dispatch writes them).
+//              bulk (TMA) store per destination and step (staged_rows.cuh, as HT dispatch
+//              wrote them at few SMs a rank until bench/NOTES.md v26).
 //   quant-ord, quant-bulk-ord: the same with each destination's rows in a region of their own,
 //              row r beside row r + 1, as dispatch lays them out (neighbouring tokens, handled
 //              at the same time, land side by side).
@@ -65,6 +65,7 @@
 
 #include "bench_common.hpp"
 #include "device/row_ops.cuh"
+#include "staged_rows.cuh"
 
 namespace {
 
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-using Staging = moecomm::device::QuantizeStaging<kQuantizeUnroll>;
+using Staging = epb::QuantizeStaging<kQuantizeUnroll>;
 constexpr int kStagingBytes = kWarpsPerBlock * Staging::kWarpBytes;
 
 /// quant, with the rows leaving through the library's staging ring (bulk stores).
@@ -162,8 +163,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t row = adjacent ? in_order(r, j, dst_rows) : spread(r, j, dst_rows);
       to.add(dst + row * (kOutVecs * 16), scales + row * kGroups, lane);
     }
-    moecomm::device::quantize_row_staged<kQuantizeUnroll>(src + r * kRowVecs, kGroups, false, lane,
-                                                          staging, to);
+    epb::quantize_row_staged<kQuantizeUnroll>(src + r * kRowVecs, kGroups, false, lane, staging,
+                                              to);
   }
   moecomm::device::bulk_wait_all();
 }
@@ -248,8 +249,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t row = __shfl_sync(0xffffffffu, mine, j);
       to.add(dst + row * (kOutVecs * 16), scales + row * kGroups, lane);
     }
-    moecomm::device::quantize_row_staged<kQuantizeUnroll>(src + r * kRowVecs, kGroups, false, lane,
-                                                          staging, to);
+    epb::quantize_row_staged<kQuantizeUnroll>(src + r * kRowVecs, kGroups, false, lane, staging,
+                                              to);
   }
   moecomm::device::bulk_wait_all();
 }
@@ -384,8 +385,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t row = pop_row(l, m);
       to.add(dst + row * size.out_bytes(), scales + row * size.groups, lane);
     }
-    moecomm::device::quantize_row_staged<kQuantizeUnroll>(src + l.r * size.in_vecs(), size.groups,
-                                                          false, lane, staging, to);
+    epb::quantize_row_staged<kQuantizeUnroll>(src + l.r * size.in_vecs(), size.groups, false, lane,
+                                              staging, to);
   });
   moecomm::device::bulk_wait_all();
 }

@@ -123,50 +123,49 @@ __device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, cons
                        });
 }
 
-/// Quantises one bf16 row to e4m3 (one scale per 128 channels) and stores data and scales to
-/// every destination from registers: a warp instruction per step, destination and piece.
-template <int kUnroll>
-__device__ void quantize_row_direct(const DeviceContext& ctx, const TokenRoute& route,
-                                    const uint8_t* src, bool pow2, int lane) {
-  const int H = ctx.hidden, groups = H / kFp8Group;
-  device::quantize_groups<kUnroll>(
-      reinterpret_cast<const int4*>(src), groups, pow2, lane,
-      [&](int g, int sub, uint4 q, float scale, bool valid) {
-        for (uint64_t m = route.mask; m;) {
-          const int d = pop_lowest(m);
-          const int64_t row = route.row(d);  // every lane takes part in the shuffle
-          if (!valid) continue;
-          uint8_t* dst = ctx.peers[d] + ctx.ht.x + row * H;
-          *reinterpret_cast<uint4*>(dst + g * kFp8Group + sub * device::kChannelsPerLane) = q;
-          if (sub == 0)
-            reinterpret_cast<float*>(ctx.peers[d] + ctx.ht.scales)[row * groups + g] = scale;
-        }
-      });
-}
-
-/// The same through the warp's staging ring: each step leaves in bulk (TMA) stores, one per
-/// destination for the data and one for the scales.
-template <int kUnroll>
-__device__ void quantize_row_staged(const DeviceContext& ctx, const TokenRoute& route,
-                                    const uint8_t* src, bool pow2, int lane,
-                                    device::QuantizeStaging<kUnroll>& staging) {
+/// The rows token `route` goes to, data and scales at each destination rank, as the lanes hold
+/// them (every lane takes part in the route's shuffles).
+__device__ __forceinline__ device::RowDestinations destinations_of(const DeviceContext& ctx,
+                                                                   const TokenRoute& route,
+                                                                   int lane) {
   const int H = ctx.hidden, groups = H / kFp8Group;
   device::RowDestinations to;
   for (uint64_t m = route.mask; m;) {
     const int d = pop_lowest(m);
-    const int64_t row = route.row(d);  // every lane takes part in the shuffle
+    const int64_t row = route.row(d);
     to.add(ctx.peers[d] + ctx.ht.x + row * H,
            reinterpret_cast<float*>(ctx.peers[d] + ctx.ht.scales) + row * groups, lane);
   }
-  device::quantize_row_staged<kUnroll>(reinterpret_cast<const int4*>(src), groups, pow2, lane,
-                                       staging, to);
+  return to;
+}
+
+/// Quantises one bf16 row to e4m3 (one scale per 128 channels) and stores data and scales to
+/// every destination from registers: a warp instruction per step, destination and piece. The
+/// destinations' addresses are worked out once a row, not at every piece: at 8 SMs a rank that
+/// streams the rows 20 % faster, and 16 % faster than bulk stores through shared memory did
+/// (bench/NOTES.md v26).
+template <int kUnroll>
+__device__ void quantize_row_direct(const DeviceContext& ctx, const TokenRoute& route,
+                                    const uint8_t* src, bool pow2, int lane) {
+  const int groups = ctx.hidden / kFp8Group;
+  const device::RowDestinations to = destinations_of(ctx, route, lane);
+  device::quantize_groups<kUnroll>(
+      reinterpret_cast<const int4*>(src), groups, pow2, lane,
+      [&](int g, int sub, uint4 q, float scale, bool valid) {
+        for (int k = 0; k < to.count; ++k) {
+          uint8_t* row = to.data_of(k);  // every lane takes part in the shuffles
+          float* scales = to.scales_of(k);
+          if (!valid) continue;
+          *reinterpret_cast<uint4*>(row + g * kFp8Group + sub * device::kChannelsPerLane) = q;
+          if (sub == 0) scales[g] = scale;
+        }
+      });
 }
 
 /// One token: its metadata and its row (quantised or copied) to every destination rank.
 template <int kBlockThreads>
-__device__ __forceinline__ void dispatch_token(
-    const DeviceContext& ctx, const DispatchParams& p, int64_t t, int groups, int lane,
-    device::QuantizeStaging<Budget<kBlockThreads>::kQuantizeUnroll>& staging) {
+__device__ __forceinline__ void dispatch_token(const DeviceContext& ctx, const DispatchParams& p,
+                                               int64_t t, int groups, int lane) {
   const int K = ctx.topk;
   const TokenRoute route = route_token(ctx, p, t, lane);
   if (route.mask == 0) return;
@@ -192,9 +191,7 @@ __device__ __forceinline__ void dispatch_token(
 
   const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
   constexpr int kUnroll = Budget<kBlockThreads>::kQuantizeUnroll;
-  if (p.quantize && p.bulk_stores)
-    quantize_row_staged<kUnroll>(ctx, route, src, p.pow2_scales, lane, staging);
-  else if (p.quantize)
+  if (p.quantize)
     quantize_row_direct<kUnroll>(ctx, route, src, p.pow2_scales, lane);
   else
     copy_row(ctx, route, src, p.in_row_bytes, lane);
@@ -203,8 +200,7 @@ __device__ __forceinline__ void dispatch_token(
 template <int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     dispatch_kernel(DeviceContext ctx, DispatchParams p) {
-  // The layout's bitmap columns, then (once the layout is done) the warps' staging rings.
-  extern __shared__ __align__(16) uint32_t columns[];
+  extern __shared__ __align__(16) uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
   const int lane = threadIdx.x & 31;
 
@@ -220,16 +216,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   device::trace_mark(ctx, seq, TraceMark::kOpened);
 
   const int groups = ctx.hidden / kFp8Group;
-  using Staging = device::QuantizeStaging<Budget<kBlockThreads>::kQuantizeUnroll>;
-  __syncthreads();  // the layout's columns are no longer read
-  Staging staging{reinterpret_cast<uint8_t*>(columns) + (threadIdx.x / 32) * Staging::kWarpBytes};
   const device::WorkQueue queue{ctx.local.work_queue};
   for (int64_t t = ok ? queue.unit(queue.draw(lane)) : p.num_tokens; t < p.num_tokens;) {
     const uint32_t next = queue.draw(lane);
-    dispatch_token<kBlockThreads>(ctx, p, t, groups, lane, staging);
+    dispatch_token<kBlockThreads>(ctx, p, t, groups, lane);
     t = queue.unit(next);
   }
-  device::bulk_wait_all();  // the rows are written before the block counts as done
   device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
 
   if (transport::is_last_block(ctx)) {
@@ -502,12 +494,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-/// Whether quantised rows should leave in bulk stores. Measured on the H200 with 8 ranks on the
-/// GPU (bench/NOTES.md v22): where the group's SMs are few, a warp's store instructions bound
-/// its rows and bulk stores move them 9 % faster (8 SMs a rank); where the group streams from
-/// nearly every SM, the memory is the bound and register stores take it 5 % better (16 SMs).
-/// Bulk stores are used while the group's blocks on this GPU fill at most half of its SMs.
-bool bulk_stores_pay(const DeviceContext& ctx, int blocks) {
+/// Whether the group's blocks on this GPU fill at most half of its SMs: few SMs a rank, where an
+/// SM's loads in flight bound a kernel rather than the memory.
+bool few_sms_a_rank(const DeviceContext& ctx, int blocks) {
   int device = 0, sms = 0;
   MOECOMM_CUDA_CHECK(cudaGetDevice(&device));
   MOECOMM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -529,34 +518,21 @@ int bulk_load_slots(int threads) {
 /// through registers. Measured on the H200 with 8 ranks on the GPU (bench/NOTES.md v24): at 8 SMs
 /// a rank an SM's register loads in flight bound combine (994 us) and bulk loads of 4 KB pieces,
 /// 3 a warp, take it to 759 us; at 12 and 16 SMs the memory is the bound and registers do 5 % and
-/// 1.5 % better. The same rule as bulk_stores_pay, and a warp needs 2 slots to overlap its loads.
+/// 1.5 % better. Bulk loads are used with few SMs a rank, where a warp gets 2 slots to overlap its
+/// loads.
 bool bulk_loads_pay(const DeviceContext& ctx, int blocks, int threads) {
-  return bulk_stores_pay(ctx, blocks) && bulk_load_slots(threads) >= 2;
-}
-
-/// Shared memory for the staging rings of a block of `threads` threads.
-size_t staging_smem_bytes(int threads) {
-  const int warps = (threads + 31) / 32;
-  if (threads <= kWideBlockThreads)
-    return size_t(warps) *
-           device::QuantizeStaging<Budget<kWideBlockThreads>::kQuantizeUnroll>::kWarpBytes;
-  return size_t(warps) *
-         device::QuantizeStaging<Budget<kMaxBlockThreads>::kQuantizeUnroll>::kWarpBytes;
+  return few_sms_a_rank(ctx, blocks) && bulk_load_slots(threads) >= 2;
 }
 
 }  // namespace
 
 void launch_dispatch(const DeviceContext& ctx, const DispatchParams& params, int blocks,
                      int threads, cudaStream_t stream) {
-  const size_t columns = params.cached ? 0 : layout::column_smem_bytes(ctx.num_experts, threads);
-  DispatchParams p = params;
-  p.bulk_stores = params.quantize && bulk_stores_pay(ctx, blocks);
-  const size_t rings = p.bulk_stores ? staging_smem_bytes(threads) : 0;
-  const size_t smem = std::max(columns, rings);
+  const size_t smem = params.cached ? 0 : layout::column_smem_bytes(ctx.num_experts, threads);
   if (threads <= kWideBlockThreads)
-    dispatch_kernel<kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
+    dispatch_kernel<kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, params);
   else
-    dispatch_kernel<kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
+    dispatch_kernel<kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, params);
   MOECOMM_LAUNCH_CHECK("ht::dispatch_kernel");
 }
 
@@ -578,9 +554,9 @@ template <int kBlockThreads>
 void preload_budget() {
   cudaFuncAttributes attr;
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel<kBlockThreads>));
-  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(
-      dispatch_kernel<kBlockThreads>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(std::max(layout::kColumnSmemLimit, staging_smem_bytes(kBlockThreads)))));
+  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel<kBlockThreads>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(layout::kColumnSmemLimit)));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<kBlockThreads>));
   MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel<kBlockThreads>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,

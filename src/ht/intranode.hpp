@@ -27,9 +27,6 @@ struct DispatchParams {
   int32_t* send_row = nullptr;  // [T, R]: row at each destination (-1: none). Read when cached.
   bool cached = false;          // routing from send_row; no layout in this call
   layout::LayoutParams layout;  // unless cached: the layout steps (with the count exchange)
-  /// Quantised rows leave through shared memory in bulk (TMA) stores rather than from registers
-  /// (set by launch_dispatch, see bulk_stores_pay).
-  bool bulk_stores = false;
 };
 
 /// The dispatch kernel; closes the call. Unless cached, it first runs the layout steps with all
