@@ -484,7 +484,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/// Median milliseconds of `iters` runs of launch().
 constexpr int kLlRows = kRanks * 128;  // fan-in-ll: LL combine's output rows, 8 ranks x 128
 
 /// fan-in-ll (the header says what it models); span[0] / span[1]: the earliest block start and
@@ -546,6 +545,7 @@ float median_span_ms(unsigned long long* span, Launch launch) {
   return ms[kIters / 2];
 }
 
+/// Median milliseconds of kIters runs of launch() (after one warm-up), timed by events.
 template <typename Launch>
 float median_ms(Launch launch) {
   cudaEvent_t start, stop;
