@@ -32,11 +32,11 @@ constexpr int kCombineBatch = 8;  // source rows loaded before they are summed
 using CombineRing = device::BulkLoadRing<4096>;
 constexpr int kCombineRingSlots = 4;
 using detail::kMaxBlockThreads;
+using detail::kWideBlockThreads;
 
-/// Each kernel is built for two register budgets. Blocks of up to kWideBlockThreads threads get
-/// 128 registers a thread, spent on more bytes in flight per warp: the kernels stream HBM and, at
-/// 16 or fewer SMs a rank, an SM's loads in flight bound its throughput. Larger blocks get 64.
-constexpr int kWideBlockThreads = 512;
+/// Each kernel is built for both register budgets (kWideBlockThreads); the wide one spends its
+/// registers on more bytes in flight per warp: the kernels stream HBM and, at 16 or fewer SMs a
+/// rank, an SM's loads in flight bound its throughput.
 
 template <int kBlockThreads>
 struct Budget {
@@ -103,63 +103,20 @@ __device__ TokenRoute route_token(const DeviceContext& ctx, const DispatchParams
   return r;
 }
 
-/// Copies one row of `bytes` (a multiple of 16) to every destination of the route.
-__device__ void copy_row(const DeviceContext& ctx, const TokenRoute& route, const uint8_t* src,
-                         int bytes, int lane) {
-  const int n16 = bytes / 16;
-  device::copy_vectors(reinterpret_cast<const int4*>(src), n16, lane,
-                       [&](int base, const int4(&v)[device::kRowCopyUnroll]) {
-                         for (uint64_t m = route.mask; m;) {
-                           const int d = pop_lowest(m);
-                           int4* dst =
-                               reinterpret_cast<int4*>(ctx.peers[d] + ctx.ht.x +
-                                                       static_cast<int64_t>(route.row(d)) * bytes);
-#pragma unroll
-                           for (int u = 0; u < device::kRowCopyUnroll; ++u) {
-                             const int i = base + u * device::kWarpLanes + lane;
-                             if (i < n16) device::st_stream_16(dst + i, v[u]);
-                           }
-                         }
-                       });
-}
-
-/// The rows token `route` goes to, data and scales at each destination rank, as the lanes hold
-/// them (every lane takes part in the route's shuffles).
+/// The rows token `route` goes to (`row_bytes` each), data and scales at each destination rank,
+/// as the lanes hold them (every lane takes part in the route's shuffles).
 __device__ __forceinline__ device::RowDestinations destinations_of(const DeviceContext& ctx,
                                                                    const TokenRoute& route,
-                                                                   int lane) {
-  const int H = ctx.hidden, groups = H / kFp8Group;
+                                                                   int row_bytes, int lane) {
+  const int groups = ctx.hidden / kFp8Group;
   device::RowDestinations to;
   for (uint64_t m = route.mask; m;) {
     const int d = pop_lowest(m);
     const int64_t row = route.row(d);
-    to.add(ctx.peers[d] + ctx.ht.x + row * H,
+    to.add(ctx.peers[d] + ctx.ht.x + row * row_bytes,
            reinterpret_cast<float*>(ctx.peers[d] + ctx.ht.scales) + row * groups, lane);
   }
   return to;
-}
-
-/// Quantises one bf16 row to e4m3 (one scale per 128 channels) and stores data and scales to
-/// every destination from registers: a warp instruction per step, destination and piece. The
-/// destinations' addresses are worked out once a row, not at every piece: at 8 SMs a rank that
-/// streams the rows 20 % faster, and 16 % faster than bulk stores through shared memory did
-/// (bench/NOTES.md v26).
-template <int kUnroll>
-__device__ void quantize_row_direct(const DeviceContext& ctx, const TokenRoute& route,
-                                    const uint8_t* src, bool pow2, int lane) {
-  const int groups = ctx.hidden / kFp8Group;
-  const device::RowDestinations to = destinations_of(ctx, route, lane);
-  device::quantize_groups<kUnroll>(
-      reinterpret_cast<const int4*>(src), groups, pow2, lane,
-      [&](int g, int sub, uint4 q, float scale, bool valid) {
-        for (int k = 0; k < to.count; ++k) {
-          uint8_t* row = to.data_of(k);  // every lane takes part in the shuffles
-          float* scales = to.scales_of(k);
-          if (!valid) continue;
-          *reinterpret_cast<uint4*>(row + g * kFp8Group + sub * device::kChannelsPerLane) = q;
-          if (sub == 0) scales[g] = scale;
-        }
-      });
 }
 
 /// One token: its metadata and its row (quantised or copied) to every destination rank.
@@ -189,12 +146,14 @@ __device__ __forceinline__ void dispatch_token(const DeviceContext& ctx, const D
     }
   }
 
-  const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
-  constexpr int kUnroll = Budget<kBlockThreads>::kQuantizeUnroll;
+  const int4* src =
+      reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes);
+  const device::RowDestinations to = destinations_of(ctx, route, p.out_row_bytes, lane);
   if (p.quantize)
-    quantize_row_direct<kUnroll>(ctx, route, src, p.pow2_scales, lane);
+    device::quantize_row_to<Budget<kBlockThreads>::kQuantizeUnroll>(src, groups, p.pow2_scales, to,
+                                                                    lane);
   else
-    copy_row(ctx, route, src, p.in_row_bytes, lane);
+    device::copy_row_to(src, p.in_row_bytes / 16, to, lane);
 }
 
 template <int kBlockThreads>

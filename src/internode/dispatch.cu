@@ -206,35 +206,20 @@ __device__ void write_metadata(const DeviceContext& ctx, const DispatchParams& p
 }
 
 /// The row of token t to every target: copied as it is, or quantised to e4m3 with its scales.
+/// Each target's data and scale addresses are worked out once, then shuffled at each piece.
 __device__ void write_row(const DeviceContext& ctx, const DispatchParams& p, const Targets& to,
                           int64_t t, int lane) {
-  const uint8_t* src = static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes;
-  if (p.quantize) {
-    device::quantize_groups(
-        reinterpret_cast<const int4*>(src), ctx.hidden / kFp8Group, p.pow2_scales, lane,
-        [&](int g, int sub, uint4 q, float scale, bool valid) {
-          if (!valid) return;
-          for (uint64_t m = to.mask; m;) {
-            const int d = pop_lowest(m);
-            uint8_t* dst = to.data(d) + g * kFp8Group + sub * device::kChannelsPerLane;
-            *reinterpret_cast<uint4*>(dst) = q;
-            if (sub == 0) to.scales(d)[g] = scale;
-          }
-        });
-    return;
+  device::RowDestinations rows;
+  for (uint64_t m = to.mask; m;) {
+    const int d = pop_lowest(m);
+    rows.add(to.data(d), to.scales(d), lane);
   }
-  const int n16 = p.in_row_bytes / 16;
-  device::copy_vectors(reinterpret_cast<const int4*>(src), n16, lane,
-                       [&](int base, const int4(&v)[device::kRowCopyUnroll]) {
-                         for (uint64_t m = to.mask; m;) {
-                           int4* dst = reinterpret_cast<int4*>(to.data(pop_lowest(m)));
-#pragma unroll
-                           for (int u = 0; u < device::kRowCopyUnroll; ++u) {
-                             const int i = base + u * device::kWarpLanes + lane;
-                             if (i < n16) device::st_stream_16(dst + i, v[u]);
-                           }
-                         }
-                       });
+  const int4* src =
+      reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) + t * p.in_row_bytes);
+  if (p.quantize)
+    device::quantize_row_to(src, ctx.hidden / kFp8Group, p.pow2_scales, rows, lane);
+  else
+    device::copy_row_to(src, p.in_row_bytes / 16, rows, lane);
 }
 
 /// One warp: token t to its node's ranks and, as one message each, to its partners.
