@@ -56,7 +56,10 @@ class VirtualGroup {
   std::vector<DispatchOutput> dispatch_all(const std::vector<DispatchArgs>& args,
                                            const DispatchOptions& options = {});
   /// One low-latency combine of every rank as a single kernel (as dispatch_all), with handles[r]
-  /// from rank r's LL dispatch. options: no stream, async, return_recv_hook or out.
+  /// from rank r's LL dispatch. options: no stream, async, return_recv_hook or out. Every rank's
+  /// expert outputs are complete when the kernel starts and stay until it ends (the streams are
+  /// joined around it), so it needs no round between the ranks: no outputs published or awaited,
+  /// no done barrier.
   std::vector<CombineOutput> combine_all(const std::vector<CombineArgs>& args,
                                          const std::vector<Handle>& handles,
                                          const CombineOptions& options = {});

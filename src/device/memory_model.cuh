@@ -104,14 +104,11 @@ __device__ __forceinline__ int4 ld_peer_16(const void* ptr) {
   return v;
 }
 
-/// ld_peer_16 for an address that may be only 2-byte aligned: a peer's bf16 tensor published as
-/// it is, a view that starts inside a larger buffer. Four 4-byte or eight 2-byte loads then; the
-/// test is uniform over a row, so aligned rows pay one predictable branch.
-__device__ __forceinline__ int4 ld_peer_16_any(const void* ptr) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
-  if ((a & 15u) == 0) return ld_peer_16(ptr);
+/// 16 bytes at an address that is 2-byte aligned at least, in four 4-byte or eight 2-byte loads:
+/// the unaligned case of ld_peer_16_any and ld_stream_16_any.
+__device__ __forceinline__ int4 ld_16_unaligned(const void* ptr) {
   uint32_t w[4];
-  if ((a & 3u) == 0) {
+  if ((reinterpret_cast<uintptr_t>(ptr) & 3u) == 0) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       asm volatile("ld.global.u32 %0, [%1];"
@@ -130,6 +127,21 @@ __device__ __forceinline__ int4 ld_peer_16_any(const void* ptr) {
   }
   return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
                    static_cast<int>(w[3]));
+}
+
+/// ld_peer_16 for an address that may be only 2-byte aligned: a peer's bf16 tensor published as
+/// it is, a view that starts inside a larger buffer. The test is uniform over a row, so aligned
+/// rows pay one predictable branch.
+__device__ __forceinline__ int4 ld_peer_16_any(const void* ptr) {
+  if ((reinterpret_cast<uintptr_t>(ptr) & 15u) == 0) return ld_peer_16(ptr);
+  return ld_16_unaligned(ptr);
+}
+
+/// ld_stream_16 (data no one writes while this kernel runs) for an address that may be only
+/// 2-byte aligned.
+__device__ __forceinline__ int4 ld_stream_16_any(const void* ptr) {
+  if ((reinterpret_cast<uintptr_t>(ptr) & 15u) == 0) return ld_stream_16(ptr);
+  return ld_16_unaligned(ptr);
 }
 
 /// 16-byte store that does not linger in L1.

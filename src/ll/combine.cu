@@ -163,17 +163,40 @@ __device__ bool finish_combine_internode(const DeviceContext& ctx, int b, uint64
   return __syncthreads_and(ok) != 0;
 }
 
+/// Token t's choice at lane k < K: its slot (-1: none) and weight. Local inputs, written before
+/// the kernel, so they may be loaded ahead of the opening round.
+struct Choice {
+  int32_t slot = -1;
+  float weight = 0.0f;
+};
+
+__device__ __forceinline__ Choice load_choice(const CombineRecvParams& p, int64_t t, int K,
+                                              int lane) {
+  Choice c;
+  if (t >= 0 && lane < K) {
+    c.slot = p.slot_of[t * K + lane];
+    c.weight = p.topk_weights ? p.topk_weights[t * K + lane] : 1.0f;
+  }
+  return c;
+}
+
 /// The receive phase of combine for one rank, run by `blocks` (with publish_y, the send phase
 /// first). kInternode: the rows of experts on other nodes are read from this rank's
 /// combine_recv[b], where they were pushed (every block waits for each pusher's signal).
-template <bool kInternode>
+/// kOneLaunch: one kernel for the whole group (`all`: every rank's parameters), after every
+/// rank's expert kernels on the same stream. Every y is then complete before the kernel starts
+/// and stays until it ends, so there is no round at all: no outputs published or waited for (the
+/// addresses are in `all`), no done barrier; y is read through the non-coherent path.
+template <bool kInternode, bool kOneLaunch = false>
 __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& p,
-                             device::RankBlocks blocks) {
+                             device::RankBlocks blocks, const CombineRecvParams* all = nullptr) {
+  static_assert(!(kInternode && kOneLaunch), "a one-launch group has one node");
   const int R = ctx.num_ranks, K = ctx.topk, H = ctx.hidden, me = ctx.rank, b = p.buffer;
   const int32_t slots_per_rank = ctx.local_experts * R * ctx.ll.capacity;
   // Without a hook the send phase is this kernel's first step; with one it ran in its own kernel.
   const uint64_t seq = p.publish_y ? device::read_call_seq(ctx) : ctx.ll.combine_seq[b];
-  if (p.publish_y && blocks.index == 0) publish_outputs<kInternode>(ctx, b, p.y, seq);
+  if (!kOneLaunch && p.publish_y && blocks.index == 0)
+    publish_outputs<kInternode>(ctx, b, p.y, seq);
   const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
   rdma::WarpPort port(ctx);  // kInternode only
   bool pushed = true;
@@ -189,8 +212,24 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
   __shared__ const uint16_t* rows[kMaxWarps][detail::kMaxTopk];
   __shared__ float weights[kMaxWarps][detail::kMaxTopk];
 
+  const int warps = blockDim.x / kWarpLanes;
+  const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
+  // One warp per piece of a token's output row (one lane step of vectors at least); the last
+  // unit is partial when H is not a multiple of 128 (c_end below stops at H).
+  const RowPieces pieces(p.num_tokens, stride, (H + kUnitChannels - 1) / kUnitChannels,
+                         kCombineStepUnits);
+  int64_t i = static_cast<int64_t>(blocks.index) * warps + warp;
+  // The warp's next item's choices, loaded one item ahead (the first before the opening round).
+  Choice next = load_choice(p, i < pieces.items ? i / pieces.count : -1, K, lane);
+
   bool ok = pushed;
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    if constexpr (kOneLaunch) {  // a masked rank's experts contribute nothing
+      y_of[d] = transport::is_masked(ctx, d)
+                    ? nullptr
+                    : static_cast<const uint16_t*>(transport::resolve_address(ctx, d, all[d].y));
+      continue;
+    }
     if constexpr (kInternode) {
       if (!same_node(ctx, d)) {
         if (!rdma::wait_signal(ctx, signal_at(ctx, ctx.ll.sig_combine, b, d), 1, d,
@@ -220,20 +259,15 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
   ok = __syncthreads_and(ok) != 0;
   device::trace_mark(ctx, seq, TraceMark::kOpened);
 
-  const int warps = blockDim.x / kWarpLanes;
-  const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
-  // One warp per piece of a token's output row (one lane step of vectors at least); the last
-  // unit is partial when H is not a multiple of 128 (c_end below stops at H).
-  const RowPieces pieces(p.num_tokens, stride, (H + kUnitChannels - 1) / kUnitChannels,
-                         kCombineStepUnits);
-  for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; ok && i < pieces.items;
-       i += stride) {
+  for (; ok && i < pieces.items; i += stride) {
     const int64_t t = i / pieces.count;
     const int piece = static_cast<int>(i % pieces.count);
+    const Choice mine = next;
+    next = load_choice(p, i + stride < pieces.items ? (i + stride) / pieces.count : -1, K, lane);
     const uint16_t* row = nullptr;
     float w = 0.0f;
     if (lane < K) {
-      const int32_t sl = p.slot_of[t * K + lane];
+      const int32_t sl = mine.slot;
       const uint16_t* y = sl >= 0 ? y_of[sl / slots_per_rank] : nullptr;
       if (y) {
         int64_t at = sl % slots_per_rank;
@@ -244,7 +278,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
             at = at / (static_cast<int64_t>(R) * M) * M + at % M;
         }
         row = y + at * H;
-        w = p.topk_weights ? p.topk_weights[t * K + lane] : 1.0f;
+        w = mine.weight;
       }
     }
     const unsigned valid = __ballot_sync(kFullMask, row != nullptr);
@@ -262,7 +296,10 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
         int4 v[kCombineBatch];
 #pragma unroll
         for (int u = 0; u < kCombineBatch; ++u)
-          if (k0 + u < n) v[u] = device::ld_peer_16_any(rows[warp][k0 + u] + c * kBf16PerVec);
+          if (k0 + u < n) {
+            const uint16_t* at = rows[warp][k0 + u] + c * kBf16PerVec;
+            v[u] = kOneLaunch ? device::ld_stream_16_any(at) : device::ld_peer_16_any(at);
+          }
 #pragma unroll
         for (int u = 0; u < kCombineBatch; ++u) {
           if (k0 + u >= n) break;
@@ -283,7 +320,7 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
     // Every owner learns its y has been read; y of this rank stays until every reader is done.
     if constexpr (kInternode)
       finish_combine_internode(ctx, b, seq, blocks.index, port);
-    else
+    else if constexpr (!kOneLaunch)
       transport::signal_and_wait_all(ctx, FlagKind::kCombineDone, seq, Phase::kCombineDone,
                                      blocks.index);
     device::trace_mark(ctx, seq, TraceMark::kClosed);
@@ -291,16 +328,17 @@ __device__ void combine_recv(const DeviceContext& ctx, const CombineRecvParams& 
   }
 }
 
-template <bool kInternode>
-__global__ void __launch_bounds__(kMaxBlockThreads)
+template <bool kInternode, int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads, 1)
     combine_recv_kernel(const __grid_constant__ DeviceContext ctx, const CombineRecvParams p) {
   combine_recv<kInternode>(ctx, p, device::whole_grid());
 }
 
-__global__ void __launch_bounds__(kMaxBlockThreads)
+template <int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads, 1)
     group_combine_recv_kernel(const __grid_constant__ GroupCombineRecv g) {
   const int r = group_rank(g.launch);
-  combine_recv<false>(g.ctx[r], g.params[r], group_blocks(g.launch));
+  combine_recv<false, true>(g.ctx[r], g.params[r], group_blocks(g.launch), g.params);
 }
 
 }  // namespace
@@ -319,17 +357,25 @@ void launch_combine_send(const DeviceContext& ctx, const CombineSendParams& para
 void launch_combine_recv(const DeviceContext& ctx, const CombineRecvParams& params, int blocks,
                          int threads, cudaStream_t stream) {
   check_grid(blocks, threads, "ll::combine_recv_kernel");
-  if (ctx.num_nodes > 1)
-    combine_recv_kernel<true><<<blocks, threads, 0, stream>>>(ctx, params);
+  const bool wide = threads <= kWideBlockThreads;
+  if (ctx.num_nodes > 1 && wide)
+    combine_recv_kernel<true, kWideBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
+  else if (ctx.num_nodes > 1)
+    combine_recv_kernel<true, kMaxBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
+  else if (wide)
+    combine_recv_kernel<false, kWideBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
   else
-    combine_recv_kernel<false><<<blocks, threads, 0, stream>>>(ctx, params);
+    combine_recv_kernel<false, kMaxBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
   MOECOMM_LAUNCH_CHECK("ll::combine_recv_kernel");
 }
 
 void launch_group_combine(const GroupCombineRecv& group, int threads, cudaStream_t stream) {
   const int blocks = group.launch.ranks * group.launch.blocks_per_rank;
   check_grid(blocks, threads, "ll::group_combine_recv_kernel");
-  group_combine_recv_kernel<<<blocks, threads, 0, stream>>>(group);
+  if (threads <= kWideBlockThreads)
+    group_combine_recv_kernel<kWideBlockThreads><<<blocks, threads, 0, stream>>>(group);
+  else
+    group_combine_recv_kernel<kMaxBlockThreads><<<blocks, threads, 0, stream>>>(group);
   MOECOMM_LAUNCH_CHECK("ll::group_combine_recv_kernel");
 }
 
@@ -337,11 +383,15 @@ void preload_dispatch_kernels();  // ll/dispatch.cu
 
 void preload_combine_kernels() {
   cudaFuncAttributes attr;
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_send_kernel<false>));
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_send_kernel<true>));
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel<false>));
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel<true>));
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, group_combine_recv_kernel));
+  for (auto* kernel : {combine_send_kernel<false>, combine_send_kernel<true>})
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  for (auto* kernel :
+       {combine_recv_kernel<false, kWideBlockThreads>, combine_recv_kernel<false, kMaxBlockThreads>,
+        combine_recv_kernel<true, kWideBlockThreads>, combine_recv_kernel<true, kMaxBlockThreads>})
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  for (auto* kernel :
+       {group_combine_recv_kernel<kWideBlockThreads>, group_combine_recv_kernel<kMaxBlockThreads>})
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
 }
 
 void preload_kernels() {

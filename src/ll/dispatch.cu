@@ -246,8 +246,8 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   }
 }
 
-template <bool kInternode>
-__global__ void __launch_bounds__(kMaxBlockThreads)
+template <bool kInternode, int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads, 1)
     dispatch_send_kernel(const __grid_constant__ DeviceContext ctx, const DispatchSendParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   dispatch_send<kInternode>(ctx, p, device::whole_grid(), columns);
@@ -352,7 +352,8 @@ __global__ void __launch_bounds__(kRecvThreads)
   receive_counts<kInternode>(ctx, p, ctx.ll.dispatch_seq[p.buffer]);
 }
 
-__global__ void __launch_bounds__(kMaxBlockThreads)
+template <int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads, 1)
     group_dispatch_send_kernel(const __grid_constant__ GroupDispatchSend g) {
   extern __shared__ uint32_t columns[];
   const int r = group_rank(g.launch);
@@ -374,10 +375,15 @@ void launch_dispatch_send(const DeviceContext& ctx, const DispatchSendParams& pa
   check_grid(blocks, threads, "ll::dispatch_send_kernel");
   DispatchSendParams p = params;
   const size_t smem = choose_layout(ctx, p, threads);
-  if (ctx.num_nodes > 1)
-    dispatch_send_kernel<true><<<blocks, threads, smem, stream>>>(ctx, p);
+  const bool wide = threads <= kWideBlockThreads;
+  if (ctx.num_nodes > 1 && wide)
+    dispatch_send_kernel<true, kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
+  else if (ctx.num_nodes > 1)
+    dispatch_send_kernel<true, kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
+  else if (wide)
+    dispatch_send_kernel<false, kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
   else
-    dispatch_send_kernel<false><<<blocks, threads, smem, stream>>>(ctx, p);
+    dispatch_send_kernel<false, kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
   MOECOMM_LAUNCH_CHECK("ll::dispatch_send_kernel");
 }
 
@@ -398,23 +404,30 @@ void launch_group_dispatch(const GroupDispatchSend& group, int threads, cudaStre
   size_t smem = 0;
   for (int r = 0; r < g->launch.ranks; ++r)
     smem = std::max(smem, choose_layout(g->ctx[r], g->params[r], threads));
-  group_dispatch_send_kernel<<<blocks, threads, smem, stream>>>(*g);
+  if (threads <= kWideBlockThreads)
+    group_dispatch_send_kernel<kWideBlockThreads><<<blocks, threads, smem, stream>>>(*g);
+  else
+    group_dispatch_send_kernel<kMaxBlockThreads><<<blocks, threads, smem, stream>>>(*g);
   MOECOMM_LAUNCH_CHECK("ll::group_dispatch_send_kernel");
 }
 
 void preload_dispatch_kernels() {
   cudaFuncAttributes attr;
-  for (auto* kernel : {dispatch_send_kernel<false>, dispatch_send_kernel<true>}) {
+  auto prepare = [&](auto* kernel) {
     MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
     MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(layout::kColumnSmemLimit)));
-  }
+  };
+  for (auto* kernel : {dispatch_send_kernel<false, kWideBlockThreads>,
+                       dispatch_send_kernel<false, kMaxBlockThreads>,
+                       dispatch_send_kernel<true, kWideBlockThreads>,
+                       dispatch_send_kernel<true, kMaxBlockThreads>})
+    prepare(kernel);
+  for (auto* kernel : {group_dispatch_send_kernel<kWideBlockThreads>,
+                       group_dispatch_send_kernel<kMaxBlockThreads>})
+    prepare(kernel);
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel<false>));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel<true>));
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, group_dispatch_send_kernel));
-  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(group_dispatch_send_kernel,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(layout::kColumnSmemLimit)));
 }
 
 }  // namespace moecomm::ll

@@ -24,6 +24,7 @@ using detail::DeviceContext;
 using detail::FlagKind;
 using detail::kFp8Group;
 using detail::kMaxBlockThreads;
+using detail::kWideBlockThreads;
 using detail::Phase;
 using detail::TraceMark;
 using device::kFullMask;
