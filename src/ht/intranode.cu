@@ -10,6 +10,7 @@
 #include "layout/layout.hpp"
 #include "layout/layout_steps.cuh"
 #include "runtime/cuda_check.hpp"
+#include "runtime/register_budget.hpp"
 #include "transport/barrier.cuh"
 #include "transport/signal.cuh"
 
@@ -34,9 +35,9 @@ constexpr int kCombineRingSlots = 4;
 using detail::kMaxBlockThreads;
 using detail::kWideBlockThreads;
 
-/// Each kernel is built for both register budgets (kWideBlockThreads); the wide one spends its
-/// registers on more bytes in flight per warp: the kernels stream HBM and, at 16 or fewer SMs a
-/// rank, an SM's loads in flight bound its throughput.
+/// Each kernel is built for both register budgets (runtime/register_budget.hpp); the wide one
+/// spends its registers on more bytes in flight per warp: the kernels stream HBM and, at 16 or
+/// fewer SMs a rank, an SM's loads in flight bound its throughput.
 
 template <int kBlockThreads>
 struct Budget {
@@ -488,10 +489,9 @@ bool bulk_loads_pay(const DeviceContext& ctx, int blocks, int threads) {
 void launch_dispatch(const DeviceContext& ctx, const DispatchParams& params, int blocks,
                      int threads, cudaStream_t stream) {
   const size_t smem = params.cached ? 0 : layout::column_smem_bytes(ctx.num_experts, threads);
-  if (threads <= kWideBlockThreads)
-    dispatch_kernel<kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, params);
-  else
-    dispatch_kernel<kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, params);
+  detail::with_register_budget(threads, [&](auto budget) {
+    dispatch_kernel<decltype(budget)::value><<<blocks, threads, smem, stream>>>(ctx, params);
+  });
   MOECOMM_LAUNCH_CHECK("ht::dispatch_kernel");
 }
 
@@ -500,33 +500,25 @@ void launch_combine(const DeviceContext& ctx, const CombineParams& params, int b
   CombineParams p = params;
   p.bulk_load_slots = bulk_loads_pay(ctx, blocks, threads) ? bulk_load_slots(threads) : 0;
   const size_t smem = CombineRing::smem_bytes((threads + 31) / 32, p.bulk_load_slots);
-  if (threads <= kWideBlockThreads)
-    combine_kernel<kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
-  else
-    combine_kernel<kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
+  detail::with_register_budget(threads, [&](auto budget) {
+    combine_kernel<decltype(budget)::value><<<blocks, threads, smem, stream>>>(ctx, p);
+  });
   MOECOMM_LAUNCH_CHECK("ht::combine_kernel");
 }
 
-namespace {
-
-template <int kBlockThreads>
-void preload_budget() {
-  cudaFuncAttributes attr;
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel<kBlockThreads>));
-  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel<kBlockThreads>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(layout::kColumnSmemLimit)));
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<kBlockThreads>));
-  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel<kBlockThreads>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kCombineRingSmem)));
-}
-
-}  // namespace
-
 void preload_kernels() {
-  preload_budget<kWideBlockThreads>();
-  preload_budget<kMaxBlockThreads>();
+  detail::for_each_register_budget([](auto budget) {
+    constexpr int kThreads = decltype(budget)::value;
+    cudaFuncAttributes attr;
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel<kThreads>));
+    MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel<kThreads>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(layout::kColumnSmemLimit)));
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<kThreads>));
+    MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel<kThreads>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kCombineRingSmem)));
+  });
 }
 
 }  // namespace moecomm::ht

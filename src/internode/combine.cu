@@ -8,6 +8,7 @@
 #include "internode/internode.hpp"
 #include "internode/steps.cuh"
 #include "runtime/cuda_check.hpp"
+#include "runtime/register_budget.hpp"
 
 namespace moecomm::internode {
 
@@ -262,7 +263,8 @@ __device__ bool exchange_outputs(const DeviceContext& ctx, const CombineParams& 
   return __syncthreads_and(ok) != 0;
 }
 
-__global__ void __launch_bounds__(kMaxBlockThreads)
+template <int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads, 1)
     combine_kernel(const __grid_constant__ DeviceContext ctx, const CombineParams p) {
   const uint64_t seq = device::read_call_seq(ctx);
   const int lane = threadIdx.x & 31;
@@ -303,7 +305,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 
 void launch_combine(const DeviceContext& ctx, const CombineParams& params, int blocks, int threads,
                     cudaStream_t stream) {
-  combine_kernel<<<blocks, threads, 0, stream>>>(ctx, params);
+  detail::with_register_budget(threads, [&](auto budget) {
+    combine_kernel<decltype(budget)::value><<<blocks, threads, 0, stream>>>(ctx, params);
+  });
   MOECOMM_LAUNCH_CHECK("internode::combine_kernel");
 }
 
@@ -311,8 +315,10 @@ void preload_dispatch_kernel();  // dispatch.cu
 
 void preload_kernels() {
   preload_dispatch_kernel();
-  cudaFuncAttributes attr;
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel));
+  detail::for_each_register_budget([](auto budget) {
+    cudaFuncAttributes attr;
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<decltype(budget)::value>));
+  });
 }
 
 }  // namespace moecomm::internode

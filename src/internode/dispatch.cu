@@ -11,6 +11,7 @@
 #include "layout/layout.hpp"
 #include "layout/layout_steps.cuh"
 #include "runtime/cuda_check.hpp"
+#include "runtime/register_budget.hpp"
 
 namespace moecomm::internode {
 
@@ -380,7 +381,8 @@ __device__ bool cached_arrival(const DeviceContext& ctx, uint64_t seq) {
   return ok && !transport::aborted(ctx);
 }
 
-__global__ void __launch_bounds__(kMaxBlockThreads)
+template <int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads, 1)
     dispatch_kernel(const __grid_constant__ DeviceContext ctx, const DispatchParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
   const uint64_t seq = device::read_call_seq(ctx);
@@ -420,16 +422,21 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 void launch_dispatch(const DeviceContext& ctx, const DispatchParams& params, int blocks,
                      int threads, cudaStream_t stream) {
   const size_t smem = params.cached ? 0 : layout::column_smem_bytes(ctx.num_experts, threads);
-  dispatch_kernel<<<blocks, threads, smem, stream>>>(ctx, params);
+  detail::with_register_budget(threads, [&](auto budget) {
+    dispatch_kernel<decltype(budget)::value><<<blocks, threads, smem, stream>>>(ctx, params);
+  });
   MOECOMM_LAUNCH_CHECK("internode::dispatch_kernel");
 }
 
 void preload_dispatch_kernel() {
-  cudaFuncAttributes attr;
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel));
-  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(layout::kColumnSmemLimit)));
+  detail::for_each_register_budget([](auto budget) {
+    constexpr int kThreads = decltype(budget)::value;
+    cudaFuncAttributes attr;
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel<kThreads>));
+    MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel<kThreads>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(layout::kColumnSmemLimit)));
+  });
 }
 
 }  // namespace moecomm::internode

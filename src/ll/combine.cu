@@ -357,25 +357,22 @@ void launch_combine_send(const DeviceContext& ctx, const CombineSendParams& para
 void launch_combine_recv(const DeviceContext& ctx, const CombineRecvParams& params, int blocks,
                          int threads, cudaStream_t stream) {
   check_grid(blocks, threads, "ll::combine_recv_kernel");
-  const bool wide = threads <= kWideBlockThreads;
-  if (ctx.num_nodes > 1 && wide)
-    combine_recv_kernel<true, kWideBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
-  else if (ctx.num_nodes > 1)
-    combine_recv_kernel<true, kMaxBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
-  else if (wide)
-    combine_recv_kernel<false, kWideBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
-  else
-    combine_recv_kernel<false, kMaxBlockThreads><<<blocks, threads, 0, stream>>>(ctx, params);
+  detail::with_register_budget(threads, [&](auto budget) {
+    constexpr int kThreads = decltype(budget)::value;
+    if (ctx.num_nodes > 1)
+      combine_recv_kernel<true, kThreads><<<blocks, threads, 0, stream>>>(ctx, params);
+    else
+      combine_recv_kernel<false, kThreads><<<blocks, threads, 0, stream>>>(ctx, params);
+  });
   MOECOMM_LAUNCH_CHECK("ll::combine_recv_kernel");
 }
 
 void launch_group_combine(const GroupCombineRecv& group, int threads, cudaStream_t stream) {
   const int blocks = group.launch.ranks * group.launch.blocks_per_rank;
   check_grid(blocks, threads, "ll::group_combine_recv_kernel");
-  if (threads <= kWideBlockThreads)
-    group_combine_recv_kernel<kWideBlockThreads><<<blocks, threads, 0, stream>>>(group);
-  else
-    group_combine_recv_kernel<kMaxBlockThreads><<<blocks, threads, 0, stream>>>(group);
+  detail::with_register_budget(threads, [&](auto budget) {
+    group_combine_recv_kernel<decltype(budget)::value><<<blocks, threads, 0, stream>>>(group);
+  });
   MOECOMM_LAUNCH_CHECK("ll::group_combine_recv_kernel");
 }
 
@@ -385,13 +382,12 @@ void preload_combine_kernels() {
   cudaFuncAttributes attr;
   for (auto* kernel : {combine_send_kernel<false>, combine_send_kernel<true>})
     MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  for (auto* kernel :
-       {combine_recv_kernel<false, kWideBlockThreads>, combine_recv_kernel<false, kMaxBlockThreads>,
-        combine_recv_kernel<true, kWideBlockThreads>, combine_recv_kernel<true, kMaxBlockThreads>})
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  for (auto* kernel :
-       {group_combine_recv_kernel<kWideBlockThreads>, group_combine_recv_kernel<kMaxBlockThreads>})
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  detail::for_each_register_budget([&](auto budget) {
+    constexpr int kThreads = decltype(budget)::value;
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel<false, kThreads>));
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel<true, kThreads>));
+    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, group_combine_recv_kernel<kThreads>));
+  });
 }
 
 void preload_kernels() {

@@ -54,7 +54,10 @@ __device__ bool await_peers(const DeviceContext& ctx, uint64_t seq, device::Rank
 }
 
 /// The send phase of one rank, run by `blocks` (with `receive`, the receive phase too).
-template <bool kInternode>
+/// kOneLaunch: one kernel for the whole group, after every rank's earlier work on the same
+/// stream; every peer's buffers are then free when it starts, so no rank waits for the others'
+/// arrival.
+template <bool kInternode, bool kOneLaunch = false>
 __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams& p,
                               device::RankBlocks blocks, uint32_t* columns) {
   const uint64_t seq = device::read_call_seq(ctx);
@@ -69,11 +72,13 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   const uint64_t stage_row = static_cast<uint64_t>(H) * 2;
 
   // Arrive first, wait after the layout: the peers' arrival overlaps this rank's layout steps.
-  announce<kInternode>(ctx, seq, blocks, port);
+  if (!kOneLaunch) announce<kInternode>(ctx, seq, blocks, port);
   layout::ExpertBitmaps bitmaps;
   const bool laid_out =
       layout::compute_expert_bitmaps(ctx, p.layout, seq, columns, blocks, bitmaps);
-  const bool ok = await_peers<kInternode>(ctx, seq, blocks) && laid_out;
+  // (The one-launch form still makes `ok` uniform over the block: the loop below has shuffles.)
+  const bool ok = kOneLaunch ? __syncthreads_and(laid_out) != 0
+                             : await_peers<kInternode>(ctx, seq, blocks) && laid_out;
   device::trace_mark(ctx, seq, TraceMark::kOpened);
 
   const int warps = blockDim.x / kWarpLanes;
@@ -357,7 +362,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     group_dispatch_send_kernel(const __grid_constant__ GroupDispatchSend g) {
   extern __shared__ uint32_t columns[];
   const int r = group_rank(g.launch);
-  dispatch_send<false>(g.ctx[r], g.params[r], group_blocks(g.launch), columns);
+  dispatch_send<false, true>(g.ctx[r], g.params[r], group_blocks(g.launch), columns);
 }
 
 /// Chooses where p's layout step builds the expert bitmaps (every block its own copy in shared
@@ -375,15 +380,13 @@ void launch_dispatch_send(const DeviceContext& ctx, const DispatchSendParams& pa
   check_grid(blocks, threads, "ll::dispatch_send_kernel");
   DispatchSendParams p = params;
   const size_t smem = choose_layout(ctx, p, threads);
-  const bool wide = threads <= kWideBlockThreads;
-  if (ctx.num_nodes > 1 && wide)
-    dispatch_send_kernel<true, kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
-  else if (ctx.num_nodes > 1)
-    dispatch_send_kernel<true, kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
-  else if (wide)
-    dispatch_send_kernel<false, kWideBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
-  else
-    dispatch_send_kernel<false, kMaxBlockThreads><<<blocks, threads, smem, stream>>>(ctx, p);
+  detail::with_register_budget(threads, [&](auto budget) {
+    constexpr int kThreads = decltype(budget)::value;
+    if (ctx.num_nodes > 1)
+      dispatch_send_kernel<true, kThreads><<<blocks, threads, smem, stream>>>(ctx, p);
+    else
+      dispatch_send_kernel<false, kThreads><<<blocks, threads, smem, stream>>>(ctx, p);
+  });
   MOECOMM_LAUNCH_CHECK("ll::dispatch_send_kernel");
 }
 
@@ -404,10 +407,9 @@ void launch_group_dispatch(const GroupDispatchSend& group, int threads, cudaStre
   size_t smem = 0;
   for (int r = 0; r < g->launch.ranks; ++r)
     smem = std::max(smem, choose_layout(g->ctx[r], g->params[r], threads));
-  if (threads <= kWideBlockThreads)
-    group_dispatch_send_kernel<kWideBlockThreads><<<blocks, threads, smem, stream>>>(*g);
-  else
-    group_dispatch_send_kernel<kMaxBlockThreads><<<blocks, threads, smem, stream>>>(*g);
+  detail::with_register_budget(threads, [&](auto budget) {
+    group_dispatch_send_kernel<decltype(budget)::value><<<blocks, threads, smem, stream>>>(*g);
+  });
   MOECOMM_LAUNCH_CHECK("ll::group_dispatch_send_kernel");
 }
 
@@ -418,14 +420,12 @@ void preload_dispatch_kernels() {
     MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(layout::kColumnSmemLimit)));
   };
-  for (auto* kernel : {dispatch_send_kernel<false, kWideBlockThreads>,
-                       dispatch_send_kernel<false, kMaxBlockThreads>,
-                       dispatch_send_kernel<true, kWideBlockThreads>,
-                       dispatch_send_kernel<true, kMaxBlockThreads>})
-    prepare(kernel);
-  for (auto* kernel : {group_dispatch_send_kernel<kWideBlockThreads>,
-                       group_dispatch_send_kernel<kMaxBlockThreads>})
-    prepare(kernel);
+  detail::for_each_register_budget([&](auto budget) {
+    constexpr int kThreads = decltype(budget)::value;
+    prepare(dispatch_send_kernel<false, kThreads>);
+    prepare(dispatch_send_kernel<true, kThreads>);
+    prepare(group_dispatch_send_kernel<kThreads>);
+  });
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel<false>));
   MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel<true>));
 }

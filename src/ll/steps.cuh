@@ -14,6 +14,7 @@
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
+#include "runtime/register_budget.hpp"
 #include "transport/barrier.cuh"
 #include "transport/rdma.cuh"
 #include "transport/signal.cuh"
@@ -24,7 +25,6 @@ using detail::DeviceContext;
 using detail::FlagKind;
 using detail::kFp8Group;
 using detail::kMaxBlockThreads;
-using detail::kWideBlockThreads;
 using detail::Phase;
 using detail::TraceMark;
 using device::kFullMask;
