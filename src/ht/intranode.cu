@@ -10,6 +10,7 @@
 #include "layout/layout.hpp"
 #include "layout/layout_steps.cuh"
 #include "runtime/cuda_check.hpp"
+#include "runtime/kernel_preload.hpp"
 #include "runtime/register_budget.hpp"
 #include "transport/barrier.cuh"
 #include "transport/signal.cuh"
@@ -509,15 +510,8 @@ void launch_combine(const DeviceContext& ctx, const CombineParams& params, int b
 void preload_kernels() {
   detail::for_each_register_budget([](auto budget) {
     constexpr int kThreads = decltype(budget)::value;
-    cudaFuncAttributes attr;
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel<kThreads>));
-    MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel<kThreads>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(layout::kColumnSmemLimit)));
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<kThreads>));
-    MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel<kThreads>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(kCombineRingSmem)));
+    detail::preload_kernel(dispatch_kernel<kThreads>, layout::kColumnSmemLimit);
+    detail::preload_kernel(combine_kernel<kThreads>, kCombineRingSmem);
   });
 }
 

@@ -8,6 +8,7 @@
 #include "internode/internode.hpp"
 #include "internode/steps.cuh"
 #include "runtime/cuda_check.hpp"
+#include "runtime/kernel_preload.hpp"
 #include "runtime/register_budget.hpp"
 
 namespace moecomm::internode {
@@ -315,10 +316,8 @@ void preload_dispatch_kernel();  // dispatch.cu
 
 void preload_kernels() {
   preload_dispatch_kernel();
-  detail::for_each_register_budget([](auto budget) {
-    cudaFuncAttributes attr;
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<decltype(budget)::value>));
-  });
+  detail::for_each_register_budget(
+      [](auto budget) { detail::preload_kernel(combine_kernel<decltype(budget)::value>); });
 }
 
 }  // namespace moecomm::internode

@@ -11,6 +11,7 @@
 #include "layout/layout.hpp"
 #include "layout/layout_steps.cuh"
 #include "runtime/cuda_check.hpp"
+#include "runtime/kernel_preload.hpp"
 #include "runtime/register_budget.hpp"
 
 namespace moecomm::internode {
@@ -430,12 +431,7 @@ void launch_dispatch(const DeviceContext& ctx, const DispatchParams& params, int
 
 void preload_dispatch_kernel() {
   detail::for_each_register_budget([](auto budget) {
-    constexpr int kThreads = decltype(budget)::value;
-    cudaFuncAttributes attr;
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel<kThreads>));
-    MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel<kThreads>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(layout::kColumnSmemLimit)));
+    detail::preload_kernel(dispatch_kernel<decltype(budget)::value>, layout::kColumnSmemLimit);
   });
 }
 

@@ -5,6 +5,7 @@
 #include "layout/layout_steps.cuh"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
+#include "runtime/kernel_preload.hpp"
 #include "transport/barrier.cuh"
 
 namespace moecomm::layout {
@@ -48,11 +49,7 @@ bool block_bitmaps_fit(int num_experts, int64_t num_tokens) {
 }
 
 void preload_kernels() {
-  cudaFuncAttributes attr;
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, layout_kernel));
-  MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(layout_kernel,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kColumnSmemLimit)));
+  detail::preload_kernel(layout_kernel, kColumnSmemLimit);
 }
 
 }  // namespace moecomm::layout

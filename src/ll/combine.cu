@@ -379,14 +379,13 @@ void launch_group_combine(const GroupCombineRecv& group, int threads, cudaStream
 void preload_dispatch_kernels();  // ll/dispatch.cu
 
 void preload_combine_kernels() {
-  cudaFuncAttributes attr;
-  for (auto* kernel : {combine_send_kernel<false>, combine_send_kernel<true>})
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  detail::for_each_register_budget([&](auto budget) {
+  detail::preload_kernel(combine_send_kernel<false>);
+  detail::preload_kernel(combine_send_kernel<true>);
+  detail::for_each_register_budget([](auto budget) {
     constexpr int kThreads = decltype(budget)::value;
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel<false, kThreads>));
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_recv_kernel<true, kThreads>));
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, group_combine_recv_kernel<kThreads>));
+    detail::preload_kernel(combine_recv_kernel<false, kThreads>);
+    detail::preload_kernel(combine_recv_kernel<true, kThreads>);
+    detail::preload_kernel(group_combine_recv_kernel<kThreads>);
   });
 }
 

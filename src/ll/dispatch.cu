@@ -414,20 +414,14 @@ void launch_group_dispatch(const GroupDispatchSend& group, int threads, cudaStre
 }
 
 void preload_dispatch_kernels() {
-  cudaFuncAttributes attr;
-  auto prepare = [&](auto* kernel) {
-    MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    MOECOMM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(layout::kColumnSmemLimit)));
-  };
-  detail::for_each_register_budget([&](auto budget) {
+  detail::for_each_register_budget([](auto budget) {
     constexpr int kThreads = decltype(budget)::value;
-    prepare(dispatch_send_kernel<false, kThreads>);
-    prepare(dispatch_send_kernel<true, kThreads>);
-    prepare(group_dispatch_send_kernel<kThreads>);
+    detail::preload_kernel(dispatch_send_kernel<false, kThreads>, layout::kColumnSmemLimit);
+    detail::preload_kernel(dispatch_send_kernel<true, kThreads>, layout::kColumnSmemLimit);
+    detail::preload_kernel(group_dispatch_send_kernel<kThreads>, layout::kColumnSmemLimit);
   });
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel<false>));
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_recv_kernel<true>));
+  detail::preload_kernel(dispatch_recv_kernel<false>);
+  detail::preload_kernel(dispatch_recv_kernel<true>);
 }
 
 }  // namespace moecomm::ll

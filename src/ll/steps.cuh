@@ -14,6 +14,7 @@
 #include "ll/ll.hpp"
 #include "moecomm/error.hpp"
 #include "runtime/cuda_check.hpp"
+#include "runtime/kernel_preload.hpp"
 #include "runtime/register_budget.hpp"
 #include "transport/barrier.cuh"
 #include "transport/rdma.cuh"

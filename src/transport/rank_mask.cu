@@ -1,6 +1,7 @@
 #include "transport/rank_mask.hpp"
 
 #include "runtime/cuda_check.hpp"
+#include "runtime/kernel_preload.hpp"
 
 namespace moecomm::transport {
 
@@ -20,8 +21,7 @@ void launch_update_rank_mask(uint64_t* word, uint64_t set, uint64_t clear, cudaS
 }
 
 void preload_rank_mask_kernel() {
-  cudaFuncAttributes attr;
-  MOECOMM_CUDA_CHECK(cudaFuncGetAttributes(&attr, update_rank_mask_kernel));
+  detail::preload_kernel(update_rank_mask_kernel);
 }
 
 }  // namespace moecomm::transport
