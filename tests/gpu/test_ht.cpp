@@ -87,10 +87,10 @@ TEST_CASE("HT standard hidden 7168 with online fp8, exact and worst case") {
 TEST_CASE(
     "HT fp8 quantisation with the group on every SM (rows stored and combined from registers)") {
   REQUIRE_GPU();
-  // Quantised rows leave in bulk stores, and combine reads the peers' rows in bulk loads, while
-  // the group's blocks fill at most half of the GPU's SMs (every other case here, except views off
-  // a 16-byte boundary, which combine reads through registers); beyond, both go through registers:
-  // this case takes that way.
+  // Combine reads the peers' rows in bulk loads while the group's blocks fill at most half of the
+  // GPU's SMs (every other case here, except views off a 16-byte boundary, which combine reads
+  // through registers); beyond, through registers: this case takes that way. Quantised rows leave
+  // dispatch from registers in every case.
   std::mt19937_64 rng(seed() + 20);
   HtCase c;
   c.R = 8;
