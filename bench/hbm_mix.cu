@@ -45,6 +45,15 @@
 //              the warps as LL splits it (ceil(warps / rows) pieces); a lane loads one (-2v: two)
 //              16-byte vectors of each source a step. Timed inside the kernel, from the first
 //              block's start to the last block's end (globaltimer), as ep_bench's stream part.
+//   fan-out-ll-pP, -u4-pP, -plain-pP: LL dispatch's send step at 128 tokens a rank, as the
+//              one-launch form runs it: the blocks split evenly over 8 source ranks, each row of a
+//              source cut into P pieces of whole 128-channel groups, a warp per piece; the piece is
+//              read once, quantised with quantize_groups (-u4: 4 steps loaded ahead instead of the
+//              library's 2; -plain: not quantised, two input vectors make one output vector) and
+//              written with its scales to each of the row's 8 slots (one message per token and
+//              expert, the same experts as the routed mixes), a slot at expert-major
+//              d, local expert, source, position (LL's layout, 128 slots a source). P = 2 is what
+//              LL's RowPieces picks at 16 SMs a rank. Timed inside the kernel, as fan-in-ll.
 // A row's destinations are computed once (lane j holds the j-th; with the prologue, lane d holds
 // rank d's), then shuffled, as dispatch does.
 // Each runs on 32, 64 and 128 blocks of 512 threads (4, 8 and 16 SMs for each of 8 ranks); the
@@ -484,7 +493,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-constexpr int kLlRows = kRanks * 128;  // fan-in-ll: LL combine's output rows, 8 ranks x 128
+constexpr int kLlTokens = 128;               // LL mixes: tokens a rank
+constexpr int kLlRows = kRanks * kLlTokens;  // their rows: LL combine's outputs, dispatch's inputs
 
 /// fan-in-ll (the header says what it models); span[0] / span[1]: the earliest block start and
 /// the latest block end (globaltimer ns), min / max over blocks.
@@ -519,6 +529,66 @@ __global__ void __launch_bounds__(kThreads)
           acc =
               make_int4(acc.x + v[j][u].x, acc.y + v[j][u].y, acc.z + v[j][u].z, acc.w + v[j][u].w);
         dst[r * kRowVecs + c + u * 32] = acc;
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) atomicMax(&span[1], moecomm::device::global_timer_ns());
+}
+
+/// fan-out-ll (the header says what it models); slots: [kLlRows][kTopk] the output row of each
+/// message; span as fan_in_pieces'.
+template <int kSteps, bool kQuantize>
+__global__ void __launch_bounds__(kThreads)
+    fan_out_pieces(const int4* __restrict__ src, uint8_t* __restrict__ dst,
+                   float* __restrict__ scales, const int64_t* __restrict__ slots, int pieces,
+                   unsigned long long* span) {
+  if (threadIdx.x == 0) atomicMin(&span[0], moecomm::device::global_timer_ns());
+  const int lane = threadIdx.x & 31;
+  const int blocks_per_source = gridDim.x / kRanks;  // block b serves source b / blocks_per_source
+  const int source = blockIdx.x / blocks_per_source;
+  const int64_t warps = int64_t{blocks_per_source} * kWarpsPerBlock;
+  const int per = (kGroups + pieces - 1) / pieces;  // groups a piece
+  const int64_t items = int64_t{kLlTokens} * pieces;
+  for (int64_t i = (blockIdx.x % blocks_per_source) * kWarpsPerBlock + threadIdx.x / 32; i < items;
+       i += warps) {
+    const int64_t r = int64_t{source} * kLlTokens + i / pieces;
+    const int g0 = static_cast<int>(i % pieces) * per, groups = min(per, kGroups - g0);
+    const int64_t mine = lane < kTopk ? slots[r * kTopk + lane] : 0;
+    const int4* row = src + r * kRowVecs + g0 * 16;  // 16 input vectors a group
+    if constexpr (kQuantize) {
+      moecomm::device::quantize_groups<kSteps>(
+          row, groups, false, lane, [&](int g, int sub, uint4 q, float scale, bool valid) {
+            for (int j = 0; j < kTopk; ++j) {
+              const int64_t slot = __shfl_sync(0xffffffffu, mine, j);
+              if (!valid) continue;
+              *reinterpret_cast<uint4*>(dst + slot * (kOutVecs * 16) + (g0 + g) * 128 + sub * 16) =
+                  q;
+              if (sub == 0) scales[slot * kGroups + g0 + g] = scale;
+            }
+          });
+    } else {
+      const int out_vecs = groups * 8;  // 8 output vectors a group
+      for (int base = 0; base < out_vecs; base += 32 * kSteps) {
+        int4 v[kSteps];
+#pragma unroll
+        for (int u = 0; u < kSteps; ++u) {
+          const int k = base + u * 32 + lane;
+          if (k < out_vecs) {
+            const int4 a = row[2 * k], b = row[2 * k + 1];
+            v[u] = make_int4(a.x ^ b.x, a.y ^ b.y, a.z ^ b.z, a.w ^ b.w);
+          }
+        }
+        for (int j = 0; j < kTopk; ++j) {
+          int4* out =
+              reinterpret_cast<int4*>(dst + __shfl_sync(0xffffffffu, mine, j) * (kOutVecs * 16)) +
+              g0 * 8;
+#pragma unroll
+          for (int u = 0; u < kSteps; ++u) {
+            const int k = base + u * 32 + lane;
+            if (k < out_vecs) out[k] = v[u];
+          }
+        }
       }
     }
   }
@@ -697,6 +767,53 @@ int main(int argc, char** argv) try {
         MOECOMM_LAUNCH_CHECK("fan_in_pieces");
       });
       report(name, kTopk, blocks, double{kLlRows} * (kTopk + 1) * row_bytes, ms);
+    }
+  }
+
+  // LL dispatch's send step, timed inside the kernel: the slots of the routed mixes' first
+  // kLlRows rows (source r / kLlTokens, token r % kLlTokens), expert-major as LL lays them out.
+  {
+    constexpr int64_t kCapacity = kLlTokens;  // slots a (local expert, source)
+    std::vector<int64_t> slot_table(int64_t{kLlRows} * kTopk);
+    std::vector<int64_t> next(int64_t{kExperts} * kRanks, 0);  // [expert][source]
+    for (int64_t r = 0; r < kLlRows; ++r) {
+      const int s = static_cast<int>(r / kLlTokens);
+      for (int k = 0; k < kTopk; ++k) {
+        const int64_t e = table.experts[r * kTopk + k];
+        // e = d * L + le: slot (d, le, s, position) = e * R * M + s * M + position.
+        slot_table[r * kTopk + k] = (e * kRanks + s) * kCapacity + next[e * kRanks + s]++;
+      }
+    }
+    if (int64_t{kExperts} * kRanks * kCapacity > out_rows)
+      throw std::runtime_error("hbm_mix: the buffer holds fewer slots than fan-out-ll writes");
+    epb::DeviceBuffer<int64_t> slots(slot_table.size());
+    MOECOMM_CUDA_CHECK(
+        cudaMemcpy(slots.get(), slot_table.data(), slots.bytes(), cudaMemcpyHostToDevice));
+    struct LlMix {
+      const char* name;
+      void (*kernel)(const int4*, uint8_t*, float*, const int64_t*, int, unsigned long long*);
+      bool quantize;
+    };
+    const LlMix ll_mixes[] = {
+        {"fan-out-ll", fan_out_pieces<moecomm::device::kQuantizeUnroll, true>, true},
+        {"fan-out-ll-u4", fan_out_pieces<4, true>, true},
+        {"fan-out-ll-plain", fan_out_pieces<moecomm::device::kRowCopyUnroll, false>, false},
+    };
+    for (const LlMix& mix : ll_mixes) {
+      for (int pieces : {1, 2, 4, 7}) {
+        const std::string name = std::string(mix.name) + "-p" + std::to_string(pieces);
+        if (!wanted(name.c_str())) continue;
+        for (int blocks : {64, 128}) {
+          if (blocks > prop.multiProcessorCount) continue;
+          const float ms = median_span_ms(span.get(), [&] {
+            mix.kernel<<<blocks, kThreads>>>(random_rows.get(), out, scales.get(), slots.get(),
+                                             pieces, span.get());
+            MOECOMM_LAUNCH_CHECK("fan_out_pieces");
+          });
+          const double written = mix.quantize ? out_bytes + 4.0 * kGroups : out_bytes;
+          report(name.c_str(), kTopk, blocks, double{kLlRows} * (row_bytes + kTopk * written), ms);
+        }
+      }
     }
   }
 
