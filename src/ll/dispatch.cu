@@ -53,15 +53,36 @@ __device__ bool await_peers(const DeviceContext& ctx, uint64_t seq, device::Rank
   }
 }
 
+/// Stores every (expert, this rank) count of call seq in its receiver's count words: this rank's
+/// threads `first`, `first + stride`, ... one expert each. Experts this rank sends nothing to get
+/// count 0; masked receivers (and, kInternode, those of other nodes: their counts are put) none.
+template <bool kInternode>
+__device__ void store_counts(const DeviceContext& ctx, const layout::ExpertBitmaps& bitmaps,
+                             int64_t num_tokens, int b, uint64_t seq, uint64_t masked, int first,
+                             int stride) {
+  const int L = ctx.local_experts, E = ctx.num_experts;
+  const device::Scope sc = transport::scope(ctx);
+  const int64_t used_words = (num_tokens + 31) / 32;
+  for (int e = first; e < E; e += stride) {
+    if ((masked >> (e / L)) & 1ull) continue;
+    if constexpr (kInternode)
+      if (!same_node(ctx, e / L)) continue;
+    const uint32_t count = static_cast<uint32_t>(layout::bitmap_count(bitmaps.row(e), used_words));
+    sc.store_release(count_word(ctx, e / L, b, e % L, ctx.rank), (seq << kCountShift) | count);
+  }
+}
+
 /// The send phase of one rank, run by `blocks` (with `receive`, the receive phase too).
 /// kOneLaunch: one kernel for the whole group, after every rank's earlier work on the same
 /// stream; every peer's buffers are then free when it starts, so no rank waits for the others'
-/// arrival.
-template <bool kInternode, bool kOneLaunch = false>
+/// arrival, and its rows are complete when the kernel ends, so the counts need not follow them:
+/// the blocks store them right after the layout, and the group's last block runs every rank's
+/// receive phase (receive_group_counts) and closes the calls.
+template <bool kInternode, int kLoadSteps, bool kOneLaunch = false>
 __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams& p,
                               device::RankBlocks blocks, uint32_t* columns) {
   const uint64_t seq = device::read_call_seq(ctx);
-  const int L = ctx.local_experts, E = ctx.num_experts, H = ctx.hidden, me = ctx.rank;
+  const int L = ctx.local_experts, H = ctx.hidden, me = ctx.rank;
   const int b = p.buffer;
   const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
   __shared__ Destination dst[kMaxWarps][detail::kMaxTopk];
@@ -80,6 +101,12 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   const bool ok = kOneLaunch ? __syncthreads_and(laid_out) != 0
                              : await_peers<kInternode>(ctx, seq, blocks) && laid_out;
   device::trace_mark(ctx, seq, TraceMark::kOpened);
+  // Tokens bound for masked ranks are dropped (their slot_of is -1: combine adds nothing).
+  const uint64_t masked = transport::masked_peers(ctx);
+  if constexpr (kOneLaunch)
+    if (ok && !transport::aborted(ctx))
+      store_counts<kInternode>(ctx, bitmaps, p.num_tokens, b, seq, masked,
+                               blocks.index * blockDim.x + threadIdx.x, blocks.count * blockDim.x);
 
   const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
@@ -89,8 +116,6 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   const int row_vectors = H / kBf16PerVec;
   const RowPieces pieces(p.num_tokens, stride, row_units,
                          p.fp8 ? kQuantizeStepUnits : kCopyStepUnits);
-  // Tokens bound for masked ranks are dropped (their slot_of is -1: combine adds nothing).
-  const uint64_t masked = transport::masked_peers(ctx);
   // One warp per piece of a token's row: the piece is read (and quantised) once and written to
   // every destination of the token. T <= M (checked by the host), so every slot exists.
   for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; ok && i < pieces.items;
@@ -108,7 +133,7 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
       if (remote > 0)
         staged = transport::peer_region<uint8_t>(ctx, me, ctx.ll.stage) + t * stage_row;
     if (p.fp8) {
-      device::quantize_groups(
+      device::quantize_groups<kLoadSteps>(
           src, units, p.pow2_scales, lane, [&](int g, int sub, uint4 q, float scale, bool valid) {
             if (!valid) return;
             const int unit = u0 + g;
@@ -198,23 +223,16 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   // counts the last block signals cover every block's rows.
   if constexpr (kInternode) port.flush();
   device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
+  if constexpr (kOneLaunch) return;  // the group's last block receives and closes
 
   // The last block to finish publishes every (expert, this rank) count: by then every block's
   // rows are written (is_last_block fences before its ticket), so one release per word covers
-  // them. Experts this rank sends nothing to get count 0.
+  // them.
   if (transport::is_last_block(ctx, blocks)) {
     if (ok && !transport::aborted(ctx)) {
-      const device::Scope sc = transport::scope(ctx);
-      const int64_t used_words = (p.num_tokens + 31) / 32;
-      for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        if ((masked >> (e / L)) & 1ull) continue;
-        if constexpr (kInternode)
-          if (!same_node(ctx, e / L)) continue;
-        const uint32_t count =
-            static_cast<uint32_t>(layout::bitmap_count(bitmaps.row(e), used_words));
-        sc.store_release(count_word(ctx, e / L, b, e % L, me), (seq << kCountShift) | count);
-      }
+      store_counts<kInternode>(ctx, bitmaps, p.num_tokens, b, seq, masked, threadIdx.x, blockDim.x);
       if constexpr (kInternode) {
+        const int64_t used_words = (p.num_tokens + 31) / 32;
         // A rank of another node gets its count words put, then one signal per (buffer,
         // source) that its receive phase waits for (the rows of every block landed before).
         const int R = ctx.num_ranks, warps = blockDim.x / kWarpLanes;
@@ -255,7 +273,8 @@ template <bool kInternode, int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     dispatch_send_kernel(const __grid_constant__ DeviceContext ctx, const DispatchSendParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
-  dispatch_send<kInternode>(ctx, p, device::whole_grid(), columns);
+  dispatch_send<kInternode, quantize_load_steps(kBlockThreads)>(ctx, p, device::whole_grid(),
+                                                                columns);
 }
 
 /// One block: waits for every (local expert, source) count of call `seq` and writes the receive
@@ -357,12 +376,70 @@ __global__ void __launch_bounds__(kRecvThreads)
   receive_counts<kInternode>(ctx, p, ctx.ll.dispatch_seq[p.buffer]);
 }
 
+/// The one-launch form's receive phase of every rank of the group, by the group's last block:
+/// every rank's blocks stored their counts before they took the group's ticket, so each count of
+/// this call is in place (one still of an earlier call means its source failed: the wait then
+/// reports the stall, as receive_counts does). A thread per (rank, local expert) loads its R
+/// words together, then writes their layout and their sum. Then every rank's call is closed.
+__device__ void receive_group_counts(const GroupDispatchSend& g) {
+  const int R = g.launch.ranks;
+  const int L = g.ctx[0].local_experts;  // the same for every rank of the group
+  // Rank d's call: its block 0 stored the seq before the group's ticket.
+  const auto seq_of = [&](int d) {
+    return *reinterpret_cast<volatile uint64_t*>(g.ctx[d].ll.dispatch_seq +
+                                                 g.params[d].recv.buffer);
+  };
+  if (threadIdx.x == 0)
+    for (int d = 0; d < R; ++d) device::trace_mark(g.ctx[d], seq_of(d), TraceMark::kClosed);
+  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
+    const int d = i / L, le = i % L;
+    const DeviceContext& ctx = g.ctx[d];
+    const DispatchRecvParams& p = g.params[d].recv;
+    const uint64_t target = seq_of(d) << kCountShift;
+    const uint64_t* words = count_word(ctx, d, p.buffer, le, 0);
+    uint64_t word[kMaxGroupRanks];
+#pragma unroll
+    for (int s = 0; s < kMaxGroupRanks; ++s)
+      if (s < R) word[s] = *reinterpret_cast<const volatile uint64_t*>(words + s);
+    bool ok = true;
+    int32_t sum = 0;
+#pragma unroll
+    for (int s = 0; s < kMaxGroupRanks; ++s) {
+      if (s >= R) break;
+      if (word[s] < target) {
+        if (!transport::wait_geq(ctx, words + s, target, s, Phase::kLlCounts, le)) {
+          ok = false;
+          break;
+        }
+        word[s] = *reinterpret_cast<const volatile uint64_t*>(words + s);
+      }
+      // A masked source (or one masked while waited for) sent nothing.
+      const int32_t count =
+          transport::is_masked(ctx, s) ? 0 : static_cast<int32_t>(word[s] & kCountMask);
+      p.recv_layout[2 * (le * R + s)] = s * ctx.ll.capacity;
+      p.recv_layout[2 * (le * R + s) + 1] = count;
+      sum += count;
+    }
+    if (ok) p.recv_count[le] = sum;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int d = 0; d < R; ++d) {
+      device::trace_mark(g.ctx[d], seq_of(d), TraceMark::kReceived);
+      device::close_call(g.ctx[d]);
+    }
+  }
+}
+
 template <int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     group_dispatch_send_kernel(const __grid_constant__ GroupDispatchSend g) {
   extern __shared__ uint32_t columns[];
   const int r = group_rank(g.launch);
-  dispatch_send<false, true>(g.ctx[r], g.params[r], group_blocks(g.launch), columns);
+  dispatch_send<false, quantize_load_steps(kBlockThreads), true>(g.ctx[r], g.params[r],
+                                                                 group_blocks(g.launch), columns);
+  // The group's ticket (rank 0's word: no rank takes its own in this form).
+  if (transport::is_last_block(g.ctx[0])) receive_group_counts(g);
 }
 
 /// Chooses where p's layout step builds the expert bitmaps (every block its own copy in shared
