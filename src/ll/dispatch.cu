@@ -380,27 +380,30 @@ __global__ void __launch_bounds__(kRecvThreads)
 /// every rank's blocks stored their counts before they took the group's ticket, so each count of
 /// this call is in place (one still of an earlier call means its source failed: the wait then
 /// reports the stall, as receive_counts does). A thread per (rank, local expert) loads its R
-/// words together, then writes their layout and their sum. Then every rank's call is closed.
+/// words together, then writes their layout and their sum; a thread per rank closes its call.
+/// Nothing here loads a word after using another: each load costs a memory round trip.
 __device__ void receive_group_counts(const GroupDispatchSend& g) {
   const int R = g.launch.ranks;
-  const int L = g.ctx[0].local_experts;  // the same for every rank of the group
-  // Rank d's call: its block 0 stored the seq before the group's ticket.
-  const auto seq_of = [&](int d) {
-    return *reinterpret_cast<volatile uint64_t*>(g.ctx[d].ll.dispatch_seq +
-                                                 g.params[d].recv.buffer);
-  };
-  if (threadIdx.x == 0)
-    for (int d = 0; d < R; ++d) device::trace_mark(g.ctx[d], seq_of(d), TraceMark::kClosed);
+  const int L = g.ctx[0].local_experts;     // the same for every rank of the group
+  __shared__ uint64_t seq[kMaxGroupRanks];  // rank d's call (its block 0 stored it)
+  if (threadIdx.x < R) {
+    const int d = threadIdx.x;
+    seq[d] =
+        *reinterpret_cast<volatile uint64_t*>(g.ctx[d].ll.dispatch_seq + g.params[d].recv.buffer);
+    device::trace_mark_now(g.ctx[d], seq[d], TraceMark::kClosed);
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
     const int d = i / L, le = i % L;
     const DeviceContext& ctx = g.ctx[d];
     const DispatchRecvParams& p = g.params[d].recv;
-    const uint64_t target = seq_of(d) << kCountShift;
+    const uint64_t target = seq[d] << kCountShift;
     const uint64_t* words = count_word(ctx, d, p.buffer, le, 0);
     uint64_t word[kMaxGroupRanks];
 #pragma unroll
     for (int s = 0; s < kMaxGroupRanks; ++s)
       if (s < R) word[s] = *reinterpret_cast<const volatile uint64_t*>(words + s);
+    uint64_t masked = transport::masked_peers(ctx);
     bool ok = true;
     int32_t sum = 0;
 #pragma unroll
@@ -412,10 +415,10 @@ __device__ void receive_group_counts(const GroupDispatchSend& g) {
           break;
         }
         word[s] = *reinterpret_cast<const volatile uint64_t*>(words + s);
+        masked = transport::masked_peers(ctx);  // s may have been masked while waited for
       }
-      // A masked source (or one masked while waited for) sent nothing.
-      const int32_t count =
-          transport::is_masked(ctx, s) ? 0 : static_cast<int32_t>(word[s] & kCountMask);
+      const int32_t count =  // a masked source sent nothing
+          (masked >> s) & 1ull ? 0 : static_cast<int32_t>(word[s] & kCountMask);
       p.recv_layout[2 * (le * R + s)] = s * ctx.ll.capacity;
       p.recv_layout[2 * (le * R + s) + 1] = count;
       sum += count;
@@ -423,11 +426,10 @@ __device__ void receive_group_counts(const GroupDispatchSend& g) {
     if (ok) p.recv_count[le] = sum;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int d = 0; d < R; ++d) {
-      device::trace_mark(g.ctx[d], seq_of(d), TraceMark::kReceived);
-      device::close_call(g.ctx[d]);
-    }
+  if (threadIdx.x < R) {
+    const int d = threadIdx.x;
+    device::trace_mark_now(g.ctx[d], seq[d], TraceMark::kReceived);
+    device::close_call(g.ctx[d]);
   }
 }
 
