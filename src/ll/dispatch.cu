@@ -379,9 +379,9 @@ __global__ void __launch_bounds__(kRecvThreads)
 /// The one-launch form's receive phase of every rank of the group, by the group's last block:
 /// every rank's blocks stored their counts before they took the group's ticket, so each count of
 /// this call is in place (one still of an earlier call means its source failed: the wait then
-/// reports the stall, as receive_counts does). A thread per (rank, local expert) loads its R
-/// words together, then writes their layout and their sum; a thread per rank closes its call.
-/// Nothing here loads a word after using another: each load costs a memory round trip.
+/// reports the stall, as receive_counts does). A lane per (rank, local expert, source): R lanes
+/// of a warp hold one (rank, local expert) row, so that the words load and the layout stores in
+/// whole lines and the row's sum is a few shuffles; a thread per rank closes its call.
 __device__ void receive_group_counts(const GroupDispatchSend& g) {
   const int R = g.launch.ranks;
   const int L = g.ctx[0].local_experts;     // the same for every rank of the group
@@ -393,37 +393,40 @@ __device__ void receive_group_counts(const GroupDispatchSend& g) {
     device::trace_mark_now(g.ctx[d], seq[d], TraceMark::kClosed);
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
-    const int d = i / L, le = i % L;
-    const DeviceContext& ctx = g.ctx[d];
+  const int lane = threadIdx.x % kWarpLanes, warps = blockDim.x / kWarpLanes;
+  const int rows_per_warp = kWarpLanes / R;  // R <= kMaxGroupRanks <= kWarpLanes
+  const int q = lane / R, s = lane % R;      // this lane: source s of the warp's row q
+  for (int row0 = threadIdx.x / kWarpLanes * rows_per_warp; row0 < R * L;
+       row0 += warps * rows_per_warp) {  // warp-uniform: the shuffles below
+    const int row = row0 + q;
+    const bool mine = q < rows_per_warp && row < R * L;
+    const int d = mine ? row / L : 0, le = row % L;
     const DispatchRecvParams& p = g.params[d].recv;
-    const uint64_t target = seq[d] << kCountShift;
-    const uint64_t* words = count_word(ctx, d, p.buffer, le, 0);
-    uint64_t word[kMaxGroupRanks];
-#pragma unroll
-    for (int s = 0; s < kMaxGroupRanks; ++s)
-      if (s < R) word[s] = *reinterpret_cast<const volatile uint64_t*>(words + s);
-    uint64_t masked = transport::masked_peers(ctx);
-    bool ok = true;
-    int32_t sum = 0;
-#pragma unroll
-    for (int s = 0; s < kMaxGroupRanks; ++s) {
-      if (s >= R) break;
-      if (word[s] < target) {
-        if (!transport::wait_geq(ctx, words + s, target, s, Phase::kLlCounts, le)) {
-          ok = false;
-          break;
-        }
-        word[s] = *reinterpret_cast<const volatile uint64_t*>(words + s);
+    int32_t count = 0;
+    int ok = 1;
+    if (mine) {
+      const DeviceContext& ctx = g.ctx[d];
+      const uint64_t target = seq[d] << kCountShift;
+      const uint64_t* word = count_word(ctx, d, p.buffer, le, s);
+      uint64_t v = *reinterpret_cast<const volatile uint64_t*>(word);
+      uint64_t masked = transport::masked_peers(ctx);
+      if (v < target) {
+        ok = transport::wait_geq(ctx, word, target, s, Phase::kLlCounts, le);
+        v = *reinterpret_cast<const volatile uint64_t*>(word);
         masked = transport::masked_peers(ctx);  // s may have been masked while waited for
       }
-      const int32_t count =  // a masked source sent nothing
-          (masked >> s) & 1ull ? 0 : static_cast<int32_t>(word[s] & kCountMask);
-      p.recv_layout[2 * (le * R + s)] = s * ctx.ll.capacity;
-      p.recv_layout[2 * (le * R + s) + 1] = count;
-      sum += count;
+      if (ok) {
+        count = (masked >> s) & 1ull ? 0 : static_cast<int32_t>(v & kCountMask);  // masked: none
+        p.recv_layout[2 * (le * R + s)] = s * ctx.ll.capacity;
+        p.recv_layout[2 * (le * R + s) + 1] = count;
+      }
     }
-    if (ok) p.recv_count[le] = sum;
+    int32_t sum = 0;
+    for (int j = 0; j < R; ++j) {
+      sum += __shfl_sync(kFullMask, count, q * R + j);
+      ok &= __shfl_sync(kFullMask, ok, q * R + j);
+    }
+    if (mine && s == 0 && ok) p.recv_count[le] = sum;
   }
   __syncthreads();
   if (threadIdx.x < R) {
