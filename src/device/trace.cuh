@@ -19,18 +19,12 @@ __device__ __forceinline__ uint64_t* trace_slot(const detail::RankContext& ctx, 
   return ctx.local.trace + (seq & 1) * kTraceMarks;
 }
 
-/// The calling thread: now is when phase `mark` of call seq was passed (the latest such time is
-/// kept).
-__device__ __forceinline__ void trace_mark_now(const detail::RankContext& ctx, uint64_t seq,
-                                               TraceMark mark) {
-  atomicMax(reinterpret_cast<unsigned long long*>(trace_slot(ctx, seq) + static_cast<int>(mark)),
-            static_cast<unsigned long long>(global_timer_ns()));
-}
-
 /// Thread 0 of every block: when this block passed phase `mark` of call seq.
 __device__ __forceinline__ void trace_mark(const detail::RankContext& ctx, uint64_t seq,
                                            TraceMark mark) {
-  if (threadIdx.x == 0) trace_mark_now(ctx, seq, mark);
+  if (threadIdx.x != 0) return;
+  atomicMax(reinterpret_cast<unsigned long long*>(trace_slot(ctx, seq) + static_cast<int>(mark)),
+            static_cast<unsigned long long>(global_timer_ns()));
 }
 
 /// Every thread of the block: `mark` once all of the block's warps have passed it (a mark whose

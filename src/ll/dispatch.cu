@@ -53,36 +53,15 @@ __device__ bool await_peers(const DeviceContext& ctx, uint64_t seq, device::Rank
   }
 }
 
-/// Stores every (expert, this rank) count of call seq in its receiver's count words: this rank's
-/// threads `first`, `first + stride`, ... one expert each. Experts this rank sends nothing to get
-/// count 0; masked receivers (and, kInternode, those of other nodes: their counts are put) none.
-template <bool kInternode>
-__device__ void store_counts(const DeviceContext& ctx, const layout::ExpertBitmaps& bitmaps,
-                             int64_t num_tokens, int b, uint64_t seq, uint64_t masked, int first,
-                             int stride) {
-  const int L = ctx.local_experts, E = ctx.num_experts;
-  const device::Scope sc = transport::scope(ctx);
-  const int64_t used_words = (num_tokens + 31) / 32;
-  for (int e = first; e < E; e += stride) {
-    if ((masked >> (e / L)) & 1ull) continue;
-    if constexpr (kInternode)
-      if (!same_node(ctx, e / L)) continue;
-    const uint32_t count = static_cast<uint32_t>(layout::bitmap_count(bitmaps.row(e), used_words));
-    sc.store_release(count_word(ctx, e / L, b, e % L, ctx.rank), (seq << kCountShift) | count);
-  }
-}
-
 /// The send phase of one rank, run by `blocks` (with `receive`, the receive phase too).
 /// kOneLaunch: one kernel for the whole group, after every rank's earlier work on the same
 /// stream; every peer's buffers are then free when it starts, so no rank waits for the others'
-/// arrival, and its rows are complete when the kernel ends, so the counts need not follow them:
-/// the blocks store them right after the layout, and the group's last block runs every rank's
-/// receive phase (receive_group_counts) and closes the calls.
+/// arrival.
 template <bool kInternode, int kLoadSteps, bool kOneLaunch = false>
 __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams& p,
                               device::RankBlocks blocks, uint32_t* columns) {
   const uint64_t seq = device::read_call_seq(ctx);
-  const int L = ctx.local_experts, H = ctx.hidden, me = ctx.rank;
+  const int L = ctx.local_experts, E = ctx.num_experts, H = ctx.hidden, me = ctx.rank;
   const int b = p.buffer;
   const int lane = threadIdx.x % kWarpLanes, warp = threadIdx.x / kWarpLanes;
   __shared__ Destination dst[kMaxWarps][detail::kMaxTopk];
@@ -101,12 +80,6 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   const bool ok = kOneLaunch ? __syncthreads_and(laid_out) != 0
                              : await_peers<kInternode>(ctx, seq, blocks) && laid_out;
   device::trace_mark(ctx, seq, TraceMark::kOpened);
-  // Tokens bound for masked ranks are dropped (their slot_of is -1: combine adds nothing).
-  const uint64_t masked = transport::masked_peers(ctx);
-  if constexpr (kOneLaunch)
-    if (ok && !transport::aborted(ctx))
-      store_counts<kInternode>(ctx, bitmaps, p.num_tokens, b, seq, masked,
-                               blocks.index * blockDim.x + threadIdx.x, blocks.count * blockDim.x);
 
   const int warps = blockDim.x / kWarpLanes;
   const int64_t stride = static_cast<int64_t>(blocks.count) * warps;
@@ -116,6 +89,8 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   const int row_vectors = H / kBf16PerVec;
   const RowPieces pieces(p.num_tokens, stride, row_units,
                          p.fp8 ? kQuantizeStepUnits : kCopyStepUnits);
+  // Tokens bound for masked ranks are dropped (their slot_of is -1: combine adds nothing).
+  const uint64_t masked = transport::masked_peers(ctx);
   // One warp per piece of a token's row: the piece is read (and quantised) once and written to
   // every destination of the token. T <= M (checked by the host), so every slot exists.
   for (int64_t i = static_cast<int64_t>(blocks.index) * warps + warp; ok && i < pieces.items;
@@ -223,16 +198,23 @@ __device__ void dispatch_send(const DeviceContext& ctx, const DispatchSendParams
   // counts the last block signals cover every block's rows.
   if constexpr (kInternode) port.flush();
   device::trace_block_mark(ctx, seq, TraceMark::kStreamed);
-  if constexpr (kOneLaunch) return;  // the group's last block receives and closes
 
   // The last block to finish publishes every (expert, this rank) count: by then every block's
   // rows are written (is_last_block fences before its ticket), so one release per word covers
-  // them.
+  // them. Experts this rank sends nothing to get count 0.
   if (transport::is_last_block(ctx, blocks)) {
     if (ok && !transport::aborted(ctx)) {
-      store_counts<kInternode>(ctx, bitmaps, p.num_tokens, b, seq, masked, threadIdx.x, blockDim.x);
+      const device::Scope sc = transport::scope(ctx);
+      const int64_t used_words = (p.num_tokens + 31) / 32;
+      for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        if ((masked >> (e / L)) & 1ull) continue;
+        if constexpr (kInternode)
+          if (!same_node(ctx, e / L)) continue;
+        const uint32_t count =
+            static_cast<uint32_t>(layout::bitmap_count(bitmaps.row(e), used_words));
+        sc.store_release(count_word(ctx, e / L, b, e % L, me), (seq << kCountShift) | count);
+      }
       if constexpr (kInternode) {
-        const int64_t used_words = (p.num_tokens + 31) / 32;
         // A rank of another node gets its count words put, then one signal per (buffer,
         // source) that its receive phase waits for (the rows of every block landed before).
         const int R = ctx.num_ranks, warps = blockDim.x / kWarpLanes;
@@ -376,66 +358,6 @@ __global__ void __launch_bounds__(kRecvThreads)
   receive_counts<kInternode>(ctx, p, ctx.ll.dispatch_seq[p.buffer]);
 }
 
-/// The one-launch form's receive phase of every rank of the group, by the group's last block:
-/// every rank's blocks stored their counts before they took the group's ticket, so each count of
-/// this call is in place (one still of an earlier call means its source failed: the wait then
-/// reports the stall, as receive_counts does). A lane per (rank, local expert, source): R lanes
-/// of a warp hold one (rank, local expert) row, so that the words load and the layout stores in
-/// whole lines and the row's sum is a few shuffles; a thread per rank closes its call.
-__device__ void receive_group_counts(const GroupDispatchSend& g) {
-  const int R = g.launch.ranks;
-  const int L = g.ctx[0].local_experts;     // the same for every rank of the group
-  __shared__ uint64_t seq[kMaxGroupRanks];  // rank d's call (its block 0 stored it)
-  if (threadIdx.x < R) {
-    const int d = threadIdx.x;
-    seq[d] =
-        *reinterpret_cast<volatile uint64_t*>(g.ctx[d].ll.dispatch_seq + g.params[d].recv.buffer);
-    device::trace_mark_now(g.ctx[d], seq[d], TraceMark::kClosed);
-  }
-  __syncthreads();
-  const int lane = threadIdx.x % kWarpLanes, warps = blockDim.x / kWarpLanes;
-  const int rows_per_warp = kWarpLanes / R;  // R <= kMaxGroupRanks <= kWarpLanes
-  const int q = lane / R, s = lane % R;      // this lane: source s of the warp's row q
-  for (int row0 = threadIdx.x / kWarpLanes * rows_per_warp; row0 < R * L;
-       row0 += warps * rows_per_warp) {  // warp-uniform: the shuffles below
-    const int row = row0 + q;
-    const bool mine = q < rows_per_warp && row < R * L;
-    const int d = mine ? row / L : 0, le = row % L;
-    const DispatchRecvParams& p = g.params[d].recv;
-    int32_t count = 0;
-    int ok = 1;
-    if (mine) {
-      const DeviceContext& ctx = g.ctx[d];
-      const uint64_t target = seq[d] << kCountShift;
-      const uint64_t* word = count_word(ctx, d, p.buffer, le, s);
-      uint64_t v = *reinterpret_cast<const volatile uint64_t*>(word);
-      uint64_t masked = transport::masked_peers(ctx);
-      if (v < target) {
-        ok = transport::wait_geq(ctx, word, target, s, Phase::kLlCounts, le);
-        v = *reinterpret_cast<const volatile uint64_t*>(word);
-        masked = transport::masked_peers(ctx);  // s may have been masked while waited for
-      }
-      if (ok) {
-        count = (masked >> s) & 1ull ? 0 : static_cast<int32_t>(v & kCountMask);  // masked: none
-        p.recv_layout[2 * (le * R + s)] = s * ctx.ll.capacity;
-        p.recv_layout[2 * (le * R + s) + 1] = count;
-      }
-    }
-    int32_t sum = 0;
-    for (int j = 0; j < R; ++j) {
-      sum += __shfl_sync(kFullMask, count, q * R + j);
-      ok &= __shfl_sync(kFullMask, ok, q * R + j);
-    }
-    if (mine && s == 0 && ok) p.recv_count[le] = sum;
-  }
-  __syncthreads();
-  if (threadIdx.x < R) {
-    const int d = threadIdx.x;
-    device::trace_mark_now(g.ctx[d], seq[d], TraceMark::kReceived);
-    device::close_call(g.ctx[d]);
-  }
-}
-
 template <int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     group_dispatch_send_kernel(const __grid_constant__ GroupDispatchSend g) {
@@ -443,8 +365,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int r = group_rank(g.launch);
   dispatch_send<false, quantize_load_steps(kBlockThreads), true>(g.ctx[r], g.params[r],
                                                                  group_blocks(g.launch), columns);
-  // The group's ticket (rank 0's word: no rank takes its own in this form).
-  if (transport::is_last_block(g.ctx[0])) receive_group_counts(g);
 }
 
 /// Chooses where p's layout step builds the expert bitmaps (every block its own copy in shared
