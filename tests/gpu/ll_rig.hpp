@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -84,6 +85,16 @@ struct CallMode {
   bool one_launch = false;         // VirtualGroup::dispatch_all / combine_all (one kernel per call)
   bool side_stream_hooks = false;  // hooks run on a stream of their own (not the call's)
 };
+
+// The modes tests run their rounds in (designated initialisers make the others).
+inline constexpr CallMode kBf16{};
+inline constexpr CallMode kFp8{.quantize = true};
+inline constexpr CallMode kHooks{.hooks = true};
+inline constexpr CallMode kFp8Hooks{.quantize = true, .hooks = true};
+inline constexpr CallMode kZeroCopy{.combine_buffer = true};
+/// VirtualGroup::dispatch_all / combine_all: combine_all writes each rank's own output.
+inline constexpr CallMode kOneLaunch{.own_out = false, .one_launch = true};
+inline constexpr CallMode kFp8OneLaunch{.quantize = true, .own_out = false, .one_launch = true};
 
 inline std::string describe(const CallMode& m) {
   std::string s = m.quantize ? "fp8" : "bf16";
@@ -376,6 +387,18 @@ class LlRig {
     for (int r = 0; r < R; ++r)
       if (!mode.own_out && !absent(r)) remember(r, comb[r].out);
     check_combine(set, comb, mode, label);
+  }
+
+  /// One round of input set 0 per mode, in order, each on fresh inputs (tokens() tokens a rank,
+  /// routing drawn by `spec`), named `what` + "round i"; none after a round that failed.
+  template <typename Tokens>
+  void rounds(std::initializer_list<CallMode> modes, Tokens&& tokens, const RoutingSpec& spec,
+              const std::string& what = "") {
+    int i = 0;
+    for (const CallMode& mode : modes) {
+      if (test::state().failures_in_case > 0) return;
+      round(0, inputs(tokens(), spec), mode, what + "round " + std::to_string(i++));
+    }
   }
 
   /// Compares every rank's dispatch output with ref::ll_dispatch of input set `set`.

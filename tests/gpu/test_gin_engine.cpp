@@ -6,12 +6,10 @@
 // choice with its errors. GIN traffic itself needs RDMA NICs: where NCCL reports none, that part
 // is skipped and the reason printed. The parent never initialises CUDA (fork after CUDA
 // initialisation is unsafe).
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <cstdlib>
 
 #include "gpu/ep_fixture.hpp"
+#include "gpu/process_children.hpp"
 #include "transport/gin_engine.hpp"
 
 using namespace moecomm;
@@ -29,26 +27,6 @@ constexpr int kBadMessage = 12;    // an error that does not say what it should
 constexpr int kWrongEngine = 13;   // loopback / auto did not behave
 constexpr int kExitNoGpu = 77;
 
-bool write_all(int fd, const void* p, size_t n) {
-  const uint8_t* b = static_cast<const uint8_t*>(p);
-  while (n) {
-    const ssize_t w = write(fd, b, n);
-    if (w <= 0) return false;
-    b += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
-}
-bool read_all(int fd, void* p, size_t n) {
-  uint8_t* b = static_cast<uint8_t*>(p);
-  while (n) {
-    const ssize_t r = read(fd, b, n);
-    if (r <= 0) return false;
-    b += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
 bool has(const std::string& s, const char* part) {
   return s.find(part) != std::string::npos;
 }
@@ -63,11 +41,8 @@ int run_rank(int rank, int to_parent, int from_parent, RdmaEngine engine) {
   cfg.engine = engine;
   ProcessGroupBuilder builder(cfg, rank, kRanks, 0);
   builder.set_host_id("host-" + std::to_string(rank));
-  const std::vector<uint8_t> mine = builder.local_handle();
-  std::vector<uint8_t> all(ProcessGroupBuilder::handle_size() * kRanks);
-  if (!write_all(to_parent, mine.data(), mine.size()) ||
-      !read_all(from_parent, all.data(), all.size()))
-    return 3;
+  const std::vector<uint8_t> all =
+      swap_handles(to_parent, from_parent, builder.local_handle(), kRanks);
   if (engine != RdmaEngine::kGin) {  // one machine: auto and loopback both take loopback
     auto comm = builder.connect(all);
     return comm->num_nodes() == kRanks ? 0 : kWrongEngine;
@@ -90,60 +65,14 @@ int run_rank(int rank, int to_parent, int from_parent, RdmaEngine engine) {
   }
 }
 
-/// Forks kRanks children running body(rank, to_parent, from_parent), carries their handles, and
-/// returns their exit codes.
-template <typename Body>
-std::vector<int> run_children(const Body& body, bool* carried) {
-  int up[kRanks][2], down[kRanks][2];
-  pid_t pid[kRanks];
-  for (int r = 0; r < kRanks; ++r) {
-    if (pipe(up[r]) != 0 || pipe(down[r]) != 0) throw std::runtime_error("pipe failed");
-    pid[r] = fork();
-    if (pid[r] == 0) {
-      close(up[r][0]);
-      close(down[r][1]);
-      int rc = 2;
-      try {
-        rc = body(r, up[r][1], down[r][0]);
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "rank %d: %s\n", r, e.what());
-      }
-      std::fflush(stdout);
-      _exit(rc);
-    }
-    close(up[r][1]);
-    close(down[r][0]);
-  }
-  std::vector<uint8_t> all;
-  *carried = true;
-  for (int r = 0; r < kRanks && *carried; ++r) {
-    std::vector<uint8_t> h(ProcessGroupBuilder::handle_size());
-    *carried = read_all(up[r][0], h.data(), h.size());
-    all.insert(all.end(), h.begin(), h.end());
-  }
-  for (int r = 0; r < kRanks && *carried; ++r)
-    *carried = write_all(down[r][1], all.data(), all.size());
-  for (int r = 0; r < kRanks; ++r) {
-    close(up[r][0]);
-    close(down[r][1]);
-  }
-  std::vector<int> rcs(kRanks);
-  for (int r = 0; r < kRanks; ++r) {
-    int status = 0;
-    waitpid(pid[r], &status, 0);
-    rcs[r] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-  return rcs;
-}
-
 /// The children's exit codes; *carried: the handles went round.
 std::vector<int> run_group(RdmaEngine engine, bool* carried) {
-  std::fflush(stdout);  // the children would print the parent's buffered output again
-  const std::vector<int> rcs =
-      run_children([&](int rank, int to_parent,
-                       int from_parent) { return run_rank(rank, to_parent, from_parent, engine); },
-                   carried);
-  return rcs;
+  return run_children(
+      kRanks,
+      [&](int rank, int to_parent, int from_parent) {
+        return run_rank(rank, to_parent, from_parent, engine);
+      },
+      carried);
 }
 
 }  // namespace

@@ -48,14 +48,9 @@ TEST_CASE(
     const LlParams p = topology_params(t);
     LlRig rig(p, 100 + t.nodes * 16 + t.per_node);
     // Consecutive calls alternate the two buffers (and the engine's per-buffer signals).
-    for (int round = 0; round < 4 && !failed(); ++round) {
-      CallMode mode;
-      mode.quantize = round >= 2;
-      mode.hooks = round % 2 == 1;
-      mode.own_out = round != 2;
-      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.15}), mode,
-                "round " + std::to_string(round));
-    }
+    rig.rounds(
+        {kBf16, kHooks, CallMode{.quantize = true, .own_out = false}, kFp8Hooks},
+        [&] { return mixed_tokens(rig); }, RoutingSpec{0.15});
   }
 }
 
@@ -147,14 +142,9 @@ TEST_CASE("internode ll 2x4: x, topk_idx, weights, y and out views at odd elemen
     p.offset_routing = true;
     p.idx_i32 = offset == 3;
     LlRig rig(p, 900 + offset);
-    for (int round = 0; round < 4 && !failed(); ++round) {
-      CallMode mode;
-      mode.quantize = round % 2 == 1;
-      mode.hooks = round >= 2;
-      mode.own_out = round != 3;
-      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.15}), mode,
-                "round " + std::to_string(round));
-    }
+    rig.rounds(
+        {kBf16, kFp8, kHooks, CallMode{.quantize = true, .hooks = true, .own_out = false}},
+        [&] { return mixed_tokens(rig); }, RoutingSpec{0.15});
   }
 }
 

@@ -25,12 +25,8 @@ TEST_CASE("ll: bf16 dispatch/combine, R = 1, 2, 4, 8, random routing with -1, T 
       p.capacity = 24;
       p.idx_i32 = i32;
       LlRig rig(p, 100 + ranks * 2 + i32);
-      for (int round = 0; round < 4 && !failed(); ++round) {
-        CallMode mode;
-        mode.hooks = round % 2 == 1;
-        rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.15}), mode,
-                  "round " + std::to_string(round));
-      }
+      rig.rounds(
+          {kBf16, kHooks, kBf16, kHooks}, [&] { return mixed_tokens(rig); }, RoutingSpec{0.15});
     }
   }
 }
@@ -44,11 +40,8 @@ TEST_CASE("ll: call traces of combine: every phase in order, plain, hooks and on
   p.capacity = 12;
   LlRig rig(p, 150);
   std::vector<uint64_t> last(p.ranks, 0);
-  for (int round = 0; round < 3 && !failed(); ++round) {
-    CallMode mode;
-    mode.hooks = round == 1;
-    mode.one_launch = round == 2;
-    mode.own_out = !mode.one_launch;  // combine_all writes each rank's own output
+  for (const CallMode& mode : {kBf16, kHooks, kOneLaunch}) {
+    if (failed()) break;
     rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode, describe(mode));
     rig.group().synchronize();
     for (int r = 0; r < p.ranks; ++r) {
@@ -73,13 +66,8 @@ TEST_CASE("ll: fp8 dispatch, f32 and power-of-two scales, 1 and 3 groups per row
         p.capacity = 20;
         p.scale_format = format;
         LlRig rig(p, 200 + hidden + ranks + (format == ScaleFormat::kPowerOfTwo));
-        for (int round = 0; round < 3 && !failed(); ++round) {
-          CallMode mode;
-          mode.quantize = true;
-          mode.hooks = round == 1;
-          rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
-                    "round " + std::to_string(round));
-        }
+        rig.rounds(
+            {kFp8, kFp8Hooks, kFp8}, [&] { return mixed_tokens(rig); }, RoutingSpec{0.1});
       }
     }
   }
@@ -103,14 +91,9 @@ TEST_CASE("ll: hidden 7168, T = M, bf16 and fp8, rows in 2, 4 and 7 pieces") {
       p.num_sms = sh.sms;
       p.scale_format = format;
       LlRig rig(p, 300 + sh.ranks + sh.sms + (format == ScaleFormat::kPowerOfTwo));
-      for (int round = 0; round < 3 && !failed(); ++round) {
-        CallMode mode;
-        mode.quantize = round > 0;
-        mode.one_launch = round == 2;
-        mode.own_out = !mode.one_launch;
-        rig.round(0, rig.inputs(std::vector<int64_t>(p.ranks, p.capacity), RoutingSpec{0.05}), mode,
-                  "T = M, SMs " + std::to_string(sh.sms) + ", round " + std::to_string(round));
-      }
+      rig.rounds(
+          {kBf16, kFp8, kFp8OneLaunch}, [&] { return std::vector<int64_t>(p.ranks, p.capacity); },
+          RoutingSpec{0.05}, "T = M, SMs " + std::to_string(sh.sms) + ", ");
     }
   }
 }
@@ -125,13 +108,8 @@ TEST_CASE("ll: K = 1 and K = 32") {
     p.hidden = 128;
     p.capacity = 16;
     LlRig rig(p, 400);
-    for (int round = 0; round < 3 && !failed(); ++round) {
-      CallMode mode;
-      mode.quantize = round == 2;
-      mode.hooks = round == 1;
-      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.2}), mode,
-                "K = 1 round " + std::to_string(round));
-    }
+    rig.rounds(
+        {kBf16, kHooks, kFp8}, [&] { return mixed_tokens(rig); }, RoutingSpec{0.2}, "K = 1 ");
   }
   {
     LlParams p;
@@ -142,13 +120,8 @@ TEST_CASE("ll: K = 1 and K = 32") {
     p.capacity = 8;
     p.threads = 1024;
     LlRig rig(p, 401);
-    for (int round = 0; round < 3 && !failed(); ++round) {
-      CallMode mode;
-      mode.quantize = round == 2;
-      mode.hooks = round == 1;
-      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
-                "K = 32 round " + std::to_string(round));
-    }
+    rig.rounds(
+        {kBf16, kHooks, kFp8}, [&] { return mixed_tokens(rig); }, RoutingSpec{0.1}, "K = 32 ");
   }
 }
 
@@ -275,14 +248,9 @@ TEST_CASE("ll: capacity M = 1 and M = 1024") {
       p.hidden = 128;
       p.capacity = capacity;
       LlRig rig(p, 900 + capacity + ranks);
-      for (int round = 0; round < 2 && !failed(); ++round) {
-        CallMode mode;
-        mode.quantize = round == 1;
-        mode.one_launch = round == 1;
-        mode.own_out = !mode.one_launch;
-        rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
-                  "M " + std::to_string(capacity) + " round " + std::to_string(round));
-      }
+      rig.rounds(
+          {kBf16, kFp8OneLaunch}, [&] { return mixed_tokens(rig); }, RoutingSpec{0.1},
+          "M " + std::to_string(capacity) + " ");
     }
   }
 }
@@ -301,16 +269,12 @@ TEST_CASE("ll: expert bitmaps in each block's shared memory and in global memory
     p.hidden = 128;
     p.capacity = 600;
     LlRig rig(p, 950 + ranks);
-    for (int round = 0; round < 3 && !failed(); ++round) {
-      CallMode mode;
-      mode.quantize = round == 1;
-      mode.one_launch = round != 2;
-      mode.own_out = !mode.one_launch;
-      mode.hooks = round == 2;
-      std::vector<int64_t> tokens = mixed_tokens(rig);
-      if (ranks > 2) tokens[1] = 40;  // under the limit: shared memory
-      rig.round(0, rig.inputs(tokens, RoutingSpec{0.1}), mode, "round " + std::to_string(round));
-    }
+    const auto tokens = [&] {
+      std::vector<int64_t> t = mixed_tokens(rig);
+      if (ranks > 2) t[1] = 40;  // under the limit: shared memory
+      return t;
+    };
+    rig.rounds({kOneLaunch, kFp8OneLaunch, kHooks}, tokens, RoutingSpec{0.1});
   }
 }
 
@@ -371,15 +335,13 @@ TEST_CASE(
       p.hidden = 256;
       p.capacity = 16;
       LlRig rig(p, 700 + ranks * 2 + quantize);
-      for (int round = 0; round < 4 && !failed(); ++round) {
-        CallMode mode;
-        mode.quantize = quantize;
-        mode.one_launch = round != 1;  // a per-rank round in between: the same state moves on
-        mode.own_out = !mode.one_launch;
-        mode.combine_buffer = round == 3;
-        rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.15}), mode,
-                  "round " + std::to_string(round));
-      }
+      // A per-rank round in between: the same state moves on.
+      const CallMode one = quantize ? kFp8OneLaunch : kOneLaunch;
+      CallMode one_zero_copy = one;
+      one_zero_copy.combine_buffer = true;
+      rig.rounds(
+          {one, quantize ? kFp8 : kBf16, one, one_zero_copy}, [&] { return mixed_tokens(rig); },
+          RoutingSpec{0.15});
     }
   }
   // What a single launch cannot do is refused by name, before any rank's state changes.
@@ -449,15 +411,9 @@ TEST_CASE("ll: hidden not a multiple of 128 (fp8 off): 1000, 136, 64, 8; R = 2, 
       p.capacity = 33;
       p.threads = hidden == 64 ? 128 : 512;
       LlRig rig(p, 900 + hidden + ranks);
-      for (int round = 0; round < 4 && !failed(); ++round) {
-        CallMode mode;
-        mode.hooks = round == 1;
-        mode.combine_buffer = round == 2;
-        mode.one_launch = round == 3;
-        mode.own_out = round != 3;
-        rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
-                  "round " + std::to_string(round));
-      }
+      rig.rounds(
+          {kBf16, kHooks, kZeroCopy, kOneLaunch}, [&] { return mixed_tokens(rig); },
+          RoutingSpec{0.1});
     }
   }
 }
@@ -473,15 +429,8 @@ TEST_CASE("ll: x, y and out views that start off a 16-byte boundary (1, 3 and 7 
     p.capacity = 24;
     p.view_offset = offset;
     LlRig rig(p, 950 + offset);
-    for (int round = 0; round < 4 && !failed(); ++round) {
-      CallMode mode;
-      mode.quantize = round == 1;
-      mode.hooks = round == 2;
-      mode.one_launch = round == 3;
-      mode.own_out = round != 3;
-      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
-                "round " + std::to_string(round));
-    }
+    rig.rounds(
+        {kBf16, kFp8, kHooks, kOneLaunch}, [&] { return mixed_tokens(rig); }, RoutingSpec{0.1});
   }
 }
 
@@ -559,15 +508,9 @@ TEST_CASE("ll: masked ranks: out of the group, every mode, then cleared and rejo
     std::vector<int> want;
     for (int d = 0; d < p.ranks; ++d)
       if ((out >> d) & 1ull) want.push_back(d);
-    for (int round = 0; round < 4 && !failed(); ++round) {
-      CallMode mode;
-      mode.quantize = round == 1;
-      mode.hooks = round == 2;
-      mode.one_launch = round == 3;
-      mode.own_out = round != 3;
-      rig.round(0, rig.inputs(mixed_tokens(rig), RoutingSpec{0.1}), mode,
-                "masked round " + std::to_string(round));
-    }
+    rig.rounds(
+        {kBf16, kFp8, kHooks, kOneLaunch}, [&] { return mixed_tokens(rig); }, RoutingSpec{0.1},
+        "masked ");
     expect_masked(rig, want, "after masked rounds");
     rig.set_out_of_group(0);
     expect_masked(rig, {}, "after clearing");

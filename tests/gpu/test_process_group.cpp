@@ -13,6 +13,7 @@
 #include <random>
 
 #include "gpu/ht_rig.hpp"
+#include "gpu/process_children.hpp"
 
 using namespace moecomm;
 using namespace moecomm::test;
@@ -23,38 +24,14 @@ constexpr int kRanks = 2;
 constexpr int kExitNoGpu = 77;
 constexpr int E = 16, K = 4, H = 256, kMaxTokens = 64;
 
-bool write_all(int fd, const void* p, size_t n) {
-  const uint8_t* b = static_cast<const uint8_t*>(p);
-  while (n) {
-    const ssize_t w = write(fd, b, n);
-    if (w <= 0) return false;
-    b += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
-}
-bool read_all(int fd, void* p, size_t n) {
-  uint8_t* b = static_cast<uint8_t*>(p);
-  while (n) {
-    const ssize_t r = read(fd, b, n);
-    if (r <= 0) return false;
-    b += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
 /// Body of rank `rank`: returns 0 when every output matched the reference.
 int run_rank(int rank, int to_parent, int from_parent, uint64_t seed) {
   if (cuda_device_count() == 0) return kExitNoGpu;
   Config cfg = test_config(Mode::kAuto, E, K, H, kMaxTokens);
   cfg.auto_low_latency_max_tokens = 32;  // T <= 32 takes LL, larger T takes HT
   ProcessGroupBuilder builder(cfg, rank, kRanks, 0);
-  const std::vector<uint8_t> mine = builder.local_handle();
-  std::vector<uint8_t> all(ProcessGroupBuilder::handle_size() * kRanks);
-  if (!write_all(to_parent, mine.data(), mine.size()) ||
-      !read_all(from_parent, all.data(), all.size()))
-    return 3;
+  const std::vector<uint8_t> all =
+      swap_handles(to_parent, from_parent, builder.local_handle(), kRanks);
   auto comm = builder.connect(all);
 
   int failures = 0;
@@ -130,51 +107,21 @@ int run_rank(int rank, int to_parent, int from_parent, uint64_t seed) {
 
 TEST_CASE("a group of processes on one GPU (CUDA IPC): HT and LL against the reference") {
   const uint64_t s = seed();
-  int up[kRanks][2], down[kRanks][2];
-  pid_t pid[kRanks];
-  for (int r = 0; r < kRanks; ++r) {
-    if (pipe(up[r]) != 0 || pipe(down[r]) != 0) throw std::runtime_error("pipe failed");
-    pid[r] = fork();
-    if (pid[r] == 0) {
-      close(up[r][0]);
-      close(down[r][1]);
-      int rc = 2;
-      try {
-        rc = run_rank(r, up[r][1], down[r][0], s);
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "rank %d: %s\n", r, e.what());
-      }
-      std::fflush(stdout);
-      _exit(rc);
-    }
-    // The parent keeps only its ends, so that a child's exit ends the parent's reads.
-    close(up[r][1]);
-    close(down[r][0]);
-  }
-  // Carry the handles: gather from every child, then send all to every child.
-  std::vector<uint8_t> all;
-  bool carried = true;
-  for (int r = 0; r < kRanks && carried; ++r) {
-    std::vector<uint8_t> h(ProcessGroupBuilder::handle_size());
-    carried = read_all(up[r][0], h.data(), h.size());
-    all.insert(all.end(), h.begin(), h.end());
-  }
-  for (int r = 0; r < kRanks && carried; ++r)
-    carried = write_all(down[r][1], all.data(), all.size());
-  for (int r = 0; r < kRanks; ++r) {
-    close(up[r][0]);
-    close(down[r][1]);
-  }
+  bool carried = false;
+  const std::vector<int> rcs = run_children(
+      kRanks,
+      [&](int rank, int to_parent, int from_parent) {
+        return run_rank(rank, to_parent, from_parent, s);
+      },
+      &carried);
   int no_gpu = 0;
   for (int r = 0; r < kRanks; ++r) {
-    int status = 0;
-    waitpid(pid[r], &status, 0);
-    const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    const int rc = rcs[r];
     if (rc == kExitNoGpu) {
       ++no_gpu;
       continue;
     }
-    CHECK_EQ(rc, 0) << "rank " << r << " (1: outputs differ from the reference; 2: error; 3: pipe)";
+    CHECK_EQ(rc, 0) << "rank " << r << " (1: outputs differ from the reference; 2: error)";
   }
   if (no_gpu == kRanks)
     skip("no CUDA device");
@@ -197,12 +144,7 @@ constexpr int kExitNewGroup = 6;      // the new group of the survivors gave wro
 std::unique_ptr<MoECommunicator> connect_through(const Config& cfg, int rank, int ranks,
                                                  int to_parent, int from_parent) {
   ProcessGroupBuilder builder(cfg, rank, ranks, 0);
-  const std::vector<uint8_t> mine = builder.local_handle();
-  std::vector<uint8_t> all(ProcessGroupBuilder::handle_size() * ranks);
-  if (!write_all(to_parent, mine.data(), mine.size()) ||
-      !read_all(from_parent, all.data(), all.size()))
-    throw std::runtime_error("pipe to the parent broke");
-  return builder.connect(all);
+  return builder.connect(swap_handles(to_parent, from_parent, builder.local_handle(), ranks));
 }
 
 /// One LL dispatch + combine on `comm` checked against the reference (every rank draws every
@@ -383,11 +325,8 @@ int run_declared_node(int rank, int to_parent, int from_parent, bool with_window
   cfg.rdma_bytes = with_window ? need : 0;
   ProcessGroupBuilder builder(cfg, rank, kRanks, 0);
   builder.set_host_id("node-" + std::to_string(rank));
-  const std::vector<uint8_t> mine = builder.local_handle();
-  std::vector<uint8_t> all(ProcessGroupBuilder::handle_size() * kRanks);
-  if (!write_all(to_parent, mine.data(), mine.size()) ||
-      !read_all(from_parent, all.data(), all.size()))
-    return 3;
+  const std::vector<uint8_t> all =
+      swap_handles(to_parent, from_parent, builder.local_handle(), kRanks);
   if (!with_window) {
     try {
       builder.connect(all);
@@ -409,58 +348,13 @@ int run_declared_node(int rank, int to_parent, int from_parent, bool with_window
   return 0;
 }
 
-/// Forks kRanks children running body(rank, to_parent, from_parent), carries their handles, and
-/// returns their exit codes (kExitNoGpu where there is no device).
-template <typename Body>
-std::vector<int> run_children(const Body& body, bool* carried) {
-  int up[kRanks][2], down[kRanks][2];
-  pid_t pid[kRanks];
-  for (int r = 0; r < kRanks; ++r) {
-    if (pipe(up[r]) != 0 || pipe(down[r]) != 0) throw std::runtime_error("pipe failed");
-    pid[r] = fork();
-    if (pid[r] == 0) {
-      close(up[r][0]);
-      close(down[r][1]);
-      int rc = 2;
-      try {
-        rc = body(r, up[r][1], down[r][0]);
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "rank %d: %s\n", r, e.what());
-      }
-      std::fflush(stdout);
-      _exit(rc);
-    }
-    close(up[r][1]);
-    close(down[r][0]);
-  }
-  std::vector<uint8_t> all;
-  *carried = true;
-  for (int r = 0; r < kRanks && *carried; ++r) {
-    std::vector<uint8_t> h(ProcessGroupBuilder::handle_size());
-    *carried = read_all(up[r][0], h.data(), h.size());
-    all.insert(all.end(), h.begin(), h.end());
-  }
-  for (int r = 0; r < kRanks && *carried; ++r)
-    *carried = write_all(down[r][1], all.data(), all.size());
-  for (int r = 0; r < kRanks; ++r) {
-    close(up[r][0]);
-    close(down[r][1]);
-  }
-  std::vector<int> rcs(kRanks);
-  for (int r = 0; r < kRanks; ++r) {
-    int status = 0;
-    waitpid(pid[r], &status, 0);
-    rcs[r] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-  return rcs;
-}
-
 }  // namespace
 
 TEST_CASE("processes declared as two nodes (host-id override): connect() sees the nodes") {
   for (bool with_window : {true, false}) {
     bool carried = false;
     const std::vector<int> rcs = run_children(
+        kRanks,
         [&](int rank, int to_parent, int from_parent) {
           return run_declared_node(rank, to_parent, from_parent, with_window);
         },
