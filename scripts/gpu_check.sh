@@ -162,5 +162,8 @@ if [ -n "${RUN_PYTHON:-}" ]; then
   fi
 fi
 
-echo "== SUMMARY ($(cat "$out/gpu.txt"); $(git rev-parse --short HEAD 2>/dev/null))"
+# The commit, and whether the tree that ran differs from it (a copied tree may carry a stale .git).
+tree=$(git rev-parse --short HEAD 2>/dev/null)
+[ -n "$tree" ] && ! git diff --quiet HEAD 2>/dev/null && tree="$tree, the tree differs from it"
+echo "== SUMMARY ($(cat "$out/gpu.txt"); ${tree:-no git})"
 for s in "${summary[@]}"; do echo "  $s"; done
