@@ -86,10 +86,10 @@ constexpr int kRows = 8 * 4096;  // rows read (fan-out) or written (fan-in): 8 r
 constexpr int kUnroll = 4;       // 16-byte loads in flight per lane, as the library's row copy
 constexpr int kIters = 20;
 constexpr int kGroups = kRowVecs * 8 / 128;  // scale groups of 128 channels in a row
-constexpr int kQuantizeUnroll = 4;           // as HT dispatch's blocks of <= 512 threads
-constexpr int kRanks = 8;                    // routed mixes: destination ranks
-constexpr int kExperts = 256;                // experts over the ranks, kExperts / kRanks each
-constexpr int kTopk = 8;                     // experts a row picks, without repeats
+constexpr int kQuantizeUnroll = moecomm::device::quantize_load_steps(kThreads);  // as dispatch
+constexpr int kRanks = 8;      // routed mixes: destination ranks
+constexpr int kExperts = 256;  // experts over the ranks, kExperts / kRanks each
+constexpr int kTopk = 8;       // experts a row picks, without repeats
 constexpr int kLocalExperts = kExperts / kRanks;
 static_assert(kRanks <= 32 && kTopk <= 32, "a lane holds each destination and each expert");
 static_assert(kRows % kRanks == 0, "the -src mixes: kRanks sources of kRows / kRanks tokens");

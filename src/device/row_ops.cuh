@@ -8,6 +8,7 @@
 #include "device/block.cuh"
 #include "device/memory_model.cuh"
 #include "device/numerics.cuh"
+#include "runtime/register_budget.hpp"
 
 namespace moecomm::device {
 
@@ -17,6 +18,15 @@ inline constexpr int kLanesPerFp8Group = 128 / kChannelsPerLane;  // 8 lanes per
 inline constexpr int kFp8GroupsPerWarp = kWarpLanes / kLanesPerFp8Group;
 inline constexpr int kRowCopyUnroll = 4;   // 16-byte loads in flight per lane while copying
 inline constexpr int kQuantizeUnroll = 2;  // steps of 4 groups loaded before they are processed
+
+/// The quantize_groups steps a warp loads at once in a kernel built for blocks of `block_threads`:
+/// twice the default (4 KB a warp) with 128 registers a thread (blocks of up to
+/// kWideBlockThreads), where more bytes in flight bring the rows closer to the memory's rate
+/// (HT dispatch: bench/NOTES.md v20; LL dispatch's fan-out-ll mix: 84 % of the copy rate against
+/// 81 %, v28); the default with 64 registers, where more would spill.
+constexpr int quantize_load_steps(int block_threads) {
+  return block_threads <= detail::kWideBlockThreads ? 2 * kQuantizeUnroll : kQuantizeUnroll;
+}
 
 /// Copies n16 vectors from src: sink(i, v) stores vector i. Loop bounds are warp-uniform, so a
 /// sink may use warp collectives; `valid` tells whether vector i exists.

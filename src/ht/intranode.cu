@@ -43,9 +43,7 @@ using detail::kWideBlockThreads;
 template <int kBlockThreads>
 struct Budget {
   static constexpr bool kWide = kBlockThreads <= kWideBlockThreads;
-  /// quantize_groups steps loaded at once: 4 KB (wide) or 2 KB a warp.
-  static constexpr int kQuantizeUnroll =
-      kWide ? 2 * device::kQuantizeUnroll : device::kQuantizeUnroll;
+  static constexpr int kQuantizeUnroll = device::quantize_load_steps(kBlockThreads);
   /// 16-byte vectors of each source row a lane loads at once in combine.
   static constexpr int kCombineVectors = kWide ? 2 : 1;
 };

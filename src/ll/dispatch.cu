@@ -255,8 +255,8 @@ template <bool kInternode, int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     dispatch_send_kernel(const __grid_constant__ DeviceContext ctx, const DispatchSendParams p) {
   extern __shared__ uint32_t columns[];  // the layout's bitmap columns
-  dispatch_send<kInternode, quantize_load_steps(kBlockThreads)>(ctx, p, device::whole_grid(),
-                                                                columns);
+  dispatch_send<kInternode, device::quantize_load_steps(kBlockThreads)>(
+      ctx, p, device::whole_grid(), columns);
 }
 
 /// One block: waits for every (local expert, source) count of call `seq` and writes the receive
@@ -363,8 +363,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     group_dispatch_send_kernel(const __grid_constant__ GroupDispatchSend g) {
   extern __shared__ uint32_t columns[];
   const int r = group_rank(g.launch);
-  dispatch_send<false, quantize_load_steps(kBlockThreads), true>(g.ctx[r], g.params[r],
-                                                                 group_blocks(g.launch), columns);
+  dispatch_send<false, device::quantize_load_steps(kBlockThreads), true>(
+      g.ctx[r], g.params[r], group_blocks(g.launch), columns);
 }
 
 /// Chooses where p's layout step builds the expert bitmaps (every block its own copy in shared

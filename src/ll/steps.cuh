@@ -170,17 +170,6 @@ inline constexpr int kQuantizeStepUnits = device::kFp8GroupsPerWarp * device::kQ
 inline constexpr int kCopyStepUnits = kWarpLanes * device::kRowCopyUnroll / kVectorsPerUnit;
 inline constexpr int kCombineStepUnits = kWarpLanes / kVectorsPerUnit;  // one vector per lane
 
-/// The quantize_groups steps a warp of dispatch loads before it quantises them, in blocks of up
-/// to kWideBlockThreads (128 registers). At 128 tokens a rank each warp has one or two pieces of
-/// ~28 units, and the more of them in flight, the closer the rows come to the memory's rate
-/// (bench/hbm_mix's fan-out-ll: 84 % of the copy rate with 4 steps, 81 % with 2). Larger blocks
-/// (64 registers) keep quantize_groups' own 2: 4 spill there.
-inline constexpr int kWideQuantizeLoadSteps = 4;
-constexpr int quantize_load_steps(int block_threads) {
-  return block_threads > detail::kWideBlockThreads ? device::kQuantizeUnroll
-                                                   : kWideQuantizeLoadSteps;
-}
-
 /// Block b serves rank b / blocks_per_rank of a one-GPU group as its block b % blocks_per_rank.
 __device__ __forceinline__ int group_rank(const GroupLaunch& g) {
   return static_cast<int>(blockIdx.x) / g.blocks_per_rank;
